@@ -1,0 +1,229 @@
+"""Datasets as uint8 tensors, split train / val / test, served by batches on the device.
+
+Small datasets (digits, CIFAR) live on the device as uint8 N×C×H×W tensors. Every batch is
+augmented there (random crop from a zero-padded image, optional horizontal flip), converted
+to float, normalised and made channels_last in a few whole-batch ops: no per-sample Python
+in the hot loop. Each batch also carries the sample indices that memory-bank objectives need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ArrayDataset:
+    """A dataset as it comes from its source: uint8 images and int64 labels, train and test."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    flip: bool
+
+
+@dataclass
+class Splits:
+    """train (trained on), val (searched on), test (reported, never searched on)."""
+
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    flip: bool
+
+    @property
+    def channels(self) -> int:
+        return int(self.train[0].shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train[0].shape[-1])
+
+    def to(self, device: torch.device | str) -> Splits:
+        move = lambda xy: (xy[0].to(device), xy[1].to(device))  # noqa: E731
+        return Splits(move(self.train), move(self.val), move(self.test), self.num_classes,
+                      self.mean, self.std, self.crop_padding, self.flip)
+
+
+def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (keep, held_out) with `fraction` of each class held out, deterministic in `seed`.
+
+    The split is the same for every trial of a search (it depends on the data, not the trial),
+    so all trials are compared on the same validation samples.
+    """
+    g = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_held = int(round(len(idx) * fraction))
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
+
+
+def split(ds: ArrayDataset, val_fraction: float, seed: int = 0) -> Splits:
+    keep, held = stratified_split(ds.train_y, val_fraction, seed)
+    return Splits(
+        train=(ds.train_x[keep], ds.train_y[keep]),
+        val=(ds.train_x[held], ds.train_y[held]),
+        test=(ds.test_x, ds.test_y),
+        num_classes=ds.num_classes, mean=ds.mean, std=ds.std,
+        crop_padding=ds.crop_padding, flip=ds.flip,
+    )
+
+
+def random_crop_flip(x: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
+    """Per-sample random crop (from a zero-padded image) and flip, for a whole uint8 batch."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device="cpu").to(dev)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device="cpu").to(dev)
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = padded[torch.arange(b, device=dev)[:, None, None, None],
+                   torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    if flip:
+        mask = (torch.rand(b, generator=generator, device="cpu") < 0.5).to(dev)
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+class Normalize:
+    """uint8 batch → normalised float batch in channels_last."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+Batch = tuple[Tensor, Tensor, Tensor]  # images (float, normalised), labels, sample indices
+
+
+class DeviceLoader:
+    """Batches of a device-resident split; a new permutation per epoch from (seed, epoch).
+
+    Deriving the permutation from the epoch number (rather than carrying generator state)
+    makes a resumed trial see exactly the batches it would have seen.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        normalize: Normalize,
+        train: bool,
+        crop_padding: int = 0,
+        flip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.train = train
+        self.crop_padding, self.flip = crop_padding, flip
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.x.shape[0])
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = self.num_samples
+        dev = self.x.device
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g).to(dev)
+        else:
+            g = None
+            order = torch.arange(n, device=dev)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            xb = self.x[idx]
+            if self.train and g is not None:
+                xb = random_crop_flip(xb, self.crop_padding, self.flip, g)
+            yield self.normalize(xb), self.y[idx], idx
+
+
+@dataclass
+class Loaders:
+    """What the engine trains and evaluates on; each loader yields `Batch`es on the device."""
+
+    train: DeviceLoader
+    val: DeviceLoader
+    test: DeviceLoader
+    num_classes: int
+    channels: int
+    image_size: int
+
+    @property
+    def num_train(self) -> int:
+        return self.train.num_samples
+
+
+def make_loaders(
+    splits: Splits, batch_size: int, device: torch.device, seed: int, eval_batch_size: int = 1024
+) -> Loaders:
+    """Device-resident loaders for a split dataset (augmentation on the training split only)."""
+    splits = splits.to(device)
+    norm = Normalize(splits.mean, splits.std, device)
+    return Loaders(
+        train=DeviceLoader(*splits.train, batch_size, norm, train=True,
+                           crop_padding=splits.crop_padding, flip=splits.flip, seed=seed),
+        val=DeviceLoader(*splits.val, eval_batch_size, norm, train=False),
+        test=DeviceLoader(*splits.test, eval_batch_size, norm, train=False),
+        num_classes=splits.num_classes, channels=splits.channels, image_size=splits.image_size,
+    )
+
+
+DatasetBuilder = Callable[..., ArrayDataset]
+_DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    """Register `builder(root, download, **options) -> ArrayDataset`."""
+
+    def wrap(builder: DatasetBuilder) -> DatasetBuilder:
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} registered twice")
+        _DATASETS[name] = builder
+        return builder
+
+    return wrap
+
+
+def dataset_names() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = False, **options: object) -> ArrayDataset:
+    if name not in _DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    return _DATASETS[name](root=root, download=download, **options)

@@ -1,0 +1,192 @@
+"""The objective contract and its registry.
+
+An objective is an `nn.Module` (its heads and memory banks are its parameters and buffers,
+so they travel in the trial checkpoint) that, given student and teacher, returns the student
+logits and a dict of named, already-weighted loss terms whose sum is the training loss:
+
+    L = ce_weight·CE(z_s, y) + kd_weight·KD(z_s, z_t; kd_temperature) + weight·L_obj
+
+Each objective declares its tunables (`Tunable`) beside its math; the spec layer validates a
+space's `loss.*` keys against them and the search layer turns them into Optuna parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.base import Features, TappedModel
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """One hyperparameter of an objective: its type, default, valid values and search range.
+
+    kind: "float" | "int" | "str" | "ints" (a list of positive ints, e.g. scales).
+    search: the range a search would use, in space-file syntax ({"float": [lo, hi], "log": true},
+    {"int": [lo, hi]} or {"choice": [...]}).
+    """
+
+    kind: str
+    default: Any
+    help: str
+    search: Mapping[str, Any] = field(default_factory=dict)
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def check(self, key: str, value: Any) -> Any:
+        """Return `value` coerced to this tunable's type, or raise ValueError saying why."""
+        if self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key} must be a number, got {value!r}")
+            value = float(value)
+        elif self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
+        elif self.kind == "str":
+            if not isinstance(value, str):
+                raise ValueError(f"{key} must be a string, got {value!r}")
+        elif self.kind == "ints":
+            if (
+                not isinstance(value, list | tuple)
+                or not value
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            ):
+                raise ValueError(f"{key} must be a non-empty list of positive integers, got {value!r}")
+            value = [int(v) for v in value]
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{key} must be one of {list(self.choices)}, got {value!r}")
+        if self.low is not None and value < self.low:
+            raise ValueError(f"{key} must be >= {self.low}, got {value!r}")
+        if self.high is not None and value > self.high:
+            raise ValueError(f"{key} must be <= {self.high}, got {value!r}")
+        return value
+
+
+def common_tunables(
+    ce_weight: float = 1.0, kd_weight: float = 0.0, kd_temperature: float = 4.0, weight: float = 1.0
+) -> dict[str, Tunable]:
+    """The weights every objective shares; each objective picks its own defaults."""
+    return {
+        "ce_weight": Tunable("float", ce_weight, "weight of cross-entropy on the labels",
+                             {"float": [0.0, 2.0]}, low=0.0),
+        "kd_weight": Tunable("float", kd_weight, "weight of Hinton's KD term",
+                             {"float": [0.0, 2.0]}, low=0.0),
+        "kd_temperature": Tunable("float", kd_temperature, "softmax temperature of the KD term",
+                                  {"float": [1.0, 8.0]}, low=1e-3),
+        "weight": Tunable("float", weight, "weight of the objective's own term L_obj",
+                          {"float": [0.1, 10.0], "log": True}, low=0.0),
+    }
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """What an objective may need to know about the data beyond feature shapes."""
+
+    num_classes: int
+    num_train: int
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton's KD: KL(softmax(z_t/T) ‖ softmax(z_s/T)) · T², averaged over the batch."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+class Objective(nn.Module):
+    """Base objective: CE + KD + weight · `distill(...)`.
+
+    Subclasses set `name` and `tunables`, build their heads in `__init__` from example
+    feature shapes, and implement `distill`. Objectives that change the inputs (mixup) or the
+    label term override `forward`.
+    """
+
+    name: ClassVar[str]
+    tunables: ClassVar[dict[str, Tunable]]
+    needs_index: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        hp: Mapping[str, Any],
+        teacher_features: Features,
+        student_features: Features,
+        ctx: ObjectiveContext,
+    ) -> None:
+        super().__init__()
+        self.hp = dict(self.resolve(hp))
+        self.ctx = ctx
+
+    @classmethod
+    def resolve(cls, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with `overrides`, each checked; unknown keys name the valid ones."""
+        unknown = sorted(set(overrides) - set(cls.tunables))
+        if unknown:
+            raise KeyError(
+                f"unknown loss key {unknown[0]!r} for objective {cls.name!r}; "
+                f"valid: {', '.join(sorted(cls.tunables))}"
+            )
+        out = {k: t.default for k, t in cls.tunables.items()}
+        for k, v in overrides.items():
+            out[k] = cls.tunables[k].check(f"loss.{k}", v)
+        return out
+
+    def teacher_features(self, teacher: TappedModel, x: Tensor) -> Features:
+        # The teacher is frozen: no graph, eval mode (the engine keeps it there).
+        with torch.no_grad():
+            return teacher.forward_features(x)
+
+    def forward(
+        self, student: TappedModel, teacher: TappedModel, x: Tensor, y: Tensor, index: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        t = self.teacher_features(teacher, x)
+        s = student.forward_features(x)
+        terms = self.label_terms(s.logits, t.logits, y)
+        if self.hp["weight"] > 0:
+            terms[self.name] = self.hp["weight"] * self.distill(s, t, y, index)
+        return s.logits, terms
+
+    def label_terms(self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        if self.hp["ce_weight"] > 0:
+            terms["ce"] = self.hp["ce_weight"] * F.cross_entropy(student_logits.float(), y)
+        if self.hp["kd_weight"] > 0:
+            terms["kd"] = self.hp["kd_weight"] * kd_loss(
+                student_logits, teacher_logits, self.hp["kd_temperature"]
+            )
+        return terms
+
+    def distill(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:
+        """The objective's own term L_obj (unweighted)."""
+        raise NotImplementedError
+
+
+_OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make an objective available under its `name`."""
+    if cls.name in _OBJECTIVES:
+        raise ValueError(f"objective {cls.name!r} registered twice")
+    _OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def objective_names() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def get_objective(name: str) -> type[Objective]:
+    if name not in _OBJECTIVES:
+        raise KeyError(f"unknown objective {name!r}; known: {', '.join(objective_names())}")
+    return _OBJECTIVES[name]
+
+
+ObjectiveFactory = Callable[..., Objective]
