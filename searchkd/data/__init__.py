@@ -1,34 +1,48 @@
-"""Data: datasets register themselves; all are served as device-resident uint8 batches."""
+"""Data: datasets register themselves; `build_loaders` serves any of them on the device."""
 
-from . import digits  # noqa: F401  (registers)
+from . import cifar, digits, imagefolder, synthetic  # noqa: F401  (registers)
 from .base import (
+    DEFAULT_ROOT,
     ArrayDataset,
     Batch,
+    BatchLoader,
     DeviceLoader,
     Loaders,
     Normalize,
     Splits,
+    StreamingDataset,
+    build_loaders,
     dataset_names,
     load_dataset,
     make_loaders,
     random_crop_flip,
     register_dataset,
+    resolve_root,
     split,
     stratified_split,
 )
+from .errors import DatasetNotFound
+from .imagefolder import StreamingLoader
 
 __all__ = [
+    "DEFAULT_ROOT",
     "ArrayDataset",
     "Batch",
+    "BatchLoader",
+    "DatasetNotFound",
     "DeviceLoader",
     "Loaders",
     "Normalize",
     "Splits",
+    "StreamingDataset",
+    "StreamingLoader",
+    "build_loaders",
     "dataset_names",
     "load_dataset",
     "make_loaders",
     "random_crop_flip",
     "register_dataset",
+    "resolve_root",
     "split",
     "stratified_split",
 ]

@@ -4,15 +4,34 @@ Small datasets (digits, CIFAR) live on the device as uint8 N×C×H×W tensors. E
 augmented there (random crop from a zero-padded image, optional horizontal flip), converted
 to float, normalised and made channels_last in a few whole-batch ops: no per-sample Python
 in the hot loop. Each batch also carries the sample indices that memory-bank objectives need.
+
+Datasets too big for the device (ImageFolder / ImageNet) return a `StreamingDataset` that
+builds its own `Loaders` with the same batch protocol; `build_loaders` hides the difference
+from the engine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+# Where datasets are looked for (and downloaded to) when the config names no root: a user
+# cache, so every search on the machine shares one copy.
+DEFAULT_ROOT = "~/.cache/searchkd/data"
+
+# The train / val split depends on the data only, never on the trial's seed, so every trial
+# of a search (and every search) is compared on the same validation images.
+SPLIT_SEED = 0
+
+
+def resolve_root(root: str | Path | None) -> Path:
+    """The data root as an absolute path: None means DEFAULT_ROOT, `~` is expanded."""
+    return Path(root if root is not None else DEFAULT_ROOT).expanduser().absolute()
 
 
 @dataclass
@@ -74,7 +93,7 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
     return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
 
 
-def split(ds: ArrayDataset, val_fraction: float, seed: int = 0) -> Splits:
+def split(ds: ArrayDataset, val_fraction: float, seed: int = SPLIT_SEED) -> Splits:
     keep, held = stratified_split(ds.train_y, val_fraction, seed)
     return Splits(
         train=(ds.train_x[keep], ds.train_y[keep]),
@@ -172,13 +191,30 @@ class DeviceLoader:
             yield self.normalize(xb), self.y[idx], idx
 
 
+class BatchLoader(Protocol):
+    """What DeviceLoader and a streaming loader both are, so the engine need not care which.
+
+    Iterating yields `Batch`es on the device; the training order and augmentation are a
+    function of (seed, epoch) set through `set_epoch`, so a resumed trial sees the same batches.
+    """
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
 @dataclass
 class Loaders:
     """What the engine trains and evaluates on; each loader yields `Batch`es on the device."""
 
-    train: DeviceLoader
-    val: DeviceLoader
-    test: DeviceLoader
+    train: BatchLoader
+    val: BatchLoader
+    test: BatchLoader
     num_classes: int
     channels: int
     image_size: int
@@ -203,12 +239,21 @@ def make_loaders(
     )
 
 
-DatasetBuilder = Callable[..., ArrayDataset]
+@runtime_checkable
+class StreamingDataset(Protocol):
+    """A dataset that cannot live on the device and so builds its own (streaming) loaders."""
+
+    def loaders(
+        self, batch_size: int, device: torch.device, seed: int, val_fraction: float
+    ) -> Loaders: ...
+
+
+DatasetBuilder = Callable[..., "ArrayDataset | StreamingDataset"]
 _DATASETS: dict[str, DatasetBuilder] = {}
 
 
 def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
-    """Register `builder(root, download, **options) -> ArrayDataset`."""
+    """Register `builder(root, download, **options) -> ArrayDataset | StreamingDataset`."""
 
     def wrap(builder: DatasetBuilder) -> DatasetBuilder:
         if name in _DATASETS:
@@ -223,7 +268,36 @@ def dataset_names() -> list[str]:
     return sorted(_DATASETS)
 
 
-def load_dataset(name: str, root: str | None = None, download: bool = False, **options: object) -> ArrayDataset:
+def load_dataset(
+    name: str, root: str | Path | None = None, download: bool = False, **options: object
+) -> ArrayDataset | StreamingDataset:
     if name not in _DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
     return _DATASETS[name](root=root, download=download, **options)
+
+
+def build_loaders(
+    name: str,
+    root: str | Path | None = None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    **options: object,
+) -> Loaders:
+    """The engine's one entry point: any registered dataset, split and served on `device`.
+
+    `seed` orders and augments the training batches; the train / val split itself uses
+    SPLIT_SEED so it is the same for every trial. Raises DatasetNotFound (one line) when the
+    data is not on disk and cannot be downloaded.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    device = torch.device(device)
+    ds = load_dataset(name, root=root, download=download, **options)
+    if isinstance(ds, ArrayDataset):
+        return make_loaders(split(ds, val_fraction), batch_size, device, seed)
+    if isinstance(ds, StreamingDataset):
+        return ds.loaders(batch_size, device, seed, val_fraction)
+    raise TypeError(f"dataset {name!r} built a {type(ds).__name__}, not a dataset")
