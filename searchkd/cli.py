@@ -1,0 +1,267 @@
+"""`searchkd` on the command line: tune, resume, validate, objectives, ui.
+
+Every mistake a user can cause ends as one line, `searchkd: error: ...`, exit 2, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .spec import Spec, SpecError
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Shown as `searchkd: error: <message>` with exit 2."""
+
+
+def fail(message: str) -> NoReturn:
+    print(f"searchkd: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _lookups() -> dict[str, Any]:
+    from .data import dataset_names
+    from .models import model_names
+    from .objectives import get_objective, objective_names
+
+    def check(objective: str, key: str, value: Any) -> Any:
+        return get_objective(objective).tunables[key].check(f"loss.{key}", value)
+
+    return {
+        "objectives": {n: set(get_objective(n).tunables) for n in objective_names()},
+        "models": model_names(),
+        "datasets": dataset_names(),
+        "check_tunable": check,
+    }
+
+
+def load_space(path: str | Path) -> Spec:
+    from . import spec as spec_lib
+
+    spec = spec_lib.load(path, **_lookups())
+    # Paths in a space are relative to the working directory; store them absolute so a
+    # resume from anywhere (`searchkd resume trials/x`) finds the same files.
+    updates: dict[str, Any] = {}
+    if spec.teacher.checkpoint:
+        ckpt = Path(spec.teacher.checkpoint).expanduser().resolve()
+        if not ckpt.is_file():
+            raise SpecError(f"{path}: teacher.checkpoint: no such file {ckpt}")
+        updates["teacher"] = {**spec.teacher.model_dump(exclude_none=True), "checkpoint": str(ckpt)}
+    if spec.data.root:
+        updates["data"] = {**spec.data.model_dump(), "root": str(Path(spec.data.root).expanduser().resolve())}
+    if updates:
+        raw = spec.model_dump(by_alias=True, exclude_none=True)
+        raw.update(updates)
+        spec = Spec.model_validate(raw)
+    return spec
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out: list[str] = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        where = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, where + ".")
+        elif a != b:
+            out.append(f"{where}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def trials_root(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("SEARCHKD_TRIALS_DIR", "trials")).expanduser().resolve()
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    spec = load_space(args.space)
+    root = trials_root(args.trials_dir)
+    return _tune(spec, root, resume=args.resume, args=args, source=args.space)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .search import SPACE_FILE
+
+    search_dir = Path(args.directory).expanduser().resolve()
+    space = search_dir / SPACE_FILE
+    if not space.is_file():
+        fail(f"{args.directory}: not a search directory (no {SPACE_FILE})")
+    spec = load_space(space)
+    return _tune(spec, search_dir.parent, resume=True, args=args, source=str(space))
+
+
+def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source: str) -> int:
+    from filelock import FileLock, Timeout
+
+    from .search import SPACE_FILE, SearchError, run_search, search_status
+
+    search_dir = root / spec.name
+    shown = os.path.relpath(search_dir)
+    if search_dir.exists() and not resume:
+        fail(f"{shown} already exists: add --resume to continue that search, or remove it to start over")
+    if resume and not (search_dir / SPACE_FILE).is_file():
+        fail(f"{shown}: nothing to resume (no search there); run without --resume to start it")
+    if resume:
+        stored = Spec.model_validate(_read_yaml(search_dir / SPACE_FILE))
+        diff = _diff(stored.model_dump(mode="json", by_alias=True), spec.model_dump(mode="json", by_alias=True))
+        if diff:
+            fail(f"{source} differs from the space {shown} was started with: {'; '.join(diff[:3])}")
+        if search_status(search_dir) == "finished":
+            print(f"searchkd: {shown} is already finished; nothing to resume. "
+                  f"Compare its trials with: searchkd ui")
+            return 0
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        fail(f"trials directory {root} is not writable: {exc.strerror}")
+    search_dir.mkdir(exist_ok=True)
+    lock = FileLock(str(search_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        fail(f"{shown} is being run by another searchkd process (lock {shown}/.lock)")
+    try:
+        if not resume:
+            (search_dir / SPACE_FILE).write_text(spec.to_yaml())
+        summary = run_search(
+            spec, search_dir, root, _lookups()["objectives"], resume=resume,
+            tracking_uri=args.tracking_uri, address=args.address, num_cpus=args.num_cpus,
+        )
+    except SearchError as exc:
+        fail(str(exc))
+    finally:
+        lock.release()
+    _print_summary(summary, spec, root, source)
+    return 0
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _print_summary(s: Any, spec: Spec, root: Path, source: str) -> None:
+    rel = os.path.relpath(s.search_dir)
+    print()
+    print(f"search {spec.name}: {s.trials} trials ({s.finished} finished, {s.stopped} stopped early by ASHA, "
+          f"{s.failed} failed)")
+    print(f"teacher {spec.teacher.arch}: test_acc {s.teacher.test_acc:.4f}")
+    print(f"best trial {s.best_trial}: {spec.metrics[0]} {s.best_value:.4f}, "
+          f"best_val_acc {s.best_val_acc:.4f}, test_acc {s.test_acc:.4f}")
+    print("  config: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(s.best_config.items())))
+    print(f"search directory: {rel}  (results.parquet: one row per trial per epoch)")
+    ui = "searchkd ui" + ("" if root == trials_root(None) else f" --trials-dir {os.path.relpath(root)}")
+    print(f"compare trials:   {ui}   (MLflow UI, experiment {spec.name!r})")
+    print(f"resume:           searchkd tune {source} --resume   or   searchkd resume {rel}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .objectives import get_objective
+
+    spec = load_space(args.space)
+    print(f"{args.space}: ok — search {spec.name!r}, objective {'/'.join(spec.objectives)}, "
+          f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} searched params")
+    for name in spec.objectives:
+        resolved = get_objective(name).resolve(spec.loss if len(spec.objectives) == 1 else
+                                               {k: v for k, v in spec.loss.items() if k in get_objective(name).tunables})
+        print(f"  {name}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in resolved.items()))
+    for key, p in spec.params.items():
+        print(f"  search {key}: {json.dumps(p.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True))}")
+    return 0
+
+
+def cmd_objectives(args: argparse.Namespace) -> int:
+    from .objectives import get_objective, objective_names
+
+    for name in objective_names():
+        cls = get_objective(name)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {doc}")
+        for key, t in cls.tunables.items():
+            rng = json.dumps(dict(t.search)) if t.search else "-"
+            print(f"  loss.{key:<16} {t.kind:<6} default {json.dumps(t.default):<12} search {rng:<40} {t.help}")
+        print()
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .tracking import default_store
+
+    root = trials_root(args.trials_dir)
+    uri = args.tracking_uri or default_store(root)
+    if not args.tracking_uri and not (root / "mlflow.db").exists():
+        fail(f"no MLflow store at {root / 'mlflow.db'}: run a search first (searchkd tune SPACE)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="searchkd", description="Search how best to distill a teacher into a student.")
+    p.add_argument("--version", action="version", version=f"searchkd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def run_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store trials/mlflow.db)")
+        sp.add_argument("--address", help="Ray cluster address (auto or ray://host:10001); default: local")
+        sp.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+
+    t = sub.add_parser("tune", help="run a search (or --resume one)")
+    t.add_argument("space", help="space file, e.g. spaces/quickstart.yaml")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    t.add_argument("--trials-dir", help="where searches live (default: ./trials)")
+    run_opts(t)
+    t.set_defaults(func=cmd_tune)
+
+    r = sub.add_parser("resume", help="resume a search from its directory")
+    r.add_argument("directory", help="e.g. trials/quickstart")
+    run_opts(r)
+    r.set_defaults(func=cmd_resume, trials_dir=None)
+
+    v = sub.add_parser("validate", help="check a space file and show what it resolves to")
+    v.add_argument("space")
+    v.set_defaults(func=cmd_validate)
+
+    o = sub.add_parser("objectives", help="list objectives and their tunables")
+    o.set_defaults(func=cmd_objectives)
+
+    u = sub.add_parser("ui", help="open the MLflow UI on the searches' store")
+    u.add_argument("--trials-dir")
+    u.add_argument("--tracking-uri")
+    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        print("\nsearchkd: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

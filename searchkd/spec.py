@@ -1,0 +1,343 @@
+"""The space file: one YAML per search, parsed safely and validated before anything runs.
+
+Every mistake a user can make in a space file becomes one `SpecError` line naming the file
+and the key; the command line turns it into `searchkd: error: ...` and exit 2. Objective
+tunables are validated through a lookup the caller passes in, so this layer imports nothing
+of the rest of searchkd.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A user mistake in a space file: `str(err)` is the one line to show."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    dataset: str = "digits"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(240, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5.0e-4, ge=0.0)
+    lr_schedule: Literal["multistep", "cosine"] = "multistep"
+    lr_milestones: list[int] = Field(default_factory=list)
+    lr_gamma: float = Field(0.1, gt=0.0)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    compile: bool = False
+
+    @field_validator("lr_milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(m <= 0 for m in v) or v != sorted(set(v)):
+            raise ValueError("must be strictly increasing positive epochs")
+        return v
+
+
+class TeacherSpec(_Strict):
+    arch: str
+    width: float = Field(1.0, gt=0.0)
+    checkpoint: str | None = None
+    train: TrainSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        if self.checkpoint is None and self.train is None:
+            raise ValueError("give teacher.checkpoint or teacher.train (a recipe to train it once)")
+        return self
+
+
+class StudentSpec(_Strict):
+    arch: str
+    width: float = Field(1.0, gt=0.0)
+    depth: int | None = Field(None, ge=1)
+
+
+class ResourcesSpec(_Strict):
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+
+class SearchSpec(_Strict):
+    num_samples: int = Field(16, ge=1)
+    metric: str | list[str] = "val_acc"
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
+    sampler: Literal["tpe", "random", "nsga2", "gp"] = "tpe"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1.0)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_concurrent: int = Field(0, ge=0)  # 0: as many as the resources allow
+    max_failures: int = Field(0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _metrics(self) -> SearchSpec:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        modes = self.mode if isinstance(self.mode, list) else [self.mode]
+        if len(metrics) != len(modes):
+            raise ValueError("search.metric and search.mode must have the same length")
+        if len(metrics) > 1 and self.scheduler == "asha":
+            raise ValueError("ASHA stops trials on one metric: set scheduler: none for several metrics")
+        return self
+
+
+class ParamSpec(_Strict):
+    """One searched value: exactly one of choice / float / int."""
+
+    choice: list[Any] | None = None
+    float_: list[float] | None = Field(None, alias="float")
+    int_: list[int] | None = Field(None, alias="int")
+    log: bool = False
+    step: float | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpec:
+        kinds = [k for k in ("choice", "float_", "int_") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice: [...], float: [low, high], int: [low, high]")
+        if self.choice is not None:
+            if not self.choice:
+                raise ValueError("choice must list at least one value")
+            if self.log or self.step is not None:
+                raise ValueError("log and step apply to float/int ranges, not choice")
+            return self
+        low, high = self.float_ if self.float_ is not None else self.int_  # type: ignore[misc]
+        if len([low, high]) != 2:
+            raise ValueError("a range is [low, high]")
+        if low > high:
+            raise ValueError(f"range low {low} > high {high}")
+        if self.log and low <= 0:
+            raise ValueError(f"log range must be > 0, got low {low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+    @field_validator("float_", "int_")
+    @classmethod
+    def _pair(cls, v: list | None) -> list | None:
+        if v is not None and len(v) != 2:
+            raise ValueError("a range is [low, high]")
+        return v
+
+    @property
+    def kind(self) -> str:
+        return "choice" if self.choice is not None else "float" if self.float_ is not None else "int"
+
+    def values_to_check(self) -> list[Any]:
+        """Values whose validity can be checked up front: each choice, or both range ends."""
+        if self.choice is not None:
+            return list(self.choice)
+        return list(self.float_ if self.float_ is not None else self.int_)  # type: ignore[arg-type]
+
+
+class ObjectiveChoice(_Strict):
+    choice: list[str] = Field(min_length=1)
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Spec(_Strict):
+    name: str
+    objective: str | ObjectiveChoice
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec
+    student: StudentSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    loss: dict[str, Any] = Field(default_factory=dict)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not NAME_RE.match(v) or v in {".", ".."}:
+            raise ValueError("must be letters, digits, '_', '-', '.' (it names a directory)")
+        return v
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.objective.choice) if isinstance(self.objective, ObjectiveChoice) else [self.objective]
+
+    @property
+    def metrics(self) -> list[str]:
+        return self.search.metric if isinstance(self.search.metric, list) else [self.search.metric]
+
+    @property
+    def modes(self) -> list[str]:
+        return self.search.mode if isinstance(self.search.mode, list) else [self.search.mode]
+
+    def resolved(self, values: Mapping[str, Any]) -> Spec:
+        """This spec with dotted `values` (e.g. a trial's sampled params) written into it."""
+        raw = self.model_dump(by_alias=True, exclude_none=True)
+        for key, value in values.items():
+            section, _, leaf = key.partition(".")
+            if key == "objective":
+                raw["objective"] = value
+            elif section in {"student", "train", "data", "loss"} and leaf:
+                raw.setdefault(section, {})[leaf] = copy.deepcopy(value)
+        return Spec.model_validate(raw)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True),
+                              sort_keys=False)
+
+    def digest(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+
+
+# Sections whose fields `params` may search (dotted keys); loss.* is checked per objective.
+SEARCHABLE = {"student": StudentSpec, "train": TrainSpec, "data": DataSpec}
+
+# (objective name) -> checker(key, value) raising KeyError/ValueError; provided by the caller
+TunableCheck = Callable[[str, str, Any], Any]
+
+
+def _fmt_loc(loc: tuple) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in {"str", "ObjectiveChoice"})]
+    return ".".join(p.removesuffix("_") if p in {"float_", "int_"} else p for p in parts)
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = _fmt_loc(e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse(text: str, source: str = "<space>") -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise SpecError(f"{source}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a space file is a YAML mapping (name:, objective:, ...)")
+    return raw
+
+
+def validate(
+    raw: Mapping[str, Any],
+    source: str = "<space>",
+    *,
+    objectives: Mapping[str, Mapping[str, Any]] | None = None,
+    models: list[str] | None = None,
+    datasets: list[str] | None = None,
+    check_tunable: TunableCheck | None = None,
+) -> Spec:
+    """Validate a parsed space. The lookups (known objectives with their tunables, model and
+    dataset names, a tunable checker) come from the layers that own them."""
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: {_first_error(exc)}") from None
+
+    def fail(key: str, msg: str) -> None:
+        raise SpecError(f"{source}: {key}: {msg}")
+
+    if objectives is not None:
+        for name in spec.objectives:
+            if name not in objectives:
+                fail("objective", f"unknown objective {name!r}; known: {', '.join(sorted(objectives))}")
+    if models is not None:
+        for key, arch in (("teacher.arch", spec.teacher.arch), ("student.arch", spec.student.arch)):
+            if arch not in models:
+                fail(key, f"unknown arch {arch!r}; known: {', '.join(models)}")
+    if datasets is not None and spec.data.dataset not in datasets:
+        fail("data.dataset", f"unknown dataset {spec.data.dataset!r}; known: {', '.join(datasets)}")
+
+    if objectives is not None:
+        own = set().union(*(objectives[o] for o in spec.objectives))
+        for key, value in spec.loss.items():
+            if key not in own:
+                fail(f"loss.{key}", f"unknown key for objective {spec.objective if isinstance(spec.objective, str) else spec.objectives}; valid: {', '.join(sorted(own))}")
+            if check_tunable is not None:
+                for o in spec.objectives:
+                    if key in objectives[o]:
+                        _check(fail, check_tunable, o, f"loss.{key}", key, value)
+
+    for key, param in spec.params.items():
+        section, _, leaf = key.partition(".")
+        if key == "objective":
+            fail("params.objective", "search objectives with objective: {choice: [...]}")
+        if section == "loss":
+            if objectives is None:
+                continue
+            owners = [o for o in spec.objectives if leaf in objectives[o]]
+            if not owners:
+                valid = sorted(set().union(*(objectives[o] for o in spec.objectives)))
+                fail(f"params.{key}", f"unknown loss key {leaf!r}; valid: {', '.join(valid)}")
+            if check_tunable is not None:
+                for o in owners:
+                    for v in param.values_to_check():
+                        _check(fail, check_tunable, o, f"params.{key}", leaf, v)
+        elif section in SEARCHABLE and leaf in SEARCHABLE[section].model_fields:
+            for v in param.values_to_check():
+                try:
+                    spec.resolved({key: v})
+                except ValidationError as exc:
+                    fail(f"params.{key}", f"value {v!r}: {_first_error(exc).split(': ', 1)[-1]}")
+        else:
+            fail(f"params.{key}", "not a searchable key; use student.*, train.*, data.* or loss.*")
+
+    for metric in spec.metrics:
+        if metric not in REPORTED_METRICS and not metric.startswith("loss_"):
+            fail("search.metric", f"{metric!r} is not reported by trials; reported: {', '.join(REPORTED_METRICS)}")
+    return spec
+
+
+def _check(fail: Callable, check: TunableCheck, objective: str, where: str, key: str, value: Any) -> None:
+    try:
+        check(objective, key, value)
+    except (KeyError, ValueError) as exc:
+        fail(where, str(exc).strip("'\""))
+
+
+REPORTED_METRICS = (
+    "val_acc", "val_top5", "best_val_acc", "test_acc", "train_loss", "student_params",
+    "student_macs", "images_per_second", "epoch_seconds",
+)
+
+
+def load(path: str | Path, **lookups: Any) -> Spec:
+    """Read, parse and validate a space file; every failure is one SpecError line."""
+    p = Path(path)
+    source = str(path)
+    if not p.is_file():
+        raise SpecError(f"{source}: no such space file")
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError(f"{source}: cannot read: {exc.strerror}") from None
+    return validate(parse(text, source), source, **lookups)

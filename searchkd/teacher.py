@@ -1,0 +1,113 @@
+"""Teachers: trained once from a recipe (or taken from a checkpoint), cached by content.
+
+A search never retrains its teacher. A recipe-trained teacher lives at
+`<cache>/<digest>/teacher.pt` where the digest covers the data, the arch and the recipe, so
+any search that asks for the same teacher reuses it. Its test accuracy is measured once and
+written beside it (`meta.json`); a user checkpoint gets the same treatment keyed by its bytes.
+Files are written to a temporary name and renamed, so a kill never leaves half a teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from .engine import Engine, load_weights
+from .spec import Spec
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    path: Path
+    digest: str
+    test_acc: float
+    val_acc: float
+    arch: str
+    trained: bool  # False when it came from a user checkpoint
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _teacher_spec(spec: Spec) -> Spec:
+    """The spec that trains the teacher itself: CE on its arch with its own recipe."""
+    raw = spec.model_dump(by_alias=True, exclude_none=True)
+    raw.update(objective="ce", loss={}, params={})
+    raw["student"] = {"arch": spec.teacher.arch, "width": spec.teacher.width}
+    if spec.teacher.train is not None:
+        raw["train"] = spec.teacher.train.model_dump()
+    return Spec.model_validate(raw)
+
+
+def teacher_key(spec: Spec) -> dict:
+    t = spec.teacher
+    return {
+        "data": spec.data.model_dump(mode="json"),
+        "arch": t.arch,
+        "width": t.width,
+        "recipe": t.train.model_dump(mode="json") if t.train else None,
+        "seed": spec.search.seed,
+    }
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log = print) -> TeacherInfo:
+    """Return the spec's teacher, training and caching it first if needed."""
+    cache.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(spec.teacher.checkpoint).expanduser().resolve() if spec.teacher.checkpoint else None
+    key = teacher_key(spec)
+    if ckpt is not None:
+        key = {"data": key["data"], "arch": key["arch"], "width": key["width"], "file": _file_digest(ckpt)}
+    digest = _digest(key)
+    home = cache / digest
+    home.mkdir(exist_ok=True)
+    meta_path = home / "meta.json"
+    with FileLock(str(home / ".lock")):
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            return TeacherInfo(Path(meta["path"]), digest, meta["test_acc"], meta["val_acc"],
+                               meta["arch"], meta["trained"])
+        tspec = _teacher_spec(spec)
+        start = time.perf_counter()
+        if ckpt is None:
+            path = home / "teacher.pt"
+            log(f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})")
+            engine = Engine(tspec, seed=spec.search.seed, device=device)
+            while not engine.finished:
+                engine.run_epoch()
+            engine.student.load_state_dict(engine.best_student)
+            _write_atomic(path, lambda p: torch.save({"model": engine.student.state_dict()}, p))
+        else:
+            path = ckpt
+            engine = Engine(tspec, seed=spec.search.seed, device=device)
+            load_weights(engine.student, path)
+        val, test = engine.evaluate("val").top1, engine.evaluate("test").top1
+        meta = {"path": str(path), "test_acc": test, "val_acc": val, "arch": spec.teacher.arch,
+                "trained": ckpt is None, "key": key, "seconds": time.perf_counter() - start}
+        _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        log(f"teacher {spec.teacher.arch}: test_acc {test:.4f} (val {val:.4f})")
+        return TeacherInfo(path, digest, test, val, spec.teacher.arch, ckpt is None)

@@ -1,0 +1,52 @@
+"""One Ray Tune trial: a thin adapter that drives the engine epoch by epoch.
+
+Each epoch it reports one metrics row with a checkpoint (engine state + best student), so
+ASHA can stop it at any epoch boundary and a resumed trial continues from its last epoch.
+MLflow is not touched here: the driver logs (see tracking.py).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from .engine import Engine
+from .spec import Spec
+
+ENGINE_FILE = "engine.pt"
+STUDENT_FILE = "student_best.pt"
+# Keys the search adds to a trial's config beside the sampled dotted parameters.
+META_KEYS = ("trial_number", "seed")
+
+
+def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> Spec:
+    """The base spec with this trial's sampled values written in."""
+    sampled = {k: v for k, v in config.items() if k not in META_KEYS}
+    return Spec.model_validate(base).resolved(sampled)
+
+
+def train_trial(
+    config: dict[str, Any], base: dict[str, Any], teacher: str | None, cpus: float = 1.0,
+    memory_fraction: float | None = None,
+) -> None:
+    torch.set_num_threads(max(1, int(cpus)))
+    spec = trial_spec(base, config)
+    engine = Engine(spec, seed=int(config.get("seed", 0)), teacher_checkpoint=teacher,
+                    memory_fraction=memory_fraction)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            engine.load(Path(d) / ENGINE_FILE)
+    start_epoch = engine.epoch
+    while not engine.finished:
+        row = engine.run_epoch()
+        row["start_epoch"] = start_epoch  # >0 proves a resumed trial did not restart at 0
+        with tempfile.TemporaryDirectory(prefix="searchkd-ckpt-") as d:
+            engine.save(os.path.join(d, ENGINE_FILE))
+            torch.save(engine.best_student, os.path.join(d, STUDENT_FILE))
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
