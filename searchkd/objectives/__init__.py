@@ -1,6 +1,6 @@
 """Distillation objectives: one file each, registered by decorator on import."""
 
-from . import ce, kd, msd  # noqa: F401  (register)
+from . import ce, cktf, crd, kd, lfcc, msd, stkd  # noqa: F401  (register)
 from .base import (
     Objective,
     ObjectiveContext,

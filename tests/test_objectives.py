@@ -1,0 +1,780 @@
+"""Sanity properties of every registered objective (METHODS.md) and known values of each.
+
+The generic tests are parametrised over `objective_names()`, so an objective added later is
+held to the same properties without touching this file. Known values are computed with
+plain-Python formulas, independent of the code under test. Models are tiny (width-0.25
+CIFAR ResNets on 8×8 inputs) so the file runs in seconds on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from searchkd.models import Features, TappedModel, build_model, model_names, tokens_to_map
+from searchkd.objectives import Objective, ObjectiveContext, get_objective, objective_names
+from searchkd.objectives.cktf import layer_pairs, teacher_stage_for
+from searchkd.objectives.crd import ContrastMemory, LabelBook
+from searchkd.objectives.lfcc import dct_lowpass, dct_matrix
+from searchkd.objectives.stkd import mixup, similarity_transfer
+
+NUM_CLASSES = 5
+NUM_TRAIN = 32
+BATCH = 8
+SIZE = 8
+CTX = ObjectiveContext(NUM_CLASSES, NUM_TRAIN)
+# Cheaper than the defaults, applied wherever an objective has the key.
+SMALL = {"dim": 16, "negatives": 8}
+ALL = objective_names()
+
+
+def has_own_term(name: str) -> bool:
+    """Objectives whose L_obj is not identically zero (kd and ce have none)."""
+    tunables = get_objective(name).tunables
+    return "weight" in tunables and tunables["weight"].default > 0
+
+
+def hp_for(name: str, **overrides: object) -> dict[str, object]:
+    keys = get_objective(name).tunables
+    hp = {k: v for k, v in SMALL.items() if k in keys}
+    hp.update({k: v for k, v in overrides.items() if k in keys})
+    return hp
+
+
+def deterministic_negatives(self: LabelBook, index: Tensor, y: Tensor, k: int) -> Tensor:
+    """A negative draw that depends only on the sample's index: order-free, seed-free."""
+    return (index[:, None] + torch.arange(1, k + 1, device=index.device)) % self.labels.numel()
+
+
+class Fixed(TappedModel):
+    """A 'model' that returns given features, for hand-made inputs."""
+
+    def __init__(self, features: Features) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward_features(self, x: Tensor) -> Features:
+        return self.features
+
+
+class TokenNet(TappedModel):
+    """A minimal ViT/Mixer-like net (patch tokens, token mixing, maps via tokens_to_map): the
+    fallback when vit_tiny/mixer_tiny are not registered."""
+
+    def __init__(self, dim: int = 12, patch: int = 2, depth: int = 2) -> None:
+        super().__init__()
+        tokens = (SIZE // patch) ** 2
+        self.embed = nn.Conv2d(3, dim, patch, patch)
+        self.token_mix = nn.ModuleList(nn.Linear(tokens, tokens) for _ in range(depth))
+        self.channel_mix = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.head = nn.Linear(dim, NUM_CLASSES)
+
+    def forward_features(self, x: Tensor) -> Features:
+        stem = self.embed(x)
+        h = stem.flatten(2).transpose(1, 2)
+        maps = []
+        for tm, cm in zip(self.token_mix, self.channel_mix, strict=True):
+            h = h + tm(h.transpose(1, 2)).transpose(1, 2)
+            h = h + F.gelu(cm(h))
+            maps.append(tokens_to_map(h))
+        pool = h.mean(1)
+        return Features(stem=stem, stages=maps, pool=pool, logits=self.head(pool))
+
+
+def token_model(arch: str) -> TappedModel:
+    if arch in model_names():
+        return build_model(arch, NUM_CLASSES, width=1 / 16, image_size=SIZE, depth=2, patch=2)
+    return TokenNet()
+
+
+def cnn(arch: str = "resnet8", seed: int = 0) -> TappedModel:
+    torch.manual_seed(seed)
+    return build_model(arch, NUM_CLASSES, width=0.25, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[TappedModel, TappedModel]:
+    teacher = cnn("resnet14", seed=1).eval().requires_grad_(False)
+    return teacher, cnn("resnet8", seed=2)
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+    y = torch.arange(BATCH) % NUM_CLASSES
+    index = torch.randperm(NUM_TRAIN, generator=g)[:BATCH]
+    return x, y, index
+
+
+def features(model: TappedModel, x: Tensor) -> Features:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.forward_features(x)
+    model.train(was)
+    return out
+
+
+def build(name: str, teacher: TappedModel, student: TappedModel, x: Tensor, seed: int = 0,
+          **overrides: object) -> Objective:
+    torch.manual_seed(seed)
+    return get_objective(name)(hp_for(name, **overrides), features(teacher, x), features(student, x), CTX)
+
+
+def run(obj: Objective, student: TappedModel, teacher: TappedModel, batch, seed: int = 0
+        ) -> dict[str, Tensor]:
+    x, y, index = batch
+    torch.manual_seed(seed)
+    return obj(student, teacher, x, y, index)[1]
+
+
+def permuted(f: Features, perm: Tensor) -> Features:
+    return Features(stem=f.stem[perm], stages=[m[perm] for m in f.stages], pool=f.pool[perm],
+                    logits=f.logits[perm])
+
+
+def tie_heads(obj: Objective) -> None:
+    """Shared heads: the student side becomes a copy of the teacher side."""
+    if hasattr(obj, "student_heads"):
+        obj.student_heads.load_state_dict(obj.teacher_heads.state_dict())
+
+
+# -- generic properties -----------------------------------------------------------------------
+
+
+def test_registry_has_every_objective_of_the_spec() -> None:
+    assert {"ce", "kd", "crd", "msd", "stkd", "lfcc", "cktf"} <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_finite_loss_and_gradients_reach_student_and_heads_not_teacher(name, batch) -> None:
+    teacher = cnn("resnet14", seed=1).eval()  # requires_grad left on: nothing may reach it
+    student = cnn("resnet8", seed=2)
+    obj = build(name, teacher, student, batch[0])
+    terms = run(obj, student, teacher, batch)
+    loss = sum(terms.values())
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(v) for v in terms.values())
+    if has_own_term(name):
+        # The objective's own term alone must already train the student and every head.
+        terms[name].backward(retain_graph=True)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+        for pname, p in obj.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        heads = {n.split(".")[0] + "." + n.split(".")[1] for n, _ in obj.named_parameters()}
+        for head in heads:
+            grads = [p.grad.abs().sum() for n, p in obj.named_parameters() if n.startswith(head)]
+            assert sum(grads) > 0, head
+    student.zero_grad()
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_resolve_rejects_unknown_key_naming_valid_ones(name) -> None:
+    cls = get_objective(name)
+    with pytest.raises(KeyError) as err:
+        cls.resolve({"no_such_key": 1.0})
+    message = str(err.value)
+    assert "no_such_key" in message and name in message
+    for key in cls.tunables:
+        assert key in message
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_defaults_pass_their_own_checks_and_search_ranges_are_declared(name) -> None:
+    cls = get_objective(name)
+    assert cls.resolve({}) == {k: t.default for k, t in cls.tunables.items()}
+    for key, tunable in cls.tunables.items():
+        assert tunable.search, f"{name}.{key} declares no search range"
+        tunable.check(key, tunable.default)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_round_trips_through_a_weights_only_checkpoint(name, pair, batch) -> None:
+    teacher, student = pair
+    student.eval()
+    first = build(name, teacher, student, batch[0], seed=0)
+    run(first, student, teacher, batch, seed=5)  # fill banks, labels and Z
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    second = build(name, teacher, student, batch[0], seed=1)  # different heads and banks
+    second.load_state_dict(state)
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    a = run(first, student, teacher, batch, seed=6)
+    b = run(second, student, teacher, batch, seed=6)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_loss_is_invariant_to_batch_order(name, pair, batch, monkeypatch) -> None:
+    monkeypatch.setattr(LabelBook, "sample_negatives", deterministic_negatives)
+    teacher, student = pair
+    student.eval()
+    x, y, index = batch
+    obj = build(name, teacher, student, x, mix_alpha=0.0)  # stkd: mixup off
+    other = copy.deepcopy(obj)
+    perm = torch.randperm(BATCH, generator=torch.Generator().manual_seed(7))
+    a = run(obj, student, teacher, (x, y, index))
+    b = run(other, student, teacher, (x[perm], y[perm], index[perm]))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    for key, value in obj.state_dict().items():  # banks updated the same way
+        torch.testing.assert_close(value, other.state_dict()[key])
+
+
+def aligned_and_shuffled(obj: Objective, t: Features, y: Tensor, index: Tensor,
+                         warmup: int = 8) -> tuple[float, float]:
+    """L_obj with student features equal to the teacher's vs the same features shuffled
+    across the batch, heads shared; memory banks first filled with the aligned features."""
+    tie_heads(obj)
+    with torch.no_grad():
+        obj.train()
+        for _ in range(warmup):
+            obj.distill(t, t, y, index)
+        obj.eval()  # no bank updates while comparing
+        torch.manual_seed(0)
+        aligned = obj.distill(t, t, y, index).item()
+        torch.manual_seed(0)
+        shuffled = obj.distill(permuted(t, torch.roll(torch.arange(len(y)), 1)), t, y, index).item()
+    return aligned, shuffled
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if has_own_term(n)])
+def test_aligned_features_score_lower_than_shuffled(name, pair, batch) -> None:
+    teacher, _ = pair
+    x, y, index = batch
+    t = features(teacher, x)
+    torch.manual_seed(0)
+    obj = get_objective(name)(hp_for(name), t, t, CTX)
+    aligned, shuffled = aligned_and_shuffled(obj, t, y, index)
+    assert aligned < shuffled
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_weight_scales_its_own_term(name, pair, batch) -> None:
+    teacher, student = pair
+    student.eval()
+    term_of = {"ce_weight": "ce", "kd_weight": "kd", "weight": name}
+    keys = [k for k in term_of if k in get_objective(name).tunables]
+    if name == "kd":
+        keys = [k for k in keys if k != "weight"]  # kd has no term of its own to scale
+    ones = {k: 1.0 for k in keys}
+    base = run(build(name, teacher, student, batch[0], **ones), student, teacher, batch)
+    for key in keys:
+        doubled = run(build(name, teacher, student, batch[0], **{**ones, key: 2.0}),
+                      student, teacher, batch)
+        torch.testing.assert_close(doubled[term_of[key]], 2 * base[term_of[key]])
+        for other in base.keys() - {term_of[key]}:
+            torch.testing.assert_close(doubled[other], base[other])
+        zero = run(build(name, teacher, student, batch[0], **{**ones, key: 0.0}),
+                   student, teacher, batch)
+        dropped = zero[term_of[key]].item() if term_of[key] in zero else 0.0
+        assert dropped == 0.0  # a zero weight zeroes (or drops) the term
+
+
+def random_features(like: Features, seed: int = 0) -> Features:
+    """Zero-mean features of the same shapes: samples not alike, unlike a random ReLU net's
+    (whose pooled vectors all point the same way, so every negative is a near-positive)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(t: Tensor) -> Tensor:
+        return torch.randn(t.shape, generator=g)
+
+    return Features(stem=rand(like.stem), stages=[rand(m) for m in like.stages],
+                    pool=rand(like.pool), logits=rand(like.logits))
+
+
+def aligned_and_shuffled_at(name: str, t: Features, y: Tensor, index: Tensor, taus: tuple[float, ...],
+                            **hp: object) -> list[tuple[float, float]]:
+    out = []
+    for tau in taus:
+        torch.manual_seed(0)
+        obj = get_objective(name)(hp_for(name, tau=tau, **hp), t, t, CTX)
+        out.append(aligned_and_shuffled(obj, t, y, index))
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if "tau" in get_objective(n).tunables])
+def test_sharper_temperature_penalises_misalignment_more(name, pair, batch) -> None:
+    """τ scales every logit: the smaller it is, the wider the gap between the loss of
+    shuffled and aligned features. (The aligned loss alone need not fall: with crd's NCE and
+    its Z fixed from the first batch, a small τ also magnifies every negative's score.)"""
+    teacher, _ = pair
+    x, y, index = batch
+    t = random_features(features(teacher, x))
+    gaps = [s - a for a, s in aligned_and_shuffled_at(name, t, y, index, (0.05, 0.2, 1.0, 5.0))]
+    assert all(g > 0 for g in gaps)
+    assert gaps == sorted(gaps, reverse=True)
+
+
+@pytest.mark.parametrize(("name", "hp"), [("msd", {}), ("lfcc", {}), ("cktf", {"memory": "batch"})])
+def test_sharper_temperature_lowers_in_batch_info_nce_of_aligned_features(name, hp, pair, batch) -> None:
+    """In-batch InfoNCE with the positive the most similar key, log(1 + Σ exp((s_j − 1)/τ)),
+    grows with τ."""
+    teacher, _ = pair
+    x, y, index = batch
+    t = random_features(features(teacher, x))
+    aligned = [a for a, _ in aligned_and_shuffled_at(name, t, y, index, (0.05, 0.5, 5.0), **hp)]
+    assert aligned == sorted(aligned)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if "kd_temperature" in get_objective(n).tunables])
+def test_kd_temperature_changes_the_value(name, pair, batch) -> None:
+    teacher, student = pair
+    student.eval()
+    a = run(build(name, teacher, student, batch[0], kd_weight=1.0, kd_temperature=1.0),
+            student, teacher, batch)
+    b = run(build(name, teacher, student, batch[0], kd_weight=1.0, kd_temperature=8.0),
+            student, teacher, batch)
+    assert not torch.isclose(a["kd"], b["kd"])
+
+
+# -- known values ------------------------------------------------------------------------------
+
+
+def normalize(v: list[float]) -> list[float]:
+    n = math.sqrt(sum(a * a for a in v))
+    return [a / n for a in v]
+
+
+def dot(a: list[float], b: list[float]) -> float:
+    return sum(p * q for p, q in zip(a, b, strict=True))
+
+
+def ref_info_nce(q: list[list[float]], k: list[list[float]], tau: float) -> float:
+    total = 0.0
+    for i, qi in enumerate(q):
+        logits = [dot(qi, kj) / tau for kj in k]
+        total += -(logits[i] - math.log(sum(math.exp(v) for v in logits)))
+    return total / len(q)
+
+
+def ref_sym(q: list[list[float]], k: list[list[float]], tau: float) -> float:
+    return 0.5 * (ref_info_nce(q, k, tau) + ref_info_nce(k, q, tau))
+
+
+def identity_(layer: nn.Module) -> None:
+    with torch.no_grad():
+        w = layer.weight.view(layer.weight.shape[0], -1)
+        w.zero_()
+        w[:, : min(w.shape)].fill_diagonal_(1.0)
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
+def fake(stem: Tensor, stages: list[Tensor], pool: Tensor, logits: Tensor) -> Features:
+    return Features(stem=stem, stages=stages, pool=pool, logits=logits)
+
+
+def test_ce_and_kd_known_values() -> None:
+    zs = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    zt = torch.tensor([[1.0, 1.0], [0.0, 3.0]])
+    y = torch.tensor([0, 1])
+    f_s = fake(zs, [zs], zs, zs)
+    f_t = fake(zt, [zt], zt, zt)
+    ce = get_objective("ce")({}, f_t, f_s, CTX)
+    _, terms = ce(Fixed(f_s), None, zs, y, None)
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2
+    assert terms["ce"].item() == pytest.approx(expected, rel=1e-6)
+
+    temp = 2.0
+    kd = get_objective("kd")({"kd_temperature": temp, "ce_weight": 0.0, "kd_weight": 1.0}, f_t, f_s, CTX)
+    _, terms = kd(Fixed(f_s), Fixed(f_t), zs, y, None)
+
+    def softmax(row: list[float]) -> list[float]:
+        e = [math.exp(v / temp) for v in row]
+        return [v / sum(e) for v in e]
+
+    kl = 0.0
+    for rs, rt in zip(zs.tolist(), zt.tolist(), strict=True):
+        ps, pt = softmax(rs), softmax(rt)
+        kl += sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True))
+    assert set(terms) == {"kd"}
+    assert terms["kd"].item() == pytest.approx(kl / 2 * temp**2, rel=1e-6)
+
+
+def test_msd_known_value() -> None:
+    g = torch.Generator().manual_seed(0)
+    ms = torch.rand(3, 2, 2, 2, generator=g)
+    mt = torch.rand(3, 2, 2, 2, generator=g)
+    v = torch.zeros(3, 2)
+    obj = get_objective("msd")({"dim": 2, "scales": [1], "layers": 1}, fake(mt, [mt], v, v),
+                               fake(ms, [ms], v, v), CTX)
+    for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
+        identity_(head)
+    got = obj.distill(fake(ms, [ms], v, v), fake(mt, [mt], v, v), torch.zeros(3).long(), None)
+    qs = [normalize([float(ms[b, c].mean()) for c in range(2)]) for b in range(3)]
+    qt = [normalize([float(mt[b, c].mean()) for c in range(2)]) for b in range(3)]
+    assert got.item() == pytest.approx(ref_sym(qs, qt, 0.1), rel=1e-5)
+
+
+def test_stkd_similarity_transfer_known_value() -> None:
+    zs = [[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 2.0, 1.0], [-1.0, 3.0, 0.0]]
+    zt = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 3.0], [3.0, 0.0, 1.0]]
+    temp, sigma = 1.0, 0.1
+
+    def probs(row: list[float]) -> list[float]:
+        e = [math.exp(v / temp) for v in row]
+        return normalize([v / sum(e) for v in e])
+
+    def row_dists(z: list[list[float]]) -> list[list[float]]:
+        p = [probs(r) for r in z]
+        out = []
+        for i in range(len(z)):
+            e = [math.exp(dot(p[i], p[j]) / sigma) for j in range(len(z)) if j != i]
+            out.append([v / sum(e) for v in e])
+        return out
+
+    qs, qt = row_dists(zs), row_dists(zt)
+    expected = sum(sum(b * math.log(b / a) for a, b in zip(rs, rt, strict=True))
+                   for rs, rt in zip(qs, qt, strict=True)) / len(zs)
+    got = similarity_transfer(torch.tensor(zs), torch.tensor(zt), temp, sigma)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_stkd_mixup_and_mixed_label_ce() -> None:
+    x = torch.randn(6, 3, 2, 2)
+    torch.manual_seed(11)
+    mixed, perm, lam = mixup(x, 0.4)
+    assert 0.0 <= lam <= 1.0 and sorted(perm.tolist()) == list(range(6))
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+    assert mixup(x, 0.0)[0] is x  # α = 0: mixup off
+
+    logits = torch.randn(6, NUM_CLASSES)
+    f = fake(logits, [logits], logits, logits)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    obj = get_objective("stkd")({"kd_weight": 0.0, "weight": 0.0}, f, f, CTX)
+    torch.manual_seed(11)
+    _, terms = obj(Fixed(f), Fixed(f), x, y, None)
+    ce = [F.cross_entropy(logits, t).item() for t in (y, y[perm])]
+    assert terms["ce"].item() == pytest.approx(lam * ce[0] + (1 - lam) * ce[1], rel=1e-5)
+
+
+def test_stkd_temperatures_move_the_value_the_expected_way(pair, batch) -> None:
+    teacher, student = pair
+    s, t = features(student, batch[0]), features(teacher, batch[0])
+    values = [similarity_transfer(s.logits, t.logits, 4.0, sigma).item()
+              for sigma in (0.05, 0.5, 5.0, 50.0)]
+    assert values == sorted(values, reverse=True)  # softer rows, smaller divergence
+    assert values[-1] < 1e-3
+    # A hot softmax makes every P near-uniform, so the similarities and the loss vanish.
+    assert similarity_transfer(s.logits, t.logits, 1e4, 0.1).item() < 1e-6
+
+
+def crd_setup(tau: float = 0.5, momentum: float = 0.5):
+    """N = 4, dim 2, K = 2 negatives, identity heads, hand-set banks."""
+    ctx = ObjectiveContext(num_classes=2, num_train=4)
+    ps = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    pt = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    z = torch.zeros(2, 2)
+    obj = get_objective("crd")({"dim": 2, "negatives": 2, "tau": tau, "momentum": momentum},
+                               fake(z, [z], pt, z), fake(z, [z], ps, z), ctx)
+    identity_(obj.student_heads["pool"])
+    identity_(obj.teacher_heads["pool"])
+    s_bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    t_bank = F.normalize(torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [2.0, 1.0]]), dim=1)
+    obj.memory.student_bank = s_bank.clone()
+    obj.memory.teacher_bank = t_bank.clone()
+    return obj, ps, pt, s_bank, t_bank
+
+
+def ref_nce(anchors: list[list[float]], bank: list[list[float]], rows: list[list[int]],
+            tau: float, z: float, n: int) -> float:
+    k = len(rows[0]) - 1
+    c = k / n
+    total = 0.0
+    for a, row in zip(anchors, rows, strict=True):
+        p = [math.exp(dot(a, bank[j]) / tau) / z for j in row]
+        total += math.log(p[0] / (p[0] + c + 1e-7))
+        total += sum(math.log(c / (q + c + 1e-7)) for q in p[1:])
+    return -total / len(anchors)
+
+
+def test_crd_known_value_z_and_bank_update(monkeypatch) -> None:
+    monkeypatch.setattr(LabelBook, "sample_negatives", deterministic_negatives)
+    tau, n = 0.5, 4
+    obj, ps, pt, s_bank, t_bank = crd_setup(tau)
+    y, index = torch.tensor([0, 1]), torch.tensor([0, 2])
+    rows = [[0, 1, 2], [2, 3, 0]]  # own index, then index+1, index+2 (mod N)
+    z = fake(torch.zeros(2, 2), [torch.zeros(2, 2)], ps, ps)
+    got = obj.distill(z, fake(z.stem, z.stages, pt, pt), y, index)
+
+    def z_of(anchors: Tensor, bank: Tensor) -> float:
+        e = [math.exp(dot(a, bank.tolist()[j]) / tau) for a, r in zip(anchors.tolist(), rows, strict=True)
+             for j in r]
+        return sum(e) / len(e) * n
+
+    zs, zt = z_of(ps, t_bank), z_of(pt, s_bank)
+    expected = (ref_nce(ps.tolist(), t_bank.tolist(), rows, tau, zs, n)
+                + ref_nce(pt.tolist(), s_bank.tolist(), rows, tau, zt, n))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert obj.memory.log_z.tolist() == pytest.approx([math.log(zs), math.log(zt)], rel=1e-6)
+    assert obj.book.labels.tolist() == [0, -1, 1, -1]
+    # Momentum update m ← ½m + ½v, renormalised, only at the batch's indices.
+    for i, j in enumerate(index.tolist()):
+        torch.testing.assert_close(obj.memory.student_bank[j], F.normalize(s_bank[j] + ps[i], dim=0))
+        torch.testing.assert_close(obj.memory.teacher_bank[j], F.normalize(t_bank[j] + pt[i], dim=0))
+    torch.testing.assert_close(obj.memory.student_bank[[1, 3]], s_bank[[1, 3]])
+    # Z stays fixed after the first batch.
+    before = obj.memory.log_z.clone()
+    obj.distill(z, fake(z.stem, z.stages, pt, pt), y, index)
+    assert torch.equal(obj.memory.log_z, before)
+
+
+def test_crd_clamps_negatives_and_keeps_state_in_state_dict(pair, batch) -> None:
+    teacher, student = pair
+    obj = build("crd", teacher, student, batch[0], negatives=16384)
+    assert obj.negatives == NUM_TRAIN - 1
+    keys = set(obj.state_dict())
+    assert {"memory.student_bank", "memory.teacher_bank", "memory.log_z", "book.labels"} <= keys
+    assert obj.memory.student_bank.shape == (NUM_TRAIN, 16)
+    assert get_objective("crd").needs_index
+    with pytest.raises(ValueError, match="indices"):
+        obj(student, teacher, batch[0], batch[1], None)
+
+
+def test_crd_scores_whole_bank_matmul_equals_gather() -> None:
+    bank = F.normalize(torch.randn(10, 4), dim=1)
+    v = F.normalize(torch.randn(3, 4), dim=1)
+    small = torch.randint(0, 10, (3, 2))
+    large = torch.randint(0, 10, (3, 5))
+    for idx in (small, large):
+        torch.testing.assert_close(ContrastMemory._scores(bank, v, idx),
+                                   torch.einsum("bkd,bd->bk", bank[idx], v))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    labels=st.lists(st.integers(-1, 3), min_size=2, max_size=12),
+    data=st.data(),
+)
+def test_negatives_come_from_other_classes(labels: list[int], data) -> None:
+    n = len(labels)
+    book = LabelBook(n)
+    book.labels.copy_(torch.tensor(labels))
+    index = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n,
+                                            unique=True)))
+    y = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=len(index), max_size=len(index))))
+    book.record(index, y)
+    neg = book.sample_negatives(index, y, 20)
+    stored = book.labels
+    assert neg.shape == (len(index), 20)
+    assert ((neg >= 0) & (neg < n)).all()
+    for i in range(len(index)):
+        others = (stored != y[i]).any()
+        if others:  # every draw is of another (or a not yet seen) class
+            assert (stored[neg[i]] != y[i]).all()
+        else:  # nothing qualifies: uniform over everyone but the sample itself
+            assert (neg[i] != index[i]).all()
+
+
+def test_negative_draws_cover_every_eligible_index() -> None:
+    book = LabelBook(6)
+    book.labels.copy_(torch.tensor([0, 1, 0, -1, 2, 0]))
+    torch.manual_seed(0)
+    neg = book.sample_negatives(torch.tensor([0]), torch.tensor([0]), 3000)
+    counts = torch.bincount(neg.flatten(), minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert (counts[[1, 3, 4]] > 850).all()  # uniform: 1000 each
+
+
+def lfcc_obj(filter_: str, scales: list[int], fs: Features, ft: Features, bias: bool = True):
+    obj = get_objective("lfcc")({"dim": 2, "scales": scales, "layers": 1, "filter": filter_,
+                                 "tau": 0.2}, ft, fs, CTX)
+    for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
+        identity_(head[0])
+        if not bias:
+            nn.init.zeros_(head[2].bias)
+    return obj
+
+
+def test_lfcc_known_value_avgpool_into_the_compact_space() -> None:
+    g = torch.Generator().manual_seed(0)
+    ms = torch.rand(3, 2, 4, 4, generator=g)  # student 4×4, teacher 2×2: compact space 2×2
+    mt = torch.rand(3, 2, 2, 2, generator=g)
+    v = torch.zeros(3, 2)
+    fs, ft = fake(ms, [ms], v, v), fake(mt, [mt], v, v)
+    obj = lfcc_obj("avgpool", [1], fs, ft)
+    got = obj.distill(fs, ft, torch.zeros(3).long(), None)
+
+    def vec(m: Tensor, linear: nn.Linear) -> list[list[float]]:
+        h = m.shape[-1] // 2
+        blocks = m.unflatten(2, (2, h)).unflatten(4, (2, h)).mean((3, 5))  # B×C×2×2 block means
+        flat = blocks.flatten(1).tolist()  # 1×1 identity conv, then flatten (c, y, x)
+        w, b = linear.weight.tolist(), linear.bias.tolist()
+        return [normalize([dot(row, f) + bias for row, bias in zip(w, b, strict=True)]) for f in flat]
+
+    qs = vec(ms, obj.student_heads["tap-1_k1"][2])
+    qt = vec(mt, obj.teacher_heads["tap-1_k1"][2])
+    assert got.item() == pytest.approx(ref_sym(qs, qt, 0.2), rel=1e-5)
+
+
+def test_lfcc_dct_dc_coefficient_equals_global_pool() -> None:
+    """Without biases, the 1×1 DCT (the DC term, mean·√(HW)) and a global average pool give
+    the same normalised vectors, hence the same loss."""
+    g = torch.Generator().manual_seed(1)
+    ms = torch.rand(4, 2, 4, 4, generator=g)
+    mt = torch.rand(4, 2, 4, 4, generator=g)
+    v = torch.zeros(4, 2)
+    fs, ft = fake(ms, [ms], v, v), fake(mt, [mt], v, v)
+    by_dct = lfcc_obj("dct", [1], fs, ft, bias=False)
+    by_pool = lfcc_obj("avgpool", [4], fs, ft, bias=False)
+    for side in ("student_heads", "teacher_heads"):
+        getattr(by_pool, side)["tap-1_k4"].load_state_dict(getattr(by_dct, side)["tap-1_k1"].state_dict())
+    y = torch.zeros(4).long()
+    torch.testing.assert_close(by_dct.distill(fs, ft, y, None), by_pool.distill(fs, ft, y, None))
+
+
+def test_dct_known_coefficients() -> None:
+    const = torch.full((1, 1, 3, 3), 2.0)
+    coef = dct_lowpass(const, (2, 2))
+    torch.testing.assert_close(coef[0, 0], torch.tensor([[6.0, 0.0], [0.0, 0.0]]))  # 9·2/√9
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(1, 7), w=st.integers(1, 7), kh=st.integers(1, 7), kw=st.integers(1, 7))
+def test_dct_matches_the_textbook_sum_and_is_orthonormal(h: int, w: int, kh: int, kw: int) -> None:
+    kh, kw = min(kh, h), min(kw, w)
+    x = torch.randn(1, 1, h, w, dtype=torch.float64)
+    got = dct_lowpass(x, (kh, kw))[0, 0]
+
+    def alpha(k: int, n: int) -> float:
+        return math.sqrt((1 if k == 0 else 2) / n)
+
+    for u in range(kh):
+        for v in range(kw):
+            ref = sum(float(x[0, 0, i, j]) * math.cos(math.pi * (2 * i + 1) * u / (2 * h))
+                      * math.cos(math.pi * (2 * j + 1) * v / (2 * w))
+                      for i in range(h) for j in range(w)) * alpha(u, h) * alpha(v, w)
+            assert float(got[u, v]) == pytest.approx(ref, abs=1e-9)
+    d = dct_matrix(h, dtype=torch.float64)
+    torch.testing.assert_close(d @ d.t(), torch.eye(h, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("filter_", ["avgpool", "dct"])
+@pytest.mark.parametrize(("teacher_arch", "student_arch"), [
+    ("resnet14", "vit_tiny"), ("vit_tiny", "resnet8"), ("resnet14", "mixer_tiny"),
+])
+def test_lfcc_works_across_heterogeneous_pairs(teacher_arch, student_arch, filter_, batch) -> None:
+    def make(arch: str, seed: int) -> TappedModel:
+        torch.manual_seed(seed)
+        return cnn(arch, seed) if arch.startswith("resnet") else token_model(arch)
+
+    teacher = make(teacher_arch, 1).eval().requires_grad_(False)
+    student = make(student_arch, 2)
+    obj = build("lfcc", teacher, student, batch[0], filter=filter_)
+    terms = run(obj, student, teacher, batch)
+    assert torch.isfinite(terms["lfcc"])
+    terms["lfcc"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is not None for p in obj.parameters())
+    x, y, index = batch
+    t = features(teacher, x)
+    torch.manual_seed(0)
+    same = get_objective("lfcc")(hp_for("lfcc", filter=filter_), t, t, CTX)
+    aligned, shuffled = aligned_and_shuffled(same, t, y, index, warmup=0)
+    assert aligned < shuffled
+
+
+def test_cktf_known_value_batch_mode() -> None:
+    g = torch.Generator().manual_seed(0)
+    b = 3
+    s = fake(torch.rand(b, 1, 2, 2, generator=g), [torch.rand(b, 2, 2, 2, generator=g)],
+             torch.rand(b, 2, generator=g), torch.zeros(b, 2))
+    t = fake(torch.rand(b, 2, 2, 2, generator=g), [torch.rand(b, 2, 1, 1, generator=g)],
+             torch.rand(b, 2, generator=g), torch.zeros(b, 2))
+    obj = get_objective("cktf")({"dim": 2, "memory": "batch", "tau": 0.3, "inter_weight": 0.25},
+                                t, s, CTX)
+    assert not obj.needs_index and len(obj.memories) == 0
+    for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
+        identity_(head)
+
+    def vecs(x: Tensor) -> list[list[float]]:
+        flat = x.flatten(2).mean(-1).tolist() if x.dim() > 2 else x.tolist()
+        return [normalize(r + [0.0] * (2 - len(r))) for r in flat]  # zero-pad to 2 channels
+
+    inter = ref_sym(vecs(s.stem), vecs(t.stem), 0.3) + ref_sym(vecs(s.stages[0]), vecs(t.stages[0]), 0.3)
+    expected = ref_sym(vecs(s.pool), vecs(t.pool), 0.3) + 0.25 * inter
+    got = obj.distill(s, t, torch.zeros(b).long(), None)  # batch mode: no index needed
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cktf_bank_mode_sums_crd_terms_per_layer(pair, batch, monkeypatch) -> None:
+    monkeypatch.setattr(LabelBook, "sample_negatives", deterministic_negatives)
+    teacher, student = pair
+    x, y, index = batch
+    obj = build("cktf", teacher, student, x, inter_weight=0.5)
+    assert obj.needs_index and set(obj.memories) == {"stem", "stage0", "stage1", "stage2", "final"}
+    s, t = features(student, x), features(teacher, x)
+    reference = copy.deepcopy(obj)
+    got = obj.distill(s, t, y, index)
+    negatives = deterministic_negatives(reference.book, index, y, reference.negatives)
+    per_layer = {}
+    for name, fs, ft in layer_pairs(s, t, "last"):
+        c = reference.student_heads[name].in_features
+        pad = lambda f, c=c: F.pad(f.flatten(2).mean(-1) if f.dim() > 2 else f,  # noqa: E731
+                                   (0, c - f.shape[1]))
+        v_s = F.normalize(reference.student_heads[name](pad(fs)), dim=1)
+        v_t = F.normalize(reference.teacher_heads[name](pad(ft)), dim=1)
+        per_layer[name] = reference.memories[name](v_s, v_t, index, negatives)
+    expected = per_layer.pop("final") + 0.5 * sum(per_layer.values())
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="indices"):
+        obj.distill(s, t, y, None)
+
+
+def test_cktf_teacher_block_pairs_stages_by_relative_depth() -> None:
+    # Equal counts: stage to stage, whatever the block.
+    for block in ("last", "first"):
+        assert [teacher_stage_for(j, 3, 3, block) for j in range(3)] == [0, 1, 2]
+    # A 4-stage teacher (VGG) for a 3-stage student: groups [0, 1], [2], [3].
+    assert [teacher_stage_for(j, 3, 4, "last") for j in range(3)] == [1, 2, 3]
+    assert [teacher_stage_for(j, 3, 4, "first") for j in range(3)] == [0, 2, 3]
+    # Six teacher stages, two student stages.
+    assert [teacher_stage_for(j, 2, 6, "last") for j in range(2)] == [2, 5]
+    assert [teacher_stage_for(j, 2, 6, "first") for j in range(2)] == [0, 3]
+    # A shallower teacher: shared stages at the same relative depth.
+    assert [teacher_stage_for(j, 4, 2, "last") for j in range(4)] == [0, 0, 1, 1]
+
+
+def test_cktf_pairs_a_deeper_teacher_and_pads_the_narrower_side() -> None:
+    b = 4
+    t = fake(torch.rand(b, 6, 4, 4), [torch.rand(b, 6 + i, 4, 4) for i in range(4)],
+             torch.rand(b, 9), torch.rand(b, 3))
+    s = fake(torch.rand(b, 2, 4, 4), [torch.rand(b, 3, 4, 4) for _ in range(3)],
+             torch.rand(b, 12), torch.rand(b, 3))
+    for block, chosen in (("last", [7, 8, 9]), ("first", [6, 8, 9])):
+        obj = get_objective("cktf")({"dim": 4, "memory": "batch", "teacher_block": block}, t, s, CTX)
+        widths = [obj.student_heads[f"stage{j}"].in_features for j in range(3)]
+        assert widths == chosen
+        assert obj.student_heads["final"].in_features == 12  # the student is wider here
+        assert torch.isfinite(obj.distill(s, t, torch.zeros(b).long(), None))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.floats(-5, 5), min_size=3, max_size=3), min_size=2, max_size=6))
+def test_similarity_transfer_is_a_divergence(rows: list[list[float]]) -> None:
+    z = torch.tensor(rows)
+    assert similarity_transfer(z, z, 4.0, 0.1).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.flip(z, dims=[1])
+    assert similarity_transfer(other, z, 4.0, 0.1).item() >= -1e-6
