@@ -185,6 +185,8 @@ class MlflowCallback(Callback):
         ]
         self.client.log_batch(rid, metrics=[m for m in metrics if math.isfinite(m.value)])
         value = result.get(self.metric)
+        if self._best is None:  # after a restore: continue from what the parent already holds
+            self._best = self.client.get_run(self.runs.parent_run_id).data.metrics.get(f"best_{self.metric}")
         if isinstance(value, int | float) and math.isfinite(value):
             better = self._best is None or (value > self._best if self.mode == "max" else value < self._best)
             if better:

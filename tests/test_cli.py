@@ -1,0 +1,77 @@
+"""The command line: one-line errors with exit 2, and nothing written on a mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from searchkd.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_shows_resolved_tunables(capsys, space_file) -> None:
+    code, out, _ = run(capsys, "validate", str(space_file()))
+    assert code == 0
+    assert "ok" in out and "msd: " in out and "tau=" in out and "search loss.tau" in out
+
+
+def test_objectives_lists_tunables_with_ranges(capsys) -> None:
+    code, out, _ = run(capsys, "objectives")
+    assert code == 0
+    for name in ("ce:", "kd:", "msd:"):
+        assert name in out
+    assert "loss.tau" in out and "search" in out
+
+
+def test_bad_space_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path: Path, space_file) -> None:
+    path = space_file(student={"arch": "resnet8", "width": -1})
+    trials = tmp_path / "trials"
+    code, out, err = run(capsys, "tune", str(path), "--trials-dir", str(trials))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("searchkd: error: ") and "student.width" in err
+    assert not trials.exists()
+
+
+def test_missing_space_file(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "validate", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "no such space file" in err
+
+
+def test_resume_without_a_search_is_refused(capsys, tmp_path: Path, space_file) -> None:
+    code, _, err = run(capsys, "tune", str(space_file()), "--resume", "--trials-dir", str(tmp_path / "t"))
+    assert code == 2 and "nothing to resume" in err
+
+
+def test_existing_search_needs_resume(capsys, tmp_path: Path, space_file) -> None:
+    (tmp_path / "t" / "tiny").mkdir(parents=True)
+    code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", str(tmp_path / "t"))
+    assert code == 2 and "already exists: add --resume" in err
+
+
+def test_missing_teacher_checkpoint(capsys, tmp_path: Path, space_file) -> None:
+    path = space_file(teacher={"arch": "resnet8", "checkpoint": str(tmp_path / "none.pth")})
+    code, _, err = run(capsys, "validate", str(path))
+    assert code == 2 and "teacher.checkpoint: no such file" in err
+
+
+def test_ui_binds_localhost_by_default() -> None:
+    from searchkd.cli import build_parser
+
+    args = build_parser().parse_args(["ui"])
+    assert args.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["tune", "--help"]])
+def test_help_and_version(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0

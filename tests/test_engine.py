@@ -1,0 +1,114 @@
+"""The engine: plain PyTorch training steps, checkpoints that resume exactly, the teacher cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_space
+
+from searchkd.engine import CheckpointMismatch, Engine, NonFiniteLoss, load_weights
+from searchkd.models import build_model
+from searchkd.spec import Spec
+from searchkd.teacher import ensure_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("teachers")
+    return ensure_teacher(Spec.model_validate(tiny_space()), cache, log=lambda _: None).path
+
+
+def engine(teacher: Path, seed: int = 0, **train) -> Engine:
+    space = tiny_space(train={**tiny_space()["train"], **train})
+    return Engine(Spec.model_validate(space), seed=seed, teacher_checkpoint=teacher, device="cpu")
+
+
+def test_epoch_reports_the_metrics_a_trial_needs(teacher: Path) -> None:
+    e = engine(teacher)
+    row = e.run_epoch()
+    for key in ("epoch", "train_loss", "loss_ce", "loss_kd", "loss_msd", "val_acc", "val_top5",
+                "best_val_acc", "test_acc", "lr", "epoch_seconds", "images_per_second",
+                "student_params", "student_macs"):
+        assert key in row, key
+    assert row["epoch"] == 1
+    assert row["train_loss"] == pytest.approx(row["loss_ce"] + row["loss_kd"] + row["loss_msd"], rel=1e-4)
+    assert 0.0 <= row["val_acc"] <= row["val_top5"] <= 1.0
+    assert row["student_params"] > 0 and row["student_macs"] > 0
+
+
+def test_training_learns_digits(teacher: Path) -> None:
+    e = engine(teacher, epochs=6, batch_size=64)
+    rows = [e.run_epoch() for _ in range(6)]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["best_val_acc"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode(teacher: Path) -> None:
+    e = engine(teacher)
+    before = {k: v.clone() for k, v in e.teacher.state_dict().items()}
+    e.run_epoch()
+    assert not e.teacher.training
+    assert all(not p.requires_grad for p in e.teacher.parameters())
+    for k, v in e.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher {k} changed"
+
+
+def test_resume_from_checkpoint_continues_exactly(teacher: Path, tmp_path: Path) -> None:
+    straight = engine(teacher, seed=3)
+    straight.run_epoch()
+    straight.run_epoch()
+
+    first = engine(teacher, seed=3)
+    first.run_epoch()
+    first.save(tmp_path / "engine.pt")
+    resumed = engine(teacher, seed=3)
+    resumed.load(tmp_path / "engine.pt")
+    assert resumed.epoch == 1
+    resumed.run_epoch()
+    for k, v in straight.student.state_dict().items():
+        torch.testing.assert_close(resumed.student.state_dict()[k], v, msg=k)
+    assert resumed.best_val_acc == straight.best_val_acc
+
+
+def test_non_finite_loss_fails_the_trial(teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    e = engine(teacher)
+    original = e.objective.distill
+    monkeypatch.setattr(e.objective, "distill", lambda *a: original(*a) * float("nan"))
+    with pytest.raises(NonFiniteLoss, match="loss_msd"):
+        e.run_epoch()
+
+
+def test_teacher_cache_trains_once_and_records_accuracy(tmp_path: Path) -> None:
+    spec = Spec.model_validate(tiny_space())
+    logs: list[str] = []
+    first = ensure_teacher(spec, tmp_path, log=logs.append)
+    assert any("training teacher" in line for line in logs)
+    meta = json.loads((first.path.parent / "meta.json").read_text())
+    assert meta["test_acc"] == first.test_acc and 0.0 <= first.test_acc <= 1.0
+    logs.clear()
+    again = ensure_teacher(spec, tmp_path, log=logs.append)
+    assert again == first and not logs  # cached: no training, no output
+    other = Spec.model_validate(tiny_space(teacher={**tiny_space()["teacher"], "width": 0.75}))
+    assert ensure_teacher(other, tmp_path, log=logs.append).digest != first.digest
+
+
+def test_public_zoo_checkpoint_format_loads(tmp_path: Path) -> None:
+    model = build_model("resnet8", 10, width=0.25, in_channels=1)
+    torch.save({"model": model.state_dict(), "epoch": 240}, tmp_path / "zoo.pth")
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    for name in ("zoo.pth", "plain.pth"):
+        fresh = build_model("resnet8", 10, width=0.25, in_channels=1)
+        load_weights(fresh, tmp_path / name)
+        for k, v in model.state_dict().items():
+            assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_mismatched_checkpoint_names_the_keys(tmp_path: Path) -> None:
+    torch.save({"model": build_model("resnet8", 10, width=0.5, in_channels=1).state_dict()}, tmp_path / "t.pth")
+    with pytest.raises(CheckpointMismatch, match=r"wrong shape keys: bn1\.bias, .*\(\+\d+ more\)"):
+        load_weights(build_model("resnet8", 10, width=0.25, in_channels=1), tmp_path / "t.pth")
+    with pytest.raises(CheckpointMismatch, match=r"missing keys: layer1\.1\..*\(\+\d+ more\)"):
+        load_weights(build_model("resnet14", 10, width=0.5, in_channels=1), tmp_path / "t.pth")

@@ -1,0 +1,98 @@
+"""The space file: parsing, validation (one line naming file and key) and resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_space, write_space
+
+from searchkd import spec as S
+from searchkd.cli import _lookups, load_space
+
+
+def check(space: dict, tmp_path: Path):
+    return S.load(write_space(tmp_path / "s.yaml", space), **_lookups())
+
+
+def test_tiny_space_validates_and_resolves(tmp_path: Path) -> None:
+    spec = check(tiny_space(), tmp_path)
+    assert spec.objectives == ["msd"]
+    resolved = spec.resolved({"student.width": 0.5, "loss.scales": [1], "loss.tau": 0.2})
+    assert resolved.student.width == 0.5
+    assert resolved.loss["scales"] == [1] and resolved.loss["tau"] == 0.2
+    assert resolved.loss["dim"] == 16  # fixed loss values survive
+    assert spec.student.width == 0.25  # the base spec is not mutated
+
+
+def test_quickstart_space_is_valid() -> None:
+    spec = load_space(Path(__file__).parents[1] / "spaces" / "quickstart.yaml")
+    assert spec.search.num_samples >= 8 and spec.search.scheduler == "asha"
+    searched = set(spec.params)
+    assert {"student.width", "loss.kd_weight", "loss.kd_temperature", "loss.weight", "loss.tau",
+            "loss.scales"} <= searched
+
+
+BAD = [
+    # (mutation of the tiny space, expected fragment of the one-line error)
+    (lambda s: s["student"].update(widht=1), "student.widht: unknown key"),
+    (lambda s: s["student"].update(width=0), "student.width"),
+    (lambda s: s.update(objective="nope"), "objective: unknown objective 'nope'"),
+    (lambda s: s["student"].update(arch="resnet9000"), "student.arch: unknown arch 'resnet9000'"),
+    (lambda s: s["data"].update(dataset="mnist"), "data.dataset: unknown dataset 'mnist'"),
+    (lambda s: s["params"].update({"loss.tau": {"float": [0.5, 0.1]}}), "params.loss.tau: range low 0.5 > high 0.1"),
+    (lambda s: s["params"].update({"loss.tau": {"float": [0.0, 0.1], "log": True}}), "log range must be > 0"),
+    (lambda s: s["params"].update({"loss.tau": {"choice": []}}), "choice must list at least one value"),
+    (lambda s: s["params"].update({"loss.bogus": {"choice": [1]}}), "params.loss.bogus: unknown loss key 'bogus'; valid:"),
+    (lambda s: s["params"].update({"loss.pooling": {"choice": ["grid", "max"]}}), "params.loss.pooling: loss.pooling must be one of"),
+    (lambda s: s["params"].update({"teacher.arch": {"choice": ["a"]}}), "params.teacher.arch: not a searchable key"),
+    (lambda s: s["params"].update({"train.lr": {"float": [-1.0, 0.1]}}), "params.train.lr: value -1.0"),
+    (lambda s: s["loss"].update(bogus=1), "loss.bogus: unknown key"),
+    (lambda s: s["search"].update(metric=["val_acc", "student_macs"], mode=["max", "min"], scheduler="asha"), "ASHA stops trials on one metric"),
+    (lambda s: s["search"].update(metric="accuracy"), "search.metric: 'accuracy' is not reported"),
+    (lambda s: s["search"].update(num_samples=0), "search.num_samples"),
+    (lambda s: s.update(name="../escape"), "name: must be letters"),
+    (lambda s: s["teacher"].pop("train"), "teacher: give teacher.checkpoint or teacher.train"),
+    (lambda s: s.pop("student"), "student: required key is missing"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "fragment"), BAD)
+def test_bad_input_is_one_clear_line(tmp_path: Path, mutate, fragment: str) -> None:
+    space = tiny_space()
+    mutate(space)
+    with pytest.raises(S.SpecError) as err:
+        check(space, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(str(tmp_path / "s.yaml") + ": ")
+    assert fragment in message
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nobjective: [msd\n")
+    with pytest.raises(S.SpecError, match=r"broken.yaml: YAML syntax error \(line \d+"):
+        S.load(path)
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(S.SpecError, match="YAML"):
+        S.load(path)
+
+
+def test_choice_of_objectives_checks_loss_keys_against_the_union(tmp_path: Path) -> None:
+    space = tiny_space(objective={"choice": ["msd", "kd"]})
+    spec = check(space, tmp_path)
+    assert spec.objectives == ["msd", "kd"]
+    space["params"]["loss.kd_weight"] = {"float": [0.0, 1.0]}
+    check(space, tmp_path)
+
+
+def test_to_yaml_round_trips(tmp_path: Path) -> None:
+    spec = check(tiny_space(), tmp_path)
+    again = S.Spec.model_validate(yaml.safe_load(spec.to_yaml()))
+    assert again == spec
