@@ -127,6 +127,7 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         probe.unlink()
     except OSError as exc:
         fail(f"trials directory {root} is not writable: {exc.strerror}")
+    teacher = _teacher(spec, root)
     search_dir.mkdir(exist_ok=True)
     lock = FileLock(str(search_dir / ".lock"))
     try:
@@ -137,14 +138,43 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         if not resume:
             (search_dir / SPACE_FILE).write_text(spec.to_yaml())
         summary = run_search(
-            spec, search_dir, root, _lookups()["objectives"], resume=resume,
+            spec, search_dir, root, _lookups()["objectives"], teacher, resume=resume,
             tracking_uri=args.tracking_uri, address=args.address, num_cpus=args.num_cpus,
         )
     except SearchError as exc:
         fail(str(exc))
     finally:
         lock.release()
-    _print_summary(summary, spec, root, source)
+    if summary is not None:
+        _print_summary(summary, spec, root, source)
+    if search_status(search_dir) != "finished":
+        print(f"searchkd: search interrupted before all {spec.search.num_samples} trials ended; "
+              f"continue with: searchkd tune {source} --resume")
+    return 0
+
+
+def _teacher(spec: Spec, root: Path) -> Any:
+    """Train-once-and-cache (or measure) the teacher; data and checkpoint errors are one line."""
+    from .data import DatasetNotFound
+    from .engine import CheckpointMismatch
+    from .teacher import ensure_teacher
+
+    try:
+        return ensure_teacher(spec, root / "teachers")
+    except DatasetNotFound as exc:
+        fail(f"data.dataset: {exc}")
+    except CheckpointMismatch as exc:
+        fail(f"teacher.checkpoint: {exc}")
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    spec = load_space(args.space)
+    root = trials_root(args.trials_dir)
+    info = _teacher(spec, root)
+    how = "trained from the recipe" if info.trained else "from its checkpoint"
+    print(f"teacher {info.arch} ({how}): test_acc {info.test_acc:.4f}, val_acc {info.val_acc:.4f}")
+    print(f"  weights: {info.path}")
+    print(f"  cache:   {root / 'teachers' / info.digest}")
     return 0
 
 
@@ -235,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("directory", help="e.g. trials/quickstart")
     run_opts(r)
     r.set_defaults(func=cmd_resume, trials_dir=None)
+
+    te = sub.add_parser("teacher", help="train (once) and cache the space's teacher; show its accuracy")
+    te.add_argument("space")
+    te.add_argument("--trials-dir", help="where searches and the teacher cache live (default: ./trials)")
+    te.set_defaults(func=cmd_teacher)
 
     v = sub.add_parser("validate", help="check a space file and show what it resolves to")
     v.add_argument("space")

@@ -32,7 +32,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from . import tracking
 from .spec import Spec
-from .teacher import TeacherInfo, ensure_teacher
+from .teacher import TeacherInfo
 from .trial import train_trial
 
 Log = Callable[[str], None]
@@ -237,8 +237,12 @@ class Summary:
 
 
 def summarize(search_dir: Path, spec: Spec, teacher: TeacherInfo, runs: tracking.SearchRuns,
-              statuses: dict[str, int]) -> Summary:
-    table = pq.read_table(search_dir / RESULTS_FILE).to_pylist()
+              statuses: dict[str, int]) -> Summary | None:
+    """The best trial so far, or None when no trial has reported an epoch yet."""
+    path = search_dir / RESULTS_FILE
+    table = pq.read_table(path).to_pylist() if path.exists() else []
+    if not table:
+        return None
     metric, mode = spec.metrics[0], spec.modes[0]
     per_trial: dict[int, list[dict[str, Any]]] = {}
     for r in table:
@@ -356,15 +360,15 @@ def run_search(
     search_dir: Path,
     trials_dir: Path,
     tunables: dict[str, set[str]],
+    teacher: TeacherInfo,
     resume: bool = False,
     tracking_uri: str | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
     log: Log = print,
-) -> Summary:
+) -> Summary | None:
     """Run (or resume) a search whose directory and space.yaml already exist."""
     quiet()
-    teacher = ensure_teacher(spec, trials_dir / "teachers", log=log)
     uri = tracking_uri or tracking.default_store(trials_dir)
     artifacts = None if tracking_uri else tracking.artifact_root(trials_dir)
     base_tags = {"teacher": spec.teacher.arch, "student": spec.student.arch, "search": spec.name,

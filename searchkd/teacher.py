@@ -77,37 +77,44 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log = print) -> TeacherInfo:
     """Return the spec's teacher, training and caching it first if needed."""
-    cache.mkdir(parents=True, exist_ok=True)
     ckpt = Path(spec.teacher.checkpoint).expanduser().resolve() if spec.teacher.checkpoint else None
     key = teacher_key(spec)
     if ckpt is not None:
         key = {"data": key["data"], "arch": key["arch"], "width": key["width"], "file": _file_digest(ckpt)}
     digest = _digest(key)
     home = cache / digest
-    home.mkdir(exist_ok=True)
     meta_path = home / "meta.json"
+    if meta_path.exists():
+        return _read_meta(meta_path, digest)
+    # Build first: a missing dataset or a checkpoint that does not fit fails here, before
+    # anything is written to the cache.
+    tspec = _teacher_spec(spec)
+    engine = Engine(tspec, seed=spec.search.seed, device=device)
+    if ckpt is not None:
+        load_weights(engine.student, ckpt)
+    home.mkdir(parents=True, exist_ok=True)
     with FileLock(str(home / ".lock")):
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            return TeacherInfo(Path(meta["path"]), digest, meta["test_acc"], meta["val_acc"],
-                               meta["arch"], meta["trained"])
-        tspec = _teacher_spec(spec)
+        if meta_path.exists():  # another process finished it while we waited
+            return _read_meta(meta_path, digest)
         start = time.perf_counter()
         if ckpt is None:
             path = home / "teacher.pt"
             log(f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})")
-            engine = Engine(tspec, seed=spec.search.seed, device=device)
             while not engine.finished:
                 engine.run_epoch()
             engine.student.load_state_dict(engine.best_student)
             _write_atomic(path, lambda p: torch.save({"model": engine.student.state_dict()}, p))
         else:
             path = ckpt
-            engine = Engine(tspec, seed=spec.search.seed, device=device)
-            load_weights(engine.student, path)
         val, test = engine.evaluate("val").top1, engine.evaluate("test").top1
         meta = {"path": str(path), "test_acc": test, "val_acc": val, "arch": spec.teacher.arch,
                 "trained": ckpt is None, "key": key, "seconds": time.perf_counter() - start}
         _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
         log(f"teacher {spec.teacher.arch}: test_acc {test:.4f} (val {val:.4f})")
         return TeacherInfo(path, digest, test, val, spec.teacher.arch, ckpt is None)
+
+
+def _read_meta(path: Path, digest: str) -> TeacherInfo:
+    meta = json.loads(path.read_text())
+    return TeacherInfo(Path(meta["path"]), digest, meta["test_acc"], meta["val_acc"], meta["arch"],
+                       meta["trained"])

@@ -75,3 +75,36 @@ def test_help_and_version(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0
+
+
+def test_missing_dataset_is_one_line_and_writes_nothing(capsys, tmp_path: Path, space_file) -> None:
+    path = space_file(data={"dataset": "cifar100", "root": str(tmp_path / "data"), "download": False,
+                            "val_fraction": 0.1})
+    trials = tmp_path / "trials"
+    code, _, err = run(capsys, "tune", str(path), "--trials-dir", str(trials))
+    assert code == 2 and err.count("\n") == 1
+    assert "data.dataset:" in err and str(tmp_path / "data") in err
+    assert not (trials / "tiny").exists() and not (trials / "teachers").exists()
+
+
+def test_mismatched_teacher_checkpoint_is_one_line(capsys, tmp_path: Path, space_file) -> None:
+    import torch
+
+    from searchkd.models import build_model
+
+    ckpt = tmp_path / "teacher.pth"
+    torch.save({"model": build_model("resnet8", 10, width=1.0, in_channels=1).state_dict()}, ckpt)
+    path = space_file(teacher={"arch": "resnet8", "width": 0.5, "checkpoint": str(ckpt)})
+    code, _, err = run(capsys, "tune", str(path), "--trials-dir", str(tmp_path / "trials"))
+    assert code == 2 and err.count("\n") == 1
+    assert "teacher.checkpoint:" in err and "wrong shape keys" in err
+    assert not (tmp_path / "trials" / "tiny").exists()
+
+
+def test_teacher_command_trains_once_then_reads_the_cache(capsys, tmp_path: Path, space_file) -> None:
+    path = str(space_file())
+    code, out, _ = run(capsys, "teacher", path, "--trials-dir", str(tmp_path / "t"))
+    assert code == 0 and "trained from the recipe" in out and "test_acc" in out
+    code, again, _ = run(capsys, "teacher", path, "--trials-dir", str(tmp_path / "t"))
+    assert code == 0 and "training teacher" not in again
+    assert again.splitlines()[-3:] == out.splitlines()[-3:]
