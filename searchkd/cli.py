@@ -107,10 +107,12 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
 
     search_dir = root / spec.name
     shown = os.path.relpath(search_dir)
-    if search_dir.exists() and not resume:
+    if (search_dir / SPACE_FILE).exists() and not resume:
         fail(f"{shown} already exists: add --resume to continue that search, or remove it to start over")
     if resume and not (search_dir / SPACE_FILE).is_file():
-        fail(f"{shown}: nothing to resume (no search there); run without --resume to start it")
+        # Killed before the search wrote anything (e.g. while its teacher trained): start it.
+        print(f"searchkd: {shown} holds no search yet; starting it")
+        resume = False
     if resume:
         stored = Spec.model_validate(_read_yaml(search_dir / SPACE_FILE))
         diff = _diff(stored.model_dump(mode="json", by_alias=True), spec.model_dump(mode="json", by_alias=True))
@@ -136,7 +138,9 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         fail(f"{shown} is being run by another searchkd process (lock {shown}/.lock)")
     try:
         if not resume:
-            (search_dir / SPACE_FILE).write_text(spec.to_yaml())
+            tmp = search_dir / f".{SPACE_FILE}.tmp"
+            tmp.write_text(spec.to_yaml())
+            os.replace(tmp, search_dir / SPACE_FILE)
         summary = run_search(
             spec, search_dir, root, _lookups()["objectives"], teacher, resume=resume,
             tracking_uri=args.tracking_uri, address=args.address, num_cpus=args.num_cpus,

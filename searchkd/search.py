@@ -123,6 +123,33 @@ def load_study(search_dir: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=journal_storage(search_dir))
 
 
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that tolerates what a driver killed between snapshots leaves behind.
+
+    Tune restores its trials from the last experiment snapshot; a trial that finished after
+    it runs its last epochs again from its checkpoint, while the Optuna study already holds
+    its final value. Reports and completions for trials Optuna already closed are ignored
+    instead of crashing the driver: the first, recorded value stands.
+    """
+
+    def _closed(self, trial_id: str) -> bool:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return True
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        return frozen.state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self._closed(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._closed(trial_id):
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+
 class ResultsCallback(Callback):
     """Keeps `results.parquet`: one row per trial per epoch, rewritten atomically each result.
 
@@ -317,7 +344,7 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, callb
     mode = spec.modes if len(spec.modes) > 1 else spec.modes[0]
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
-    searcher = OptunaSearch(space, metric=metric, mode=mode, sampler=make_sampler(spec),
+    searcher = ResumableOptunaSearch(space, metric=metric, mode=mode, sampler=make_sampler(spec),
                             study_name=spec.name, storage=journal_storage(search_dir))
     if spec.search.scheduler == "asha":
         scheduler = ASHAScheduler(metric=spec.metrics[0], mode=spec.modes[0], time_attr="training_iteration",
@@ -397,9 +424,42 @@ def run_search(
     statuses = trial_statuses(search_dir / RAY_DIR, spec.train.epochs)
     total = sum(statuses.values())
     complete = total >= spec.search.num_samples
+    if complete:
+        reconcile(search_dir, spec.name, runs)
     _write_state(search_dir, "finished" if complete else "interrupted", statuses)
     tracking.close_search(runs, "FINISHED" if complete else "KILLED")
     return summarize(search_dir, spec, teacher, runs, statuses)
+
+
+def reconcile(search_dir: Path, name: str, runs: tracking.SearchRuns) -> dict[str, int]:
+    """Drop what a driver killed between Tune snapshots left behind, once a search is complete.
+
+    Tune forgets trials it started after its last experiment snapshot and starts new ones in
+    their place. Their Optuna trials stay RUNNING (marked FAIL here, with the reason), their
+    MLflow runs would be extra children (deleted), their Parquet rows extra rows (dropped), so
+    that every store holds exactly the trials Tune ran to the end.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    known = {t.trial_id for t in ExperimentAnalysis(str(search_dir / RAY_DIR)).trials}
+    dropped_runs = tracking.drop_orphan_runs(runs, search_dir, known)
+    path = search_dir / RESULTS_FILE
+    dropped_rows = 0
+    if path.exists():
+        results = ResultsCallback(path)
+        orphans = [k for k in results.rows if k[0] not in known]
+        for k in orphans:
+            del results.rows[k]
+        dropped_rows = len(orphans)
+        if orphans:
+            results.write()
+    study = load_study(search_dir, name)
+    storage = study._storage
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        storage.set_trial_user_attr(t._trial_id, "searchkd", "orphaned: its driver was killed before Tune saved it")
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return {"runs": dropped_runs, "rows": dropped_rows, "optuna": len(stale)}
 
 
 def _write_state(search_dir: Path, status: str, counts: dict[str, int] | None = None) -> None:

@@ -99,9 +99,15 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
         start = time.perf_counter()
         if ckpt is None:
             path = home / "teacher.pt"
-            log(f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})")
+            partial = home / "partial.pt"  # per-epoch state: a killed teacher run goes on, not over
+            if partial.exists():
+                engine.load(partial)
+                log(f"resuming teacher {spec.teacher.arch} at epoch {engine.epoch}/{tspec.train.epochs}")
+            else:
+                log(f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})")
             while not engine.finished:
                 engine.run_epoch()
+                _write_atomic(partial, engine.save)
             engine.student.load_state_dict(engine.best_student)
             _write_atomic(path, lambda p: torch.save({"model": engine.student.state_dict()}, p))
         else:
@@ -110,6 +116,7 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
         meta = {"path": str(path), "test_acc": test, "val_acc": val, "arch": spec.teacher.arch,
                 "trained": ckpt is None, "key": key, "seconds": time.perf_counter() - start}
         _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        (home / "partial.pt").unlink(missing_ok=True)
         log(f"teacher {spec.teacher.arch}: test_acc {test:.4f} (val {val:.4f})")
         return TeacherInfo(path, digest, test, val, spec.teacher.arch, ckpt is None)
 

@@ -128,11 +128,20 @@ class MlflowCallback(Callback):
         self._client: MlflowClient | None = None
         self._map: dict[str, str] | None = None
         self._best: float | None = None
+        self._last_step: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_client=None, _map=None, _best=None)
+        state.update(_client=None, _map=None, _best=None, _last_step={})
         return state
+
+    def last_step(self, rid: str) -> int:
+        """The last epoch this run holds: a trial re-running epochs after a restore is not
+        logged twice (its metric steps continue instead of repeating)."""
+        if rid not in self._last_step:
+            history = self.client.get_metric_history(rid, "epoch")
+            self._last_step[rid] = max((m.step for m in history), default=0)
+        return self._last_step[rid]
 
     @property
     def client(self) -> MlflowClient:
@@ -177,6 +186,9 @@ class MlflowCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         rid = self.run_id(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self.last_step(rid):
+            return
+        self._last_step[rid] = step
         ts = int(result.get("timestamp", 0) * 1000)
         metrics = [
             Metric(k, float(v), ts, step)
@@ -217,6 +229,21 @@ class MlflowCallback(Callback):
         reason = _error_reason(trial)
         self.client.set_tag(rid, "error", reason[:5000])
         self.client.set_terminated(rid, status="FAILED")
+
+
+def drop_orphan_runs(runs: SearchRuns, search_dir: Path, known: set[str]) -> int:
+    """Delete child runs of trials Tune does not know (see search.reconcile); returns how many."""
+    path = search_dir / RUNS_FILE
+    if not path.exists():
+        return 0
+    mapping: dict[str, str] = json.loads(path.read_text())
+    orphans = {tid: rid for tid, rid in mapping.items() if tid not in known}
+    client = MlflowClient(runs.tracking_uri)
+    for rid in orphans.values():
+        client.delete_run(rid)
+    if orphans:
+        _atomic_json(path, {tid: rid for tid, rid in mapping.items() if tid in known})
+    return len(orphans)
 
 
 def _public(config: dict[str, Any]) -> dict[str, Any]:

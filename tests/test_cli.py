@@ -46,13 +46,9 @@ def test_missing_space_file(capsys, tmp_path: Path) -> None:
     assert code == 2 and "no such space file" in err
 
 
-def test_resume_without_a_search_is_refused(capsys, tmp_path: Path, space_file) -> None:
-    code, _, err = run(capsys, "tune", str(space_file()), "--resume", "--trials-dir", str(tmp_path / "t"))
-    assert code == 2 and "nothing to resume" in err
-
-
 def test_existing_search_needs_resume(capsys, tmp_path: Path, space_file) -> None:
     (tmp_path / "t" / "tiny").mkdir(parents=True)
+    (tmp_path / "t" / "tiny" / "space.yaml").write_text("name: tiny\n")
     code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", str(tmp_path / "t"))
     assert code == 2 and "already exists: add --resume" in err
 
