@@ -103,7 +103,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source: str) -> int:
     from filelock import FileLock, Timeout
 
-    from .search import SPACE_FILE, SearchError, run_search, search_status
+    from .search import SPACE_FILE, SearchError, connect, run_search, search_status
 
     search_dir = root / spec.name
     shown = os.path.relpath(search_dir)
@@ -122,21 +122,23 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
             print(f"searchkd: {shown} is already finished; nothing to resume. "
                   f"Compare its trials with: searchkd ui")
             return 0
+    _check_writable(root)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        fail(f"trials directory {root} is not writable: {exc.strerror}")
-    teacher = _teacher(spec, root)
-    search_dir.mkdir(exist_ok=True)
-    lock = FileLock(str(search_dir / ".lock"))
+        connect(spec, args.address, args.num_cpus)
+    except SearchError as exc:
+        fail(f"{source}: {exc}")
+    # One process per search. The OS drops the lock when its holder dies, so a lock left by a
+    # killed run never blocks a resume.
+    root.mkdir(parents=True, exist_ok=True)
+    lock_path = root / f".{spec.name}.lock"
+    lock = FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        fail(f"{shown} is being run by another searchkd process (lock {shown}/.lock)")
+        fail(f"{shown} is being run by another searchkd process (lock {os.path.relpath(lock_path)})")
     try:
+        teacher = _teacher(spec, root)
+        search_dir.mkdir(exist_ok=True)
         if not resume:
             tmp = search_dir / f".{SPACE_FILE}.tmp"
             tmp.write_text(spec.to_yaml())
@@ -155,6 +157,17 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         print(f"searchkd: search interrupted before all {spec.search.num_samples} trials ended; "
               f"continue with: searchkd tune {source} --resume")
     return 0
+
+
+def _check_writable(root: Path) -> None:
+    """Refuse a trials directory we could not write, without creating anything yet."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"trials directory {root} is not writable: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"trials directory {root} is not writable: no write permission on {existing}")
 
 
 def _teacher(spec: Spec, root: Path) -> Any:

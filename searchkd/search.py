@@ -313,14 +313,23 @@ def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
              log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
 
 
-def _concurrency(spec: Spec) -> int:
+def connect(spec: Spec, address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start (or join) Ray and check that one trial fits the cluster, before anything is written."""
+    quiet()
+    _ensure_ray(address, num_cpus)
     res = ray.cluster_resources()
     want = spec.search.resources
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     if want.cpu > cpus + 1e-9:
-        raise SearchError(f"search.resources.cpu: {want.cpu} per trial but the cluster has {cpus:g} CPUs")
+        raise SearchError(f"search.resources.cpu: {want.cpu:g} per trial but the cluster has {cpus:g} CPUs")
     if want.gpu > gpus + 1e-9:
-        raise SearchError(f"search.resources.gpu: {want.gpu} per trial but the cluster has {gpus:g} GPUs")
+        raise SearchError(f"search.resources.gpu: {want.gpu:g} per trial but the cluster has {gpus:g} GPUs")
+
+
+def _concurrency(spec: Spec) -> int:
+    res = ray.cluster_resources()
+    want = spec.search.resources
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     fit = math.floor(cpus / want.cpu + 1e-9)
     if want.gpu > 0:
         fit = min(fit, math.floor(gpus / want.gpu + 1e-9))
@@ -409,7 +418,7 @@ def run_search(
                 "teacher_digest": teacher.digest},
     )
     tracking.log_parent_metrics(runs, {"teacher_test_acc": teacher.test_acc, "teacher_val_acc": teacher.val_acc})
-    _ensure_ray(address, num_cpus)
+    connect(spec, address, num_cpus)
     metric, mode = spec.metrics[0], spec.modes[0]
     callbacks: list[Callback] = [
         tracking.MlflowCallback(runs, search_dir, metric, mode, base_tags, spec.train.epochs),

@@ -73,7 +73,8 @@ def test_help_and_version(argv: list[str]) -> None:
     assert exc.value.code == 0
 
 
-def test_missing_dataset_is_one_line_and_writes_nothing(capsys, tmp_path: Path, space_file) -> None:
+@pytest.mark.integration
+def test_missing_dataset_is_one_line_and_writes_nothing(ray_session, capsys, tmp_path: Path, space_file) -> None:
     path = space_file(data={"dataset": "cifar100", "root": str(tmp_path / "data"), "download": False,
                             "val_fraction": 0.1})
     trials = tmp_path / "trials"
@@ -83,7 +84,8 @@ def test_missing_dataset_is_one_line_and_writes_nothing(capsys, tmp_path: Path, 
     assert not (trials / "tiny").exists() and not (trials / "teachers").exists()
 
 
-def test_mismatched_teacher_checkpoint_is_one_line(capsys, tmp_path: Path, space_file) -> None:
+@pytest.mark.integration
+def test_mismatched_teacher_checkpoint_is_one_line(ray_session, capsys, tmp_path: Path, space_file) -> None:
     import torch
 
     from searchkd.models import build_model
@@ -104,3 +106,71 @@ def test_teacher_command_trains_once_then_reads_the_cache(capsys, tmp_path: Path
     code, again, _ = run(capsys, "teacher", path, "--trials-dir", str(tmp_path / "t"))
     assert code == 0 and "training teacher" not in again
     assert again.splitlines()[-3:] == out.splitlines()[-3:]
+
+
+@pytest.mark.integration
+def test_resources_beyond_the_cluster_are_refused(ray_session, capsys, tmp_path: Path, space_file) -> None:
+    path = space_file(search={"num_samples": 2, "resources": {"cpu": 4, "gpu": 0}})
+    trials = tmp_path / "trials"
+    code, _, err = run(capsys, "tune", str(path), "--trials-dir", str(trials))
+    assert code == 2 and err.count("\n") == 1
+    assert "search.resources.cpu: 4 per trial but the cluster has 2 CPUs" in err
+    assert not trials.exists()
+
+
+def test_unwritable_trials_dir_is_refused(capsys, tmp_path: Path, space_file) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", str(blocker / "trials"))
+    assert code == 2 and "is not writable" in err and str(blocker) in err
+
+
+@pytest.mark.integration
+def test_second_tune_of_a_running_search_is_refused(ray_session, capsys, tmp_path: Path, space_file) -> None:
+    from filelock import FileLock
+
+    trials = tmp_path / "trials"
+    trials.mkdir()
+    with FileLock(str(trials / ".tiny.lock")):  # the first searchkd, still running
+        code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", str(trials))
+    assert code == 2 and "being run by another searchkd process" in err
+    assert not (trials / "tiny").exists()
+    # The lock file left behind (no holder: as after kill -9) does not block.
+    assert (trials / ".tiny.lock").exists()
+    code, _, _ = run(capsys, "teacher", str(space_file()), "--trials-dir", str(trials))
+    assert code == 0
+
+
+def test_resume_with_a_different_space_names_the_difference(capsys, tmp_path: Path, space_file) -> None:
+    import yaml
+
+    from searchkd.cli import load_space
+
+    path = space_file()
+    stored = tmp_path / "t" / "tiny"
+    stored.mkdir(parents=True)
+    (stored / "space.yaml").write_text(load_space(path).to_yaml())
+    changed = yaml.safe_load(path.read_text())
+    changed["train"]["lr"] = 0.2
+    path.write_text(yaml.safe_dump(changed))
+    code, _, err = run(capsys, "tune", str(path), "--resume", "--trials-dir", str(tmp_path / "t"))
+    assert code == 2 and "differs from the space" in err and "train.lr: 0.1 -> 0.2" in err
+
+
+def test_resume_of_a_finished_search_does_nothing(capsys, tmp_path: Path, space_file) -> None:
+    from searchkd.cli import load_space
+
+    path = space_file()
+    stored = tmp_path / "t" / "tiny"
+    stored.mkdir(parents=True)
+    (stored / "space.yaml").write_text(load_space(path).to_yaml())
+    (stored / "state.json").write_text('{"status": "finished"}')
+    for argv in (["tune", str(path), "--resume", "--trials-dir", str(tmp_path / "t")],
+                 ["resume", str(stored)]):
+        code, out, _ = run(capsys, *argv)
+        assert code == 0 and "already finished" in out
+
+
+def test_resume_from_a_directory_that_is_not_a_search(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "resume", str(tmp_path))
+    assert code == 2 and "not a search directory" in err
