@@ -151,3 +151,33 @@ def test_nan_trial_fails_alone_and_the_search_goes_on(ray_session, tmp_path: Pat
     study = load_study(trials / "nan", "nan")
     states = sorted(t.state.name for t in study.trials)
     assert states.count("FAIL") == sum(s == "ERROR" for s, _ in status.values())
+
+
+def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL one trial's worker process: Tune retries it (search.max_failures) from its
+    checkpoint, in the same MLflow run, and the search ends complete."""
+    name, epochs = "crash", 6
+    raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
+    raw["search"].update(num_samples=2, max_concurrent=2, max_failures=2)
+    space = write_space(tmp_path / f"{name}.yaml", raw)
+    trials = tmp_path / "trials"
+    proc = subprocess.Popen(command(space, trials), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not any(r["epoch"] >= 2 for r in rows(trials, name)):
+            assert proc.poll() is None and time.time() < deadline, "no trial reached epoch 2"
+            time.sleep(0.1)
+        workers = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True)
+        pids = [int(p) for p in workers.stdout.split()]
+        assert pids, "no trial worker found"
+        os.kill(pids[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    table = assert_consistent(trials, name, 2, epochs)
+    assert all(max(r["epoch"] for r in table if r["trial_id"] == t) == epochs
+               for t in {r["trial_id"] for r in table})
+    assert max(r["start_epoch"] for r in table) >= 1, "the retried trial restarted from epoch 0"
