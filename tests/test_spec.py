@@ -55,6 +55,9 @@ BAD = [
     (lambda s: s.update(name="../escape"), "name: must be letters"),
     (lambda s: s["teacher"].pop("train"), "teacher: give teacher.checkpoint or teacher.train"),
     (lambda s: s.pop("student"), "student: required key is missing"),
+    (lambda s: s["train"].update(epochs="ten"), "train.epochs: Input should be a valid integer"),
+    (lambda s: s["train"].update(precision="fp8"), "train.precision: Input should be 'fp32' or 'bf16'"),
+    (lambda s: s["data"].update(val_fraction=1.5), "data.val_fraction: Input should be less than 1"),
 ]
 
 
@@ -74,6 +77,13 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\nobjective: [msd\n")
     with pytest.raises(S.SpecError, match=r"broken.yaml: YAML syntax error \(line \d+"):
+        S.load(path)
+
+
+def test_a_space_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- msd\n- kd\n")
+    with pytest.raises(S.SpecError, match="list.yaml: a space file is a YAML mapping"):
         S.load(path)
 
 
