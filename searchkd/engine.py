@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import data as data_lib
-from .models import TappedModel, build_model, count_macs, count_params
+from .models import Features, TappedModel, build_model, count_macs, count_params
 from .objectives import Objective, ObjectiveContext, get_objective
 from .spec import Spec, TrainSpec
 
@@ -80,6 +80,23 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainSpec) -> torch.optim.lr_
     if cfg.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma)
+
+
+class CompiledFeatures(TappedModel):
+    """`model` with `forward_features` compiled.
+
+    Objectives call `forward_features`, and `torch.compile(module)` compiles only `forward`:
+    attribute lookups on the compiled wrapper reach the original, uncompiled method. So the
+    method itself is compiled; parameters, buffers and train/eval mode stay the model's own.
+    """
+
+    def __init__(self, model: TappedModel) -> None:
+        super().__init__()
+        self.model = model
+        self._features = torch.compile(model.forward_features)
+
+    def forward_features(self, x: Tensor) -> Features:
+        return self._features(x)
 
 
 @dataclass
@@ -152,9 +169,14 @@ class Engine:
         self.optimizer = make_optimizer(params, cfg, self.device)
         self.scheduler = make_schedule(self.optimizer, cfg)
         self.autocast = self.device.type == "cuda" and cfg.precision == "bf16"
-        self.train_student: nn.Module = self.student
+        # What the training step calls: the models themselves, or (train.compile) wrappers
+        # whose forward_features is compiled; evaluation always runs the eager student.
+        self.train_student: TappedModel = self.student
+        self.train_teacher: TappedModel | None = self.teacher
         if cfg.compile:
-            self.train_student = torch.compile(self.student)  # type: ignore[assignment]
+            self.train_student = CompiledFeatures(self.student)
+            if self.teacher is not None:
+                self.train_teacher = CompiledFeatures(self.teacher)
 
         self.epoch = 0
         self.best_val_acc = -math.inf
@@ -180,7 +202,7 @@ class Engine:
         start = time.perf_counter()
         for x, y, idx in loader:
             with self._autocast():
-                _, terms = self.objective(self.train_student, self.teacher, x, y, idx)
+                _, terms = self.objective(self.train_student, self.train_teacher, x, y, idx)
             loss = torch.stack([t.float() for t in terms.values()]).sum()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
