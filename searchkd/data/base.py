@@ -110,14 +110,15 @@ def random_crop_flip(x: Tensor, padding: int, flip: bool, generator: torch.Gener
     dev = x.device
     if padding > 0:
         padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device="cpu").to(dev)
-        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device="cpu").to(dev)
+        # Drawn where the batch lives (the generator's device): no host round trip per batch.
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
         rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
         x = padded[torch.arange(b, device=dev)[:, None, None, None],
                    torch.arange(c, device=dev)[None, :, None, None], rows, cols]
     if flip:
-        mask = (torch.rand(b, generator=generator, device="cpu") < 0.5).to(dev)
+        mask = torch.rand(b, generator=generator, device=dev) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     return x
 
@@ -178,8 +179,8 @@ class DeviceLoader:
         n = self.num_samples
         dev = self.x.device
         if self.train:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(n, generator=g).to(dev)
+            g = torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g, device=dev)
         else:
             g = None
             order = torch.arange(n, device=dev)
