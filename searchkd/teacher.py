@@ -113,7 +113,9 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
         else:
             path = ckpt
         val, test = engine.evaluate("val").top1, engine.evaluate("test").top1
-        meta = {"path": str(path), "test_acc": test, "val_acc": val, "arch": spec.teacher.arch,
+        # A trained teacher is stored relative to its cache entry, so a moved trials/ still finds it.
+        stored = path.name if ckpt is None else str(path)
+        meta = {"path": stored, "test_acc": test, "val_acc": val, "arch": spec.teacher.arch,
                 "trained": ckpt is None, "key": key, "seconds": time.perf_counter() - start}
         _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
         (home / "partial.pt").unlink(missing_ok=True)
@@ -123,5 +125,5 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
 
 def _read_meta(path: Path, digest: str) -> TeacherInfo:
     meta = json.loads(path.read_text())
-    return TeacherInfo(Path(meta["path"]), digest, meta["test_acc"], meta["val_acc"], meta["arch"],
+    return TeacherInfo(path.parent / meta["path"], digest, meta["test_acc"], meta["val_acc"], meta["arch"],
                        meta["trained"])

@@ -16,6 +16,7 @@ import torch
 from ray import tune
 
 from .engine import Engine
+from .objectives import get_objective
 from .spec import Spec
 
 ENGINE_FILE = "engine.pt"
@@ -25,9 +26,19 @@ META_KEYS = ("trial_number", "seed")
 
 
 def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> Spec:
-    """The base spec with this trial's sampled values written in."""
+    """The base spec with this trial's sampled values written in.
+
+    With a choice of objectives, fixed `loss:` keys may belong to only some of them; a trial
+    keeps those its own objective declares.
+    """
     sampled = {k: v for k, v in config.items() if k not in META_KEYS}
-    return Spec.model_validate(base).resolved(sampled)
+    spec = Spec.model_validate(base).resolved(sampled)
+    own = get_objective(spec.objective).tunables
+    if any(k not in own for k in spec.loss):
+        raw = spec.model_dump(by_alias=True, exclude_none=True)
+        raw["loss"] = {k: v for k, v in spec.loss.items() if k in own}
+        spec = Spec.model_validate(raw)
+    return spec
 
 
 def train_trial(

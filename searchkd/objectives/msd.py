@@ -77,10 +77,14 @@ class MSD(Objective):
         dim = self.hp["dim"]
         self.student_heads = nn.ModuleDict()
         self.teacher_heads = nn.ModuleDict()
+        # A scale finer than the (size-matched) map would only copy cells, and contrasting a
+        # cell with its own copies teaches nothing: such scales are capped at the map's side.
+        self.tap_scales: dict[int, list[int]] = {}
         for tap in self.taps:
-            cs = student_features.stages[tap].shape[1]
-            ct = teacher_features.stages[tap].shape[1]
-            for s in self.hp["scales"]:
+            cs, ct = student_features.stages[tap].shape[1], teacher_features.stages[tap].shape[1]
+            side = min(*student_features.stages[tap].shape[-2:], *teacher_features.stages[tap].shape[-2:])
+            self.tap_scales[tap] = sorted({min(s, side) for s in self.hp["scales"]})
+            for s in self.tap_scales[tap]:
                 key = f"tap{tap}_s{s}"
                 self.student_heads[key] = nn.Conv2d(cs, dim, 1)
                 self.teacher_heads[key] = nn.Conv2d(ct, dim, 1)
@@ -91,7 +95,7 @@ class MSD(Objective):
         sample_terms, feature_terms = [], []
         for tap in self.taps:
             fs, ft = match_size(s.stages[tap], t.stages[tap])
-            for scale in self.hp["scales"]:
+            for scale in self.tap_scales[tap]:
                 key = f"tap{tap}_s{scale}"
                 zs = cells(self.student_heads[key](decouple(fs, scale, self.hp["pooling"])))
                 zt = cells(self.teacher_heads[key](decouple(ft, scale, self.hp["pooling"])))
