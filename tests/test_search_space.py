@@ -6,6 +6,8 @@ import pickle
 
 import optuna
 from conftest import tiny_space
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from searchkd.cli import _lookups
 from searchkd.search import SearchSpace, trial_seed, tunable_owners
@@ -71,3 +73,20 @@ def test_space_pickles_for_tuner_restore() -> None:
     space = space_of(tiny_space())
     again = pickle.loads(pickle.dumps(space))
     assert again.params == space.params and again.objectives == space.objectives
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    low=st.floats(1e-4, 10.0), span=st.floats(0.0, 100.0), log=st.booleans(),
+    ilow=st.integers(-50, 50), ispan=st.integers(0, 50),
+)
+def test_any_valid_range_samples_inside_it(low: float, span: float, log: bool, ilow: int, ispan: int) -> None:
+    raw = tiny_space()
+    raw["params"] = {"loss.tau": {"float": [low, low + span], "log": log},
+                     "train.epochs": {"int": [max(1, ilow), max(1, ilow) + ispan]}}
+    spec = Spec.model_validate(raw)
+    for cfg in sample(space_of(raw), 3):
+        assert low <= cfg["loss.tau"] <= low + span
+        assert max(1, ilow) <= cfg["train.epochs"] <= max(1, ilow) + ispan
+        resolved = spec.resolved({"train.epochs": cfg["train.epochs"]})
+        assert resolved.train.epochs == cfg["train.epochs"]
