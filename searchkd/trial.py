@@ -49,10 +49,8 @@ def train_trial(
     spec = trial_spec(base, config)
     engine = Engine(spec, seed=int(config.get("seed", 0)), teacher_checkpoint=teacher,
                     memory_fraction=memory_fraction)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            engine.load(Path(d) / ENGINE_FILE)
+    if not load_checkpoint(engine, tune.get_checkpoint()):
+        load_newest_local(engine, Path(tune.get_context().get_trial_dir()))
     start_epoch = engine.epoch
     while not engine.finished:
         row = engine.run_epoch()
@@ -61,3 +59,33 @@ def train_trial(
             engine.save(os.path.join(d, ENGINE_FILE))
             torch.save(engine.best_student, os.path.join(d, STUDENT_FILE))
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def load_checkpoint(engine: Engine, checkpoint: tune.Checkpoint | None) -> bool:
+    """Resume from the checkpoint Tune restored the trial with, if it is still there."""
+    if checkpoint is None:
+        return False
+    try:
+        with checkpoint.as_directory() as d:
+            path = Path(d) / ENGINE_FILE
+            if not path.exists():
+                return False
+            engine.load(path)
+            return True
+    except FileNotFoundError:
+        return False
+
+
+def load_newest_local(engine: Engine, trial_dir: Path) -> None:
+    """Resume from the newest readable checkpoint left in the trial's directory.
+
+    Tune keeps one checkpoint and snapshots its own state every ~10 s: a driver killed in
+    between restores a trial pointing at a checkpoint already replaced (or at none yet),
+    while a newer one lies in the trial directory. A half-copied newest one is skipped.
+    """
+    for path in sorted(trial_dir.glob(f"checkpoint_*/{ENGINE_FILE}"), reverse=True):
+        try:
+            engine.load(path)
+            return
+        except (OSError, RuntimeError, EOFError, KeyError):
+            continue

@@ -112,3 +112,27 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path: Path) -> None:
         load_weights(build_model("resnet8", 10, width=0.25, in_channels=1), tmp_path / "t.pth")
     with pytest.raises(CheckpointMismatch, match=r"missing keys: layer1\.1\..*\(\+\d+ more\)"):
         load_weights(build_model("resnet14", 10, width=0.5, in_channels=1), tmp_path / "t.pth")
+
+
+def test_trial_resumes_from_the_newest_readable_checkpoint(teacher: Path, tmp_path: Path) -> None:
+    """A kill between Tune's snapshots can leave it pointing at a checkpoint it already
+    replaced; the trial then takes the newest readable one in its directory."""
+    from ray import tune
+
+    from searchkd.trial import ENGINE_FILE, load_checkpoint, load_newest_local
+
+    e = engine(teacher)
+    for epoch in (1, 2, 3):
+        e.run_epoch()
+        (tmp_path / f"checkpoint_00000{epoch}").mkdir()
+        e.save(tmp_path / f"checkpoint_00000{epoch}" / ENGINE_FILE)
+    full = (tmp_path / "checkpoint_000003" / ENGINE_FILE).read_bytes()
+    (tmp_path / "checkpoint_000003" / ENGINE_FILE).write_bytes(full[: len(full) // 2])  # half-copied
+
+    gone = tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000000"))
+    fresh = engine(teacher)
+    assert not load_checkpoint(fresh, gone)
+    load_newest_local(fresh, tmp_path)
+    assert fresh.epoch == 2
+    assert load_checkpoint(fresh, tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000001")))
+    assert fresh.epoch == 1

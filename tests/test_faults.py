@@ -54,12 +54,19 @@ def rows(trials: Path, name: str) -> list[dict]:
         return []
 
 
+def _error_text(trial, ray_dir: Path) -> str:
+    texts = [p.read_text()[-1500:] for p in ray_dir.glob(f"*{trial.trial_id}*/error.txt")]
+    return f"{trial.status}: {texts}"
+
+
 def assert_consistent(trials: Path, name: str, num_samples: int, epochs: int) -> list[dict]:
     """Every store holds exactly the trials Tune ran, once each, with epochs in order."""
     analysis = ExperimentAnalysis(str(trials / name / RAY_DIR))
     ray_trials = {t.trial_id: t for t in analysis.trials}
     assert len(ray_trials) == num_samples
-    assert all(t.status == "TERMINATED" for t in ray_trials.values())
+    errors = {tid: _error_text(t, trials / name / RAY_DIR) for tid, t in ray_trials.items()
+              if t.status != "TERMINATED"}
+    assert not errors, f"trials not terminated: {errors}"
 
     table = rows(trials, name)
     keys = [(r["trial_id"], r["epoch"]) for r in table]
