@@ -348,6 +348,7 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, callb
     )
     ray_dir = search_dir / RAY_DIR
     if resume and tune.Tuner.can_restore(str(ray_dir)):
+        repair_checkpoints(ray_dir)
         return tune.Tuner.restore(str(ray_dir), trainable, resume_unfinished=True, resume_errored=True)
     metric = spec.metrics if len(spec.metrics) > 1 else spec.metrics[0]
     mode = spec.modes if len(spec.modes) > 1 else spec.modes[0]
@@ -374,6 +375,35 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, callb
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
         ),
     )
+
+
+def repair_checkpoints(ray_dir: Path) -> int:
+    """Give back to Tune the checkpoints its last snapshot names but a kill let it delete.
+
+    Tune keeps one checkpoint per trial and snapshots its state every ~10 s: a driver killed
+    in between leaves a snapshot naming checkpoint k while only k+1 (or later) is on disk,
+    and `Tuner.restore` then fails that trial ("does not exist on storage anymore"). The
+    newest checkpoint is copied under the name the snapshot expects; the trial goes on from
+    the newer state (its epoch is inside). Returns how many were repaired.
+    """
+    import re
+    import shutil
+
+    states = sorted(ray_dir.glob("experiment_state-*.json"))
+    if not states:
+        return 0
+    repaired = 0
+    for trial_json, meta in json.loads(states[-1].read_text())["trial_data"]:
+        trial_id = json.loads(trial_json)["trial_id"]
+        named = sorted(set(re.findall(r"checkpoint_\d{6}", json.dumps(meta))))
+        dirs = [d for d in ray_dir.glob(f"*_{trial_id}_*") if d.is_dir()]
+        if not named or len(dirs) != 1 or (dirs[0] / named[-1]).exists():
+            continue
+        newer = sorted(d for d in dirs[0].glob("checkpoint_*") if d.name > named[-1])
+        if newer:
+            shutil.copytree(newer[-1], dirs[0] / named[-1])
+            repaired += 1
+    return repaired
 
 
 def trial_statuses(ray_dir: Path, epochs: int) -> dict[str, int]:

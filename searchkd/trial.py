@@ -49,8 +49,10 @@ def train_trial(
     spec = trial_spec(base, config)
     engine = Engine(spec, seed=int(config.get("seed", 0)), teacher_checkpoint=teacher,
                     memory_fraction=memory_fraction)
-    if not load_checkpoint(engine, tune.get_checkpoint()):
-        load_newest_local(engine, Path(tune.get_context().get_trial_dir()))
+    checkpoint = tune.get_checkpoint()
+    if not load_checkpoint(engine, checkpoint):
+        trial_dir = Path(checkpoint.path).parent if checkpoint else Path(tune.get_context().get_trial_dir())
+        load_newest_local(engine, trial_dir)
     start_epoch = engine.epoch
     while not engine.finished:
         row = engine.run_epoch()
@@ -67,12 +69,9 @@ def load_checkpoint(engine: Engine, checkpoint: tune.Checkpoint | None) -> bool:
         return False
     try:
         with checkpoint.as_directory() as d:
-            path = Path(d) / ENGINE_FILE
-            if not path.exists():
-                return False
-            engine.load(path)
+            engine.load(Path(d) / ENGINE_FILE)
             return True
-    except FileNotFoundError:
+    except (OSError, RuntimeError, EOFError, KeyError):  # gone, or cut short by a kill
         return False
 
 
