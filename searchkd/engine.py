@@ -182,6 +182,7 @@ class Engine:
         self.best_val_acc = -math.inf
         self.test_acc = float("nan")  # test accuracy of the best-on-val student
         self.best_student: dict[str, Tensor] = copy.deepcopy(self.student.state_dict())
+        self.last_row: dict[str, float] = {}  # the metrics of the last epoch, kept in checkpoints
 
     # -- training ---------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
@@ -258,6 +259,7 @@ class Engine:
             epoch=self.epoch, val_acc=val.top1, val_top5=val.top5, best_val_acc=self.best_val_acc,
             test_acc=self.test_acc, student_params=self.student_params, student_macs=self.student_macs,
         )
+        self.last_row = dict(row)
         return row
 
     @property
@@ -276,6 +278,7 @@ class Engine:
             "test_acc": self.test_acc,
             "best_student": self.best_student,
             "rng_cpu": torch.get_rng_state(),
+            "last_row": {k: float(v) for k, v in self.last_row.items()},
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -290,6 +293,7 @@ class Engine:
         self.best_val_acc = float(state["best_val_acc"])
         self.test_acc = float(state["test_acc"])
         self.best_student = state["best_student"]
+        self.last_row = dict(state.get("last_row", {}))
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)

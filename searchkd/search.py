@@ -357,7 +357,8 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, callb
     searcher = ResumableOptunaSearch(space, metric=metric, mode=mode, sampler=make_sampler(spec),
                             study_name=spec.name, storage=journal_storage(search_dir))
     if spec.search.scheduler == "asha":
-        scheduler = ASHAScheduler(metric=spec.metrics[0], mode=spec.modes[0], time_attr="training_iteration",
+        # ASHA counts epochs, not reports: a resumed trial re-reports its checkpoint's epoch.
+        scheduler = ASHAScheduler(metric=spec.metrics[0], mode=spec.modes[0], time_attr="epoch",
                                   max_t=spec.train.epochs, grace_period=min(spec.search.grace_period, spec.train.epochs),
                                   reduction_factor=spec.search.reduction_factor)
     else:

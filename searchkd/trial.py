@@ -54,6 +54,10 @@ def train_trial(
         trial_dir = Path(checkpoint.path).parent if checkpoint else Path(tune.get_context().get_trial_dir())
         load_newest_local(engine, trial_dir)
     start_epoch = engine.epoch
+    if engine.last_row:
+        # The checkpoint's own epoch again, without a new checkpoint: if the driver died before
+        # it recorded that epoch, it is recorded now; if not, the callbacks keep one copy.
+        tune.report({**engine.last_row, "start_epoch": start_epoch})
     while not engine.finished:
         row = engine.run_epoch()
         row["start_epoch"] = start_epoch  # >0 proves a resumed trial did not restart at 0
