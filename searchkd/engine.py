@@ -278,7 +278,7 @@ class Engine:
             "test_acc": self.test_acc,
             "best_student": self.best_student,
             "rng_cpu": torch.get_rng_state(),
-            "last_row": {k: float(v) for k, v in self.last_row.items()},
+            "last_row": dict(self.last_row),
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
