@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -387,24 +389,31 @@ def repair_checkpoints(ray_dir: Path) -> int:
     newest checkpoint is copied under the name the snapshot expects; the trial goes on from
     the newer state (its epoch is inside). Returns how many were repaired.
     """
-    import re
-    import shutil
-
     states = sorted(ray_dir.glob("experiment_state-*.json"))
     if not states:
         return 0
     repaired = 0
     for trial_json, meta in json.loads(states[-1].read_text())["trial_data"]:
         trial_id = json.loads(trial_json)["trial_id"]
-        named = sorted(set(re.findall(r"checkpoint_\d{6}", json.dumps(meta))))
         dirs = [d for d in ray_dir.glob(f"*_{trial_id}_*") if d.is_dir()]
-        if not named or len(dirs) != 1 or (dirs[0] / named[-1]).exists():
+        existing = sorted(dirs[0].glob("checkpoint_*")) if len(dirs) == 1 else []
+        if not existing:
             continue
-        newer = sorted(d for d in dirs[0].glob("checkpoint_*") if d.name > named[-1])
-        if newer:
-            shutil.copytree(newer[-1], dirs[0] / named[-1])
-            repaired += 1
+        for name in _checkpoint_names(meta):
+            if not (dirs[0] / name).exists():
+                shutil.copytree(existing[-1], dirs[0] / name)
+                repaired += 1
     return repaired
+
+
+def _checkpoint_names(meta: Any) -> set[str]:
+    """Checkpoint directory names a trial's run metadata mentions, in its JSON and inside the
+    cloudpickled objects Tune stores there as hex (read as bytes, never unpickled)."""
+    text = meta if isinstance(meta, str) else json.dumps(meta)
+    names = set(re.findall(r"checkpoint_\d{6}", text))
+    for blob in re.findall(r'"value": "([0-9a-f]+)"', text):
+        names |= {n.decode() for n in re.findall(rb"checkpoint_\d{6}", bytes.fromhex(blob))}
+    return names
 
 
 def trial_statuses(ray_dir: Path, epochs: int) -> dict[str, int]:
