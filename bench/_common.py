@@ -114,6 +114,13 @@ def write_json(path: str | Path | None, payload: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def finish(payload: dict[str, Any], path: str | Path | None) -> int:
+    """The closing line every benchmark prints, and its JSON record."""
+    print(f"device: {payload['device']}; torch {payload['torch']}; {payload['date']}")
+    write_json(path, payload)
+    return 0
+
+
 def random_teacher(arch: str, num_classes: int, folder: Path) -> Path:
     """A freshly initialised teacher saved as a plain state_dict (throughput ignores weights)."""
     torch.manual_seed(0)

@@ -35,11 +35,11 @@ from _common import (  # noqa: E402  (the bench folder is not a package)
     TRAIN_SIZE,
     engine_spec,
     environment,
+    finish,
     pick_device,
     random_teacher,
     synthetic_data,
     train_steps,
-    write_json,
 )
 
 # Measured steps per process: seconds of GPU work, so that start-up skew between the
@@ -146,10 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    payload = run(args)
-    print(f"device: {payload['device']}; torch {payload['torch']}; {payload['date']}")
-    write_json(args.json, payload)
-    return 0
+    return finish(run(args), args.json)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ from _common import (  # noqa: E402  (the bench folder is not a package)
     WEIGHT_DECAY,
     Pair,
     environment,
+    finish,
     pick_device,
     random_teacher,
-    write_json,
 )
 
 # Short and long runs. On a GPU the long one is many CIFAR-100-sized epochs so the per-epoch
@@ -257,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bare_worker:
         print(json.dumps(bare(Path(args.bare_worker), args.device, args.cpus)))
         return 0
-    payload = run(args)
-    print(f"device: {payload['device']}; torch {payload['torch']}; {payload['date']}")
-    write_json(args.json, payload)
-    return 0
+    return finish(run(args), args.json)
 
 
 if __name__ == "__main__":

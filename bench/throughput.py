@@ -52,13 +52,13 @@ from _common import (  # noqa: E402  (the bench folder is not a package)
     Pair,
     engine_spec,
     environment,
+    finish,
     parse_pairs,
     pick_device,
     random_teacher,
     synthetic_data,
     train_steps,
     write_cifar,
-    write_json,
 )
 
 from searchkd.engine import Engine, load_weights  # noqa: E402
@@ -304,10 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    payload = run(args)
-    print(f"device: {payload['device']}; torch {payload['torch']}; {payload['date']}")
-    write_json(args.json, payload)
-    return 0
+    return finish(run(args), args.json)
 
 
 if __name__ == "__main__":
