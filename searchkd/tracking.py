@@ -175,6 +175,8 @@ class MlflowCallback(Callback):
         run = self.client.create_run(self.runs.experiment_id, run_name=f"trial-{number:03d}", tags=tags)
         params = [Param(k, _param_str(v)) for k, v in sorted(cfg.items()) if k != "trial_number"]
         self.client.log_batch(run.info.run_id, params=params)
+        # Persisted once complete; a run created but not yet mapped when the driver dies is
+        # found by its trial_id tag and removed by drop_orphan_runs.
         self.run_map[trial.trial_id] = run.info.run_id
         _atomic_json(self.search_dir / RUNS_FILE, self.run_map)
         return run.info.run_id
@@ -232,16 +234,28 @@ class MlflowCallback(Callback):
 
 
 def drop_orphan_runs(runs: SearchRuns, search_dir: Path, known: set[str]) -> int:
-    """Delete child runs of trials Tune does not know (see search.reconcile); returns how many."""
-    path = search_dir / RUNS_FILE
-    if not path.exists():
-        return 0
-    mapping: dict[str, str] = json.loads(path.read_text())
-    orphans = {tid: rid for tid, rid in mapping.items() if tid not in known}
+    """Delete child runs of trials Tune does not know (see search.reconcile); returns how many.
+
+    The store is searched, not only the persisted map: a driver killed between creating a run
+    and writing the map leaves a run the map never names.
+    """
     client = MlflowClient(runs.tracking_uri)
-    for rid in orphans.values():
+    children = client.search_runs(
+        [runs.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{runs.parent_run_id}'",
+        max_results=50_000,
+    )
+    path = search_dir / RUNS_FILE
+    mapping: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+
+    def orphan(run: Any) -> bool:
+        tid = run.data.tags.get("trial_id")
+        # Unknown to Tune, or a second run of a known trial (the first was never mapped).
+        return tid not in known or mapping.get(tid, run.info.run_id) != run.info.run_id
+
+    orphans = [r.info.run_id for r in children if orphan(r)]
+    for rid in orphans:
         client.delete_run(rid)
-    if orphans:
+    if orphans and mapping:
         _atomic_json(path, {tid: rid for tid, rid in mapping.items() if tid in known})
     return len(orphans)
 
