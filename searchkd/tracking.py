@@ -172,9 +172,16 @@ class MlflowCallback(Callback):
         }
         if "objective" in cfg:
             tags["objective"] = str(cfg["objective"])
-        run = self.client.create_run(self.runs.experiment_id, run_name=f"trial-{number:03d}", tags=tags)
+        # A run the driver created but had not mapped when it was killed is reused, not doubled.
+        found = self.client.search_runs(
+            [self.runs.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.runs.parent_run_id}' "
+                          f"and tags.trial_id = '{trial.trial_id}'",
+        )
+        run = found[0] if found else self.client.create_run(
+            self.runs.experiment_id, run_name=f"trial-{number:03d}", tags=tags)
         params = [Param(k, _param_str(v)) for k, v in sorted(cfg.items()) if k != "trial_number"]
-        self.client.log_batch(run.info.run_id, params=params)
+        self.client.log_batch(run.info.run_id, params=params)  # same values again: a no-op
         # Persisted once complete; a run created but not yet mapped when the driver dies is
         # found by its trial_id tag and removed by drop_orphan_runs.
         self.run_map[trial.trial_id] = run.info.run_id
