@@ -34,6 +34,15 @@ class TappedModel(nn.Module):
         return self.forward_features(x).logits
 
 
+def run_stages(stages: list[nn.Module] | nn.ModuleList, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Run `x` through the stages in order: (last output, every stage's output as a tap)."""
+    maps = []
+    for stage in stages:
+        x = stage(x)
+        maps.append(x)
+    return x, maps
+
+
 def tokens_to_map(tokens: Tensor) -> Tensor:
     """B×N×C tokens (no class token) → B×C×√N×√N, as METHODS.md prescribes for ViT/MLP taps."""
     b, n, c = tokens.shape

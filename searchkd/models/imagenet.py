@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, mobilenet_v3_small
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .base import Features, TappedModel, register_model, scaled
+from .base import Features, TappedModel, register_model, run_stages, scaled
 
 # ---------------------------------------------------------------------------- ResNets
 
@@ -72,11 +72,7 @@ class ImageNetResNet(TappedModel):
 
     def forward_features(self, x: Tensor) -> Features:
         stem = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        h = stem
-        maps = []
-        for stage in self.stages:
-            h = stage(h)
-            maps.append(h)
+        h, maps = run_stages(self.stages, stem)
         pool = self.avgpool(h).flatten(1)
         return Features(stem=stem, stages=maps, pool=pool, logits=self.fc(pool))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Features, TappedModel, register_model, scaled
+from .base import Features, TappedModel, register_model, run_stages, scaled
 
 
 class BasicBlock(nn.Module):
@@ -71,11 +71,7 @@ class CifarResNet(TappedModel):
 
     def forward_features(self, x: Tensor) -> Features:
         stem = F.relu(self.bn1(self.conv1(x)))
-        maps = []
-        h = stem
-        for stage in self.stages:
-            h = stage(h)
-            maps.append(h)
+        h, maps = run_stages(self.stages, stem)
         pool = F.adaptive_avg_pool2d(h, 1).flatten(1)
         return Features(stem=stem, stages=maps, pool=pool, logits=self.fc(pool))
 

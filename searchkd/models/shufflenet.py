@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Features, TappedModel, register_model
+from .base import Features, TappedModel, register_model, run_stages
 
 _STEM = 24  # stem channels of both CIFAR ShuffleNets
 
@@ -101,11 +101,7 @@ class ShuffleNetV1(TappedModel):
 
     def forward_features(self, x: Tensor) -> Features:
         stem = F.relu(self.bn1(self.conv1(x)))
-        h = stem
-        maps = []
-        for stage in self.stages:
-            h = stage(h)
-            maps.append(h)
+        h, maps = run_stages(self.stages, stem)
         pool = F.adaptive_avg_pool2d(h, 1).flatten(1)
         return Features(stem=stem, stages=maps, pool=pool, logits=self.linear(pool))
 
@@ -187,11 +183,7 @@ class ShuffleNetV2(TappedModel):
 
     def forward_features(self, x: Tensor) -> Features:
         stem = F.relu(self.bn1(self.conv1(x)))
-        h = stem
-        maps = []
-        for stage in self.stages:
-            h = stage(h)
-            maps.append(h)
+        h, maps = run_stages(self.stages, stem)
         pool = F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(h))), 1).flatten(1)
         return Features(stem=stem, stages=maps, pool=pool, logits=self.linear(pool))
 

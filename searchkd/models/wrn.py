@@ -15,7 +15,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Features, TappedModel, register_model, scaled
+from .base import Features, TappedModel, register_model, run_stages, scaled
 
 _STEM = 16  # stem channels of every WRN, independent of the widen factor (Zagoruyko & Komodakis)
 _BASE = (16, 32, 64)  # per-stage channels before the widen factor
@@ -94,11 +94,7 @@ class WideResNet(TappedModel):
 
     def forward_features(self, x: Tensor) -> Features:
         stem = self.conv1(x)
-        maps = []
-        h = stem
-        for stage in self.stages:
-            h = stage(h)
-            maps.append(h)
+        h, maps = run_stages(self.stages, stem)
         pool = F.adaptive_avg_pool2d(F.relu(self.bn1(h)), 1).flatten(1)
         return Features(stem=stem, stages=maps, pool=pool, logits=self.fc(pool))
 
