@@ -45,10 +45,16 @@ def _lookups() -> dict[str, Any]:
     }
 
 
-def load_space(path: str | Path) -> Spec:
+def load_space(path: str | Path, storage: str | None = None) -> Spec:
+    """Load and validate a space; `storage` (the --storage option) replaces search.storage."""
     from . import spec as spec_lib
+    from . import storage as storage_lib
 
     spec = spec_lib.load(path, **_lookups())
+    if storage is not None:
+        raw = spec.model_dump(by_alias=True, exclude_none=True)
+        raw["search"]["storage"] = storage
+        spec = Spec.model_validate(raw)
     # Paths in a space are relative to the working directory; store them absolute so a
     # resume from anywhere (`searchkd resume trials/x`) finds the same files.
     updates: dict[str, Any] = {}
@@ -59,6 +65,8 @@ def load_space(path: str | Path) -> Spec:
         updates["teacher"] = {**spec.teacher.model_dump(exclude_none=True), "checkpoint": str(ckpt)}
     if spec.data.root:
         updates["data"] = {**spec.data.model_dump(), "root": str(Path(spec.data.root).expanduser().resolve())}
+    if spec.search.storage and storage_lib.normalize(spec.search.storage) != spec.search.storage:
+        updates["search"] = {**spec.search.model_dump(), "storage": storage_lib.normalize(spec.search.storage)}
     if updates:
         raw = spec.model_dump(by_alias=True, exclude_none=True)
         raw.update(updates)
@@ -84,7 +92,7 @@ def trials_root(arg: str | None) -> Path:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    spec = load_space(args.space)
+    spec = load_space(args.space, args.storage)
     root = trials_root(args.trials_dir)
     return _tune(spec, root, resume=args.resume, args=args, source=args.space)
 
@@ -96,35 +104,42 @@ def cmd_resume(args: argparse.Namespace) -> int:
     space = search_dir / SPACE_FILE
     if not space.is_file():
         fail(f"{args.directory}: not a search directory (no {SPACE_FILE})")
-    spec = load_space(space)
+    spec = load_space(space, args.storage)
     return _tune(spec, search_dir.parent, resume=True, args=args, source=str(space))
 
 
 def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source: str) -> int:
-    from filelock import FileLock, Timeout
-
-    from .search import SPACE_FILE, SearchError, connect, run_search, search_status
-
+    if args.address and args.num_cpus is not None:
+        fail("--num-cpus sets the CPUs of a local Ray; a cluster (--address) has its own")
     search_dir = root / spec.name
     shown = os.path.relpath(search_dir)
-    if (search_dir / SPACE_FILE).exists() and not resume:
+    space_file = search_dir / "space.yaml"
+    if space_file.exists() and not resume:
         fail(f"{shown} already exists: add --resume to continue that search, or remove it to start over")
-    if resume and not (search_dir / SPACE_FILE).is_file():
+    if resume and not space_file.is_file():
         # Killed before the search wrote anything (e.g. while its teacher trained): start it.
         print(f"searchkd: {shown} holds no search yet; starting it")
         resume = False
     if resume:
-        stored = Spec.model_validate(_read_yaml(search_dir / SPACE_FILE))
+        stored = Spec.model_validate(_read_yaml(space_file))
         diff = _diff(stored.model_dump(mode="json", by_alias=True), spec.model_dump(mode="json", by_alias=True))
         if diff:
             fail(f"{source} differs from the space {shown} was started with: {'; '.join(diff[:3])}")
-        if search_status(search_dir) == "finished":
+        if _status(search_dir) == "finished":
             print(f"searchkd: {shown} is already finished; nothing to resume. "
                   f"Compare its trials with: searchkd ui")
             return 0
     _check_writable(root)
+    if args.tracking_uri:
+        _check_tracking(args.tracking_uri)
+    if args.address is None:
+        local_ray_env()
+    from filelock import FileLock, Timeout
+
+    from .search import SPACE_FILE, SearchError, base_storage, connect, run_search
+
     try:
-        connect(spec, args.address, args.num_cpus)
+        connect(spec, args.address, args.num_cpus, storage=base_storage(spec, root))
     except SearchError as exc:
         fail(f"{source}: {exc}")
     # One process per search. The OS drops the lock when its holder dies, so a lock left by a
@@ -143,7 +158,7 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
             tmp = search_dir / f".{SPACE_FILE}.tmp"
             tmp.write_text(spec.to_yaml())
             os.replace(tmp, search_dir / SPACE_FILE)
-        summary = run_search(
+        summary, finished = run_search(
             spec, search_dir, root, _lookups()["objectives"], teacher, resume=resume,
             tracking_uri=args.tracking_uri, address=args.address, num_cpus=args.num_cpus,
         )
@@ -153,10 +168,36 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         lock.release()
     if summary is not None:
         _print_summary(summary, spec, root, source)
-    if search_status(search_dir) != "finished":
-        print(f"searchkd: search interrupted before all {spec.search.num_samples} trials ended; "
-              f"continue with: searchkd tune {source} --resume")
+    if not finished:
+        print(f"searchkd: search {spec.name} is not finished; continue with: searchkd tune {source} --resume")
+        return 1
     return 0
+
+
+def local_ray_env() -> None:
+    """A private local Ray listens on 127.0.0.1 only and reports no usage statistics.
+
+    Ray binds its services to the machine's network address unless it believes it runs on a
+    single-node platform; the switch is read when `ray` is first imported, so this runs
+    before anything imports it.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _status(search_dir: Path) -> str | None:
+    path = search_dir / "state.json"
+    return json.loads(path.read_text())["status"] if path.exists() else None
+
+
+def _check_tracking(uri: str) -> None:
+    """A tracking server that does not answer is refused before anything starts."""
+    from .tracking import check_reachable, one_line
+
+    try:
+        check_reachable(uri)
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, HTTP errors: one line
+        fail(f"--tracking-uri {uri}: not reachable ({one_line(exc)})")
 
 
 def _check_writable(root: Path) -> None:
@@ -268,8 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store trials/mlflow.db)")
-        sp.add_argument("--address", help="Ray cluster address (auto or ray://host:10001); default: local")
-        sp.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+        sp.add_argument("--address", help="join a Ray cluster: auto (the one `ray start` made on this "
+                        "machine) or HOST:PORT; default: a private local Ray on 127.0.0.1")
+        sp.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+        sp.add_argument("--storage", help="where trials write checkpoints and best students: a path "
+                        "every node sees or s3://bucket/prefix (overrides search.storage)")
 
     t = sub.add_parser("tune", help="run a search (or --resume one)")
     t.add_argument("space", help="space file, e.g. spaces/quickstart.yaml")

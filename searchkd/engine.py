@@ -14,11 +14,12 @@ without a graph; optional torch.compile of the student.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -43,12 +44,17 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+Weights = str | Path | bytes  # a checkpoint file, or its bytes (as Ray ships a teacher to trials)
+
+
+def load_weights(model: nn.Module, weights: Weights) -> None:
     """Load a plain state_dict or the public zoo's {'model': state_dict}, weights only.
 
     A mismatch names the missing / unexpected / mis-shaped keys instead of a stack trace.
     """
-    blob = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    source: Any = io.BytesIO(weights) if isinstance(weights, bytes) else Path(weights).expanduser()
+    path = "teacher weights" if isinstance(weights, bytes) else weights
+    blob = torch.load(source, map_location="cpu", weights_only=True)
     state = blob.get("model", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         raise CheckpointMismatch(f"{path}: expected a state_dict or {{'model': state_dict}}")
@@ -110,7 +116,7 @@ class Engine:
         self,
         spec: Spec,
         seed: int = 0,
-        teacher_checkpoint: str | Path | None = None,
+        teacher_checkpoint: Weights | None = None,
         device: str | torch.device | None = None,
         memory_fraction: float | None = None,
     ) -> None:
@@ -298,11 +304,19 @@ class Engine:
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path | IO[bytes]) -> None:
         torch.save(self.state_dict(), path)
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path | IO[bytes]) -> None:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        self.save(buf)
+        return buf.getvalue()
+
+    def from_bytes(self, blob: bytes) -> None:
+        self.load(io.BytesIO(blob))
 
 
 __all__ = ["CheckpointMismatch", "Engine", "NonFiniteLoss", "load_weights", "pick_device"]

@@ -1,24 +1,27 @@
 """The search: Ray Tune runs trials, Optuna samples them, ASHA stops the poor ones.
 
 A search lives in `trials/<name>/`: `space.yaml` (the resolved spec it started with),
-`ray/` (Tune's experiment state and trial checkpoints), `optuna.journal` (the study),
-`results.parquet` (one row per trial per epoch) and the MLflow bookkeeping. Resume is
-`Tuner.restore(..., resume_unfinished=True, resume_errored=True)` on the same directory:
-finished trials stay finished, unfinished ones go on from their last epoch checkpoint, the
-Optuna study and the MLflow runs are the same ones.
+`ray/` (Tune's experiment state), `optuna.journal` (the study), `results.parquet` (one row
+per trial per epoch) and the MLflow bookkeeping, all on the driver's disk. What trials write
+(each one's engine state and best student) goes to the search's storage (storage.py): the
+search directory itself by default, or a shared path / object store that every node of a
+cluster reaches. Resume is `Tuner.restore(..., resume_unfinished=True, resume_errored=True)`
+on the same directory: finished trials stay finished, unfinished and failed ones run again
+and pick up their own state from the storage, the Optuna study and the MLflow runs are the
+same ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
-import re
-import shutil
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from . import tracking
 from .spec import Spec
+from .storage import Storage, StorageError
 from .teacher import TeacherInfo
 from .trial import train_trial
 
@@ -42,7 +46,12 @@ SPACE_FILE = "space.yaml"
 RESULTS_FILE = "results.parquet"
 JOURNAL_FILE = "optuna.journal"
 STATE_FILE = "state.json"
+STORAGE_FILE = "storage.json"
 RAY_DIR = "ray"
+CHECKPOINTS_DIR = "checkpoints"  # the trials' storage when the space names none
+# How long the end of a search waits for a tracking server that is away, before it stops
+# with the resume command (the resume sends what is missing).
+TRACKING_WAIT_S = float(os.environ.get("SEARCHKD_TRACKING_WAIT", "600"))
 
 
 class SearchError(RuntimeError):
@@ -126,12 +135,16 @@ def load_study(search_dir: Path, name: str) -> optuna.Study:
 
 
 class ResumableOptunaSearch(OptunaSearch):
-    """OptunaSearch that tolerates what a driver killed between snapshots leaves behind.
+    """OptunaSearch that tolerates restarts and leaves a failed trial open until the end.
 
     Tune restores its trials from the last experiment snapshot; a trial that finished after
-    it runs its last epochs again from its checkpoint, while the Optuna study already holds
-    its final value. Reports and completions for trials Optuna already closed are ignored
-    instead of crashing the driver: the first, recorded value stands.
+    it runs its last epochs again, while the Optuna study already holds its final value.
+    Reports and completions for trials Optuna already closed are ignored instead of crashing
+    the driver: the first, recorded value stands.
+
+    A trial that errors is not told FAIL at once: a resumed search runs it again, and Optuna
+    can never turn FAIL into COMPLETE. `close_failed` tells FAIL for the trials that are
+    still failed when the search ends.
     """
 
     def _closed(self, trial_id: str) -> bool:
@@ -149,11 +162,31 @@ class ResumableOptunaSearch(OptunaSearch):
         if self._closed(trial_id):
             self._completed_trials.add(trial_id)
             return
-        super().on_trial_complete(trial_id, result, error)
+        if not error:
+            super().on_trial_complete(trial_id, result, error)
 
 
-class ResultsCallback(Callback):
-    """Keeps `results.parquet`: one row per trial per epoch, rewritten atomically each result.
+def _set_user_attr(study: optuna.Study, number: int, key: str, value: str) -> None:
+    frozen = study.trials[number]
+    if not frozen.state.is_finished():
+        study._storage.set_trial_user_attr(frozen._trial_id, key, value)
+
+
+def close_failed(study: optuna.Study, failed: dict[int, str]) -> int:
+    """Tell Optuna FAIL (with the reason as user attr `searchkd`) for trials that ended failed."""
+    closed = 0
+    for number, reason in sorted(failed.items()):
+        if number >= len(study.trials) or study.trials[number].state.is_finished():
+            continue
+        _set_user_attr(study, number, "searchkd", f"failed: {reason}")
+        study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        closed += 1
+    return closed
+
+
+# -- what the driver records as trials run ---------------------------------------------------
+class ResultsTable:
+    """`results.parquet`: one row per trial per epoch, rewritten atomically each result.
 
     Rows are keyed by (trial_id, epoch); a resumed trial that re-reports an epoch replaces
     that row instead of duplicating it.
@@ -162,9 +195,6 @@ class ResultsCallback(Callback):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._rows: dict[tuple[str, int], dict[str, Any]] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_rows": None}
 
     @property
     def rows(self) -> dict[tuple[str, int], dict[str, Any]]:
@@ -175,8 +205,9 @@ class ResultsCallback(Callback):
                     self._rows[(r["trial_id"], int(r["epoch"]))] = r
         return self._rows
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        row = {k: v for k, v in result.items() if _scalar(v) and (k in _RESULT_KEYS or k.startswith("loss_"))}
+    def on_trial_result(self, trial: Any, result: dict) -> None:
+        row = {k: v for k, v in result.items()
+               if _scalar(v) and (k in tracking.LOGGED or k in _TEXT_KEYS or k.startswith("loss_"))}
         row["trial_id"] = trial.trial_id
         row["trial_number"] = int(trial.config.get("trial_number", -1))
         row["objective"] = str(trial.config.get("objective", ""))
@@ -184,6 +215,12 @@ class ResultsCallback(Callback):
         row["timestamp"] = float(result.get("timestamp", time.time()))
         self.rows[(trial.trial_id, int(result["epoch"]))] = row
         self.write()
+
+    def by_trial(self) -> dict[int, list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {}
+        for r in sorted(self.rows.values(), key=lambda r: r["epoch"]):
+            out.setdefault(int(r["trial_number"]), []).append(r)
+        return out
 
     def write(self) -> None:
         rows = sorted(self.rows.values(), key=lambda r: (r["trial_number"], r["epoch"]))
@@ -198,36 +235,31 @@ def _scalar(v: Any) -> bool:
     return isinstance(v, int | float | str) and not isinstance(v, bool)
 
 
-_RESULT_KEYS = {
-    "epoch", "train_loss", "val_acc", "val_top5", "best_val_acc", "test_acc", "lr", "epoch_seconds",
-    "images_per_second", "student_params", "student_macs", "start_epoch",
-}
+_TEXT_KEYS = {"node_id", "node_ip"}
 
 
-class ProgressCallback(Callback):
-    """One line per finished trial (and a heartbeat), with the best value so far."""
+class Progress:
+    """One line per trial that ends (and a heartbeat), with the best value so far."""
 
-    def __init__(self, metric: str, mode: str, num_samples: int, epochs: int, heartbeat_s: float = 15.0) -> None:
+    def __init__(self, metric: str, mode: str, num_samples: int, epochs: int, heartbeat_s: float = 15.0,
+                 log: Log = print) -> None:
         self.metric, self.mode = metric, mode
         self.num_samples, self.epochs = num_samples, epochs
         self.heartbeat_s = heartbeat_s
+        self.log = log
         self.start = time.time()
         self.last_beat = 0.0
         self.best: tuple[float, int] | None = None
-
-    def setup(self, **info: Any) -> None:
-        self.start = time.time()
-        self.best = None
 
     def _line(self, text: str, trials: list) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
         best = f"best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else "best -"
-        print(f"[{time.time() - self.start:6.0f}s] {text:<48} | {done}/{self.num_samples} done, "
-              f"{running} running | {best}", flush=True)
+        self.log(f"[{time.time() - self.start:6.0f}s] {text:<48} | {done}/{self.num_samples} done, "
+                 f"{running} running | {best}")
         self.last_beat = time.time()
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
         value = result.get(self.metric)
         if isinstance(value, int | float) and math.isfinite(value):
             number = int(trial.config.get("trial_number", -1))
@@ -236,7 +268,7 @@ class ProgressCallback(Callback):
         if time.time() - self.last_beat > self.heartbeat_s:
             self._line(f"trial {trial.config.get('trial_number')} epoch {result.get('epoch')}/{self.epochs}", trials)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, trial: Any, trials: list) -> None:
         r = trial.last_result or {}
         how = "finished" if int(r.get("epoch", 0)) >= self.epochs else "stopped by ASHA"
         value = r.get(self.metric)
@@ -244,8 +276,103 @@ class ProgressCallback(Callback):
         self._line(f"trial {trial.config.get('trial_number')} {how} at epoch {r.get('epoch')} "
                    f"{self.metric} {shown}", trials)
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, trial: Any, trials: list) -> None:
         self._line(f"trial {trial.config.get('trial_number')} FAILED", trials)
+        self.log(f"  trial {trial.config.get('trial_number')}{_where(trial)}: {tracking.error_reason(trial)}")
+
+    def on_trial_recover(self, trial: Any, trials: list) -> None:
+        self.log(f"  trial {trial.config.get('trial_number')}{_where(trial)} failed and is retried from "
+                 f"its last saved epoch: {tracking.error_reason(trial)}")
+
+
+def _where(trial: Any) -> str:
+    ip = (trial.last_result or {}).get("node_ip")
+    return f" on {ip}" if ip else ""
+
+
+@dataclass
+class Outcomes:
+    """How each trial ended, from the trials Tune hands its callbacks when `fit()` ends."""
+
+    status: dict[int, str] = field(default_factory=dict)  # number -> finished|stopped|failed|unfinished
+    errors: dict[int, str] = field(default_factory=dict)
+    trial_ids: dict[int, str] = field(default_factory=dict)
+    configs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, trials: list, epochs: int) -> Outcomes:
+        out = cls()
+        for t in trials:
+            number = int(t.config.get("trial_number", -1))
+            out.trial_ids[number] = t.trial_id
+            out.configs[number] = dict(t.config)
+            if t.status == "ERROR":
+                out.status[number] = "failed"
+                out.errors[number] = tracking.error_reason(t)
+            elif t.status == "TERMINATED":
+                full = int((t.last_result or {}).get("epoch", 0)) >= epochs
+                out.status[number] = "finished" if full else "stopped"
+            else:
+                out.status[number] = "unfinished"
+        return out
+
+    def counts(self) -> dict[str, int]:
+        keys = ("finished", "stopped", "failed", "unfinished")
+        return {k: sum(v == k for v in self.status.values()) for k in keys}
+
+    def complete(self, num_samples: int) -> bool:
+        return len(self.status) >= num_samples and self.counts()["unfinished"] == 0
+
+
+class Session:
+    """The live parts of a running search that Tune's callback reaches."""
+
+    def __init__(self, results: ResultsTable, mlflow: tracking.MlflowRecorder, progress: Progress,
+                 epochs: int) -> None:
+        self.results, self.mlflow, self.progress = results, mlflow, progress
+        self.epochs = epochs
+        self.outcomes: Outcomes | None = None
+
+
+_SESSIONS: dict[str, Session] = {}
+
+
+class SearchCallback(Callback):
+    """Tune's hook into the live search.
+
+    It pickles as the search directory alone: a restored Tuner unpickles the callbacks it
+    was created with, and this one then reaches the session of the process that resumes.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    @property
+    def session(self) -> Session:
+        return _SESSIONS[self.key]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.session.mlflow.on_trial_start(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        s = self.session
+        s.results.on_trial_result(trial, result)
+        s.mlflow.on_trial_result(trial, result)
+        s.progress.on_trial_result(trial, result, trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.session.mlflow.on_trial_complete(trial)
+        self.session.progress.on_trial_complete(trial, trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.session.mlflow.on_trial_error(trial)
+        self.session.progress.on_trial_error(trial, trials)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.session.progress.on_trial_recover(trial, trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.session.outcomes = Outcomes.of(trials, self.session.epochs)
 
 
 @dataclass
@@ -261,12 +388,9 @@ class Summary:
     stopped: int
     failed: int
     teacher: TeacherInfo
-    tracking_uri: str
-    experiment_id: str
 
 
-def summarize(search_dir: Path, spec: Spec, teacher: TeacherInfo, runs: tracking.SearchRuns,
-              statuses: dict[str, int]) -> Summary | None:
+def summarize(search_dir: Path, spec: Spec, teacher: TeacherInfo, counts: dict[str, int]) -> Summary | None:
     """The best trial so far, or None when no trial has reported an epoch yet."""
     path = search_dir / RESULTS_FILE
     table = pq.read_table(path).to_pylist() if path.exists() else []
@@ -284,9 +408,8 @@ def summarize(search_dir: Path, spec: Spec, teacher: TeacherInfo, runs: tracking
     return Summary(
         search_dir=search_dir, best_trial=best_number, best_config=json.loads(last["config"]),
         best_value=best_value, best_val_acc=last["best_val_acc"], test_acc=last["test_acc"],
-        trials=len(per_trial), finished=statuses.get("finished", 0), stopped=statuses.get("stopped", 0),
-        failed=statuses.get("failed", 0), teacher=teacher, tracking_uri=runs.tracking_uri,
-        experiment_id=runs.experiment_id,
+        trials=len(per_trial), finished=counts.get("finished", 0), stopped=counts.get("stopped", 0),
+        failed=counts.get("failed", 0), teacher=teacher,
     )
 
 
@@ -296,27 +419,41 @@ def tunable_owners(spec: Spec, tunables: dict[str, set[str]]) -> dict[str, list[
 
 
 def quiet() -> None:
-    """searchkd prints its own progress: silence Tune's tables and the libraries' chatter."""
-    import logging
+    """searchkd prints its own progress: silence Tune's tables and the libraries' chatter.
+
+    A failed trial is one line from `Progress` (its traceback stays in the trial's
+    error.txt), so Tune's own error logs, which repeat the traceback, are muted too.
+    """
     import warnings
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # legacy reporter: verbose=0 prints nothing
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tracking.configure_client()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    for name in ("ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
-    import logging
-
-    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+    # "local" starts a private Ray even where another one runs (or RAY_ADDRESS is set); an
+    # address joins a cluster ("auto" = the one started on this machine with `ray start`).
+    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
              log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
 
 
-def connect(spec: Spec, address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start (or join) Ray and check that one trial fits the cluster, before anything is written."""
+def base_storage(spec: Spec, trials_dir: Path) -> Storage:
+    """Where this search's trials will write: `search.storage`, or the local trials directory."""
+    return Storage(spec.search.storage) if spec.search.storage else Storage(str(trials_dir))
+
+
+def connect(spec: Spec, address: str | None = None, num_cpus: int | None = None,
+            storage: Storage | None = None) -> None:
+    """Start (or join) Ray and check that one trial fits the cluster and that every node
+    reaches the trials' storage, before anything is written."""
     quiet()
     _ensure_ray(address, num_cpus)
     res = ray.cluster_resources()
@@ -326,6 +463,74 @@ def connect(spec: Spec, address: str | None = None, num_cpus: int | None = None)
         raise SearchError(f"search.resources.cpu: {want.cpu:g} per trial but the cluster has {cpus:g} CPUs")
     if want.gpu > gpus + 1e-9:
         raise SearchError(f"search.resources.gpu: {want.gpu:g} per trial but the cluster has {gpus:g} GPUs")
+    if storage is not None:
+        check_storage(storage, spec.search.storage is None)
+
+
+@ray.remote(num_cpus=0)
+def _sees(storage: Storage, marker: str) -> str | None:
+    """On one node: None if it reads the driver's marker in the storage, else why not."""
+    try:
+        return None if storage.read_bytes(marker) == b"ok" else "the driver's test file is not there"
+    except Exception as exc:  # noqa: BLE001 - whatever stops this node is the answer
+        return tracking.one_line(exc)
+
+
+def check_storage(storage: Storage, default: bool) -> None:
+    """Write a marker into the storage and have every alive node read it back.
+
+    On one machine this only checks that the storage is writable; on a cluster it catches a
+    local path the other nodes cannot see, or credentials a node lacks, before any trial runs.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    hint = ("set search.storage (or --storage) to a path every node mounts or to an object store "
+            "(s3://bucket/prefix)")
+    try:
+        storage.check_writable()
+    except StorageError as exc:
+        raise SearchError(f"search.storage: {exc}") from None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    marker = f".searchkd-probe-{uuid.uuid4().hex[:8]}"
+    storage.write_bytes(marker, b"ok")
+    try:
+        refs = {n["NodeManagerAddress"] + f" (node {n['NodeID'][:8]})": _sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(storage, marker)
+            for n in nodes}
+        for where, ref in refs.items():
+            try:
+                problem = ray.get(ref, timeout=120)
+            except Exception as exc:  # noqa: BLE001 - a node that cannot even run the check
+                problem = tracking.one_line(exc)
+            if problem:
+                what = "the trials directory" if default else "search.storage"
+                raise SearchError(f"{what} {storage.display} is not reachable from {where}: {problem}; {hint}")
+    finally:
+        storage.delete(marker)
+
+
+def trial_storage(search_dir: Path, spec: Spec) -> Storage:
+    """This search's folder in the storage, fixed when the search starts (`storage.json`).
+
+    A search with `search.storage` gets a folder of its own there (name + a random suffix), so
+    a search started again under the same name never picks up an older one's checkpoints.
+    """
+    path = search_dir / STORAGE_FILE
+    if path.exists():
+        uri = json.loads(path.read_text()).get("uri")
+        return Storage(uri) if uri else Storage(str(search_dir / CHECKPOINTS_DIR))
+    if spec.search.storage is None:
+        uri = None
+        root = Storage(str(search_dir / CHECKPOINTS_DIR))
+    else:
+        root = Storage(spec.search.storage).child(f"{spec.name}-{uuid.uuid4().hex[:8]}")
+        uri = root.uri
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"uri": uri}))
+    os.replace(tmp, path)
+    return root
 
 
 def _concurrency(spec: Spec) -> int:
@@ -338,28 +543,31 @@ def _concurrency(spec: Spec) -> int:
     return max(1, min(spec.search.max_concurrent or fit, fit, spec.search.num_samples))
 
 
-def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, callbacks: list[Callback],
-                tunables: dict[str, set[str]], resume: bool) -> tune.Tuner:
+def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, storage: Storage,
+                callbacks: list[Callback], tunables: dict[str, set[str]], resume: bool) -> tune.Tuner:
     res = spec.search.resources
     memory_fraction = res.gpu if 0 < res.gpu < 1 else None
+    blob = Path(teacher.path).read_bytes() if teacher else None
+    # The teacher travels as bytes through Ray's object store (tune.with_parameters puts it
+    # there once), checked against this digest on arrival: no node needs the driver's disk.
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=spec.model_dump(mode="json", by_alias=True),
-                             teacher=str(teacher.path) if teacher else None, cpus=res.cpu,
-                             memory_fraction=memory_fraction),
+                             teacher=blob, storage=storage,
+                             teacher_sha256=hashlib.sha256(blob).hexdigest() if blob else None,
+                             cpus=res.cpu, memory_fraction=memory_fraction),
         {"cpu": res.cpu, "gpu": res.gpu},
     )
     ray_dir = search_dir / RAY_DIR
     if resume and tune.Tuner.can_restore(str(ray_dir)):
-        repair_checkpoints(ray_dir)
         return tune.Tuner.restore(str(ray_dir), trainable, resume_unfinished=True, resume_errored=True)
     metric = spec.metrics if len(spec.metrics) > 1 else spec.metrics[0]
     mode = spec.modes if len(spec.modes) > 1 else spec.modes[0]
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
     searcher = ResumableOptunaSearch(space, metric=metric, mode=mode, sampler=make_sampler(spec),
-                            study_name=spec.name, storage=journal_storage(search_dir))
+                                     study_name=spec.name, storage=journal_storage(search_dir))
     if spec.search.scheduler == "asha":
-        # ASHA counts epochs, not reports: a resumed trial re-reports its checkpoint's epoch.
+        # ASHA counts epochs, not reports: a resumed trial re-reports its saved epoch.
         scheduler = ASHAScheduler(metric=spec.metrics[0], mode=spec.modes[0], time_attr="epoch",
                                   max_t=spec.train.epochs, grace_period=min(spec.search.grace_period, spec.train.epochs),
                                   reduction_factor=spec.search.reduction_factor)
@@ -373,62 +581,13 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, callb
             reuse_actors=True,  # a trial's process outlives it: no re-import of torch per trial
         ),
         run_config=tune.RunConfig(
+            # Tune's own state stays with the driver; trials report no Tune checkpoint (they
+            # keep their state in the search's storage themselves), so no node ever needs
+            # this directory.
             name=RAY_DIR, storage_path=str(search_dir), verbose=0, callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
         ),
     )
-
-
-def repair_checkpoints(ray_dir: Path) -> int:
-    """Give back to Tune the checkpoints its last snapshot names but a kill let it delete.
-
-    Tune keeps one checkpoint per trial and snapshots its state every ~10 s: a driver killed
-    in between leaves a snapshot naming checkpoint k while only k+1 (or later) is on disk,
-    and `Tuner.restore` then fails that trial ("does not exist on storage anymore"). The
-    newest checkpoint is copied under the name the snapshot expects; the trial goes on from
-    the newer state (its epoch is inside). Returns how many were repaired.
-    """
-    states = sorted(ray_dir.glob("experiment_state-*.json"))
-    if not states:
-        return 0
-    repaired = 0
-    for trial_json, meta in json.loads(states[-1].read_text())["trial_data"]:
-        trial_id = json.loads(trial_json)["trial_id"]
-        dirs = [d for d in ray_dir.glob(f"*_{trial_id}_*") if d.is_dir()]
-        existing = sorted(dirs[0].glob("checkpoint_*")) if len(dirs) == 1 else []
-        if not existing:
-            continue
-        for name in _checkpoint_names(meta):
-            if not (dirs[0] / name).exists():
-                shutil.copytree(existing[-1], dirs[0] / name)
-                repaired += 1
-    return repaired
-
-
-def _checkpoint_names(meta: Any) -> set[str]:
-    """Checkpoint directory names a trial's run metadata mentions, in its JSON and inside the
-    cloudpickled objects Tune stores there as hex (read as bytes, never unpickled)."""
-    text = meta if isinstance(meta, str) else json.dumps(meta)
-    names = set(re.findall(r"checkpoint_\d{6}", text))
-    for blob in re.findall(r'"value": "([0-9a-f]+)"', text):
-        names |= {n.decode() for n in re.findall(rb"checkpoint_\d{6}", bytes.fromhex(blob))}
-    return names
-
-
-def trial_statuses(ray_dir: Path, epochs: int) -> dict[str, int]:
-    """finished / stopped (by ASHA) / failed counts from Tune's own experiment state."""
-    from ray.tune import ExperimentAnalysis
-
-    counts = {"finished": 0, "stopped": 0, "failed": 0}
-    analysis = ExperimentAnalysis(str(ray_dir))
-    for t in analysis.trials:
-        if t.status == "ERROR":
-            counts["failed"] += 1
-        elif t.status == "TERMINATED":
-            full = int((t.last_result or {}).get("epoch", 0)) >= epochs
-            counts["finished" if full else "stopped"] += 1
-    return counts
 
 
 def run_search(
@@ -442,8 +601,11 @@ def run_search(
     address: str | None = None,
     num_cpus: int | None = None,
     log: Log = print,
-) -> Summary | None:
-    """Run (or resume) a search whose directory and space.yaml already exist."""
+) -> tuple[Summary | None, bool]:
+    """Run (or resume) a search whose directory and space.yaml already exist.
+
+    Returns the summary (None before any trial reported) and whether the search is complete.
+    """
     quiet()
     uri = tracking_uri or tracking.default_store(trials_dir)
     artifacts = None if tracking_uri else tracking.artifact_root(trials_dir)
@@ -451,70 +613,119 @@ def run_search(
                  "dataset": spec.data.dataset}
     if isinstance(spec.objective, str):
         base_tags["objective"] = spec.objective
-    runs = tracking.open_search(
-        search_dir, spec.name, uri, artifacts, base_tags, search_dir / SPACE_FILE,
-        params={"num_samples": spec.search.num_samples, "sampler": spec.search.sampler,
-                "scheduler": spec.search.scheduler, "seed": spec.search.seed,
-                "teacher_digest": teacher.digest},
-    )
-    tracking.log_parent_metrics(runs, {"teacher_test_acc": teacher.test_acc, "teacher_val_acc": teacher.val_acc})
+    try:
+        runs = tracking.open_search(
+            search_dir, spec.name, uri, artifacts, base_tags, search_dir / SPACE_FILE,
+            params={"num_samples": spec.search.num_samples, "sampler": spec.search.sampler,
+                    "scheduler": spec.search.scheduler, "seed": spec.search.seed,
+                    "teacher_digest": teacher.digest},
+        )
+        tracking.log_parent_metrics(runs, {"teacher_test_acc": teacher.test_acc,
+                                           "teacher_val_acc": teacher.val_acc})
+    except Exception as exc:  # noqa: BLE001 - a store that does not answer is one line
+        if not tracking.is_transient(exc):
+            raise
+        raise SearchError(f"tracking store {uri} unreachable: {tracking.one_line(exc)}") from None
+    storage = trial_storage(search_dir, spec)
     connect(spec, address, num_cpus)
     metric, mode = spec.metrics[0], spec.modes[0]
-    callbacks: list[Callback] = [
-        tracking.MlflowCallback(runs, search_dir, metric, mode, base_tags, spec.train.epochs),
-        ResultsCallback(search_dir / RESULTS_FILE),
-        ProgressCallback(metric, mode, spec.search.num_samples, spec.train.epochs),
-    ]
-    tuner = build_tuner(spec, search_dir, teacher, callbacks, tunables, resume)
+    writer = tracking.MlflowWriter(runs, search_dir, storage, metric, mode, base_tags, spec.train.epochs, log=log)
+    session = Session(ResultsTable(search_dir / RESULTS_FILE), tracking.MlflowRecorder(writer),
+                      Progress(metric, mode, spec.search.num_samples, spec.train.epochs, log=log),
+                      spec.train.epochs)
+    key = str(search_dir)
+    tuner = build_tuner(spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, resume)
     _write_state(search_dir, "running")
     log(f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} epochs "
         f"({'resumed' if resume else 'new'}), in {search_dir}")
-    tuner.fit()
-    statuses = trial_statuses(search_dir / RAY_DIR, spec.train.epochs)
-    total = sum(statuses.values())
-    complete = total >= spec.search.num_samples
+    _SESSIONS[key] = session
+    try:
+        tuner.fit()
+    finally:
+        del _SESSIONS[key]
+    outcomes = session.outcomes or Outcomes()
+    complete = outcomes.complete(spec.search.num_samples)
+    deadline = _Deadline(writer, uri, log)
+    synced = deadline.drain()
     if complete:
-        reconcile(search_dir, spec.name, runs)
-    _write_state(search_dir, "finished" if complete else "interrupted", statuses)
-    tracking.close_search(runs, "FINISHED" if complete else "KILLED")
-    return summarize(search_dir, spec, teacher, runs, statuses)
+        close_failed(load_study(search_dir, spec.name), outcomes.errors)
+        reconcile(search_dir, spec.name, set(outcomes.status))
+        if synced:
+            try:
+                tracking.drop_orphan_runs(runs, search_dir, set(outcomes.status))
+                writer.reload_map()
+            except Exception as exc:  # noqa: BLE001 - the store went away again: resume finishes it
+                if not tracking.is_transient(exc):
+                    raise
+                synced = False
+    # MLflow is brought in line with the durable record once more: what a killed driver or a
+    # long outage held back reaches it now.
+    session.mlflow.resync(session.results.by_trial(), outcomes, set(outcomes.status) if complete else None)
+    synced = deadline.drain() and synced
+    counts = outcomes.counts()
+    finished = complete and synced
+    _write_state(search_dir, "finished" if finished else "interrupted", counts, tracking_pending=not synced)
+    if synced:
+        try:
+            writer.close_search("FINISHED" if complete else "KILLED")
+        except Exception as exc:  # noqa: BLE001 - the parent's status is cosmetic
+            log(f"searchkd: warning: could not close the search's MLflow run: {tracking.one_line(exc)}")
+    else:
+        log(f"searchkd: the tracking store {uri} did not take {writer.pending()} trials' updates "
+            f"within {TRACKING_WAIT_S:.0f}s; they are kept in {RESULTS_FILE} and sent by --resume")
+    return summarize(search_dir, spec, teacher, counts), finished
 
 
-def reconcile(search_dir: Path, name: str, runs: tracking.SearchRuns) -> dict[str, int]:
+class _Deadline:
+    """The end of a search waits for MLflow at most TRACKING_WAIT_S in all, saying so once."""
+
+    def __init__(self, writer: tracking.MlflowWriter, uri: str, log: Log) -> None:
+        self.writer, self.uri, self.log = writer, uri, log
+        self.end = time.time() + TRACKING_WAIT_S
+        self.said = False
+
+    def drain(self) -> bool:
+        if self.writer.drain(timeout=min(2.0, max(0.0, self.end - time.time()))):
+            return True
+        if not self.said:
+            self.said = True
+            self.log(f"searchkd: waiting up to {max(0.0, self.end - time.time()):.0f}s for the tracking "
+                     f"store {self.uri} to take {self.writer.pending()} trials' updates")
+        return self.writer.drain(timeout=max(0.0, self.end - time.time()))
+
+
+def reconcile(search_dir: Path, name: str, known: set[int]) -> dict[str, int]:
     """Drop what a driver killed between Tune snapshots left behind, once a search is complete.
 
     Tune forgets trials it started after its last experiment snapshot and starts new ones in
-    their place. Their Optuna trials stay RUNNING (marked FAIL here, with the reason), their
-    MLflow runs would be extra children (deleted), their Parquet rows extra rows (dropped), so
-    that every store holds exactly the trials Tune ran to the end.
+    their place. Their Optuna trials stay RUNNING (marked FAIL here, with the reason) and their
+    Parquet rows would be extra rows (dropped; their MLflow runs go in
+    `tracking.drop_orphan_runs`), so that every store holds exactly the trials Tune ran to the
+    end. `known` holds the trial numbers of the trials Tune ran.
     """
-    from ray.tune import ExperimentAnalysis
-
-    known = {t.trial_id for t in ExperimentAnalysis(str(search_dir / RAY_DIR)).trials}
-    dropped_runs = tracking.drop_orphan_runs(runs, search_dir, known)
     path = search_dir / RESULTS_FILE
     dropped_rows = 0
     if path.exists():
-        results = ResultsCallback(path)
-        orphans = [k for k in results.rows if k[0] not in known]
+        results = ResultsTable(path)
+        orphans = [k for k, r in results.rows.items() if int(r["trial_number"]) not in known]
         for k in orphans:
             del results.rows[k]
         dropped_rows = len(orphans)
         if orphans:
             results.write()
     study = load_study(search_dir, name)
-    storage = study._storage
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    stale = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+             if t.number not in known]
     for t in stale:
-        storage.set_trial_user_attr(t._trial_id, "searchkd", "orphaned: its driver was killed before Tune saved it")
-        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    return {"runs": dropped_runs, "rows": dropped_rows, "optuna": len(stale)}
+        _set_user_attr(study, t.number, "searchkd", "orphaned: its driver was killed before Tune saved it")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    return {"rows": dropped_rows, "optuna": len(stale)}
 
 
-def _write_state(search_dir: Path, status: str, counts: dict[str, int] | None = None) -> None:
+def _write_state(search_dir: Path, status: str, counts: dict[str, int] | None = None, **extra: Any) -> None:
     path = search_dir / STATE_FILE
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"status": status, "trials": counts or {}, "time": time.time()}))
+    tmp.write_text(json.dumps({"status": status, "trials": counts or {}, "time": time.time(), **extra}))
     os.replace(tmp, path)
 
 

@@ -92,6 +92,9 @@ class SearchSpec(_Strict):
     max_concurrent: int = Field(0, ge=0)  # 0: as many as the resources allow
     max_failures: int = Field(0, ge=0)
     seed: int = 0
+    # Where trials write their state and best students: a path every node sees (default: the
+    # local trials directory) or a pyarrow filesystem URI (s3://bucket/prefix?endpoint_override=...).
+    storage: str | None = None
 
     @model_validator(mode="after")
     def _metrics(self) -> SearchSpec:

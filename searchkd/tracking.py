@@ -1,15 +1,23 @@
 """MLflow tracking, done by the driver: one experiment per search, a parent run, one child
 run per trial.
 
-The driver logs through a Tune callback, so however many trials run, one process writes the
-store. The trial → run map is persisted in the search directory after every new run, so a
-resumed search reopens the same runs (Ray's own MLflowLoggerCallback keeps no map and would
-duplicate them). The callback holds only paths and ids: Ray pickles it into the experiment
-state and unpickles it on `Tuner.restore`, and the client is rebuilt lazily.
+The driver logs; trials never touch MLflow, so however many trials run, one process writes
+the store, and a node without access to the tracking server can still run trials. The Tune
+callback only records what happened (rows, starts, ends) and marks the trial for a sync; one
+writer thread brings MLflow up to date from that record. A sync is idempotent (a run is found
+by its trial number before one is created, metric steps the run already holds are skipped),
+so when the tracking server goes away the writer keeps the record, retries with backoff, says
+so once when it goes and once when it is back, and training never waits for it. At the end
+of a search every trial is synced once more from the durable record (results.parquet and
+what `fit()` returns), so nothing a killed driver or a long outage held back is lost.
 
-Traps handled (DESIGN.md): the store URI is always absolute (a trial's working directory is
-its own folder); experiment ids are passed explicitly, never through `set_experiment`, whose
-environment variable Ray workers would silently obey.
+The trial → run map is persisted in the search directory, so a resumed search reopens the
+same runs (Ray's own MLflowLoggerCallback keeps no map and would duplicate them).
+
+Traps handled: the store URI is always absolute (a trial's working directory is its own
+folder); experiment ids are passed explicitly, never through `set_experiment`, whose
+environment variable Ray workers would silently obey; MLflow's own HTTP retries (minutes of
+silent blocking) are turned off in favour of the writer's; its "View run" lines are muted.
 """
 
 from __future__ import annotations
@@ -18,17 +26,36 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from ray.tune import Callback
+
+from .storage import STUDENT_FILE, Storage, trial_key
 
 RUNS_FILE = "mlflow_runs.json"
 TRACKING_FILE = "tracking.json"
-STUDENT_FILE = "student_best.pt"
+Log = Callable[[str], None]
+
+# Server answers that retrying cannot change; anything else (no connection, 5xx, a locked
+# sqlite file) is treated as the store being away for a while.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+              "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+MAX_BACKOFF_S = 30.0
+METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+
+
+def configure_client() -> None:
+    """One quick attempt per request (the writer retries), and no "View run" lines."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def default_store(trials_dir: Path) -> str:
@@ -38,6 +65,25 @@ def default_store(trials_dir: Path) -> str:
 
 def artifact_root(trials_dir: Path) -> str:
     return (trials_dir / "mlartifacts").resolve().as_uri()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed MLflow call is worth retrying later."""
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in _PERMANENT
+    return isinstance(exc, OSError | ConnectionError | TimeoutError) or "requests" in type(exc).__module__
+
+
+def one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """Raise MlflowException (one line in its message) if the store does not answer."""
+    configure_client()
+    MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
 def _atomic_json(path: Path, payload: Any) -> None:
@@ -59,6 +105,7 @@ def open_search(
     space_file: Path, params: dict[str, Any],
 ) -> SearchRuns:
     """Create (or, on resume, reopen) the search's experiment and parent run."""
+    configure_client()
     client = MlflowClient(tracking_uri)
     state_path = search_dir / TRACKING_FILE
     if state_path.exists():
@@ -82,10 +129,6 @@ def open_search(
 
 def _param_str(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-
-def close_search(runs: SearchRuns, status: str = "FINISHED") -> None:
-    MlflowClient(runs.tracking_uri).set_terminated(runs.parent_run_id, status=status)
 
 
 def log_parent_metrics(runs: SearchRuns, metrics: dict[str, float]) -> None:
@@ -115,133 +158,319 @@ def model_card(trial_number: int, config: dict[str, Any], result: dict[str, Any]
     return "\n".join(lines)
 
 
-class MlflowCallback(Callback):
-    """Logs each trial into its own nested run; reopens the same run after a resume."""
+# -- what the driver knows of each trial ------------------------------------------------------
+@dataclass
+class TrialRecord:
+    """One trial as the driver saw it; the writer makes its MLflow run say the same."""
 
-    def __init__(self, runs: SearchRuns, search_dir: Path, metric: str, mode: str,
-                 base_tags: dict[str, str], epochs: int) -> None:
+    number: int
+    trial_id: str
+    config: dict[str, Any]
+    trial_dir: str = ""
+    rows: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> logged metrics
+    outcome: str | None = None  # None while it runs; finished | stopped | failed | unfinished
+    error: str | None = None
+    node_id: str = ""
+
+
+def logged_metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and (k in LOGGED or k.startswith("loss_"))}
+
+
+class MlflowWriter:
+    """Brings MLflow in line with the driver's trial records, on its own thread, retrying
+    while the store is away."""
+
+    def __init__(self, runs: SearchRuns, search_dir: Path, storage: Storage, metric: str, mode: str,
+                 base_tags: dict[str, str], epochs: int, log: Log = print) -> None:
+        configure_client()
         self.runs = runs
         self.search_dir = Path(search_dir)
+        self.storage = storage
         self.metric, self.mode = metric, mode
         self.base_tags = base_tags
         self.epochs = epochs
-        self._client: MlflowClient | None = None
-        self._map: dict[str, str] | None = None
-        self._best: float | None = None
+        self.log = log
+        self.client = MlflowClient(runs.tracking_uri)
+        self.records: dict[int, TrialRecord] = {}
+        self._dirty: dict[int, None] = {}  # trial numbers to sync, in order
+        self._cond = threading.Condition()
+        self._busy = False
+        self._down_since: float | None = None
+        self._thread: threading.Thread | None = None
+        self._map: dict[str, str] = {}
+        self.reload_map()
         self._last_step: dict[str, int] = {}
+        self._params_done: set[str] = set()
+        self._best: float | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_client=None, _map=None, _best=None, _last_step={})
-        return state
+    def reload_map(self) -> None:
+        """Read the trial → run map again (after reconcile removed orphans from it)."""
+        path = self.search_dir / RUNS_FILE
+        with self._cond:
+            try:
+                self._map = json.loads(path.read_text()) if path.exists() else {}
+            except (OSError, ValueError):
+                self._map = {}  # each run is found again by its trial_number tag
 
-    def last_step(self, rid: str) -> int:
-        """The last epoch this run holds: a trial re-running epochs after a restore is not
-        logged twice (its metric steps continue instead of repeating)."""
-        if rid not in self._last_step:
-            history = self.client.get_metric_history(rid, "epoch")
-            self._last_step[rid] = max((m.step for m in history), default=0)
-        return self._last_step[rid]
+    # -- the callback side: record and mark ----------------------------------------------
+    def record(self, number: int, trial_id: str, config: dict[str, Any], trial_dir: str = "") -> TrialRecord:
+        with self._cond:
+            rec = self.records.get(number)
+            if rec is None or rec.trial_id != trial_id:
+                rec = self.records[number] = TrialRecord(number, trial_id, dict(config), trial_dir)
+            return rec
+
+    def update(self, number: int, change: Callable[[TrialRecord], None]) -> None:
+        with self._cond:
+            rec = self.records[number]
+            change(rec)
+            self._dirty[number] = None
+            self._cond.notify_all()
+        self._start()
+
+    # -- the writer thread ------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="searchkd-mlflow", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        backoff, retry_at = 1.0, 0.0
+        while True:
+            with self._cond:
+                while not self._dirty or time.time() < retry_at:
+                    self._cond.wait(timeout=max(0.05, retry_at - time.time()) if self._dirty else None)
+                number = next(iter(self._dirty))
+                del self._dirty[number]
+                rec = self.records[number]
+                snapshot = TrialRecord(rec.number, rec.trial_id, dict(rec.config), rec.trial_dir,
+                                       dict(rec.rows), rec.outcome, rec.error, rec.node_id)
+                self._busy = True
+            try:
+                self._sync(snapshot)
+                failure = None
+            except Exception as exc:  # noqa: BLE001 - any failure of the store: retry or report
+                failure = exc
+            with self._cond:
+                self._busy = False
+                if failure is None:
+                    if self._down_since is not None:
+                        self.log(f"searchkd: tracking server {self.runs.tracking_uri} is back after "
+                                 f"{time.time() - self._down_since:.0f}s; sending the updates it missed")
+                        self._down_since = None
+                    backoff, retry_at = 1.0, 0.0
+                elif not is_transient(failure):
+                    self.log(f"searchkd: warning: MLflow refused an update of trial {number}: {one_line(failure)}")
+                else:
+                    self._dirty = {number: None, **self._dirty}  # retried first, after a pause
+                    if self._down_since is None:
+                        self._down_since = time.time()
+                        self.log(f"searchkd: warning: tracking server {self.runs.tracking_uri} unreachable "
+                                 f"({one_line(failure)}); training goes on, MLflow updates are kept and "
+                                 f"sent when it is back")
+                    retry_at = time.time() + backoff
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                self._cond.notify_all()
+
+    def pending(self) -> int:
+        """How many trials have updates MLflow does not hold yet."""
+        with self._cond:
+            return len(self._dirty) + int(self._busy)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every recorded update is in MLflow (True) or `timeout` passes (False)."""
+        self._start()
+        deadline = time.time() + timeout
+        with self._cond:
+            while self._dirty or self._busy:
+                left = deadline - time.time()
+                if left <= 0:
+                    return False
+                self._cond.wait(timeout=min(left, 1.0))
+        return True
 
     @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(self.runs.tracking_uri)
-        return self._client
+    def down(self) -> bool:
+        return self._down_since is not None
 
-    @property
-    def run_map(self) -> dict[str, str]:
-        if self._map is None:
-            path = self.search_dir / RUNS_FILE
-            self._map = json.loads(path.read_text()) if path.exists() else {}
-        return self._map
-
-    def run_id(self, trial: Any) -> str:
-        """The trial's run: reopened if it exists, created (and persisted) if not."""
-        rid = self.run_map.get(trial.trial_id)
+    # -- one trial's sync (writer thread only) ------------------------------------------------
+    def _run_id(self, rec: TrialRecord) -> str:
+        key = str(rec.number)
+        rid = self._map.get(key)
         if rid is not None:
             return rid
-        cfg = trial.config
-        number = int(cfg.get("trial_number", len(self.run_map)))
-        tags = {
-            **self.base_tags,
-            "mlflow.parentRunId": self.runs.parent_run_id,
-            "trial_id": trial.trial_id,
-            "trial_number": str(number),
-            "ray_trial_dir": str(getattr(trial, "local_path", "") or ""),
-        }
-        if "objective" in cfg:
-            tags["objective"] = str(cfg["objective"])
-        # A run the driver created but had not mapped when it was killed is reused, not doubled.
+        # A run created before the map was written (driver killed in between) is reused.
         found = self.client.search_runs(
             [self.runs.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.runs.parent_run_id}' "
-                          f"and tags.trial_id = '{trial.trial_id}'",
+                          f"and tags.trial_number = '{rec.number}'",
         )
-        run = found[0] if found else self.client.create_run(
-            self.runs.experiment_id, run_name=f"trial-{number:03d}", tags=tags)
-        params = [Param(k, _param_str(v)) for k, v in sorted(cfg.items()) if k != "trial_number"]
-        self.client.log_batch(run.info.run_id, params=params)  # same values again: a no-op
-        # Persisted once complete; a run created but not yet mapped when the driver dies is
-        # found by its trial_id tag and removed by drop_orphan_runs.
-        self.run_map[trial.trial_id] = run.info.run_id
-        _atomic_json(self.search_dir / RUNS_FILE, self.run_map)
-        return run.info.run_id
+        if found:
+            rid = found[0].info.run_id
+        else:
+            tags = {**self.base_tags, "mlflow.parentRunId": self.runs.parent_run_id,
+                    "trial_id": rec.trial_id, "trial_number": str(rec.number), "ray_trial_dir": rec.trial_dir,
+                    "trial_storage": self.storage.child(trial_key(rec.number)).display}
+            if "objective" in rec.config:
+                tags["objective"] = str(rec.config["objective"])
+            rid = self.client.create_run(self.runs.experiment_id, run_name=f"trial-{rec.number:03d}",
+                                         tags=tags).info.run_id
+        self._map[key] = rid
+        _atomic_json(self.search_dir / RUNS_FILE, self._map)
+        return rid
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rid = self.run_id(trial)
-        self.client.update_run(rid, status="RUNNING")
+    def _last_logged(self, rid: str) -> int:
+        """The last epoch this run holds: epochs a restarted trial reports again are not logged
+        twice (its metric steps continue instead of repeating)."""
+        if rid not in self._last_step:
+            history = self.client.get_metric_history(rid, "epoch")
+            self._last_step[rid] = int(max((m.step for m in history), default=0))
+        return self._last_step[rid]
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        rid = self.run_id(trial)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        if step <= self.last_step(rid):
+    def _sync(self, rec: TrialRecord) -> None:
+        rid = self._run_id(rec)
+        client = self.client
+        if rid not in self._params_done:
+            params = [Param(k, _param_str(v)) for k, v in sorted(rec.config.items()) if k != "trial_number"]
+            client.log_batch(rid, params=params)  # the same values again are a no-op
+            self._params_done.add(rid)
+        run = client.get_run(rid)
+        tags = run.data.tags
+        if rec.outcome != "failed" and "error" in tags:
+            client.delete_tag(rid, "error")  # a failed trial that ran again is not failed any more
+        if rec.node_id and tags.get("ray_node") != rec.node_id:
+            client.set_tag(rid, "ray_node", rec.node_id)
+        new = sorted(e for e in rec.rows if e > self._last_logged(rid))
+        metrics = [Metric(k, v, int(rec.rows[e].get("timestamp", 0) * 1000), e)
+                   for e in new for k, v in rec.rows[e].items() if k != "timestamp" and math.isfinite(v)]
+        for i in range(0, len(metrics), METRICS_PER_BATCH):
+            client.log_batch(rid, metrics=metrics[i:i + METRICS_PER_BATCH])
+        if new:
+            self._last_step[rid] = new[-1]
+            self._improve_best(rec, rid, [rec.rows[e] for e in new])
+        if rec.outcome is None:
+            if run.info.status != "RUNNING":
+                client.update_run(rid, status="RUNNING")
             return
-        self._last_step[rid] = step
-        ts = int(result.get("timestamp", 0) * 1000)
-        metrics = [
-            Metric(k, float(v), ts, step)
-            for k, v in result.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and (k in _LOGGED or k.startswith("loss_"))
-        ]
-        self.client.log_batch(rid, metrics=[m for m in metrics if math.isfinite(m.value)])
-        value = result.get(self.metric)
+        if rec.outcome == "unfinished":  # the search stopped while it ran; a resume goes on
+            if run.info.status == "RUNNING":
+                client.set_terminated(rid, status="KILLED")
+            return
+        if rec.outcome == "failed":
+            if run.info.status != "FAILED" or tags.get("error") != (rec.error or "trial failed")[:5000]:
+                client.set_tag(rid, "error", (rec.error or "trial failed")[:5000])
+                client.set_terminated(rid, status="FAILED")
+            return
+        stopped = str(rec.outcome == "stopped").lower()
+        if run.info.status == "FINISHED" and tags.get("stopped_early") == stopped:
+            return  # closed before (artifacts are logged before the status, so they are there)
+        last = rec.rows[max(rec.rows)] if rec.rows else {}
+        weights = self.storage.child(trial_key(rec.number)).read_bytes(STUDENT_FILE)
+        if weights is not None:
+            with tempfile.TemporaryDirectory(prefix="searchkd-art-") as d:
+                (Path(d) / STUDENT_FILE).write_bytes(weights)
+                client.log_artifact(rid, str(Path(d) / STUDENT_FILE))
+        objective = {"objective": rec.config["objective"]} if "objective" in rec.config else {}
+        card = model_card(rec.number, _public(rec.config), last, {**self.base_tags, **objective})
+        client.log_text(rid, card, "model_card.md")
+        client.set_tag(rid, "stopped_early", stopped)
+        client.set_terminated(rid, status="FINISHED")
+
+    def _improve_best(self, rec: TrialRecord, rid: str, rows: list[dict[str, float]]) -> None:
+        """The parent run's best value so far, with the trial and config that reached it."""
         if self._best is None:  # after a restore: continue from what the parent already holds
             self._best = self.client.get_run(self.runs.parent_run_id).data.metrics.get(f"best_{self.metric}")
-        if isinstance(value, int | float) and math.isfinite(value):
-            better = self._best is None or (value > self._best if self.mode == "max" else value < self._best)
-            if better:
-                self._best = float(value)
-                self.client.log_batch(self.runs.parent_run_id, metrics=[Metric(f"best_{self.metric}", float(value), ts, step)],
-                                      tags=[RunTag("best_trial", str(trial.config.get("trial_number"))),
-                                            RunTag("best_run_id", rid),
-                                            RunTag("best_config", json.dumps(_public(trial.config), sort_keys=True))])
+        for row in rows:
+            value = row.get(self.metric)
+            if value is None or not math.isfinite(value):
+                continue
+            if self._best is None or (value > self._best if self.mode == "max" else value < self._best):
+                self._best = value
+                step = int(row.get("epoch", 0))
+                self.client.log_batch(
+                    self.runs.parent_run_id,
+                    metrics=[Metric(f"best_{self.metric}", value, int(time.time() * 1000), step)],
+                    tags=[RunTag("best_trial", str(rec.number)), RunTag("best_run_id", rid),
+                          RunTag("best_config", json.dumps(_public(rec.config), sort_keys=True))])
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rid = self.run_id(trial)
-        result = trial.last_result or {}
-        stopped = int(result.get("epoch", 0)) < self.epochs
-        self.client.set_tag(rid, "stopped_early", str(stopped).lower())
-        ckpt = trial.checkpoint
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                weights = Path(d) / STUDENT_FILE
-                if weights.exists():
-                    self.client.log_artifact(rid, str(weights))
-        card = model_card(int(trial.config.get("trial_number", -1)), _public(trial.config), result,
-                          {**self.base_tags, **({"objective": trial.config["objective"]} if "objective" in trial.config else {})})
-        self.client.log_text(rid, card, "model_card.md")
-        self.client.set_terminated(rid, status="FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rid = self.run_id(trial)
-        reason = _error_reason(trial)
-        self.client.set_tag(rid, "error", reason[:5000])
-        self.client.set_terminated(rid, status="FAILED")
+    def close_search(self, status: str) -> None:
+        self.client.set_terminated(self.runs.parent_run_id, status=status)
 
 
-def drop_orphan_runs(runs: SearchRuns, search_dir: Path, known: set[str]) -> int:
-    """Delete child runs of trials Tune does not know (see search.reconcile); returns how many.
+class MlflowRecorder:
+    """Tune's side of the writer: records each trial's start, rows and end, and never waits.
+
+    Its methods take Tune's trial objects (duck-typed: `trial_id`, `config`, `last_result`,
+    `error_file`), called by the search's Tune callback.
+    """
+
+    def __init__(self, writer: MlflowWriter) -> None:
+        self.writer = writer
+
+    def _record(self, trial: Any) -> TrialRecord:
+        cfg = trial.config
+        return self.writer.record(int(cfg.get("trial_number", -1)), trial.trial_id, cfg,
+                                  str(getattr(trial, "local_path", "") or ""))
+
+    def _set(self, trial: Any, outcome: str | None, error: str | None = None) -> None:
+        def change(r: TrialRecord) -> None:
+            r.outcome, r.error = outcome, error
+
+        self.writer.update(self._record(trial).number, change)
+
+    def on_trial_start(self, trial: Any) -> None:
+        self._set(trial, None)
+
+    def on_trial_result(self, trial: Any, result: dict) -> None:
+        row = logged_metrics(result)
+        if "epoch" not in row:
+            return
+        row["timestamp"] = float(result.get("timestamp", time.time()))
+
+        def add(r: TrialRecord) -> None:
+            r.rows[int(row["epoch"])] = row
+            r.node_id = str(result.get("node_id", r.node_id))
+
+        self.writer.update(self._record(trial).number, add)
+
+    def on_trial_complete(self, trial: Any) -> None:
+        epoch = int((trial.last_result or {}).get("epoch", 0))
+        self._set(trial, "finished" if epoch >= self.writer.epochs else "stopped")
+
+    def on_trial_error(self, trial: Any) -> None:
+        self._set(trial, "failed", error_reason(trial))
+
+    def resync(self, rows: dict[int, list[dict[str, Any]]], outcomes: Any, numbers: set[int] | None = None) -> None:
+        """Mark every trial for a sync from the durable record: its Parquet rows and how it
+        ended (`outcomes`: `status`, `errors`, `trial_ids`, `configs` keyed by trial number)."""
+        wanted = set(rows) | set(outcomes.status)
+        for number in sorted(wanted if numbers is None else wanted & numbers):
+            mine = rows.get(number, [])
+            config = outcomes.configs.get(number) or (
+                {**json.loads(mine[-1]["config"]), "trial_number": number} if mine else None)
+            trial_id = outcomes.trial_ids.get(number) or (mine[-1]["trial_id"] if mine else "")
+            if config is None:
+                continue
+            rec = self.writer.record(number, trial_id, config)
+            status = outcomes.status.get(number)
+
+            def change(r: TrialRecord, status: str | None = status, number: int = number,
+                       mine: list = mine) -> None:
+                for row in mine:
+                    logged = logged_metrics(row)
+                    logged["timestamp"] = float(row.get("timestamp", 0.0))
+                    r.rows.setdefault(int(row["epoch"]), logged)
+                if status is not None:
+                    r.outcome, r.error = status, outcomes.errors.get(number)
+
+            self.writer.update(rec.number, change)
+
+
+def drop_orphan_runs(runs: SearchRuns, search_dir: Path, known: set[int]) -> int:
+    """Delete child runs of trials the search does not know (see search.reconcile); returns
+    how many.
 
     The store is searched, not only the persisted map: a driver killed between creating a run
     and writing the map leaves a run the map never names.
@@ -252,18 +481,22 @@ def drop_orphan_runs(runs: SearchRuns, search_dir: Path, known: set[str]) -> int
         max_results=50_000,
     )
     path = search_dir / RUNS_FILE
-    mapping: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        mapping: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        mapping = {}
 
     def orphan(run: Any) -> bool:
-        tid = run.data.tags.get("trial_id")
-        # Unknown to Tune, or a second run of a known trial (the first was never mapped).
-        return tid not in known or mapping.get(tid, run.info.run_id) != run.info.run_id
+        number = run.data.tags.get("trial_number", "")
+        # Unknown to the search, or a second run of a known trial (the first was never mapped).
+        known_number = number.lstrip("-").isdigit() and int(number) in known
+        return not known_number or mapping.get(number, run.info.run_id) != run.info.run_id
 
     orphans = [r.info.run_id for r in children if orphan(r)]
     for rid in orphans:
         client.delete_run(rid)
     if orphans and mapping:
-        _atomic_json(path, {tid: rid for tid, rid in mapping.items() if tid in known})
+        _atomic_json(path, {n: rid for n, rid in mapping.items() if n.isdigit() and int(n) in known})
     return len(orphans)
 
 
@@ -271,17 +504,22 @@ def _public(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "trial_number"}
 
 
-def _error_reason(trial: Any) -> str:
+def error_reason(trial: Any) -> str:
+    """The last line of a failed trial's error: what went wrong, without the traceback."""
     path = getattr(trial, "error_file", None)
     text = ""
     if path and os.path.exists(path):
         text = Path(path).read_text()
     text = text or str(getattr(trial, "error_msg", "") or "trial failed")
-    last = [line for line in text.strip().splitlines() if line.strip()]
-    return last[-1] if last else "trial failed"
+    return last_line(text)
 
 
-_LOGGED = {
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "trial failed"
+
+
+LOGGED = {
     "epoch", "train_loss", "val_acc", "val_top5", "best_val_acc", "test_acc", "lr", "epoch_seconds",
     "images_per_second", "student_params", "student_macs", "start_epoch",
 }

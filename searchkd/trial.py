@@ -1,28 +1,38 @@
 """One Ray Tune trial: a thin adapter that drives the engine epoch by epoch.
 
-Each epoch it reports one metrics row with a checkpoint (engine state + best student), so
-ASHA can stop it at any epoch boundary and a resumed trial continues from its last epoch.
-MLflow is not touched here: the driver logs (see tracking.py).
+The trial owns its files. Each epoch it writes its engine state (`state.pt`) and, when val
+improves, its best student (`student_best.pt`) to the search's storage under its own key
+(`trial-0003/`), and reports one metrics row to Tune without a Tune checkpoint. When Tune
+restarts it (a resumed search, a retry after its node died) it finds its state there, on
+whichever node it now runs, and goes on from that epoch. Nothing depends on Tune's snapshot
+of which checkpoint it last saw. The teacher arrives as bytes through Ray's object store,
+checked against its digest, so no node needs the driver's disk. MLflow is not touched here:
+the driver logs (see tracking.py).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
+import hashlib
+import io
+import pickle
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
+from .data import DatasetNotFound
 from .engine import Engine
 from .objectives import get_objective
 from .spec import Spec
+from .storage import STATE_FILE, STUDENT_FILE, Storage, trial_key
 
-ENGINE_FILE = "engine.pt"
-STUDENT_FILE = "student_best.pt"
 # Keys the search adds to a trial's config beside the sampled dotted parameters.
 META_KEYS = ("trial_number", "seed")
+
+
+class TrialSetupError(RuntimeError):
+    """A trial that cannot start on its node (data missing, teacher corrupted): one line."""
 
 
 def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> Spec:
@@ -41,54 +51,65 @@ def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> Spec:
     return spec
 
 
+def node_label() -> str:
+    """This worker's node, as messages name it."""
+    return f"{ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:8]})"
+
+
+def checked_teacher(blob: bytes | None, sha256: str | None) -> bytes | None:
+    """The teacher's weights as shipped, refused if they are not the bytes the driver hashed."""
+    if blob is None:
+        return None
+    got = hashlib.sha256(blob).hexdigest()
+    if sha256 is not None and got != sha256:
+        raise TrialSetupError(f"node {node_label()}: teacher weights arrived with sha256 {got[:16]}, "
+                              f"expected {sha256[:16]}")
+    return blob
+
+
 def train_trial(
-    config: dict[str, Any], base: dict[str, Any], teacher: str | None, cpus: float = 1.0,
-    memory_fraction: float | None = None,
+    config: dict[str, Any], base: dict[str, Any], teacher: bytes | None, storage: Storage,
+    teacher_sha256: str | None = None, cpus: float = 1.0, memory_fraction: float | None = None,
 ) -> None:
     torch.set_num_threads(max(1, int(cpus)))
     spec = trial_spec(base, config)
-    engine = Engine(spec, seed=int(config.get("seed", 0)), teacher_checkpoint=teacher,
-                    memory_fraction=memory_fraction)
-    checkpoint = tune.get_checkpoint()
-    if not load_checkpoint(engine, checkpoint):
-        trial_dir = Path(checkpoint.path).parent if checkpoint else Path(tune.get_context().get_trial_dir())
-        load_newest_local(engine, trial_dir)
+    weights = checked_teacher(teacher, teacher_sha256)
+    try:
+        engine = Engine(spec, seed=int(config.get("seed", 0)), teacher_checkpoint=weights,
+                        memory_fraction=memory_fraction)
+    except DatasetNotFound as exc:
+        raise TrialSetupError(f"node {node_label()}: data.dataset: {exc}") from None
+    files = storage.child(trial_key(int(config.get("trial_number", 0))))
+    resume(engine, files)
     start_epoch = engine.epoch
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
     if engine.last_row:
-        # The checkpoint's own epoch again, without a new checkpoint: if the driver died before
-        # it recorded that epoch, it is recorded now; if not, the callbacks keep one copy.
-        tune.report({**engine.last_row, "start_epoch": start_epoch})
+        # The saved epoch again: if the driver died before it recorded that epoch, it is
+        # recorded now; if not, the callbacks keep one copy.
+        tune.report({**engine.last_row, "start_epoch": start_epoch, **node})
     while not engine.finished:
+        best = engine.best_val_acc
         row = engine.run_epoch()
         row["start_epoch"] = start_epoch  # >0 proves a resumed trial did not restart at 0
-        with tempfile.TemporaryDirectory(prefix="searchkd-ckpt-") as d:
-            engine.save(os.path.join(d, ENGINE_FILE))
-            torch.save(engine.best_student, os.path.join(d, STUDENT_FILE))
-            tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
+        if engine.best_val_acc > best:
+            files.write_bytes(STUDENT_FILE, _tensor_bytes(engine.best_student))
+        files.write_bytes(STATE_FILE, engine.to_bytes())
+        tune.report({**row, **node})
 
 
-def load_checkpoint(engine: Engine, checkpoint: tune.Checkpoint | None) -> bool:
-    """Resume from the checkpoint Tune restored the trial with, if it is still there."""
-    if checkpoint is None:
+def resume(engine: Engine, files: Storage) -> bool:
+    """Load the trial's saved state if there is a readable one; otherwise it starts at 0."""
+    blob = files.read_bytes(STATE_FILE)
+    if blob is None:
         return False
     try:
-        with checkpoint.as_directory() as d:
-            engine.load(Path(d) / ENGINE_FILE)
-            return True
-    except (OSError, RuntimeError, EOFError, KeyError):  # gone, or cut short by a kill
+        engine.from_bytes(blob)
+        return True
+    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError):  # cut short or garbage
         return False
 
 
-def load_newest_local(engine: Engine, trial_dir: Path) -> None:
-    """Resume from the newest readable checkpoint left in the trial's directory.
-
-    Tune keeps one checkpoint and snapshots its own state every ~10 s: a driver killed in
-    between restores a trial pointing at a checkpoint already replaced (or at none yet),
-    while a newer one lies in the trial directory. A half-copied newest one is skipped.
-    """
-    for path in sorted(trial_dir.glob(f"checkpoint_*/{ENGINE_FILE}"), reverse=True):
-        try:
-            engine.load(path)
-            return
-        except (OSError, RuntimeError, EOFError, KeyError):
-            continue
+def _tensor_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()

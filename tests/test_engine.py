@@ -114,25 +114,28 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path: Path) -> None:
         load_weights(build_model("resnet14", 10, width=0.5, in_channels=1), tmp_path / "t.pth")
 
 
-def test_trial_resumes_from_the_newest_readable_checkpoint(teacher: Path, tmp_path: Path) -> None:
-    """A kill between Tune's snapshots can leave it pointing at a checkpoint it already
-    replaced; the trial then takes the newest readable one in its directory."""
-    from ray import tune
+def test_trial_resumes_from_its_own_saved_state(teacher: Path, tmp_path: Path) -> None:
+    """The trial finds its state in the search's storage under its own key; a state file
+    that is not a readable checkpoint (cut short, overwritten) makes it start at epoch 0."""
+    from searchkd.storage import STATE_FILE, Storage, trial_key
+    from searchkd.trial import resume
 
-    from searchkd.trial import ENGINE_FILE, load_checkpoint, load_newest_local
+    files = Storage(str(tmp_path)).child(trial_key(3))
+    fresh = engine(teacher)
+    assert not resume(fresh, files) and fresh.epoch == 0  # nothing saved yet
 
     e = engine(teacher)
-    for epoch in (1, 2, 3):
+    for _ in range(2):
         e.run_epoch()
-        (tmp_path / f"checkpoint_00000{epoch}").mkdir()
-        e.save(tmp_path / f"checkpoint_00000{epoch}" / ENGINE_FILE)
-    full = (tmp_path / "checkpoint_000003" / ENGINE_FILE).read_bytes()
-    (tmp_path / "checkpoint_000003" / ENGINE_FILE).write_bytes(full[: len(full) // 2])  # half-copied
+    files.write_bytes(STATE_FILE, e.to_bytes())
+    assert (tmp_path / "trial-0003" / STATE_FILE).is_file()
+    again = engine(teacher)
+    assert resume(again, files) and again.epoch == 2
+    assert again.best_val_acc == e.best_val_acc and again.last_row == e.last_row
+    assert all(torch.equal(a, b) for a, b in zip(again.student.state_dict().values(),
+                                                  e.student.state_dict().values(), strict=True))
 
-    gone = tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000000"))
-    fresh = engine(teacher)
-    assert not load_checkpoint(fresh, gone)
-    load_newest_local(fresh, tmp_path)
-    assert fresh.epoch == 2
-    assert load_checkpoint(fresh, tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000001")))
-    assert fresh.epoch == 1
+    blob = e.to_bytes()
+    files.write_bytes(STATE_FILE, blob[: len(blob) // 2])
+    cut = engine(teacher)
+    assert not resume(cut, files) and cut.epoch == 0

@@ -90,34 +90,3 @@ def test_any_valid_range_samples_inside_it(low: float, span: float, log: bool, i
         assert max(1, ilow) <= cfg["train.epochs"] <= max(1, ilow) + ispan
         resolved = spec.resolved({"train.epochs": cfg["train.epochs"]})
         assert resolved.train.epochs == cfg["train.epochs"]
-
-
-def test_repair_gives_tune_back_a_checkpoint_its_snapshot_names(tmp_path) -> None:
-    """Snapshot names checkpoint_000001; a kill let Tune replace it by checkpoint_000002."""
-    import json
-
-    from searchkd.search import repair_checkpoints
-
-    trial = tmp_path / "train_trial_ab12cd34_1_x=1_2026-11-25_00-00-00"
-    (trial / "checkpoint_000002").mkdir(parents=True)
-    (trial / "checkpoint_000002" / "engine.pt").write_bytes(b"epoch 3 state")
-    other = tmp_path / "train_trial_ef56ab78_2_x=2_2026-11-25_00-00-00"
-    (other / "checkpoint_000004").mkdir(parents=True)
-    meta = {"checkpoint_manager": {"latest": {"path": str(trial / "checkpoint_000001")}}}
-    fine = {"checkpoint_manager": {"latest": {"path": str(other / "checkpoint_000004")}}}
-    # Tune's checkpoint manager is stored cloudpickled, as hex, inside a JSON string.
-    pickled = tmp_path / "train_trial_99aa88bb_3_x=3_2026-11-25_00-00-00"
-    (pickled / "checkpoint_000001").mkdir(parents=True)
-    blob = (b"\x80\x05...path\x94" + str(pickled / "checkpoint_000000").encode() + b"\x94.").hex()
-    hidden = json.dumps({"checkpoint_manager": {"_type": "CLOUDPICKLE_FALLBACK", "value": blob},
-                         "last_result": {"checkpoint_dir_name": "checkpoint_000001"}})
-    state = {"trial_data": [[json.dumps({"trial_id": "ab12cd34"}), meta],
-                            [json.dumps({"trial_id": "ef56ab78"}), fine],
-                            [json.dumps({"trial_id": "99aa88bb"}), hidden]]}
-    (tmp_path / "experiment_state-2026-11-25_00-00-00.json").write_text(json.dumps(state))
-
-    assert repair_checkpoints(tmp_path) == 2
-    assert (trial / "checkpoint_000001" / "engine.pt").read_bytes() == b"epoch 3 state"
-    assert (pickled / "checkpoint_000000").is_dir()
-    assert sorted(p.name for p in other.iterdir()) == ["checkpoint_000004"]
-    assert repair_checkpoints(tmp_path) == 0  # idempotent

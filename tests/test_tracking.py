@@ -1,13 +1,25 @@
-"""MLflow bookkeeping after a killed driver: only the runs of trials Tune ran survive."""
+"""MLflow bookkeeping by the driver: one run per trial, synced idempotently, through outages."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+from conftest import free_port, start_mlflow, stop_group
 from mlflow.tracking import MlflowClient
 
-from searchkd.tracking import RUNS_FILE, SearchRuns, drop_orphan_runs
+from searchkd.storage import STUDENT_FILE, Storage, trial_key
+from searchkd.tracking import (
+    RUNS_FILE,
+    MlflowRecorder,
+    MlflowWriter,
+    SearchRuns,
+    drop_orphan_runs,
+    is_transient,
+)
 
 
 def test_orphan_and_duplicate_child_runs_are_dropped(tmp_path: Path) -> None:
@@ -16,18 +28,129 @@ def test_orphan_and_duplicate_child_runs_are_dropped(tmp_path: Path) -> None:
     exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp).info.run_id
 
-    def child(trial_id: str) -> str:
-        tags = {"mlflow.parentRunId": parent, "trial_id": trial_id}
+    def child(number: int) -> str:
+        tags = {"mlflow.parentRunId": parent, "trial_number": str(number)}
         return client.create_run(exp, tags=tags).info.run_id
 
-    kept = child("aaa")          # mapped, known to Tune
-    forgotten = child("bbb")     # its trial was forgotten by Tune's snapshot
-    unmapped = child("aaa")      # created again for a known trial after a kill before the map
+    kept = child(0)          # mapped, a trial the search ran
+    forgotten = child(1)     # its trial was forgotten by Tune's snapshot
+    unmapped = child(0)      # created again for a known trial after a kill before the map
     other = client.create_run(exp).info.run_id  # not a child: untouched
-    (tmp_path / RUNS_FILE).write_text(json.dumps({"aaa": kept, "bbb": forgotten}))
+    (tmp_path / RUNS_FILE).write_text(json.dumps({"0": kept, "1": forgotten}))
 
-    assert drop_orphan_runs(SearchRuns(uri, exp, parent), tmp_path, known={"aaa"}) == 2
+    assert drop_orphan_runs(SearchRuns(uri, exp, parent), tmp_path, known={0}) == 2
     alive = {r.info.run_id for r in client.search_runs([exp])}
     assert alive == {parent, kept, other}
     assert unmapped not in alive
-    assert json.loads((tmp_path / RUNS_FILE).read_text()) == {"aaa": kept}
+    assert json.loads((tmp_path / RUNS_FILE).read_text()) == {"0": kept}
+
+
+def _setup(tmp_path: Path, uri: str, log: list[str]) -> tuple[MlflowWriter, MlflowRecorder, MlflowClient]:
+    client = MlflowClient(uri)
+    exp = client.create_experiment(f"s{time.time_ns()}")
+    parent = client.create_run(exp).info.run_id
+    storage = Storage(str(tmp_path / "checkpoints"))
+    writer = MlflowWriter(SearchRuns(uri, exp, parent), tmp_path, storage, "val_acc", "max",
+                          {"teacher": "t", "student": "s"}, epochs=3, log=log.append)
+    return writer, MlflowRecorder(writer), client
+
+
+def _trial(number: int, trial_id: str = "abc", epoch: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, config={"trial_number": number, "loss.tau": 0.1, "seed": 7},
+                           last_result={"epoch": epoch}, error_file=None, error_msg="")
+
+
+def _row(epoch: int) -> dict:
+    return {"epoch": epoch, "val_acc": 0.5 + epoch / 10, "train_loss": 1.0 / epoch, "loss_msd": 0.3,
+            "node_id": "n1", "timestamp": time.time()}
+
+
+def _history(client: MlflowClient, rid: str, key: str = "val_acc") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(rid, key))
+
+
+def test_writer_keeps_one_run_per_trial_and_each_step_once(tmp_path: Path) -> None:
+    log: list[str] = []
+    writer, rec, client = _setup(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", log)
+    t = _trial(4)
+    rec.on_trial_start(t)
+    for e in (1, 2):
+        rec.on_trial_result(t, _row(e))
+    assert writer.drain(60)
+    rid = json.loads((tmp_path / RUNS_FILE).read_text())["4"]
+    run = client.get_run(rid)
+    assert run.info.status == "RUNNING" and run.info.run_name == "trial-004"
+    assert run.data.params == {"loss.tau": "0.1", "seed": "7"}
+    assert run.data.tags["trial_number"] == "4" and run.data.tags["ray_node"] == "n1"
+    assert _history(client, rid) == [1, 2]
+
+    # The trial fails; then (a resumed search) runs again from its epoch 2, re-reporting it.
+    rec.on_trial_error(SimpleNamespace(**{**vars(t), "error_msg": "Traceback ...\nNonFiniteLoss: loss nan"}))
+    assert writer.drain(60)
+    run = client.get_run(rid)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "NonFiniteLoss: loss nan"
+    rec.on_trial_start(t)
+    for e in (2, 3):
+        rec.on_trial_result(t, _row(e))
+    Storage(str(tmp_path / "checkpoints")).child(trial_key(4)).write_bytes(STUDENT_FILE, b"weights")
+    rec.on_trial_complete(_trial(4, epoch=3))
+    assert writer.drain(60)
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert run.data.tags["stopped_early"] == "false"
+    assert _history(client, rid) == [1, 2, 3] and _history(client, rid, "loss_msd") == [1, 2, 3]
+    assert {a.path for a in client.list_artifacts(rid)} == {STUDENT_FILE, "model_card.md"}
+    assert client.get_run(writer.runs.parent_run_id).data.tags["best_trial"] == "4"
+
+    # A new process (a resumed driver) with an unreadable map finds the same run by its tag.
+    (tmp_path / RUNS_FILE).write_text("{not json")
+    writer2, rec2, _ = _setup(tmp_path, writer.runs.tracking_uri, log)
+    writer2.runs = writer.runs
+    outcomes = SimpleNamespace(status={4: "finished"}, errors={}, trial_ids={4: "abc"},
+                               configs={4: t.config})
+    rows = {4: [{**_row(e), "trial_id": "abc", "config": json.dumps({"loss.tau": 0.1, "seed": 7})}
+                for e in (1, 2, 3)]}
+    rec2.resync(rows, outcomes)
+    assert writer2.drain(60)
+    children = client.search_runs([writer.runs.experiment_id], "tags.trial_number = '4'")
+    assert [c.info.run_id for c in children] == [rid]
+    assert _history(client, rid) == [1, 2, 3]
+    assert not [line for line in log if "warning" in line]
+
+
+def test_permanent_and_transient_failures_are_told_apart() -> None:
+    from mlflow.exceptions import MlflowException, RestException
+
+    assert is_transient(MlflowException("API request to http://x failed with exception ConnectionError"))
+    assert is_transient(ConnectionRefusedError())
+    assert not is_transient(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "changed"}))
+    assert not is_transient(ValueError("bug"))
+
+
+@pytest.mark.integration
+def test_tracking_server_outage_loses_nothing(tmp_path: Path) -> None:
+    """The server goes away while trials report: updates wait, one line says so, one line
+    says it is back, and afterwards every step is in MLflow exactly once."""
+    port = free_port()
+    server = start_mlflow(port, tmp_path / "server")
+    log: list[str] = []
+    try:
+        writer, rec, client = _setup(tmp_path, f"http://127.0.0.1:{port}", log)
+        t = _trial(0)
+        rec.on_trial_start(t)
+        rec.on_trial_result(t, _row(1))
+        assert writer.drain(60)
+        stop_group(server)
+        for e in (2, 3):
+            rec.on_trial_result(t, _row(e))
+        rec.on_trial_complete(_trial(0, epoch=3))
+        assert not writer.drain(3)  # waits, does not block the caller
+        assert sum("unreachable" in line for line in log) == 1, log
+        server = start_mlflow(port, tmp_path / "server")
+        assert writer.drain(120)
+        assert sum("is back after" in line for line in log) == 1, log
+        rid = json.loads((tmp_path / RUNS_FILE).read_text())["0"]
+        assert _history(client, rid) == [1, 2, 3]
+        assert client.get_run(rid).info.status == "FINISHED"
+    finally:
+        stop_group(server)
