@@ -7,8 +7,11 @@ anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,10 +161,11 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
             tmp = search_dir / f".{SPACE_FILE}.tmp"
             tmp.write_text(spec.to_yaml())
             os.replace(tmp, search_dir / SPACE_FILE)
-        summary, finished = run_search(
-            spec, search_dir, root, _lookups()["objectives"], teacher, resume=resume,
-            tracking_uri=args.tracking_uri, address=args.address, num_cpus=args.num_cpus,
-        )
+        with RayLines.installed():
+            summary, finished = run_search(
+                spec, search_dir, root, _lookups()["objectives"], teacher, resume=resume,
+                tracking_uri=args.tracking_uri, address=args.address, num_cpus=args.num_cpus,
+            )
     except SearchError as exc:
         fail(str(exc))
     finally:
@@ -172,6 +176,62 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         print(f"searchkd: search {spec.name} is not finished; continue with: searchkd tune {source} --resume")
         return 1
     return 0
+
+
+class RayLines(io.TextIOBase):
+    """The search's stdout, where each message Ray's driver prints on its own becomes one line.
+
+    Ray prints cluster events ("(raylet) The node ... has been marked dead because ...")
+    straight to stdout, several lines each; searchkd keeps the first sentence, as one
+    `searchkd: ray: ...` line, and drops the rest. Everything else passes unchanged.
+    """
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    DEAD = re.compile(r"node id: (\w+) and address: (\S+) .*marked dead")
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.pending = ""
+        self.inside = False  # after a Ray message: its indented continuation lines are dropped
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls) -> Any:
+        previous = sys.stdout
+        sys.stdout = cls(previous)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stdout = previous
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        plain = self.ANSI.sub("", line)
+        if plain.startswith("(raylet)"):
+            self.inside = True
+            dead = self.DEAD.search(plain)
+            if dead:
+                said = f"lost node {dead[2]} (node {dead[1][:8]}): it stopped answering"
+            else:
+                said = plain.removeprefix("(raylet)").strip().split(". ")[0].split("\t")[0]
+            self.out.write(f"searchkd: ray: {said}\n")
+        elif not (self.inside and plain[:1] in ("\t", " ")):
+            self.inside = False
+            self.out.write(line + "\n")
+        self.out.flush()  # a line at a time: progress is read as it comes
+
+    def flush(self) -> None:
+        if self.pending:
+            self._line(self.pending)
+            self.pending = ""
+        self.out.flush()
 
 
 def local_ray_env() -> None:

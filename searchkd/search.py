@@ -42,6 +42,12 @@ from .teacher import TeacherInfo
 from .trial import train_trial
 
 Log = Callable[[str], None]
+
+
+def say(text: str) -> None:
+    """The default log: a line at a time, flushed (progress is read as it comes)."""
+    print(text, flush=True)
+
 SPACE_FILE = "space.yaml"
 RESULTS_FILE = "results.parquet"
 JOURNAL_FILE = "optuna.journal"
@@ -155,8 +161,16 @@ class ResumableOptunaSearch(OptunaSearch):
         return frozen.state.is_finished()
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if not self._closed(trial_id):
-            super().on_trial_result(trial_id, result)
+        """Intermediate values are the metric per epoch, once each: a trial that restarts
+        from its saved epoch reports that epoch again (Tune's iteration count starts over)."""
+        if self._closed(trial_id) or isinstance(self.metric, list):
+            return
+        value, epoch = result.get(self.metric), result.get("epoch")
+        if value is None or epoch is None:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if int(epoch) not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
+            ot_trial.report(value, int(epoch))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._closed(trial_id):
@@ -242,7 +256,7 @@ class Progress:
     """One line per trial that ends (and a heartbeat), with the best value so far."""
 
     def __init__(self, metric: str, mode: str, num_samples: int, epochs: int, heartbeat_s: float = 15.0,
-                 log: Log = print) -> None:
+                 log: Log = say) -> None:
         self.metric, self.mode = metric, mode
         self.num_samples, self.epochs = num_samples, epochs
         self.heartbeat_s = heartbeat_s
@@ -278,16 +292,19 @@ class Progress:
 
     def on_trial_error(self, trial: Any, trials: list) -> None:
         self._line(f"trial {trial.config.get('trial_number')} FAILED", trials)
-        self.log(f"  trial {trial.config.get('trial_number')}{_where(trial)}: {tracking.error_reason(trial)}")
+        reason = tracking.error_reason(trial)
+        self.log(f"  trial {trial.config.get('trial_number')}{_where(trial, reason)}: {reason}")
 
     def on_trial_recover(self, trial: Any, trials: list) -> None:
-        self.log(f"  trial {trial.config.get('trial_number')}{_where(trial)} failed and is retried from "
-                 f"its last saved epoch: {tracking.error_reason(trial)}")
+        reason = tracking.error_reason(trial)
+        self.log(f"  trial {trial.config.get('trial_number')}{_where(trial, reason)} failed and is retried "
+                 f"from its last saved epoch: {reason}")
 
 
-def _where(trial: Any) -> str:
+def _where(trial: Any, reason: str) -> str:
+    """" on <node ip>", unless the reason names its node already."""
     ip = (trial.last_result or {}).get("node_ip")
-    return f" on {ip}" if ip else ""
+    return f" on {ip}" if ip and not reason.startswith("node ") else ""
 
 
 @dataclass
@@ -408,7 +425,7 @@ def summarize(search_dir: Path, spec: Spec, teacher: TeacherInfo, counts: dict[s
     return Summary(
         search_dir=search_dir, best_trial=best_number, best_config=json.loads(last["config"]),
         best_value=best_value, best_val_acc=last["best_val_acc"], test_acc=last["test_acc"],
-        trials=len(per_trial), finished=counts.get("finished", 0), stopped=counts.get("stopped", 0),
+        trials=max(len(per_trial), sum(counts.values())), finished=counts.get("finished", 0), stopped=counts.get("stopped", 0),
         failed=counts.get("failed", 0), teacher=teacher,
     )
 
@@ -600,7 +617,7 @@ def run_search(
     tracking_uri: str | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
-    log: Log = print,
+    log: Log = say,
 ) -> tuple[Summary | None, bool]:
     """Run (or resume) a search whose directory and space.yaml already exist.
 
@@ -636,7 +653,8 @@ def run_search(
     key = str(search_dir)
     tuner = build_tuner(spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, resume)
     _write_state(search_dir, "running")
-    log(f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} epochs "
+    log(f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
+        f"epoch{'s' if spec.train.epochs > 1 else ''} "
         f"({'resumed' if resume else 'new'}), in {search_dir}")
     _SESSIONS[key] = session
     try:

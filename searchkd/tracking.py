@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -515,8 +516,12 @@ def error_reason(trial: Any) -> str:
 
 
 def last_line(text: str) -> str:
+    """The last line of a traceback, without the exception's dotted class name when it is
+    one of searchkd's own (their messages are written to stand alone)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "trial failed"
+    if not lines:
+        return "trial failed"
+    return re.sub(r"^searchkd(\.\w+)+: ", "", lines[-1].strip())
 
 
 LOGGED = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,37 @@ def port_answers(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): Ray's workers leave their node's process group
+    (setsid), so a whole node dies only when they are killed by PID too."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL a process a test started and everything below it, as if its machine died."""
+    import signal
+
+    pids = descendants(proc.pid)
+    for pid in [proc.pid, *pids]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
 def stop_group(proc) -> None:
     """Stop a server a test started (in its own session) by its PID's process group."""
     import signal
@@ -149,3 +181,71 @@ def start_mlflow(port: int, root: Path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_until(lambda: port_answers(port), "mlflow server answering", proc)
     return proc
+
+
+def rows(trials: Path, name: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from searchkd.search import RESULTS_FILE
+
+    path = trials / name / RESULTS_FILE
+    try:
+        return pq.read_table(path).to_pylist() if path.exists() else []
+    except OSError:  # caught between write and rename: not there yet
+        return []
+
+
+def _error_text(trial, ray_dir: Path) -> str:
+    texts = [p.read_text()[-1500:] for p in ray_dir.glob(f"*{trial.trial_id}*/error.txt")]
+    return f"{trial.status}: {texts}"
+
+
+def assert_consistent(trials: Path, name: str, num_samples: int, epochs: int,
+                      tracking_uri: str | None = None) -> list[dict]:
+    """Every store holds exactly the trials Tune ran, once each, with epochs in order."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    from searchkd.search import RAY_DIR, load_study
+
+    analysis = ExperimentAnalysis(str(trials / name / RAY_DIR))
+    ray_trials = {t.trial_id: t for t in analysis.trials}
+    assert len(ray_trials) == num_samples
+    errors = {tid: _error_text(t, trials / name / RAY_DIR) for tid, t in ray_trials.items()
+              if t.status != "TERMINATED"}
+    assert not errors, f"trials not terminated: {errors}"
+
+    table = rows(trials, name)
+    keys = [(r["trial_id"], r["epoch"]) for r in table]
+    assert len(keys) == len(set(keys)), "duplicated (trial, epoch) rows"
+    assert {r["trial_id"] for r in table} == set(ray_trials)
+    last: dict[str, dict] = {}
+    for tid in ray_trials:
+        mine = sorted((r for r in table if r["trial_id"] == tid), key=lambda r: r["epoch"])
+        assert [r["epoch"] for r in mine] == list(range(1, len(mine) + 1))
+        last[tid] = mine[-1]
+
+    study = load_study(trials / name, name)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == num_samples
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+               for t in study.trials)
+    by_number = {r["trial_number"]: r for r in last.values()}
+    assert {t.number for t in complete} == set(by_number)
+    for t in complete:
+        assert t.value == pytest.approx(by_number[t.number]["val_acc"], abs=0.02)
+
+    client = MlflowClient(tracking_uri or f"sqlite:///{trials / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("searchkd.role") == "search"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(ray_trials)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert steps == sorted(steps) and len(steps) == len(set(steps)), "metric steps repeated"
+        assert steps == list(range(1, last[child.data.tags["trial_id"]]["epoch"] + 1))
+    return table

@@ -174,3 +174,29 @@ def test_resume_of_a_finished_search_does_nothing(capsys, tmp_path: Path, space_
 def test_resume_from_a_directory_that_is_not_a_search(capsys, tmp_path: Path) -> None:
     code, _, err = run(capsys, "resume", str(tmp_path))
     assert code == 2 and "not a search directory" in err
+
+
+def test_ray_messages_become_one_line_each() -> None:
+    """What Ray's driver printed when a node died (ANSI colour, a tab, a continuation line)."""
+    import io
+
+    from searchkd.cli import RayLines
+
+    out = io.StringIO()
+    lines = RayLines(out)
+    lines.write("[     9s] trial 1 epoch 3/8 | 1/4 done\n")
+    lines.write("\x1b[33m(raylet)\x1b[0m The node with node id: ef0813caca5b71d753032b9b78cb8945387ef7f09bd726dd "
+                "and address: 127.0.0.1 and node name: 127.0.0.1 has been marked dead because the detector "
+                "has missed too many heartbeats from it. This can happen when a \t(1) raylet crashes "
+                "unexpectedly (OOM, etc.) \n\t(2) raylet has lagging heartbeats due to slow network or busy "
+                "workload.\n")
+    lines.write("\x1b[33m(raylet)\x1b[0m Task was killed due to the node running low on memory. Memory on "
+                "the node was 23 GB.\n  details follow\n")
+    lines.write("searchkd: tracking server is back\n")
+    lines.flush()
+    assert out.getvalue().splitlines() == [
+        "[     9s] trial 1 epoch 3/8 | 1/4 done",
+        "searchkd: ray: lost node 127.0.0.1 (node ef0813ca): it stopped answering",
+        "searchkd: ray: Task was killed due to the node running low on memory",
+        "searchkd: tracking server is back",
+    ]

@@ -11,14 +11,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import optuna
-import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_space, write_space
+from conftest import assert_consistent, rows, tiny_space, write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
-from searchkd.search import RAY_DIR, RESULTS_FILE, load_study
+from searchkd.search import RAY_DIR, load_study
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -44,63 +42,6 @@ def run_until(cmd: list[str], ready: Callable[[], bool], timeout: float = 240) -
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def rows(trials: Path, name: str) -> list[dict]:
-    path = trials / name / RESULTS_FILE
-    try:
-        return pq.read_table(path).to_pylist() if path.exists() else []
-    except OSError:  # caught between write and rename: not there yet
-        return []
-
-
-def _error_text(trial, ray_dir: Path) -> str:
-    texts = [p.read_text()[-1500:] for p in ray_dir.glob(f"*{trial.trial_id}*/error.txt")]
-    return f"{trial.status}: {texts}"
-
-
-def assert_consistent(trials: Path, name: str, num_samples: int, epochs: int) -> list[dict]:
-    """Every store holds exactly the trials Tune ran, once each, with epochs in order."""
-    analysis = ExperimentAnalysis(str(trials / name / RAY_DIR))
-    ray_trials = {t.trial_id: t for t in analysis.trials}
-    assert len(ray_trials) == num_samples
-    errors = {tid: _error_text(t, trials / name / RAY_DIR) for tid, t in ray_trials.items()
-              if t.status != "TERMINATED"}
-    assert not errors, f"trials not terminated: {errors}"
-
-    table = rows(trials, name)
-    keys = [(r["trial_id"], r["epoch"]) for r in table]
-    assert len(keys) == len(set(keys)), "duplicated (trial, epoch) rows"
-    assert {r["trial_id"] for r in table} == set(ray_trials)
-    last: dict[str, dict] = {}
-    for tid in ray_trials:
-        mine = sorted((r for r in table if r["trial_id"] == tid), key=lambda r: r["epoch"])
-        assert [r["epoch"] for r in mine] == list(range(1, len(mine) + 1))
-        last[tid] = mine[-1]
-
-    study = load_study(trials / name, name)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == num_samples
-    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-               for t in study.trials)
-    by_number = {r["trial_number"]: r for r in last.values()}
-    assert {t.number for t in complete} == set(by_number)
-    for t in complete:
-        assert t.value == pytest.approx(by_number[t.number]["val_acc"], abs=0.02)
-
-    client = MlflowClient(f"sqlite:///{trials / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("searchkd.role") == "search"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1
-    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(ray_trials)
-    for child in children:
-        assert child.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
-        assert steps == sorted(steps) and len(steps) == len(set(steps)), "metric steps repeated"
-        assert steps == list(range(1, last[child.data.tags["trial_id"]]["epoch"] + 1))
-    return table
 
 
 def test_sigkill_at_several_points_then_resume(tmp_path: Path) -> None:
