@@ -91,7 +91,11 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
 
 
 def trials_root(arg: str | None) -> Path:
-    return Path(arg or os.environ.get("SEARCHKD_TRIALS_DIR", "trials")).expanduser().resolve()
+    where = arg or os.environ.get("SEARCHKD_TRIALS_DIR", "trials")
+    if "://" in where:
+        fail(f"trials directory {where}: the driver's files (journal, results, MLflow map) live on its "
+             f"own disk; put what trials write on {where} with --storage")
+    return Path(where).expanduser().resolve()
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

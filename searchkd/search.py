@@ -149,7 +149,7 @@ class ResumableOptunaSearch(OptunaSearch):
     the driver: the first, recorded value stands.
 
     A trial that errors is not told FAIL at once: a resumed search runs it again, and Optuna
-    can never turn FAIL into COMPLETE. `close_failed` tells FAIL for the trials that are
+    can never turn FAIL into COMPLETE. `settle_study` tells FAIL for the trials that are
     still failed when the search ends.
     """
 
@@ -186,16 +186,29 @@ def _set_user_attr(study: optuna.Study, number: int, key: str, value: str) -> No
         study._storage.set_trial_user_attr(frozen._trial_id, key, value)
 
 
-def close_failed(study: optuna.Study, failed: dict[int, str]) -> int:
-    """Tell Optuna FAIL (with the reason as user attr `searchkd`) for trials that ended failed."""
-    closed = 0
-    for number, reason in sorted(failed.items()):
-        if number >= len(study.trials) or study.trials[number].state.is_finished():
+def settle_study(study: optuna.Study, outcomes: Outcomes, rows: dict[int, list[dict[str, Any]]],
+                 metrics: list[str]) -> int:
+    """Make every ended trial's Optuna state say how it ended, through Optuna's public `tell`.
+
+    Failed trials are told FAIL (the reason as user attr `searchkd`). An ended trial Optuna
+    still holds open is told its last reported value: after a restore, Tune's concurrency
+    limiter forgets trials that were running and never passes their completion on.
+    """
+    told = 0
+    for number, status in sorted(outcomes.status.items()):
+        if number < 0 or number >= len(study.trials) or study.trials[number].state.is_finished():
             continue
-        _set_user_attr(study, number, "searchkd", f"failed: {reason}")
-        study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        closed += 1
-    return closed
+        if status == "failed":
+            _set_user_attr(study, number, "searchkd", f"failed: {outcomes.errors.get(number, 'trial failed')}")
+            study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        elif status in ("finished", "stopped") and rows.get(number):
+            last = rows[number][-1]
+            values = [float(last[m]) for m in metrics]
+            study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
+        else:
+            continue
+        told += 1
+    return told
 
 
 # -- what the driver records as trials run ---------------------------------------------------
@@ -309,7 +322,13 @@ def _where(trial: Any, reason: str) -> str:
 
 @dataclass
 class Outcomes:
-    """How each trial ended, from the trials Tune hands its callbacks when `fit()` ends."""
+    """How each trial ended, from the trials Tune hands its callbacks when `fit()` ends.
+
+    Tune marks the trials it stops on Ctrl-C TERMINATED as it cleans up, just as it marks a
+    finished one; so a trial this process saw start, but never saw complete or fail, ended
+    unfinished whatever its final status says. Trials restored already ended from an earlier
+    run keep the status Tune saved.
+    """
 
     status: dict[int, str] = field(default_factory=dict)  # number -> finished|stopped|failed|unfinished
     errors: dict[int, str] = field(default_factory=dict)
@@ -317,13 +336,16 @@ class Outcomes:
     configs: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, trials: list, epochs: int) -> Outcomes:
+    def of(cls, trials: list, epochs: int, seen: dict[int, str]) -> Outcomes:
+        """`seen`: trial number -> running | ended, as this process's callbacks saw them."""
         out = cls()
         for t in trials:
             number = int(t.config.get("trial_number", -1))
             out.trial_ids[number] = t.trial_id
             out.configs[number] = dict(t.config)
-            if t.status == "ERROR":
+            if seen.get(number) == "running":
+                out.status[number] = "unfinished"
+            elif t.status == "ERROR":
                 out.status[number] = "failed"
                 out.errors[number] = tracking.error_reason(t)
             elif t.status == "TERMINATED":
@@ -348,6 +370,7 @@ class Session:
                  epochs: int) -> None:
         self.results, self.mlflow, self.progress = results, mlflow, progress
         self.epochs = epochs
+        self.seen: dict[int, str] = {}  # trial number -> running | ended, in this process
         self.outcomes: Outcomes | None = None
 
 
@@ -369,6 +392,7 @@ class SearchCallback(Callback):
         return _SESSIONS[self.key]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.session.seen[_number(trial)] = "running"
         self.session.mlflow.on_trial_start(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -378,10 +402,12 @@ class SearchCallback(Callback):
         s.progress.on_trial_result(trial, result, trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.session.seen[_number(trial)] = "ended"
         self.session.mlflow.on_trial_complete(trial)
         self.session.progress.on_trial_complete(trial, trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.session.seen[_number(trial)] = "ended"
         self.session.mlflow.on_trial_error(trial)
         self.session.progress.on_trial_error(trial, trials)
 
@@ -389,7 +415,11 @@ class SearchCallback(Callback):
         self.session.progress.on_trial_recover(trial, trials)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.session.outcomes = Outcomes.of(trials, self.session.epochs)
+        self.session.outcomes = Outcomes.of(trials, self.session.epochs, self.session.seen)
+
+
+def _number(trial: Any) -> int:
+    return int(trial.config.get("trial_number", -1))
 
 
 @dataclass
@@ -666,7 +696,7 @@ def run_search(
     deadline = _Deadline(writer, uri, log)
     synced = deadline.drain()
     if complete:
-        close_failed(load_study(search_dir, spec.name), outcomes.errors)
+        settle_study(load_study(search_dir, spec.name), outcomes, session.results.by_trial(), spec.metrics)
         reconcile(search_dir, spec.name, set(outcomes.status))
         if synced:
             try:

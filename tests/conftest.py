@@ -244,7 +244,7 @@ def assert_consistent(trials: Path, name: str, num_samples: int, epochs: int,
     assert len(parents) == 1
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(ray_trials)
     for child in children:
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED" and "error" not in child.data.tags
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
         assert steps == sorted(steps) and len(steps) == len(set(steps)), "metric steps repeated"
         assert steps == list(range(1, last[child.data.tags["trial_id"]]["epoch"] + 1))

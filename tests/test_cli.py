@@ -200,3 +200,31 @@ def test_ray_messages_become_one_line_each() -> None:
         "searchkd: ray: Task was killed due to the node running low on memory",
         "searchkd: tracking server is back",
     ]
+
+
+def test_cluster_options_that_cannot_work_are_one_line(capsys, tmp_path: Path, space_file) -> None:
+    """--num-cpus sizes a local Ray only; a trials directory is a local path (remote storage is
+    --storage); a tracking server that does not answer is refused before anything starts."""
+    from conftest import free_port
+
+    trials = tmp_path / "trials"
+    code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", str(trials),
+                       "--address", "127.0.0.1:6379", "--num-cpus", "2")
+    assert code == 2 and err.count("\n") == 1 and "--num-cpus sets the CPUs of a local Ray" in err
+    code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", "s3://bucket/trials")
+    assert code == 2 and err.count("\n") == 1 and "with --storage" in err
+    code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", str(trials),
+                       "--tracking-uri", f"http://127.0.0.1:{free_port()}")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("searchkd: error: --tracking-uri http://127.0.0.1:") and "not reachable" in err
+    assert not trials.exists()
+
+
+def test_storage_option_is_part_of_the_resolved_space(tmp_path: Path, space_file, monkeypatch) -> None:
+    from searchkd.cli import load_space
+
+    monkeypatch.chdir(tmp_path)
+    assert load_space(space_file(), "runs").search.storage == str(tmp_path / "runs")
+    uri = "s3://bucket/p?endpoint_override=10.0.0.1:9000"
+    assert load_space(space_file(), uri).search.storage == uri
+    assert load_space(space_file()).search.storage is None

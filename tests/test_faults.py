@@ -3,6 +3,7 @@ or duplicated; NaN trials fail alone. Marked integration and slow: each step sta
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,8 +12,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import optuna
 import pytest
-from conftest import assert_consistent, rows, tiny_space, write_space
+from conftest import (
+    assert_consistent,
+    descendants,
+    free_port,
+    rows,
+    start_mlflow,
+    stop_group,
+    tiny_space,
+    wait_until,
+    write_space,
+)
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
@@ -42,6 +54,18 @@ def run_until(cmd: list[str], ready: Callable[[], bool], timeout: float = 240) -
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def trial_workers(proc: subprocess.Popen) -> list[int]:
+    """PIDs of the trial processes of a search this test started (found below its driver)."""
+    pids = []
+    for pid in descendants(proc.pid):
+        try:
+            if b"ray::ImplicitFunc" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
 
 
 def test_sigkill_at_several_points_then_resume(tmp_path: Path) -> None:
@@ -116,8 +140,7 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path: Path) -> No
         while not any(r["epoch"] >= 2 for r in rows(trials, name)):
             assert proc.poll() is None and time.time() < deadline, "no trial reached epoch 2"
             time.sleep(0.1)
-        workers = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True)
-        pids = [int(p) for p in workers.stdout.split()]
+        pids = trial_workers(proc)
         assert pids, "no trial worker found"
         os.kill(pids[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=400)
@@ -129,3 +152,111 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path: Path) -> No
     assert all(max(r["epoch"] for r in table if r["trial_id"] == t) == epochs
                for t in {r["trial_id"] for r in table})
     assert max(r["start_epoch"] for r in table) >= 1, "the retried trial restarted from epoch 0"
+
+
+def _reader(proc: subprocess.Popen) -> list[str]:
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    import threading
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def test_a_failed_trial_run_again_on_resume_ends_complete_everywhere(tmp_path: Path) -> None:
+    """A trial fails (its process is killed, no retries), the search is interrupted, and the
+    resume runs the trial again from its saved epoch: Optuna COMPLETE with the value MLflow
+    and Parquet hold, its MLflow run FINISHED without the stale error tag."""
+    name, epochs = "rerun", 8
+    raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
+    raw["search"].update(num_samples=3, max_concurrent=2, max_failures=0)
+    space = write_space(tmp_path / f"{name}.yaml", raw)
+    trials = tmp_path / "trials"
+    client = MlflowClient(f"sqlite:///{trials / 'mlflow.db'}")
+    proc = subprocess.Popen(command(space, trials), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = _reader(proc)
+    try:
+        wait_until(lambda: any(r["epoch"] >= 2 for r in rows(trials, name)), "a trial at epoch 2", proc, 600)
+        victim = trial_workers(proc)
+        assert victim, "no trial worker found"
+        os.kill(victim[0], signal.SIGKILL)
+        wait_until(lambda: any("FAILED" in line for line in out), "the trial reported failed", proc, 600)
+
+        def failed_runs() -> list:
+            exp = client.get_experiment_by_name(name)
+            return client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'") if exp else []
+
+        wait_until(lambda: failed_runs(), "its MLflow run marked FAILED", proc, 600)
+        failed = failed_runs()[0]
+        number = int(failed.data.tags["trial_number"])
+        assert failed.data.tags["error"]
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and fit() returns
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, "\n".join(out)
+    assert any("continue with: searchkd tune" in line for line in out)
+    study = load_study(trials / name, name)
+    assert study.trials[number].state == optuna.trial.TrialState.RUNNING  # not FAIL: it may run again
+
+    done = subprocess.run(command(space, trials, "--resume"), env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = assert_consistent(trials, name, 3, epochs)
+    mine = sorted((r for r in table if r["trial_number"] == number), key=lambda r: r["epoch"])
+    assert mine[-1]["epoch"] == epochs and max(r["start_epoch"] for r in mine) >= 1
+    again = client.get_run(failed.info.run_id)
+    assert again.info.status == "FINISHED" and "error" not in again.data.tags
+    trial = load_study(trials / name, name).trials[number]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.value == pytest.approx(mine[-1]["val_acc"])
+
+
+def test_tracking_store_away_at_the_end_stops_in_one_line_and_resume_sends_the_rest(tmp_path: Path) -> None:
+    """The server goes away and stays away past the end of the search: the search ends
+    with one line and the resume command, state interrupted; the resume sends the rest."""
+    name, epochs = "away", 4
+    raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs})
+    space = write_space(tmp_path / f"{name}.yaml", raw)
+    trials = tmp_path / "trials"
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow(port, tmp_path / "server")
+    try:
+        env = {**ENV, "SEARCHKD_TRACKING_WAIT": "3"}
+        proc = subprocess.Popen(command(space, trials, "--tracking-uri", uri), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        out = _reader(proc)
+        try:
+            wait_until(lambda: rows(trials, name), "a first epoch", proc, 600)
+            stop_group(server)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        text = "\n".join(out)
+        assert proc.returncode == 1, text
+        assert sum("unreachable" in line for line in out) == 1, text
+        assert any("did not take" in line and "--resume" in line for line in out), text
+        assert any("continue with: searchkd tune" in line for line in out), text
+        assert "Traceback" not in text
+        state = json.loads((trials / name / "state.json").read_text())
+        assert state["status"] == "interrupted" and state["tracking_pending"] is True
+        assert len(rows(trials, name)) == 2 * epochs  # training finished regardless
+
+        server = start_mlflow(port, tmp_path / "server")
+        done = subprocess.run(command(space, trials, "--resume", "--tracking-uri", uri), env=ENV,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert json.loads((trials / name / "state.json").read_text())["status"] == "finished"
+        assert_consistent(trials, name, 2, epochs, tracking_uri=uri)
+    finally:
+        stop_group(server)
