@@ -141,17 +141,24 @@ def load_study(search_dir: Path, name: str) -> optuna.Study:
 
 
 class ResumableOptunaSearch(OptunaSearch):
-    """OptunaSearch that tolerates restarts and leaves a failed trial open until the end.
+    """OptunaSearch whose study never holds a result Tune's saved state does not.
 
-    Tune restores its trials from the last experiment snapshot; a trial that finished after
-    it runs its last epochs again, while the Optuna study already holds its final value.
-    Reports and completions for trials Optuna already closed are ignored instead of crashing
-    the driver: the first, recorded value stands.
+    Tune saves its state every ~10 s, and a driver killed in between restores the trials of
+    the last snapshot: one it had seen end runs again, one it had started is forgotten. If
+    Optuna had already been told those ends, the study would keep a value the search then
+    revises, or a trial nobody runs. So a completion is told to Optuna when Tune next saves
+    its state (`save`, called right after the trials' states are written), and a restored
+    searcher knows only the completions its snapshot holds. Reports and completions for
+    trials Optuna already closed are ignored: the first, recorded value stands.
 
-    A trial that errors is not told FAIL at once: a resumed search runs it again, and Optuna
+    A trial that errors is not told FAIL at all: a resumed search runs it again, and Optuna
     can never turn FAIL into COMPLETE. `settle_study` tells FAIL for the trials that are
-    still failed when the search ends.
+    still failed when the search ends, and the value of any ended trial still open.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ended: dict[str, dict | None] = {}  # trial id -> final result, told at the next save
 
     def _closed(self, trial_id: str) -> bool:
         ot_trial = self._ot_trials.get(trial_id)
@@ -163,7 +170,7 @@ class ResumableOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Intermediate values are the metric per epoch, once each: a trial that restarts
         from its saved epoch reports that epoch again (Tune's iteration count starts over)."""
-        if self._closed(trial_id) or isinstance(self.metric, list):
+        if trial_id in self._ended or self._closed(trial_id) or isinstance(self.metric, list):
             return
         value, epoch = result.get(self.metric), result.get("epoch")
         if value is None or epoch is None:
@@ -175,9 +182,16 @@ class ResumableOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._closed(trial_id):
             self._completed_trials.add(trial_id)
-            return
-        if not error:
-            super().on_trial_complete(trial_id, result, error)
+        elif not error:
+            self._ended[trial_id] = result
+
+    def save(self, checkpoint_path: str) -> None:
+        # Tune has just written the snapshot that records these trials as ended.
+        for trial_id, result in list(self._ended.items()):
+            if not self._closed(trial_id):
+                super().on_trial_complete(trial_id, result, False)
+        self._ended.clear()
+        super().save(checkpoint_path)
 
 
 def _set_user_attr(study: optuna.Study, number: int, key: str, value: str) -> None:
