@@ -37,9 +37,8 @@ ALL = objective_names()
 
 
 def has_own_term(name: str) -> bool:
-    """Objectives whose L_obj is not identically zero (kd and ce have none)."""
-    tunables = get_objective(name).tunables
-    return "weight" in tunables and tunables["weight"].default > 0
+    """Objectives with a term of their own (kd and ce have none)."""
+    return bool(get_objective(name).own_term_weights())
 
 
 def hp_for(name: str, **overrides: object) -> dict[str, object]:
@@ -274,10 +273,10 @@ def test_aligned_features_score_lower_than_shuffled(name, pair, batch) -> None:
 def test_each_weight_scales_its_own_term(name, pair, batch) -> None:
     teacher, student = pair
     student.eval()
-    term_of = {"ce_weight": "ce", "kd_weight": "kd", "weight": name}
-    keys = [k for k in term_of if k in get_objective(name).tunables]
-    if name == "kd":
-        keys = [k for k in keys if k != "weight"]  # kd has no term of its own to scale
+    cls = get_objective(name)
+    term_of = {"ce_weight": "ce", "kd_weight": "kd",
+               **{weight: term for term, weight in cls.own_term_weights().items()}}
+    keys = [k for k in term_of if k in cls.tunables]
     ones = {k: 1.0 for k in keys}
     base = run(build(name, teacher, student, batch[0], **ones), student, teacher, batch)
     for key in keys:
