@@ -480,6 +480,27 @@ def test_stkd_temperatures_move_the_value_the_expected_way(pair, batch) -> None:
     assert similarity_transfer(s.logits, t.logits, 1e4, 0.1).item() < 1e-6
 
 
+def test_stkd_similarity_softmax_temperature_is_its_own_knob() -> None:
+    from searchkd.objectives.stkd import similarity_transfer
+
+    g = torch.Generator().manual_seed(2)
+    zs, zt = torch.randn(6, NUM_CLASSES, generator=g), torch.randn(6, NUM_CLASSES, generator=g)
+    f_s = Fixed(fake(zs, [zs], zs, zs))
+    f_t = Fixed(fake(zt, [zt], zt, zt))
+    y = torch.arange(6) % NUM_CLASSES
+
+    def stkd_term(**hp: float) -> float:
+        obj = get_objective("stkd")({"mix_alpha": 0.0, **hp}, f_t.features, f_s.features, CTX)
+        return obj(f_s, f_t, zs, y, None)[1]["stkd"].item()
+
+    assert get_objective("stkd").tunables["sim_softmax_temperature"].default == 4.0
+    base = stkd_term(kd_temperature=4.0, sim_softmax_temperature=2.0, sim_temperature=0.2)
+    assert base == pytest.approx(similarity_transfer(zs, zt, 2.0, 0.2).item(), rel=1e-6)
+    # Moving the KD temperature leaves the similarity term alone; its own temperature moves it.
+    assert stkd_term(kd_temperature=8.0, sim_softmax_temperature=2.0, sim_temperature=0.2) == base
+    assert stkd_term(kd_temperature=4.0, sim_softmax_temperature=6.0, sim_temperature=0.2) != pytest.approx(base)
+
+
 def crd_setup(tau: float = 0.5, momentum: float = 0.5):
     """N = 4, dim 2, K = 2 negatives, identity heads, hand-set banks."""
     ctx = ObjectiveContext(num_classes=2, num_train=4)
