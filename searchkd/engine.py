@@ -160,7 +160,7 @@ class Engine:
             t_feats = self.teacher.forward_features(example) if self.teacher is not None else s_feats
             self.student.train()
         self.objective: Objective = self.objective_cls(
-            spec.loss, t_feats, s_feats, ObjectiveContext(L.num_classes, L.num_train)
+            spec.loss, t_feats, s_feats, ObjectiveContext(L.num_classes, L.num_train, L.train_labels)
         ).to(self.device)
         self.student_params = count_params(self.student)
         self.student_macs = count_macs(self.student, example)

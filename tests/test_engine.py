@@ -56,6 +56,16 @@ def test_teacher_is_frozen_and_stays_in_eval_mode(teacher: Path) -> None:
         assert torch.equal(v, before[k]), f"teacher {k} changed"
 
 
+def test_crd_gets_the_training_labels_before_the_first_batch(teacher: Path) -> None:
+    space = tiny_space()
+    space.update(objective="crd", loss={"dim": 16, "negatives": 64}, params={})
+    e = Engine(Spec.model_validate(space), seed=0, teacher_checkpoint=teacher, device="cpu")
+    labels = e.objective.book.labels
+    assert labels.shape == (e.loaders.num_train,) and (labels >= 0).all()
+    for _, y, index in e.loaders.train:  # in the order of the indices batches carry
+        assert torch.equal(labels[index], y)
+
+
 def test_resume_from_checkpoint_continues_exactly(teacher: Path, tmp_path: Path) -> None:
     straight = engine(teacher, seed=3)
     straight.run_epoch()

@@ -618,6 +618,55 @@ def test_negative_draws_cover_every_eligible_index() -> None:
     assert (counts[[1, 3, 4]] > 850).all()  # uniform: 1000 each
 
 
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.integers(0, 3), min_size=2, max_size=16), data=st.data())
+def test_negatives_are_distinct_when_the_pool_holds_k(labels: list[int], data) -> None:
+    """RepDistiller draws K negatives without replacement whenever the sample's pool of
+    other-class indices holds K; a pool of exactly K is drawn whole."""
+    n = len(labels)
+    book = LabelBook(n)
+    book.labels.copy_(torch.tensor(labels))
+    index = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True)))
+    y = torch.tensor(labels)[index]
+    pools = [[j for j in range(n) if labels[j] != int(c)] for c in y]
+    k = data.draw(st.integers(0, min(len(p) for p in pools)))
+    neg = book.sample_negatives(index, y, k)
+    assert neg.shape == (len(index), k)
+    for row, pool in zip(neg.tolist(), pools, strict=True):
+        assert len(set(row)) == k and set(row) <= set(pool)
+        if k == len(pool):
+            assert sorted(row) == pool
+
+
+def test_distinct_negatives_are_uniform_over_the_pool() -> None:
+    book = LabelBook(7)
+    book.labels.copy_(torch.tensor([0, 1, 0, 2, 3, 0, 1]))  # class 0's pool: 1, 3, 4, 6
+    torch.manual_seed(0)
+    rows = 4000
+    neg = book.sample_negatives(torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long), 2)
+    assert (neg[:, 0] != neg[:, 1]).all()
+    counts = torch.bincount(neg.flatten(), minlength=7)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert ((counts[[1, 3, 4, 6]] - 2000).abs() < 150).all()  # 4000·2/4 each; σ ≈ 27
+
+
+def test_crd_knows_the_labels_before_its_first_batch(pair, batch) -> None:
+    """The training labels come through the context, so epoch 1's very first draw already
+    avoids the sample's own class (the labels used to be learnt batch by batch)."""
+    teacher, student = pair
+    x, y, index = batch
+    labels = torch.arange(NUM_TRAIN) % NUM_CLASSES
+    ctx = ObjectiveContext(NUM_CLASSES, NUM_TRAIN, labels)
+    for name, hp in (("crd", {}), ("cktf", {"memory": "bank"})):
+        obj = get_objective(name)(hp_for(name, negatives=NUM_TRAIN - NUM_TRAIN // NUM_CLASSES - 1, **hp),
+                                  features(teacher, x), features(student, x), ctx)
+        assert torch.equal(obj.book.labels, labels)
+        torch.manual_seed(0)
+        neg = obj.book.sample_negatives(index, labels[index], obj.negatives)
+        assert (labels[neg] != labels[index][:, None]).all(), name
+        assert all(len(set(row)) == obj.negatives for row in neg.tolist()), name
+
+
 def lfcc_obj(filter_: str, scales: list[int], fs: Features, ft: Features, bias: bool = True):
     obj = get_objective("lfcc")({"dim": 2, "scales": scales, "layers": 1, "filter": filter_,
                                  "tau": 0.2}, ft, fs, CTX)

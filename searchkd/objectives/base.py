@@ -103,10 +103,16 @@ def common_tunables(
 
 @dataclass(frozen=True)
 class ObjectiveContext:
-    """What an objective may need to know about the data beyond feature shapes."""
+    """What an objective may need to know about the data beyond feature shapes.
+
+    `train_labels`: the label of every training sample, in sample-index order, when the
+    dataset knows them before training (every built-in one does), so an objective that draws
+    negatives from other classes does so from its first batch on.
+    """
 
     num_classes: int
     num_train: int
+    train_labels: Tensor | None = None
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

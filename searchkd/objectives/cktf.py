@@ -106,7 +106,7 @@ class CKTF(Objective):
                 self.memories[name] = ContrastMemory(ctx.num_train, dim, self.hp["tau"], CRD_MOMENTUM)
             self.pair_names.append(name)
         # One label book for all pairs: the negatives of a sample are shared across layers.
-        self.book = LabelBook(ctx.num_train) if self.needs_index else None
+        self.book = LabelBook(ctx.num_train, ctx.train_labels) if self.needs_index else None
 
     def distill(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:
         negatives = None
