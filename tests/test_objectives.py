@@ -141,6 +141,11 @@ def permuted(f: Features, perm: Tensor) -> Features:
                     logits=f.logits[perm])
 
 
+def own_loss(obj: Objective, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:
+    """The objective's own terms, weighted and summed (L_obj as it enters the loss)."""
+    return sum(obj.own_terms(s, t, y, index).values())
+
+
 def tie_heads(obj: Objective) -> None:
     """Shared heads: the student side becomes a copy of the teacher side."""
     if hasattr(obj, "student_heads"):
@@ -164,8 +169,8 @@ def test_finite_loss_and_gradients_reach_student_and_heads_not_teacher(name, bat
     assert torch.isfinite(loss)
     assert all(torch.isfinite(v) for v in terms.values())
     if has_own_term(name):
-        # The objective's own term alone must already train the student and every head.
-        terms[name].backward(retain_graph=True)
+        # The objective's own terms alone must already train the student and every head.
+        sum(terms[k] for k in get_objective(name).own_term_weights()).backward(retain_graph=True)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
         for pname, p in obj.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), pname
@@ -249,12 +254,12 @@ def aligned_and_shuffled(obj: Objective, t: Features, y: Tensor, index: Tensor,
     with torch.no_grad():
         obj.train()
         for _ in range(warmup):
-            obj.distill(t, t, y, index)
+            own_loss(obj, t, t, y, index)
         obj.eval()  # no bank updates while comparing
         torch.manual_seed(0)
-        aligned = obj.distill(t, t, y, index).item()
+        aligned = own_loss(obj, t, t, y, index).item()
         torch.manual_seed(0)
-        shuffled = obj.distill(permuted(t, torch.roll(torch.arange(len(y)), 1)), t, y, index).item()
+        shuffled = own_loss(obj, permuted(t, torch.roll(torch.arange(len(y)), 1)), t, y, index).item()
     return aligned, shuffled
 
 
@@ -765,65 +770,121 @@ def test_lfcc_works_across_heterogeneous_pairs(teacher_arch, student_arch, filte
     assert aligned < shuffled
 
 
+def ref_grid(m: Tensor, k: int, channels: int, batch_norm: bool) -> list[list[float]]:
+    """Plain-Python cktf pair input: optionally divide each (c, y, x) entry by its L2 norm over
+    the batch, zero-pad channels, average k×k blocks, flatten in (c, y, x) order."""
+    b, c, h, w = m.shape
+    x = m.tolist()
+    if batch_norm:
+        for ci in range(c):
+            for yi in range(h):
+                for xi in range(w):
+                    n = math.sqrt(sum(x[bi][ci][yi][xi] ** 2 for bi in range(b)))
+                    for bi in range(b):
+                        x[bi][ci][yi][xi] /= n
+    out = []
+    for bi in range(b):
+        row = []
+        for ci in range(channels):
+            for gy in range(h // k):
+                for gx in range(w // k):
+                    cell = [x[bi][ci][gy * k + i][gx * k + j] if ci < c else 0.0
+                            for i in range(k) for j in range(k)]
+                    row.append(sum(cell) / len(cell))
+        out.append(row)
+    return out
+
+
 def test_cktf_known_value_batch_mode() -> None:
+    """L = CE + weight · L_final + inter_weight · Σ_l L_l with independent weights (0.8 and 0.1,
+    not 0.8 · 0.1), stage maps normalised over the batch, 2×2 grids, stem not normalised."""
     g = torch.Generator().manual_seed(0)
     b = 3
-    s = fake(torch.rand(b, 1, 2, 2, generator=g), [torch.rand(b, 2, 2, 2, generator=g)],
+    s = fake(torch.rand(b, 1, 4, 4, generator=g), [torch.randn(b, 2, 4, 4, generator=g)],
              torch.rand(b, 2, generator=g), torch.zeros(b, 2))
-    t = fake(torch.rand(b, 2, 2, 2, generator=g), [torch.rand(b, 2, 1, 1, generator=g)],
+    t = fake(torch.rand(b, 2, 4, 4, generator=g), [torch.randn(b, 2, 4, 4, generator=g)],
              torch.rand(b, 2, generator=g), torch.zeros(b, 2))
-    obj = get_objective("cktf")({"dim": 2, "memory": "batch", "tau": 0.3, "inter_weight": 0.25},
-                                t, s, CTX)
+    obj = get_objective("cktf")({"dim": 8, "memory": "batch", "tau": 0.3, "pool_kernel": 2}, t, s, CTX)
     assert not obj.needs_index and len(obj.memories) == 0
+    assert (obj.hp["weight"], obj.hp["inter_weight"]) == (0.8, 0.1)
+    assert {n: h.in_features for n, h in obj.student_heads.items()} == {"stem": 8, "stage0": 8, "final": 2}
     for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
         identity_(head)
 
-    def vecs(x: Tensor) -> list[list[float]]:
-        flat = x.flatten(2).mean(-1).tolist() if x.dim() > 2 else x.tolist()
-        return [normalize(r + [0.0] * (2 - len(r))) for r in flat]  # zero-pad to 2 channels
+    def sym(a: list[list[float]], c: list[list[float]]) -> float:
+        return ref_sym([normalize(r) for r in a], [normalize(r) for r in c], 0.3)
 
-    inter = ref_sym(vecs(s.stem), vecs(t.stem), 0.3) + ref_sym(vecs(s.stages[0]), vecs(t.stages[0]), 0.3)
-    expected = ref_sym(vecs(s.pool), vecs(t.pool), 0.3) + 0.25 * inter
-    got = obj.distill(s, t, torch.zeros(b).long(), None)  # batch mode: no index needed
-    assert got.item() == pytest.approx(expected, rel=1e-5)
+    stem = sym(ref_grid(s.stem, 2, 2, batch_norm=False), ref_grid(t.stem, 2, 2, batch_norm=False))
+    stage = sym(ref_grid(s.stages[0], 2, 2, batch_norm=True), ref_grid(t.stages[0], 2, 2, batch_norm=True))
+    final = sym(s.pool.tolist(), t.pool.tolist())
+    terms = obj.own_terms(s, t, torch.zeros(b).long(), None)  # batch mode: no index needed
+    assert terms.keys() == {"cktf", "cktf_inter"}
+    assert terms["cktf"].item() == pytest.approx(0.8 * final, rel=1e-5)
+    assert terms["cktf_inter"].item() == pytest.approx(0.1 * (stem + stage), rel=1e-5)
 
 
 def test_cktf_bank_mode_sums_crd_terms_per_layer(pair, batch, monkeypatch) -> None:
     monkeypatch.setattr(LabelBook, "sample_negatives", deterministic_negatives)
     teacher, student = pair
     x, y, index = batch
-    obj = build("cktf", teacher, student, x, inter_weight=0.5)
+    obj = build("cktf", teacher, student, x, inter_weight=0.5, pool_kernel=2)
     assert obj.needs_index and set(obj.memories) == {"stem", "stage0", "stage1", "stage2", "final"}
     s, t = features(student, x), features(teacher, x)
     reference = copy.deepcopy(obj)
-    got = obj.distill(s, t, y, index)
+    got = obj.own_terms(s, t, y, index)
     negatives = deterministic_negatives(reference.book, index, y, reference.negatives)
+
+    def prepared(name: str, f: Tensor, c: int) -> Tensor:
+        if f.dim() == 2:
+            return f
+        if name != "stem":
+            f = f / f.norm(dim=0, keepdim=True).clamp(min=1e-12)  # an all-zero entry stays 0
+        f = torch.cat([f, f.new_zeros(f.shape[0], c - f.shape[1], *f.shape[2:])], 1)
+        k = min(2, f.shape[-1])
+        return f.unflatten(2, (-1, k)).unflatten(4, (-1, k)).mean((3, 5)).flatten(1)
+
     per_layer = {}
-    for name, fs, ft in layer_pairs(s, t, "last"):
-        c = reference.student_heads[name].in_features
-        pad = lambda f, c=c: F.pad(f.flatten(2).mean(-1) if f.dim() > 2 else f,  # noqa: E731
-                                   (0, c - f.shape[1]))
-        v_s = F.normalize(reference.student_heads[name](pad(fs)), dim=1)
-        v_t = F.normalize(reference.teacher_heads[name](pad(ft)), dim=1)
+    for name, fs, ft in layer_pairs(s, t):
+        c = max(fs.shape[1], ft.shape[1])
+        v_s = F.normalize(reference.student_heads[name](prepared(name, fs, c)), dim=1)
+        v_t = F.normalize(reference.teacher_heads[name](prepared(name, ft, c)), dim=1)
         per_layer[name] = reference.memories[name](v_s, v_t, index, negatives)
-    expected = per_layer.pop("final") + 0.5 * sum(per_layer.values())
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got["cktf"], 0.8 * per_layer.pop("final"))
+    torch.testing.assert_close(got["cktf_inter"], 0.5 * sum(per_layer.values()))
     with pytest.raises(ValueError, match="indices"):
-        obj.distill(s, t, y, None)
+        obj.own_terms(s, t, y, None)
 
 
-def test_cktf_teacher_block_pairs_stages_by_relative_depth() -> None:
-    # Equal counts: stage to stage, whatever the block.
-    for block in ("last", "first"):
-        assert [teacher_stage_for(j, 3, 3, block) for j in range(3)] == [0, 1, 2]
-    # A 4-stage teacher (VGG) for a 3-stage student: groups [0, 1], [2], [3].
-    assert [teacher_stage_for(j, 3, 4, "last") for j in range(3)] == [1, 2, 3]
-    assert [teacher_stage_for(j, 3, 4, "first") for j in range(3)] == [0, 2, 3]
+def test_cktf_pools_cifar_maps_to_the_authors_grids() -> None:
+    """resnet32x4 → resnet8x4 on 32×32: kernel 8 keeps the stem and first stage as 4×4 grids,
+    the second as 2×2, the third as 1×1 (channels at width 1/4: 8, 16, 32, 64)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    teacher = build_model("resnet32x4", NUM_CLASSES, width=0.25).eval()
+    student = build_model("resnet8x4", NUM_CLASSES, width=0.25).eval()
+    obj = get_objective("cktf")({"dim": 16, "negatives": 8}, features(teacher, x), features(student, x), CTX)
+    widths = {n: (h.in_features, obj.teacher_heads[n].in_features) for n, h in obj.student_heads.items()}
+    assert widths == {"stem": (8 * 16, 8 * 16), "stage0": (16 * 16, 16 * 16), "stage1": (32 * 4, 32 * 4),
+                      "stage2": (64, 64), "final": (64, 64)}
+    glob = get_objective("cktf")({"dim": 16, "negatives": 8, "pool_kernel": 0},
+                                 features(teacher, x), features(student, x), CTX)
+    assert [h.in_features for h in glob.student_heads.values()] == [8, 16, 32, 64, 64]
+
+
+def test_cktf_has_no_teacher_block_knob() -> None:
+    """Choosing a teacher block inside a stage needs per-block taps the models do not expose;
+    a stage-level knob gave identical pairs for every pair of the published table."""
+    assert "teacher_block" not in get_objective("cktf").tunables
+
+
+def test_cktf_pairs_stages_by_relative_depth() -> None:
+    assert [teacher_stage_for(j, 3, 3) for j in range(3)] == [0, 1, 2]
+    # A 4-stage teacher (VGG) for a 3-stage student: groups [0, 1], [2], [3], the last of each.
+    assert [teacher_stage_for(j, 3, 4) for j in range(3)] == [1, 2, 3]
     # Six teacher stages, two student stages.
-    assert [teacher_stage_for(j, 2, 6, "last") for j in range(2)] == [2, 5]
-    assert [teacher_stage_for(j, 2, 6, "first") for j in range(2)] == [0, 3]
+    assert [teacher_stage_for(j, 2, 6) for j in range(2)] == [2, 5]
     # A shallower teacher: shared stages at the same relative depth.
-    assert [teacher_stage_for(j, 4, 2, "last") for j in range(4)] == [0, 0, 1, 1]
+    assert [teacher_stage_for(j, 4, 2) for j in range(4)] == [0, 0, 1, 1]
 
 
 def test_cktf_pairs_a_deeper_teacher_and_pads_the_narrower_side() -> None:
@@ -832,12 +893,12 @@ def test_cktf_pairs_a_deeper_teacher_and_pads_the_narrower_side() -> None:
              torch.rand(b, 9), torch.rand(b, 3))
     s = fake(torch.rand(b, 2, 4, 4), [torch.rand(b, 3, 4, 4) for _ in range(3)],
              torch.rand(b, 12), torch.rand(b, 3))
-    for block, chosen in (("last", [7, 8, 9]), ("first", [6, 8, 9])):
-        obj = get_objective("cktf")({"dim": 4, "memory": "batch", "teacher_block": block}, t, s, CTX)
-        widths = [obj.student_heads[f"stage{j}"].in_features for j in range(3)]
-        assert widths == chosen
-        assert obj.student_heads["final"].in_features == 12  # the student is wider here
-        assert torch.isfinite(obj.distill(s, t, torch.zeros(b).long(), None))
+    obj = get_objective("cktf")({"dim": 4, "memory": "batch", "pool_kernel": 0}, t, s, CTX)
+    assert [obj.student_heads[f"stage{j}"].in_features for j in range(3)] == [7, 8, 9]
+    assert obj.student_heads["stem"].in_features == 6
+    # The final vectors enter as they are, each side its own width.
+    assert (obj.student_heads["final"].in_features, obj.teacher_heads["final"].in_features) == (12, 9)
+    assert all(torch.isfinite(v) for v in obj.own_terms(s, t, torch.zeros(b).long(), None).values())
 
 
 @settings(max_examples=25, deadline=None)
