@@ -672,51 +672,123 @@ def test_crd_knows_the_labels_before_its_first_batch(pair, batch) -> None:
         assert all(len(set(row)) == obj.negatives for row in neg.tolist()), name
 
 
-def lfcc_obj(filter_: str, scales: list[int], fs: Features, ft: Features, bias: bool = True):
-    obj = get_objective("lfcc")({"dim": 2, "scales": scales, "layers": 1, "filter": filter_,
+def lfcc_obj(filter_: str, scales: list[int], fs: Features, ft: Features, dim: int = 2):
+    """lfcc with identity 1×1 convs (dim = channels × cells keeps every number of the grid)."""
+    obj = get_objective("lfcc")({"dim": dim, "scales": scales, "layers": 1, "filter": filter_,
                                  "tau": 0.2}, ft, fs, CTX)
     for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
         identity_(head[0])
-        if not bias:
-            nn.init.zeros_(head[2].bias)
     return obj
 
 
-def test_lfcc_known_value_avgpool_into_the_compact_space() -> None:
+def ref_linear(flat: list[list[float]], linear: nn.Linear) -> list[list[float]]:
+    w, b = linear.weight.tolist(), linear.bias.tolist()
+    return [normalize([dot(row, f) + bias for row, bias in zip(w, b, strict=True)]) for f in flat]
+
+
+def block_means(m: Tensor, c: int) -> list[list[float]]:
+    """B×C×H×W → per sample the c×c block means of every channel, flattened (c, y, x)."""
+    b, ch, h, w = m.shape
+    x = m.tolist()
+    kh, kw = h // c, w // c
+    return [[sum(x[bi][ci][gy * kh + i][gx * kw + j] for i in range(kh) for j in range(kw)) / (kh * kw)
+             for ci in range(ch) for gy in range(c) for gx in range(c)] for bi in range(b)]
+
+
+def ref_dct(m: Tensor, c: int) -> list[list[float]]:
+    """The lowest c×c orthonormal DCT-II coefficients of every channel divided by √(HW), by the
+    textbook double sum, flattened (c, u, v)."""
+    b, ch, h, w = m.shape
+    x = m.tolist()
+
+    def alpha(k: int, n: int) -> float:
+        return math.sqrt((1 if k == 0 else 2) / n)
+
+    def coef(plane: list[list[float]], u: int, v: int) -> float:
+        return sum(plane[i][j] * math.cos(math.pi * (2 * i + 1) * u / (2 * h))
+                   * math.cos(math.pi * (2 * j + 1) * v / (2 * w))
+                   for i in range(h) for j in range(w)) * alpha(u, h) * alpha(v, w) / math.sqrt(h * w)
+
+    return [[coef(x[bi][ci], u, v) for ci in range(ch) for u in range(c) for v in range(c)]
+            for bi in range(b)]
+
+
+@pytest.mark.parametrize(("filter_", "reference"), [("avgpool", block_means), ("dct", ref_dct)])
+def test_lfcc_known_value_in_the_compact_space(filter_: str, reference) -> None:
+    """`scales: [2]` keeps a 2×2 grid of each map whatever its size (student 8×8, teacher 4×4):
+    block means for avgpool, the lowest 2×2 DCT coefficients for dct."""
     g = torch.Generator().manual_seed(0)
-    ms = torch.rand(3, 2, 4, 4, generator=g)  # student 4×4, teacher 2×2: compact space 2×2
-    mt = torch.rand(3, 2, 2, 2, generator=g)
+    ms = torch.rand(3, 2, 8, 8, generator=g)
+    mt = torch.rand(3, 2, 4, 4, generator=g)
     v = torch.zeros(3, 2)
     fs, ft = fake(ms, [ms], v, v), fake(mt, [mt], v, v)
-    obj = lfcc_obj("avgpool", [1], fs, ft)
+    obj = lfcc_obj(filter_, [2], fs, ft, dim=8)
     got = obj.distill(fs, ft, torch.zeros(3).long(), None)
-
-    def vec(m: Tensor, linear: nn.Linear) -> list[list[float]]:
-        h = m.shape[-1] // 2
-        blocks = m.unflatten(2, (2, h)).unflatten(4, (2, h)).mean((3, 5))  # B×C×2×2 block means
-        flat = blocks.flatten(1).tolist()  # 1×1 identity conv, then flatten (c, y, x)
-        w, b = linear.weight.tolist(), linear.bias.tolist()
-        return [normalize([dot(row, f) + bias for row, bias in zip(w, b, strict=True)]) for f in flat]
-
-    qs = vec(ms, obj.student_heads["tap-1_k1"][2])
-    qt = vec(mt, obj.teacher_heads["tap-1_k1"][2])
+    qs = ref_linear(reference(ms, 2), obj.student_heads["tap-1_c2"][2])
+    qt = ref_linear(reference(mt, 2), obj.teacher_heads["tap-1_c2"][2])
     assert got.item() == pytest.approx(ref_sym(qs, qt, 0.2), rel=1e-5)
 
 
-def test_lfcc_dct_dc_coefficient_equals_global_pool() -> None:
-    """Without biases, the 1×1 DCT (the DC term, mean·√(HW)) and a global average pool give
-    the same normalised vectors, hence the same loss."""
+def test_lfcc_both_filters_read_scales_as_the_grid_kept() -> None:
+    """One meaning of c for both filters: c×c numbers per channel; at c = 1 both keep the
+    map's mean, so with the same heads they give the same loss."""
+    from searchkd.objectives.lfcc import FILTERS
+
     g = torch.Generator().manual_seed(1)
-    ms = torch.rand(4, 2, 4, 4, generator=g)
+    m = torch.rand(4, 2, 8, 8, generator=g)
+    for c in (1, 2, 4):
+        assert FILTERS["avgpool"](m, c).shape == FILTERS["dct"](m, c).shape == (4, 2, c, c)
+    torch.testing.assert_close(FILTERS["dct"](m, 1), m.mean((2, 3), keepdim=True))
     mt = torch.rand(4, 2, 4, 4, generator=g)
     v = torch.zeros(4, 2)
-    fs, ft = fake(ms, [ms], v, v), fake(mt, [mt], v, v)
-    by_dct = lfcc_obj("dct", [1], fs, ft, bias=False)
-    by_pool = lfcc_obj("avgpool", [4], fs, ft, bias=False)
-    for side in ("student_heads", "teacher_heads"):
-        getattr(by_pool, side)["tap-1_k4"].load_state_dict(getattr(by_dct, side)["tap-1_k1"].state_dict())
+    fs, ft = fake(m, [m], v, v), fake(mt, [mt], v, v)
+    by_dct, by_pool = lfcc_obj("dct", [1], fs, ft), lfcc_obj("avgpool", [1], fs, ft)
+    by_pool.load_state_dict(by_dct.state_dict())
     y = torch.zeros(4).long()
     torch.testing.assert_close(by_dct.distill(fs, ft, y, None), by_pool.distill(fs, ft, y, None))
+
+
+def cifar_pair(teacher_arch: str, student_arch: str, width: float = 1.0):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    teacher = build_model(teacher_arch, 100).eval()
+    student = build_model(student_arch, 100, width=width).eval()
+    return teacher, student, features(teacher, x), features(student, x)
+
+
+@pytest.mark.parametrize("student_arch", ["vit_tiny", "resnet8x4"])
+@pytest.mark.parametrize("filter_", ["avgpool", "dct"])
+def test_lfcc_default_scales_never_keep_a_whole_map(student_arch: str, filter_: str) -> None:
+    """Every filter of the default bank is a low-pass one on the CIFAR-100 pairs: it keeps
+    fewer cells than both maps have (the old kernel-1 average pool kept all of them)."""
+    _, _, t, s = cifar_pair("resnet32x4", student_arch)
+    obj = get_objective("lfcc")({"filter": filter_}, t, s, ObjectiveContext(100, 50000))
+    kept = 0
+    for tap in obj.taps:
+        for c in obj.scales[tap]:
+            for f in (s.stages[tap], t.stages[tap]):
+                assert math.prod(obj.filter(f, c).shape[-2:]) < math.prod(f.shape[-2:])
+                kept += 1
+    assert kept == 2 * len(obj.taps) * 3  # all three default scales are used on these maps
+    # On a 2×2 map, 2 and 4 would keep everything: only the global mean remains.
+    small = torch.rand(4, 3, 2, 2)
+    tiny = get_objective("lfcc")({"layers": 1, "dim": 8}, fake(small, [small], small[:, :, 0, 0], small),
+                                 fake(small, [small], small[:, :, 0, 0], small), CTX)
+    assert tiny.scales[-1] == [1]
+
+
+@pytest.mark.parametrize("student_arch", ["vit_tiny", "resnet8x4"])
+def test_lfcc_heads_are_no_bigger_than_the_student(student_arch: str) -> None:
+    """resnet32x4 → vit_tiny used to add 22.6M head parameters to a 2.7M student: the linear
+    layer saw dim × (the whole map). Now it sees about dim numbers whatever the grid."""
+    from searchkd.models import count_params
+
+    _, student, t, s = cifar_pair("resnet32x4", student_arch)
+    obj = get_objective("lfcc")({}, t, s, ObjectiveContext(100, 50000))
+    heads = sum(p.numel() for p in obj.parameters() if p.requires_grad)
+    assert heads <= count_params(student)
+    if student_arch == "vit_tiny":
+        assert heads < 1_100_000  # 1,048,896 at the defaults (2 taps × 3 scales × 2 sides)
 
 
 def test_dct_known_coefficients() -> None:
