@@ -432,6 +432,115 @@ def test_msd_known_value() -> None:
     assert got.item() == pytest.approx(ref_sym(qs, qt, 0.1), rel=1e-5)
 
 
+def window_means(m: Tensor, scale: int, pooling: str) -> list[list[list[float]]]:
+    """Plain-Python decoupling of one B×C×H×W map into cells: per cell, per sample, the C
+    channel means over the cell's window. grid: s×s equal blocks; sliding: windows of side
+    ⌈H/s⌉ every ⌈H/(2s)⌉ pixels (overlapping)."""
+    b, c, h, w = m.shape
+    x = m.tolist()
+    if pooling == "grid":
+        k, stride = h // scale, h // scale
+    else:
+        k, stride = math.ceil(h / scale), math.ceil(h / (2 * scale))
+    starts = list(range(0, h - k + 1, stride))
+    cells_ = []
+    for y0 in starts:
+        for x0 in starts:
+            cells_.append([[sum(x[bi][ci][y0 + i][x0 + j] for i in range(k) for j in range(k)) / (k * k)
+                            for ci in range(c)] for bi in range(b)])
+    return cells_  # R × B × C
+
+
+def ref_info_nce_pos(q: list[list[float]], k: list[list[float]], tau: float, labels: list[int]) -> float:
+    """InfoNCE where every key of the anchor's label is a positive (mean −log p over them)."""
+    total = 0.0
+    for i, qi in enumerate(q):
+        logits = [dot(qi, kj) / tau for kj in k]
+        log_z = math.log(sum(math.exp(v) for v in logits))
+        pos = [j for j in range(len(k)) if labels[j] == labels[i]]
+        total += sum(log_z - logits[j] for j in pos) / len(pos)
+    return total / len(q)
+
+
+def ref_msd(ms: Tensor, mt: Tensor, scales: list[int], pooling: str, tau: float,
+            feature_weight: float, labels: list[int] | None = None) -> float:
+    """msd with identity heads on one tap of equal-size maps, from the definition."""
+    def sym(a: list[list[float]], b: list[list[float]]) -> float:
+        if labels is None:
+            return ref_sym(a, b, tau)
+        return 0.5 * (ref_info_nce_pos(a, b, tau, labels) + ref_info_nce_pos(b, a, tau, labels))
+
+    sample_terms, feature_terms = [], []
+    for scale in scales:
+        cs = [[normalize(v) for v in cell] for cell in window_means(ms, scale, pooling)]
+        ct = [[normalize(v) for v in cell] for cell in window_means(mt, scale, pooling)]
+        # sample-wise: per cell, across the batch
+        sample_terms.append(sum(sym(a, b) for a, b in zip(cs, ct, strict=True)) / len(cs))
+        if len(cs) > 1:  # feature-wise: per sample, across its cells (instance positives only)
+            per_sample = [ref_sym([cell[bi] for cell in cs], [cell[bi] for cell in ct], tau)
+                          for bi in range(ms.shape[0])]
+            feature_terms.append(sum(per_sample) / len(per_sample))
+    loss = sum(sample_terms) / len(sample_terms)
+    if feature_terms:
+        loss += feature_weight * sum(feature_terms) / len(feature_terms)
+    return loss
+
+
+def msd_identity(ms: Tensor, mt: Tensor, **hp: object) -> tuple[Objective, Features, Features]:
+    v = torch.zeros(ms.shape[0], 2)
+    fs, ft = fake(ms, [ms], v, v), fake(mt, [mt], v, v)
+    obj = get_objective("msd")({"dim": ms.shape[1], "layers": 1, **hp}, ft, fs, CTX)
+    for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
+        identity_(head)
+    return obj, fs, ft
+
+
+@pytest.mark.parametrize("pooling", ["grid", "sliding"])
+@pytest.mark.parametrize("feature_weight", [0.0, 0.5, 2.0])
+def test_msd_known_value_with_several_cells(pooling: str, feature_weight: float) -> None:
+    """Scales [1, 2] on 4×4 maps: the sample-wise term over 1 + 4 (grid) or 1 + 9 (sliding,
+    2×2 windows every pixel) cells, and the feature-wise term within each sample at scale 2,
+    weighted by feature_weight."""
+    g = torch.Generator().manual_seed(0)
+    ms = torch.randn(4, 3, 4, 4, generator=g)
+    mt = torch.randn(4, 3, 4, 4, generator=g)
+    obj, fs, ft = msd_identity(ms, mt, scales=[1, 2], pooling=pooling, tau=0.2,
+                               feature_weight=feature_weight)
+    got = obj.distill(fs, ft, torch.arange(4), None)
+    expected = ref_msd(ms, mt, [1, 2], pooling, 0.2, feature_weight)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert len(window_means(ms, 2, pooling)) == (4 if pooling == "grid" else 9)
+
+
+def test_msd_sliding_windows_overlap_on_an_8x8_map() -> None:
+    """8×8, s = 2: windows of 4 every 2 pixels, 3×3 of them; s = 4: windows of 2 every pixel,
+    7×7 (each cell shares pixels with its neighbours, unlike the grid's 2×2 and 4×4)."""
+    from searchkd.objectives.msd import decouple
+
+    m = torch.randn(2, 3, 8, 8)
+    for scale, side in ((2, 3), (4, 7)):
+        got = decouple(m, scale, "sliding")
+        assert got.shape[-2:] == (side, side)
+        ref = window_means(m, scale, "sliding")
+        torch.testing.assert_close(got.flatten(2).permute(2, 0, 1), torch.tensor(ref))
+
+
+def test_msd_class_positives_known_value() -> None:
+    """`positives: class`: in the sample-wise term every same-label sample is a positive (mean
+    −log p over them); the feature-wise term keeps the same cell as its only positive."""
+    g = torch.Generator().manual_seed(1)
+    ms = torch.randn(5, 2, 4, 4, generator=g)
+    mt = torch.randn(5, 2, 4, 4, generator=g)
+    labels = [0, 1, 0, 2, 1]
+    obj, fs, ft = msd_identity(ms, mt, scales=[1, 2], positives="class", tau=0.3)
+    got = obj.distill(fs, ft, torch.tensor(labels), None)
+    assert got.item() == pytest.approx(ref_msd(ms, mt, [1, 2], "grid", 0.3, 1.0, labels), rel=1e-5)
+    instance, _, _ = msd_identity(ms, mt, scales=[1, 2], positives="instance", tau=0.3)
+    assert instance.distill(fs, ft, torch.tensor(labels), None).item() == pytest.approx(
+        ref_msd(ms, mt, [1, 2], "grid", 0.3, 1.0), rel=1e-5)
+    assert got.item() != pytest.approx(instance.distill(fs, ft, torch.tensor(labels), None).item())
+
+
 def test_stkd_similarity_transfer_known_value() -> None:
     zs = [[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 2.0, 1.0], [-1.0, 3.0, 0.0]]
     zt = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 3.0], [3.0, 0.0, 1.0]]
