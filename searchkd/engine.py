@@ -73,6 +73,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
+def uses_tf32(cfg: TrainSpec) -> bool:
+    """TF32 matmuls and convolutions on CUDA only under bf16: `precision: fp32` means fp32
+    arithmetic (the published recipes' numerics), not TF32's 10-bit mantissa."""
+    return cfg.precision == "bf16"
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
     fused = device.type == "cuda"  # one kernel for the whole parameter list
     if cfg.optimizer == "adamw":
@@ -129,8 +135,9 @@ class Engine:
             if memory_fraction is not None and 0 < memory_fraction < 1:
                 torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
             torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            tf32 = uses_tf32(spec.train)
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         torch.manual_seed(seed)
         cfg = spec.train
         self.cfg = cfg
@@ -321,4 +328,4 @@ class Engine:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
 
-__all__ = ["CheckpointMismatch", "Engine", "NonFiniteLoss", "load_weights", "pick_device"]
+__all__ = ["CheckpointMismatch", "Engine", "NonFiniteLoss", "load_weights", "pick_device", "uses_tf32"]

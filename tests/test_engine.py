@@ -84,6 +84,13 @@ def test_sgd_is_plain_momentum_unless_nesterov_is_asked(teacher: Path) -> None:
     assert engine(teacher, momentum=0.0).optimizer.param_groups[0]["momentum"] == 0.0
 
 
+def test_fp32_means_fp32_arithmetic_on_cuda_not_tf32() -> None:
+    from searchkd.engine import uses_tf32
+    from searchkd.spec import TrainSpec
+
+    assert uses_tf32(TrainSpec(precision="bf16")) and not uses_tf32(TrainSpec(precision="fp32"))
+
+
 def test_teacher_is_frozen_and_stays_in_eval_mode(teacher: Path) -> None:
     e = engine(teacher)
     before = {k: v.clone() for k, v in e.teacher.state_dict().items()}
