@@ -1,4 +1,4 @@
-"""Sanity properties of every registered objective (METHODS.md) and known values of each.
+"""Sanity properties of every registered objective and known values of each.
 
 The generic tests are parametrised over `objective_names()`, so an objective added later is
 held to the same properties without touching this file. Known values are computed with
