@@ -1,4 +1,4 @@
-"""cktf — contrastive knowledge transfer over intermediate layers (seed 003, CKTF).
+"""cktf — contrastive knowledge transfer over intermediate layers (CKTF, Zhao et al., ICASSP 2023).
 
 CRD contrasts only the penultimate vectors; CKTF adds one contrastive term per
 intermediate layer pair so the student also learns the teacher's structure along the way:
@@ -93,7 +93,9 @@ class CKTF(Objective):
     # each instance says what it really needs, and batch mode ignores the index.
     needs_index = True
     tunables = {
-        **common_tunables(ce_weight=1.0, kd_weight=0.0, kd_temperature=4.0, weight=0.8),
+        **common_tunables(ce_weight=1.0, kd_weight=0.0, kd_temperature=4.0),
+        "weight": Tunable("float", 0.8, "weight of the final pair's term L_final",
+                          {"float": [0.1, 10.0], "log": True}, low=0.0),
         "inter_weight": Tunable("float", 0.1, "weight θ of the intermediate layer terms Σ_l L_l "
                                 "(independent of `weight`, which weighs the final pair's)",
                                 {"float": [0.01, 1.0], "log": True}, low=0.0),

@@ -1,4 +1,4 @@
-"""lfcc — low-frequency contrastive alignment for heterogeneous pairs (seed 002, LFCC).
+"""lfcc — low-frequency contrastive alignment for heterogeneous pairs (LFCC, Wu et al. 2024).
 
 A CNN, a ViT and an MLP-Mixer disagree most in the high frequencies of their feature maps
 (locality, patch borders); their low-frequency content is much more alike. So each tapped

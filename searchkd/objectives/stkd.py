@@ -1,4 +1,4 @@
-"""stkd — similarity transfer with mixup (seed 001, STKD, Zhao et al. 2021).
+"""stkd — similarity transfer with mixup (STKD, Zhao et al. 2021).
 
 Mixup makes virtual samples that lie between two classes, so the teacher's outputs on them
 carry similarities through "incorrect" classes. The student learns them three ways: CE on
