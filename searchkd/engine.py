@@ -6,9 +6,15 @@ reports. `state_dict()` / `load_state_dict()` carry everything needed to resume 
 at an epoch boundary. It never imports Ray, Optuna or MLflow: benchmarks and GPU profiling
 drive it directly, and the trial is a thin adapter around it.
 
-Speed choices (DESIGN.md "Data and speed"): data resident on the device with on-device
-augmentation; on CUDA, bf16 autocast, channels_last and fused optimizers; the teacher runs
-without a graph; optional torch.compile of the student.
+Val and test: the student kept (`best_student`, `test_acc`) is the best-on-val one; the
+test split never chooses anything. `test_acc_last`, the last epoch's test accuracy, is what
+the published CIFAR tables report, so it is measured every epoch too. Without a validation
+split (`val_fraction: 0`, a reproduction run) there is nothing to choose on: `val_acc`,
+`val_top5` and `best_val_acc` are NaN and the kept student is the last epoch's.
+
+Speed choices: data resident on the device with on-device augmentation; on CUDA, bf16
+autocast, channels_last and fused optimizers; the teacher runs without a graph; optional
+torch.compile of the student.
 """
 
 from __future__ import annotations
@@ -73,12 +79,18 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
     model.load_state_dict(state)
 
 
+def uses_tf32(cfg: TrainSpec) -> bool:
+    """TF32 matmuls and convolutions on CUDA only under bf16: `precision: fp32` means fp32
+    arithmetic (the published recipes' numerics), not TF32's 10-bit mantissa."""
+    return cfg.precision == "bf16"
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
     fused = device.type == "cuda"  # one kernel for the whole parameter list
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.momentum > 0, fused=fused)
+                           nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
 
 
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainSpec) -> torch.optim.lr_scheduler.LRScheduler:
@@ -129,8 +141,9 @@ class Engine:
             if memory_fraction is not None and 0 < memory_fraction < 1:
                 torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
             torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            tf32 = uses_tf32(spec.train)
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         torch.manual_seed(seed)
         cfg = spec.train
         self.cfg = cfg
@@ -159,16 +172,21 @@ class Engine:
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
 
-        example = next(iter(L.val))[0][: min(8, L.val.num_samples)]
+        self.has_val = L.val.num_samples > 0
+        shapes_from = L.val if self.has_val else L.test
+        example = next(iter(shapes_from))[0][: min(8, shapes_from.num_samples)]
         with torch.no_grad():
             self.student.eval()
             s_feats = self.student.forward_features(example)
             t_feats = self.teacher.forward_features(example) if self.teacher is not None else s_feats
             self.student.train()
         self.objective: Objective = self.objective_cls(
-            spec.loss, t_feats, s_feats, ObjectiveContext(L.num_classes, L.num_train)
+            spec.loss, t_feats, s_feats, ObjectiveContext(L.num_classes, L.num_train, L.train_labels)
         ).to(self.device)
         self.student_params = count_params(self.student)
+        # The objective's own trainable parameters (heads; memory banks are buffers): trained
+        # beside the student, dropped after, and worth seeing next to student_params.
+        self.objective_params = sum(p.numel() for p in self.objective.parameters() if p.requires_grad)
         self.student_macs = count_macs(self.student, example)
 
         params = [p for p in [*self.student.parameters(), *self.objective.parameters()] if p.requires_grad]
@@ -185,8 +203,8 @@ class Engine:
                 self.train_teacher = CompiledFeatures(self.teacher)
 
         self.epoch = 0
-        self.best_val_acc = -math.inf
-        self.test_acc = float("nan")  # test accuracy of the best-on-val student
+        self.best_val_acc = -math.inf if self.has_val else math.nan
+        self.test_acc = math.nan  # test accuracy of the kept (best-on-val, or last) student
         self.best_student: dict[str, Tensor] = copy.deepcopy(self.student.state_dict())
         self.last_row: dict[str, float] = {}  # the metrics of the last epoch, kept in checkpoints
 
@@ -250,20 +268,25 @@ class Engine:
             correct1 += hit[:, 0].sum()
             correct5 += hit.any(dim=1).sum()
             n += y.shape[0]
-        return EvalResult(correct1.item() / max(n, 1), correct5.item() / max(n, 1))
+        if n == 0:  # an empty split (val_fraction 0) measures nothing
+            return EvalResult(math.nan, math.nan)
+        return EvalResult(correct1.item() / n, correct5.item() / n)
 
     def run_epoch(self) -> dict[str, float]:
         """Train one epoch and return the row a trial reports for it."""
         row = self.train_epoch()
+        test_last = self.evaluate("test").top1  # reported, never used to choose
         val = self.evaluate("val")
-        if val.top1 > self.best_val_acc:
-            self.best_val_acc = val.top1
+        # Keep the best-on-val student; with no val split nothing is chosen: keep the last.
+        if not self.has_val or val.top1 > self.best_val_acc:
+            if self.has_val:
+                self.best_val_acc = val.top1
             self.best_student = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
-            # Test accuracy is measured for the student chosen on val, never used to choose.
-            self.test_acc = self.evaluate("test").top1
+            self.test_acc = test_last
         row.update(
             epoch=self.epoch, val_acc=val.top1, val_top5=val.top5, best_val_acc=self.best_val_acc,
-            test_acc=self.test_acc, student_params=self.student_params, student_macs=self.student_macs,
+            test_acc=self.test_acc, test_acc_last=test_last, student_params=self.student_params,
+            objective_params=self.objective_params, student_macs=self.student_macs,
         )
         self.last_row = dict(row)
         return row
@@ -319,4 +342,4 @@ class Engine:
         self.load(io.BytesIO(blob))
 
 
-__all__ = ["CheckpointMismatch", "Engine", "NonFiniteLoss", "load_weights", "pick_device"]
+__all__ = ["CheckpointMismatch", "Engine", "NonFiniteLoss", "load_weights", "pick_device", "uses_tf32"]

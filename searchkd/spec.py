@@ -31,7 +31,9 @@ class DataSpec(_Strict):
     dataset: str = "digits"
     root: str | None = None
     download: bool = False
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # 0: no validation split, every training image is trained on (the published tables'
+    # protocol); only a run that selects nothing on val may use it (see `validate`).
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -41,6 +43,7 @@ class TrainSpec(_Strict):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False  # plain momentum, as the KD literature's recipe
     weight_decay: float = Field(5.0e-4, ge=0.0)
     lr_schedule: Literal["multistep", "cosine"] = "multistep"
     lr_milestones: list[int] = Field(default_factory=list)
@@ -54,6 +57,12 @@ class TrainSpec(_Strict):
         if any(m <= 0 for m in v) or v != sorted(set(v)):
             raise ValueError("must be strictly increasing positive epochs")
         return v
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> TrainSpec:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov applies to optimizer sgd with momentum > 0")
+        return self
 
 
 class TeacherSpec(_Strict):
@@ -317,7 +326,25 @@ def validate(
     for metric in spec.metrics:
         if metric not in REPORTED_METRICS and not metric.startswith("loss_"):
             fail("search.metric", f"{metric!r} is not reported by trials; reported: {', '.join(REPORTED_METRICS)}")
+        if metric in VAL_METRICS and _may_lack_val(spec):
+            fail("search.metric", f"{metric!r} is measured on the validation split, but data.val_fraction "
+                 "can be 0 (no validation split): set it > 0, or run a single trial that selects "
+                 "nothing with metric test_acc_last")
+        if metric in TEST_METRICS and not _selects_nothing(spec):
+            fail("search.metric", f"{metric!r} is measured on the test split, which must never choose: "
+                 "select on val_acc (only a single trial with no params may report it as its metric)")
     return spec
+
+
+def _may_lack_val(spec: Spec) -> bool:
+    """val_fraction is 0, or a searched val_fraction can be."""
+    searched = spec.params.get("data.val_fraction")
+    return spec.data.val_fraction == 0 or (searched is not None and 0 in searched.values_to_check())
+
+
+def _selects_nothing(spec: Spec) -> bool:
+    """One trial of one objective with no searched params: no value of any metric chooses."""
+    return spec.search.num_samples == 1 and not spec.params and isinstance(spec.objective, str)
 
 
 def _check(fail: Callable, check: TunableCheck, objective: str, where: str, key: str, value: Any) -> None:
@@ -328,9 +355,12 @@ def _check(fail: Callable, check: TunableCheck, objective: str, where: str, key:
 
 
 REPORTED_METRICS = (
-    "val_acc", "val_top5", "best_val_acc", "test_acc", "train_loss", "student_params",
-    "student_macs", "images_per_second", "epoch_seconds",
+    "val_acc", "val_top5", "best_val_acc", "test_acc", "test_acc_last", "train_loss",
+    "student_params", "objective_params", "student_macs", "images_per_second", "epoch_seconds",
 )
+# Measured on the validation split (NaN without one) and on the test split (never chosen on).
+VAL_METRICS = ("val_acc", "val_top5", "best_val_acc")
+TEST_METRICS = ("test_acc", "test_acc_last")
 
 
 def load(path: str | Path, **lookups: Any) -> Spec:

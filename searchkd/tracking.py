@@ -38,6 +38,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .spec import REPORTED_METRICS
 from .storage import STUDENT_FILE, Storage, trial_key
 
 RUNS_FILE = "mlflow_runs.json"
@@ -524,7 +525,6 @@ def last_line(text: str) -> str:
     return re.sub(r"^searchkd(\.\w+)+: ", "", lines[-1].strip())
 
 
-LOGGED = {
-    "epoch", "train_loss", "val_acc", "val_top5", "best_val_acc", "test_acc", "lr", "epoch_seconds",
-    "images_per_second", "student_params", "student_macs", "start_epoch",
-}
+# The numbers a trial reports each epoch (the metrics a search may target, and the bookkeeping
+# beside them); `loss_*` terms are logged too.
+LOGGED = {*REPORTED_METRICS, "epoch", "lr", "start_epoch"}

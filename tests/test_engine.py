@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -30,13 +31,15 @@ def test_epoch_reports_the_metrics_a_trial_needs(teacher: Path) -> None:
     e = engine(teacher)
     row = e.run_epoch()
     for key in ("epoch", "train_loss", "loss_ce", "loss_kd", "loss_msd", "val_acc", "val_top5",
-                "best_val_acc", "test_acc", "lr", "epoch_seconds", "images_per_second",
-                "student_params", "student_macs"):
+                "best_val_acc", "test_acc", "test_acc_last", "lr", "epoch_seconds",
+                "images_per_second", "student_params", "objective_params", "student_macs"):
         assert key in row, key
     assert row["epoch"] == 1
     assert row["train_loss"] == pytest.approx(row["loss_ce"] + row["loss_kd"] + row["loss_msd"], rel=1e-4)
     assert 0.0 <= row["val_acc"] <= row["val_top5"] <= 1.0
     assert row["student_params"] > 0 and row["student_macs"] > 0
+    heads = [*e.objective.student_heads.parameters(), *e.objective.teacher_heads.parameters()]
+    assert row["objective_params"] == sum(p.numel() for p in heads) > 0
 
 
 def test_training_learns_digits(teacher: Path) -> None:
@@ -44,6 +47,48 @@ def test_training_learns_digits(teacher: Path) -> None:
     rows = [e.run_epoch() for _ in range(6)]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["best_val_acc"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_test_acc_is_the_best_on_val_students_and_test_acc_last_the_last_epochs(teacher: Path) -> None:
+    e = engine(teacher, epochs=4)
+    rows = [e.run_epoch() for _ in range(4)]
+    for row in rows:
+        assert 0.0 <= row["test_acc_last"] <= 1.0
+    best = max(range(4), key=lambda i: (rows[i]["val_acc"], -i))  # the first epoch reaching the max
+    assert rows[-1]["best_val_acc"] == rows[best]["val_acc"]
+    assert rows[-1]["test_acc"] == rows[best]["test_acc_last"]
+    assert rows[-1]["test_acc_last"] == e.evaluate("test").top1
+
+
+def test_without_a_val_split_every_image_trains_and_the_last_epoch_is_kept(teacher: Path) -> None:
+    """val_fraction 0 (the published tables' protocol): no image is held out, nothing is
+    measured on val (NaN, not a made-up 0), and the kept student is the last epoch's."""
+    with_val = engine(teacher)
+    space = tiny_space(data={"dataset": "digits", "val_fraction": 0.0},
+                       search={**tiny_space()["search"], "num_samples": 1, "metric": "test_acc_last"})
+    e = Engine(Spec.model_validate(space), seed=0, teacher_checkpoint=teacher, device="cpu")
+    assert e.loaders.val.num_samples == 0
+    assert e.loaders.num_train == with_val.loaders.num_train + with_val.loaders.val.num_samples
+    for _ in range(2):
+        row = e.run_epoch()
+        for key in ("val_acc", "val_top5", "best_val_acc"):
+            assert math.isnan(row[key]), key
+        assert row["test_acc"] == row["test_acc_last"] == e.evaluate("test").top1
+        for k, v in e.student.state_dict().items():
+            assert torch.equal(e.best_student[k], v), k
+
+
+def test_sgd_is_plain_momentum_unless_nesterov_is_asked(teacher: Path) -> None:
+    assert engine(teacher).optimizer.param_groups[0]["nesterov"] is False
+    assert engine(teacher, nesterov=True).optimizer.param_groups[0]["nesterov"] is True
+    assert engine(teacher, momentum=0.0).optimizer.param_groups[0]["momentum"] == 0.0
+
+
+def test_fp32_means_fp32_arithmetic_on_cuda_not_tf32() -> None:
+    from searchkd.engine import uses_tf32
+    from searchkd.spec import TrainSpec
+
+    assert uses_tf32(TrainSpec(precision="bf16")) and not uses_tf32(TrainSpec(precision="fp32"))
 
 
 def test_teacher_is_frozen_and_stays_in_eval_mode(teacher: Path) -> None:
@@ -54,6 +99,16 @@ def test_teacher_is_frozen_and_stays_in_eval_mode(teacher: Path) -> None:
     assert all(not p.requires_grad for p in e.teacher.parameters())
     for k, v in e.teacher.state_dict().items():
         assert torch.equal(v, before[k]), f"teacher {k} changed"
+
+
+def test_crd_gets_the_training_labels_before_the_first_batch(teacher: Path) -> None:
+    space = tiny_space()
+    space.update(objective="crd", loss={"dim": 16, "negatives": 64}, params={})
+    e = Engine(Spec.model_validate(space), seed=0, teacher_checkpoint=teacher, device="cpu")
+    labels = e.objective.book.labels
+    assert labels.shape == (e.loaders.num_train,) and (labels >= 0).all()
+    for _, y, index in e.loaders.train:  # in the order of the indices batches carry
+        assert torch.equal(labels[index], y)
 
 
 def test_resume_from_checkpoint_continues_exactly(teacher: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Sanity properties of every registered objective (METHODS.md) and known values of each.
+"""Sanity properties of every registered objective and known values of each.
 
 The generic tests are parametrised over `objective_names()`, so an objective added later is
 held to the same properties without touching this file. Known values are computed with
@@ -37,9 +37,8 @@ ALL = objective_names()
 
 
 def has_own_term(name: str) -> bool:
-    """Objectives whose L_obj is not identically zero (kd and ce have none)."""
-    tunables = get_objective(name).tunables
-    return "weight" in tunables and tunables["weight"].default > 0
+    """Objectives with a term of their own (kd and ce have none)."""
+    return bool(get_objective(name).own_term_weights())
 
 
 def hp_for(name: str, **overrides: object) -> dict[str, object]:
@@ -142,6 +141,11 @@ def permuted(f: Features, perm: Tensor) -> Features:
                     logits=f.logits[perm])
 
 
+def own_loss(obj: Objective, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:
+    """The objective's own terms, weighted and summed (L_obj as it enters the loss)."""
+    return sum(obj.own_terms(s, t, y, index).values())
+
+
 def tie_heads(obj: Objective) -> None:
     """Shared heads: the student side becomes a copy of the teacher side."""
     if hasattr(obj, "student_heads"):
@@ -165,8 +169,8 @@ def test_finite_loss_and_gradients_reach_student_and_heads_not_teacher(name, bat
     assert torch.isfinite(loss)
     assert all(torch.isfinite(v) for v in terms.values())
     if has_own_term(name):
-        # The objective's own term alone must already train the student and every head.
-        terms[name].backward(retain_graph=True)
+        # The objective's own terms alone must already train the student and every head.
+        sum(terms[k] for k in get_objective(name).own_term_weights()).backward(retain_graph=True)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
         for pname, p in obj.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), pname
@@ -250,12 +254,12 @@ def aligned_and_shuffled(obj: Objective, t: Features, y: Tensor, index: Tensor,
     with torch.no_grad():
         obj.train()
         for _ in range(warmup):
-            obj.distill(t, t, y, index)
+            own_loss(obj, t, t, y, index)
         obj.eval()  # no bank updates while comparing
         torch.manual_seed(0)
-        aligned = obj.distill(t, t, y, index).item()
+        aligned = own_loss(obj, t, t, y, index).item()
         torch.manual_seed(0)
-        shuffled = obj.distill(permuted(t, torch.roll(torch.arange(len(y)), 1)), t, y, index).item()
+        shuffled = own_loss(obj, permuted(t, torch.roll(torch.arange(len(y)), 1)), t, y, index).item()
     return aligned, shuffled
 
 
@@ -274,10 +278,10 @@ def test_aligned_features_score_lower_than_shuffled(name, pair, batch) -> None:
 def test_each_weight_scales_its_own_term(name, pair, batch) -> None:
     teacher, student = pair
     student.eval()
-    term_of = {"ce_weight": "ce", "kd_weight": "kd", "weight": name}
-    keys = [k for k in term_of if k in get_objective(name).tunables]
-    if name == "kd":
-        keys = [k for k in keys if k != "weight"]  # kd has no term of its own to scale
+    cls = get_objective(name)
+    term_of = {"ce_weight": "ce", "kd_weight": "kd",
+               **{weight: term for term, weight in cls.own_term_weights().items()}}
+    keys = [k for k in term_of if k in cls.tunables]
     ones = {k: 1.0 for k in keys}
     base = run(build(name, teacher, student, batch[0], **ones), student, teacher, batch)
     for key in keys:
@@ -428,6 +432,115 @@ def test_msd_known_value() -> None:
     assert got.item() == pytest.approx(ref_sym(qs, qt, 0.1), rel=1e-5)
 
 
+def window_means(m: Tensor, scale: int, pooling: str) -> list[list[list[float]]]:
+    """Plain-Python decoupling of one B×C×H×W map into cells: per cell, per sample, the C
+    channel means over the cell's window. grid: s×s equal blocks; sliding: windows of side
+    ⌈H/s⌉ every ⌈H/(2s)⌉ pixels (overlapping)."""
+    b, c, h, w = m.shape
+    x = m.tolist()
+    if pooling == "grid":
+        k, stride = h // scale, h // scale
+    else:
+        k, stride = math.ceil(h / scale), math.ceil(h / (2 * scale))
+    starts = list(range(0, h - k + 1, stride))
+    cells_ = []
+    for y0 in starts:
+        for x0 in starts:
+            cells_.append([[sum(x[bi][ci][y0 + i][x0 + j] for i in range(k) for j in range(k)) / (k * k)
+                            for ci in range(c)] for bi in range(b)])
+    return cells_  # R × B × C
+
+
+def ref_info_nce_pos(q: list[list[float]], k: list[list[float]], tau: float, labels: list[int]) -> float:
+    """InfoNCE where every key of the anchor's label is a positive (mean −log p over them)."""
+    total = 0.0
+    for i, qi in enumerate(q):
+        logits = [dot(qi, kj) / tau for kj in k]
+        log_z = math.log(sum(math.exp(v) for v in logits))
+        pos = [j for j in range(len(k)) if labels[j] == labels[i]]
+        total += sum(log_z - logits[j] for j in pos) / len(pos)
+    return total / len(q)
+
+
+def ref_msd(ms: Tensor, mt: Tensor, scales: list[int], pooling: str, tau: float,
+            feature_weight: float, labels: list[int] | None = None) -> float:
+    """msd with identity heads on one tap of equal-size maps, from the definition."""
+    def sym(a: list[list[float]], b: list[list[float]]) -> float:
+        if labels is None:
+            return ref_sym(a, b, tau)
+        return 0.5 * (ref_info_nce_pos(a, b, tau, labels) + ref_info_nce_pos(b, a, tau, labels))
+
+    sample_terms, feature_terms = [], []
+    for scale in scales:
+        cs = [[normalize(v) for v in cell] for cell in window_means(ms, scale, pooling)]
+        ct = [[normalize(v) for v in cell] for cell in window_means(mt, scale, pooling)]
+        # sample-wise: per cell, across the batch
+        sample_terms.append(sum(sym(a, b) for a, b in zip(cs, ct, strict=True)) / len(cs))
+        if len(cs) > 1:  # feature-wise: per sample, across its cells (instance positives only)
+            per_sample = [ref_sym([cell[bi] for cell in cs], [cell[bi] for cell in ct], tau)
+                          for bi in range(ms.shape[0])]
+            feature_terms.append(sum(per_sample) / len(per_sample))
+    loss = sum(sample_terms) / len(sample_terms)
+    if feature_terms:
+        loss += feature_weight * sum(feature_terms) / len(feature_terms)
+    return loss
+
+
+def msd_identity(ms: Tensor, mt: Tensor, **hp: object) -> tuple[Objective, Features, Features]:
+    v = torch.zeros(ms.shape[0], 2)
+    fs, ft = fake(ms, [ms], v, v), fake(mt, [mt], v, v)
+    obj = get_objective("msd")({"dim": ms.shape[1], "layers": 1, **hp}, ft, fs, CTX)
+    for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
+        identity_(head)
+    return obj, fs, ft
+
+
+@pytest.mark.parametrize("pooling", ["grid", "sliding"])
+@pytest.mark.parametrize("feature_weight", [0.0, 0.5, 2.0])
+def test_msd_known_value_with_several_cells(pooling: str, feature_weight: float) -> None:
+    """Scales [1, 2] on 4×4 maps: the sample-wise term over 1 + 4 (grid) or 1 + 9 (sliding,
+    2×2 windows every pixel) cells, and the feature-wise term within each sample at scale 2,
+    weighted by feature_weight."""
+    g = torch.Generator().manual_seed(0)
+    ms = torch.randn(4, 3, 4, 4, generator=g)
+    mt = torch.randn(4, 3, 4, 4, generator=g)
+    obj, fs, ft = msd_identity(ms, mt, scales=[1, 2], pooling=pooling, tau=0.2,
+                               feature_weight=feature_weight)
+    got = obj.distill(fs, ft, torch.arange(4), None)
+    expected = ref_msd(ms, mt, [1, 2], pooling, 0.2, feature_weight)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert len(window_means(ms, 2, pooling)) == (4 if pooling == "grid" else 9)
+
+
+def test_msd_sliding_windows_overlap_on_an_8x8_map() -> None:
+    """8×8, s = 2: windows of 4 every 2 pixels, 3×3 of them; s = 4: windows of 2 every pixel,
+    7×7 (each cell shares pixels with its neighbours, unlike the grid's 2×2 and 4×4)."""
+    from searchkd.objectives.msd import decouple
+
+    m = torch.randn(2, 3, 8, 8)
+    for scale, side in ((2, 3), (4, 7)):
+        got = decouple(m, scale, "sliding")
+        assert got.shape[-2:] == (side, side)
+        ref = window_means(m, scale, "sliding")
+        torch.testing.assert_close(got.flatten(2).permute(2, 0, 1), torch.tensor(ref))
+
+
+def test_msd_class_positives_known_value() -> None:
+    """`positives: class`: in the sample-wise term every same-label sample is a positive (mean
+    −log p over them); the feature-wise term keeps the same cell as its only positive."""
+    g = torch.Generator().manual_seed(1)
+    ms = torch.randn(5, 2, 4, 4, generator=g)
+    mt = torch.randn(5, 2, 4, 4, generator=g)
+    labels = [0, 1, 0, 2, 1]
+    obj, fs, ft = msd_identity(ms, mt, scales=[1, 2], positives="class", tau=0.3)
+    got = obj.distill(fs, ft, torch.tensor(labels), None)
+    assert got.item() == pytest.approx(ref_msd(ms, mt, [1, 2], "grid", 0.3, 1.0, labels), rel=1e-5)
+    instance, _, _ = msd_identity(ms, mt, scales=[1, 2], positives="instance", tau=0.3)
+    assert instance.distill(fs, ft, torch.tensor(labels), None).item() == pytest.approx(
+        ref_msd(ms, mt, [1, 2], "grid", 0.3, 1.0), rel=1e-5)
+    assert got.item() != pytest.approx(instance.distill(fs, ft, torch.tensor(labels), None).item())
+
+
 def test_stkd_similarity_transfer_known_value() -> None:
     zs = [[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 2.0, 1.0], [-1.0, 3.0, 0.0]]
     zt = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 3.0], [3.0, 0.0, 1.0]]
@@ -479,6 +592,27 @@ def test_stkd_temperatures_move_the_value_the_expected_way(pair, batch) -> None:
     assert values[-1] < 1e-3
     # A hot softmax makes every P near-uniform, so the similarities and the loss vanish.
     assert similarity_transfer(s.logits, t.logits, 1e4, 0.1).item() < 1e-6
+
+
+def test_stkd_similarity_softmax_temperature_is_its_own_knob() -> None:
+    from searchkd.objectives.stkd import similarity_transfer
+
+    g = torch.Generator().manual_seed(2)
+    zs, zt = torch.randn(6, NUM_CLASSES, generator=g), torch.randn(6, NUM_CLASSES, generator=g)
+    f_s = Fixed(fake(zs, [zs], zs, zs))
+    f_t = Fixed(fake(zt, [zt], zt, zt))
+    y = torch.arange(6) % NUM_CLASSES
+
+    def stkd_term(**hp: float) -> float:
+        obj = get_objective("stkd")({"mix_alpha": 0.0, **hp}, f_t.features, f_s.features, CTX)
+        return obj(f_s, f_t, zs, y, None)[1]["stkd"].item()
+
+    assert get_objective("stkd").tunables["sim_softmax_temperature"].default == 4.0
+    base = stkd_term(kd_temperature=4.0, sim_softmax_temperature=2.0, sim_temperature=0.2)
+    assert base == pytest.approx(similarity_transfer(zs, zt, 2.0, 0.2).item(), rel=1e-6)
+    # Moving the KD temperature leaves the similarity term alone; its own temperature moves it.
+    assert stkd_term(kd_temperature=8.0, sim_softmax_temperature=2.0, sim_temperature=0.2) == base
+    assert stkd_term(kd_temperature=4.0, sim_softmax_temperature=6.0, sim_temperature=0.2) != pytest.approx(base)
 
 
 def crd_setup(tau: float = 0.5, momentum: float = 0.5):
@@ -598,51 +732,172 @@ def test_negative_draws_cover_every_eligible_index() -> None:
     assert (counts[[1, 3, 4]] > 850).all()  # uniform: 1000 each
 
 
-def lfcc_obj(filter_: str, scales: list[int], fs: Features, ft: Features, bias: bool = True):
-    obj = get_objective("lfcc")({"dim": 2, "scales": scales, "layers": 1, "filter": filter_,
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.integers(0, 3), min_size=2, max_size=16), data=st.data())
+def test_negatives_are_distinct_when_the_pool_holds_k(labels: list[int], data) -> None:
+    """RepDistiller draws K negatives without replacement whenever the sample's pool of
+    other-class indices holds K; a pool of exactly K is drawn whole."""
+    n = len(labels)
+    book = LabelBook(n)
+    book.labels.copy_(torch.tensor(labels))
+    index = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True)))
+    y = torch.tensor(labels)[index]
+    pools = [[j for j in range(n) if labels[j] != int(c)] for c in y]
+    k = data.draw(st.integers(0, min(len(p) for p in pools)))
+    neg = book.sample_negatives(index, y, k)
+    assert neg.shape == (len(index), k)
+    for row, pool in zip(neg.tolist(), pools, strict=True):
+        assert len(set(row)) == k and set(row) <= set(pool)
+        if k == len(pool):
+            assert sorted(row) == pool
+
+
+def test_distinct_negatives_are_uniform_over_the_pool() -> None:
+    book = LabelBook(7)
+    book.labels.copy_(torch.tensor([0, 1, 0, 2, 3, 0, 1]))  # class 0's pool: 1, 3, 4, 6
+    torch.manual_seed(0)
+    rows = 4000
+    neg = book.sample_negatives(torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long), 2)
+    assert (neg[:, 0] != neg[:, 1]).all()
+    counts = torch.bincount(neg.flatten(), minlength=7)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert ((counts[[1, 3, 4, 6]] - 2000).abs() < 150).all()  # 4000·2/4 each; σ ≈ 27
+
+
+def test_crd_knows_the_labels_before_its_first_batch(pair, batch) -> None:
+    """The training labels come through the context, so epoch 1's very first draw already
+    avoids the sample's own class (the labels used to be learnt batch by batch)."""
+    teacher, student = pair
+    x, y, index = batch
+    labels = torch.arange(NUM_TRAIN) % NUM_CLASSES
+    ctx = ObjectiveContext(NUM_CLASSES, NUM_TRAIN, labels)
+    for name, hp in (("crd", {}), ("cktf", {"memory": "bank"})):
+        obj = get_objective(name)(hp_for(name, negatives=NUM_TRAIN - NUM_TRAIN // NUM_CLASSES - 1, **hp),
+                                  features(teacher, x), features(student, x), ctx)
+        assert torch.equal(obj.book.labels, labels)
+        torch.manual_seed(0)
+        neg = obj.book.sample_negatives(index, labels[index], obj.negatives)
+        assert (labels[neg] != labels[index][:, None]).all(), name
+        assert all(len(set(row)) == obj.negatives for row in neg.tolist()), name
+
+
+def lfcc_obj(filter_: str, scales: list[int], fs: Features, ft: Features, dim: int = 2):
+    """lfcc with identity 1×1 convs (dim = channels × cells keeps every number of the grid)."""
+    obj = get_objective("lfcc")({"dim": dim, "scales": scales, "layers": 1, "filter": filter_,
                                  "tau": 0.2}, ft, fs, CTX)
     for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
         identity_(head[0])
-        if not bias:
-            nn.init.zeros_(head[2].bias)
     return obj
 
 
-def test_lfcc_known_value_avgpool_into_the_compact_space() -> None:
+def ref_linear(flat: list[list[float]], linear: nn.Linear) -> list[list[float]]:
+    w, b = linear.weight.tolist(), linear.bias.tolist()
+    return [normalize([dot(row, f) + bias for row, bias in zip(w, b, strict=True)]) for f in flat]
+
+
+def block_means(m: Tensor, c: int) -> list[list[float]]:
+    """B×C×H×W → per sample the c×c block means of every channel, flattened (c, y, x)."""
+    b, ch, h, w = m.shape
+    x = m.tolist()
+    kh, kw = h // c, w // c
+    return [[sum(x[bi][ci][gy * kh + i][gx * kw + j] for i in range(kh) for j in range(kw)) / (kh * kw)
+             for ci in range(ch) for gy in range(c) for gx in range(c)] for bi in range(b)]
+
+
+def ref_dct(m: Tensor, c: int) -> list[list[float]]:
+    """The lowest c×c orthonormal DCT-II coefficients of every channel divided by √(HW), by the
+    textbook double sum, flattened (c, u, v)."""
+    b, ch, h, w = m.shape
+    x = m.tolist()
+
+    def alpha(k: int, n: int) -> float:
+        return math.sqrt((1 if k == 0 else 2) / n)
+
+    def coef(plane: list[list[float]], u: int, v: int) -> float:
+        return sum(plane[i][j] * math.cos(math.pi * (2 * i + 1) * u / (2 * h))
+                   * math.cos(math.pi * (2 * j + 1) * v / (2 * w))
+                   for i in range(h) for j in range(w)) * alpha(u, h) * alpha(v, w) / math.sqrt(h * w)
+
+    return [[coef(x[bi][ci], u, v) for ci in range(ch) for u in range(c) for v in range(c)]
+            for bi in range(b)]
+
+
+@pytest.mark.parametrize(("filter_", "reference"), [("avgpool", block_means), ("dct", ref_dct)])
+def test_lfcc_known_value_in_the_compact_space(filter_: str, reference) -> None:
+    """`scales: [2]` keeps a 2×2 grid of each map whatever its size (student 8×8, teacher 4×4):
+    block means for avgpool, the lowest 2×2 DCT coefficients for dct."""
     g = torch.Generator().manual_seed(0)
-    ms = torch.rand(3, 2, 4, 4, generator=g)  # student 4×4, teacher 2×2: compact space 2×2
-    mt = torch.rand(3, 2, 2, 2, generator=g)
+    ms = torch.rand(3, 2, 8, 8, generator=g)
+    mt = torch.rand(3, 2, 4, 4, generator=g)
     v = torch.zeros(3, 2)
     fs, ft = fake(ms, [ms], v, v), fake(mt, [mt], v, v)
-    obj = lfcc_obj("avgpool", [1], fs, ft)
+    obj = lfcc_obj(filter_, [2], fs, ft, dim=8)
     got = obj.distill(fs, ft, torch.zeros(3).long(), None)
-
-    def vec(m: Tensor, linear: nn.Linear) -> list[list[float]]:
-        h = m.shape[-1] // 2
-        blocks = m.unflatten(2, (2, h)).unflatten(4, (2, h)).mean((3, 5))  # B×C×2×2 block means
-        flat = blocks.flatten(1).tolist()  # 1×1 identity conv, then flatten (c, y, x)
-        w, b = linear.weight.tolist(), linear.bias.tolist()
-        return [normalize([dot(row, f) + bias for row, bias in zip(w, b, strict=True)]) for f in flat]
-
-    qs = vec(ms, obj.student_heads["tap-1_k1"][2])
-    qt = vec(mt, obj.teacher_heads["tap-1_k1"][2])
+    qs = ref_linear(reference(ms, 2), obj.student_heads["tap-1_c2"][2])
+    qt = ref_linear(reference(mt, 2), obj.teacher_heads["tap-1_c2"][2])
     assert got.item() == pytest.approx(ref_sym(qs, qt, 0.2), rel=1e-5)
 
 
-def test_lfcc_dct_dc_coefficient_equals_global_pool() -> None:
-    """Without biases, the 1×1 DCT (the DC term, mean·√(HW)) and a global average pool give
-    the same normalised vectors, hence the same loss."""
+def test_lfcc_both_filters_read_scales_as_the_grid_kept() -> None:
+    """One meaning of c for both filters: c×c numbers per channel; at c = 1 both keep the
+    map's mean, so with the same heads they give the same loss."""
+    from searchkd.objectives.lfcc import FILTERS
+
     g = torch.Generator().manual_seed(1)
-    ms = torch.rand(4, 2, 4, 4, generator=g)
+    m = torch.rand(4, 2, 8, 8, generator=g)
+    for c in (1, 2, 4):
+        assert FILTERS["avgpool"](m, c).shape == FILTERS["dct"](m, c).shape == (4, 2, c, c)
+    torch.testing.assert_close(FILTERS["dct"](m, 1), m.mean((2, 3), keepdim=True))
     mt = torch.rand(4, 2, 4, 4, generator=g)
     v = torch.zeros(4, 2)
-    fs, ft = fake(ms, [ms], v, v), fake(mt, [mt], v, v)
-    by_dct = lfcc_obj("dct", [1], fs, ft, bias=False)
-    by_pool = lfcc_obj("avgpool", [4], fs, ft, bias=False)
-    for side in ("student_heads", "teacher_heads"):
-        getattr(by_pool, side)["tap-1_k4"].load_state_dict(getattr(by_dct, side)["tap-1_k1"].state_dict())
+    fs, ft = fake(m, [m], v, v), fake(mt, [mt], v, v)
+    by_dct, by_pool = lfcc_obj("dct", [1], fs, ft), lfcc_obj("avgpool", [1], fs, ft)
+    by_pool.load_state_dict(by_dct.state_dict())
     y = torch.zeros(4).long()
     torch.testing.assert_close(by_dct.distill(fs, ft, y, None), by_pool.distill(fs, ft, y, None))
+
+
+def cifar_pair(teacher_arch: str, student_arch: str, width: float = 1.0):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    teacher = build_model(teacher_arch, 100).eval()
+    student = build_model(student_arch, 100, width=width).eval()
+    return teacher, student, features(teacher, x), features(student, x)
+
+
+@pytest.mark.parametrize("student_arch", ["vit_tiny", "resnet8x4"])
+@pytest.mark.parametrize("filter_", ["avgpool", "dct"])
+def test_lfcc_default_scales_never_keep_a_whole_map(student_arch: str, filter_: str) -> None:
+    """Every filter of the default bank is a low-pass one on the CIFAR-100 pairs: it keeps
+    fewer cells than both maps have (the old kernel-1 average pool kept all of them)."""
+    _, _, t, s = cifar_pair("resnet32x4", student_arch)
+    obj = get_objective("lfcc")({"filter": filter_}, t, s, ObjectiveContext(100, 50000))
+    kept = 0
+    for tap in obj.taps:
+        for c in obj.scales[tap]:
+            for f in (s.stages[tap], t.stages[tap]):
+                assert math.prod(obj.filter(f, c).shape[-2:]) < math.prod(f.shape[-2:])
+                kept += 1
+    assert kept == 2 * len(obj.taps) * 3  # all three default scales are used on these maps
+    # On a 2×2 map, 2 and 4 would keep everything: only the global mean remains.
+    small = torch.rand(4, 3, 2, 2)
+    tiny = get_objective("lfcc")({"layers": 1, "dim": 8}, fake(small, [small], small[:, :, 0, 0], small),
+                                 fake(small, [small], small[:, :, 0, 0], small), CTX)
+    assert tiny.scales[-1] == [1]
+
+
+@pytest.mark.parametrize("student_arch", ["vit_tiny", "resnet8x4"])
+def test_lfcc_heads_are_no_bigger_than_the_student(student_arch: str) -> None:
+    """resnet32x4 → vit_tiny used to add 22.6M head parameters to a 2.7M student: the linear
+    layer saw dim × (the whole map). Now it sees about dim numbers whatever the grid."""
+    from searchkd.models import count_params
+
+    _, student, t, s = cifar_pair("resnet32x4", student_arch)
+    obj = get_objective("lfcc")({}, t, s, ObjectiveContext(100, 50000))
+    heads = sum(p.numel() for p in obj.parameters() if p.requires_grad)
+    assert heads <= count_params(student)
+    if student_arch == "vit_tiny":
+        assert heads < 1_100_000  # 1,048,896 at the defaults (2 taps × 3 scales × 2 sides)
 
 
 def test_dct_known_coefficients() -> None:
@@ -696,65 +951,121 @@ def test_lfcc_works_across_heterogeneous_pairs(teacher_arch, student_arch, filte
     assert aligned < shuffled
 
 
+def ref_grid(m: Tensor, k: int, channels: int, batch_norm: bool) -> list[list[float]]:
+    """Plain-Python cktf pair input: optionally divide each (c, y, x) entry by its L2 norm over
+    the batch, zero-pad channels, average k×k blocks, flatten in (c, y, x) order."""
+    b, c, h, w = m.shape
+    x = m.tolist()
+    if batch_norm:
+        for ci in range(c):
+            for yi in range(h):
+                for xi in range(w):
+                    n = math.sqrt(sum(x[bi][ci][yi][xi] ** 2 for bi in range(b)))
+                    for bi in range(b):
+                        x[bi][ci][yi][xi] /= n
+    out = []
+    for bi in range(b):
+        row = []
+        for ci in range(channels):
+            for gy in range(h // k):
+                for gx in range(w // k):
+                    cell = [x[bi][ci][gy * k + i][gx * k + j] if ci < c else 0.0
+                            for i in range(k) for j in range(k)]
+                    row.append(sum(cell) / len(cell))
+        out.append(row)
+    return out
+
+
 def test_cktf_known_value_batch_mode() -> None:
+    """L = CE + weight · L_final + inter_weight · Σ_l L_l with independent weights (0.8 and 0.1,
+    not 0.8 · 0.1), stage maps normalised over the batch, 2×2 grids, stem not normalised."""
     g = torch.Generator().manual_seed(0)
     b = 3
-    s = fake(torch.rand(b, 1, 2, 2, generator=g), [torch.rand(b, 2, 2, 2, generator=g)],
+    s = fake(torch.rand(b, 1, 4, 4, generator=g), [torch.randn(b, 2, 4, 4, generator=g)],
              torch.rand(b, 2, generator=g), torch.zeros(b, 2))
-    t = fake(torch.rand(b, 2, 2, 2, generator=g), [torch.rand(b, 2, 1, 1, generator=g)],
+    t = fake(torch.rand(b, 2, 4, 4, generator=g), [torch.randn(b, 2, 4, 4, generator=g)],
              torch.rand(b, 2, generator=g), torch.zeros(b, 2))
-    obj = get_objective("cktf")({"dim": 2, "memory": "batch", "tau": 0.3, "inter_weight": 0.25},
-                                t, s, CTX)
+    obj = get_objective("cktf")({"dim": 8, "memory": "batch", "tau": 0.3, "pool_kernel": 2}, t, s, CTX)
     assert not obj.needs_index and len(obj.memories) == 0
+    assert (obj.hp["weight"], obj.hp["inter_weight"]) == (0.8, 0.1)
+    assert {n: h.in_features for n, h in obj.student_heads.items()} == {"stem": 8, "stage0": 8, "final": 2}
     for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
         identity_(head)
 
-    def vecs(x: Tensor) -> list[list[float]]:
-        flat = x.flatten(2).mean(-1).tolist() if x.dim() > 2 else x.tolist()
-        return [normalize(r + [0.0] * (2 - len(r))) for r in flat]  # zero-pad to 2 channels
+    def sym(a: list[list[float]], c: list[list[float]]) -> float:
+        return ref_sym([normalize(r) for r in a], [normalize(r) for r in c], 0.3)
 
-    inter = ref_sym(vecs(s.stem), vecs(t.stem), 0.3) + ref_sym(vecs(s.stages[0]), vecs(t.stages[0]), 0.3)
-    expected = ref_sym(vecs(s.pool), vecs(t.pool), 0.3) + 0.25 * inter
-    got = obj.distill(s, t, torch.zeros(b).long(), None)  # batch mode: no index needed
-    assert got.item() == pytest.approx(expected, rel=1e-5)
+    stem = sym(ref_grid(s.stem, 2, 2, batch_norm=False), ref_grid(t.stem, 2, 2, batch_norm=False))
+    stage = sym(ref_grid(s.stages[0], 2, 2, batch_norm=True), ref_grid(t.stages[0], 2, 2, batch_norm=True))
+    final = sym(s.pool.tolist(), t.pool.tolist())
+    terms = obj.own_terms(s, t, torch.zeros(b).long(), None)  # batch mode: no index needed
+    assert terms.keys() == {"cktf", "cktf_inter"}
+    assert terms["cktf"].item() == pytest.approx(0.8 * final, rel=1e-5)
+    assert terms["cktf_inter"].item() == pytest.approx(0.1 * (stem + stage), rel=1e-5)
 
 
 def test_cktf_bank_mode_sums_crd_terms_per_layer(pair, batch, monkeypatch) -> None:
     monkeypatch.setattr(LabelBook, "sample_negatives", deterministic_negatives)
     teacher, student = pair
     x, y, index = batch
-    obj = build("cktf", teacher, student, x, inter_weight=0.5)
+    obj = build("cktf", teacher, student, x, inter_weight=0.5, pool_kernel=2)
     assert obj.needs_index and set(obj.memories) == {"stem", "stage0", "stage1", "stage2", "final"}
     s, t = features(student, x), features(teacher, x)
     reference = copy.deepcopy(obj)
-    got = obj.distill(s, t, y, index)
+    got = obj.own_terms(s, t, y, index)
     negatives = deterministic_negatives(reference.book, index, y, reference.negatives)
+
+    def prepared(name: str, f: Tensor, c: int) -> Tensor:
+        if f.dim() == 2:
+            return f
+        if name != "stem":
+            f = f / f.norm(dim=0, keepdim=True).clamp(min=1e-12)  # an all-zero entry stays 0
+        f = torch.cat([f, f.new_zeros(f.shape[0], c - f.shape[1], *f.shape[2:])], 1)
+        k = min(2, f.shape[-1])
+        return f.unflatten(2, (-1, k)).unflatten(4, (-1, k)).mean((3, 5)).flatten(1)
+
     per_layer = {}
-    for name, fs, ft in layer_pairs(s, t, "last"):
-        c = reference.student_heads[name].in_features
-        pad = lambda f, c=c: F.pad(f.flatten(2).mean(-1) if f.dim() > 2 else f,  # noqa: E731
-                                   (0, c - f.shape[1]))
-        v_s = F.normalize(reference.student_heads[name](pad(fs)), dim=1)
-        v_t = F.normalize(reference.teacher_heads[name](pad(ft)), dim=1)
+    for name, fs, ft in layer_pairs(s, t):
+        c = max(fs.shape[1], ft.shape[1])
+        v_s = F.normalize(reference.student_heads[name](prepared(name, fs, c)), dim=1)
+        v_t = F.normalize(reference.teacher_heads[name](prepared(name, ft, c)), dim=1)
         per_layer[name] = reference.memories[name](v_s, v_t, index, negatives)
-    expected = per_layer.pop("final") + 0.5 * sum(per_layer.values())
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got["cktf"], 0.8 * per_layer.pop("final"))
+    torch.testing.assert_close(got["cktf_inter"], 0.5 * sum(per_layer.values()))
     with pytest.raises(ValueError, match="indices"):
-        obj.distill(s, t, y, None)
+        obj.own_terms(s, t, y, None)
 
 
-def test_cktf_teacher_block_pairs_stages_by_relative_depth() -> None:
-    # Equal counts: stage to stage, whatever the block.
-    for block in ("last", "first"):
-        assert [teacher_stage_for(j, 3, 3, block) for j in range(3)] == [0, 1, 2]
-    # A 4-stage teacher (VGG) for a 3-stage student: groups [0, 1], [2], [3].
-    assert [teacher_stage_for(j, 3, 4, "last") for j in range(3)] == [1, 2, 3]
-    assert [teacher_stage_for(j, 3, 4, "first") for j in range(3)] == [0, 2, 3]
+def test_cktf_pools_cifar_maps_to_the_authors_grids() -> None:
+    """resnet32x4 → resnet8x4 on 32×32: kernel 8 keeps the stem and first stage as 4×4 grids,
+    the second as 2×2, the third as 1×1 (channels at width 1/4: 8, 16, 32, 64)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    teacher = build_model("resnet32x4", NUM_CLASSES, width=0.25).eval()
+    student = build_model("resnet8x4", NUM_CLASSES, width=0.25).eval()
+    obj = get_objective("cktf")({"dim": 16, "negatives": 8}, features(teacher, x), features(student, x), CTX)
+    widths = {n: (h.in_features, obj.teacher_heads[n].in_features) for n, h in obj.student_heads.items()}
+    assert widths == {"stem": (8 * 16, 8 * 16), "stage0": (16 * 16, 16 * 16), "stage1": (32 * 4, 32 * 4),
+                      "stage2": (64, 64), "final": (64, 64)}
+    glob = get_objective("cktf")({"dim": 16, "negatives": 8, "pool_kernel": 0},
+                                 features(teacher, x), features(student, x), CTX)
+    assert [h.in_features for h in glob.student_heads.values()] == [8, 16, 32, 64, 64]
+
+
+def test_cktf_has_no_teacher_block_knob() -> None:
+    """Choosing a teacher block inside a stage needs per-block taps the models do not expose;
+    a stage-level knob gave identical pairs for every pair of the published table."""
+    assert "teacher_block" not in get_objective("cktf").tunables
+
+
+def test_cktf_pairs_stages_by_relative_depth() -> None:
+    assert [teacher_stage_for(j, 3, 3) for j in range(3)] == [0, 1, 2]
+    # A 4-stage teacher (VGG) for a 3-stage student: groups [0, 1], [2], [3], the last of each.
+    assert [teacher_stage_for(j, 3, 4) for j in range(3)] == [1, 2, 3]
     # Six teacher stages, two student stages.
-    assert [teacher_stage_for(j, 2, 6, "last") for j in range(2)] == [2, 5]
-    assert [teacher_stage_for(j, 2, 6, "first") for j in range(2)] == [0, 3]
+    assert [teacher_stage_for(j, 2, 6) for j in range(2)] == [2, 5]
     # A shallower teacher: shared stages at the same relative depth.
-    assert [teacher_stage_for(j, 4, 2, "last") for j in range(4)] == [0, 0, 1, 1]
+    assert [teacher_stage_for(j, 4, 2) for j in range(4)] == [0, 0, 1, 1]
 
 
 def test_cktf_pairs_a_deeper_teacher_and_pads_the_narrower_side() -> None:
@@ -763,12 +1074,12 @@ def test_cktf_pairs_a_deeper_teacher_and_pads_the_narrower_side() -> None:
              torch.rand(b, 9), torch.rand(b, 3))
     s = fake(torch.rand(b, 2, 4, 4), [torch.rand(b, 3, 4, 4) for _ in range(3)],
              torch.rand(b, 12), torch.rand(b, 3))
-    for block, chosen in (("last", [7, 8, 9]), ("first", [6, 8, 9])):
-        obj = get_objective("cktf")({"dim": 4, "memory": "batch", "teacher_block": block}, t, s, CTX)
-        widths = [obj.student_heads[f"stage{j}"].in_features for j in range(3)]
-        assert widths == chosen
-        assert obj.student_heads["final"].in_features == 12  # the student is wider here
-        assert torch.isfinite(obj.distill(s, t, torch.zeros(b).long(), None))
+    obj = get_objective("cktf")({"dim": 4, "memory": "batch", "pool_kernel": 0}, t, s, CTX)
+    assert [obj.student_heads[f"stage{j}"].in_features for j in range(3)] == [7, 8, 9]
+    assert obj.student_heads["stem"].in_features == 6
+    # The final vectors enter as they are, each side its own width.
+    assert (obj.student_heads["final"].in_features, obj.teacher_heads["final"].in_features) == (12, 9)
+    assert all(torch.isfinite(v) for v in obj.own_terms(s, t, torch.zeros(b).long(), None).values())
 
 
 @settings(max_examples=25, deadline=None)

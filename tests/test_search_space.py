@@ -90,3 +90,31 @@ def test_any_valid_range_samples_inside_it(low: float, span: float, log: bool, i
         assert max(1, ilow) <= cfg["train.epochs"] <= max(1, ilow) + ispan
         resolved = spec.resolved({"train.epochs": cfg["train.epochs"]})
         assert resolved.train.epochs == cfg["train.epochs"]
+
+
+def test_a_search_over_weight_leaves_kd_trials_their_kd_term() -> None:
+    """`loss.weight` searched across {kd, msd}: only msd owns it, so a kd trial trains with
+    its real KD term (it used to receive a weight that replaced KD by weight · 0)."""
+    import torch
+
+    from searchkd.models import build_model
+    from searchkd.objectives import ObjectiveContext, get_objective, kd_loss
+
+    raw = tiny_space(objective={"choice": ["kd", "msd"]})
+    raw["params"] = {"loss.weight": {"float": [0.1, 10.0], "log": True}}
+    configs = sample(space_of(raw), 12)
+    kd_configs = [c for c in configs if c["objective"] == "kd"]
+    assert kd_configs and all("loss.weight" not in c for c in kd_configs)
+    assert all("loss.weight" in c for c in configs if c["objective"] == "msd")
+    base = Spec.model_validate(raw).model_dump(mode="json", by_alias=True)
+    spec = trial_spec(base, kd_configs[0])
+    torch.manual_seed(0)
+    student = build_model("resnet8", 10, width=0.25, in_channels=1, image_size=8).eval()
+    teacher = build_model("resnet8", 10, width=0.5, in_channels=1, image_size=8).eval()
+    x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+    cls = get_objective(spec.objective)
+    obj = cls(cls.resolve(spec.loss), teacher.forward_features(x), student.forward_features(x),
+              ObjectiveContext(10, 4))
+    _, terms = obj(student, teacher, x, y, None)
+    expected = 0.9 * kd_loss(student(x), teacher(x), 4.0)
+    assert terms["kd"].item() == expected.item() > 0

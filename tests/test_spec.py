@@ -58,6 +58,14 @@ BAD = [
     (lambda s: s["train"].update(epochs="ten"), "train.epochs: Input should be a valid integer"),
     (lambda s: s["train"].update(precision="fp8"), "train.precision: Input should be 'fp32' or 'bf16'"),
     (lambda s: s["data"].update(val_fraction=1.5), "data.val_fraction: Input should be less than 1"),
+    (lambda s: s["data"].update(val_fraction=-0.1), "data.val_fraction: Input should be greater than or equal to 0"),
+    (lambda s: s["data"].update(val_fraction=0.0),
+     "search.metric: 'val_acc' is measured on the validation split, but data.val_fraction can be 0"),
+    (lambda s: s["params"].update({"data.val_fraction": {"float": [0.0, 0.2]}}),
+     "search.metric: 'val_acc' is measured on the validation split"),
+    (lambda s: s["search"].update(metric="test_acc"), "search.metric: 'test_acc' is measured on the test split"),
+    (lambda s: s["train"].update(nesterov=True, momentum=0.0), "train: nesterov applies to optimizer sgd with momentum > 0"),
+    (lambda s: s["train"].update(nesterov=True, optimizer="adamw"), "train: nesterov applies to optimizer sgd"),
 ]
 
 
@@ -106,3 +114,17 @@ def test_to_yaml_round_trips(tmp_path: Path) -> None:
     spec = check(tiny_space(), tmp_path)
     again = S.Spec.model_validate(yaml.safe_load(spec.to_yaml()))
     assert again == spec
+
+
+def test_a_run_without_val_split_that_selects_nothing_is_valid(tmp_path: Path) -> None:
+    """A reproduction: every training image trained on, one trial, no params, last-epoch test
+    accuracy reported as its metric (nothing is chosen on it)."""
+    space = tiny_space(data={"dataset": "digits", "val_fraction": 0.0},
+                       search={**tiny_space()["search"], "num_samples": 1, "metric": "test_acc_last"})
+    space["params"] = {}
+    spec = check(space, tmp_path)
+    assert spec.data.val_fraction == 0.0 and spec.metrics == ["test_acc_last"]
+    assert spec.train.nesterov is False  # plain momentum unless asked
+    space["search"]["num_samples"] = 2  # two trials: the better one would be chosen on test
+    with pytest.raises(S.SpecError, match="'test_acc_last' is measured on the test split"):
+        check(space, tmp_path)

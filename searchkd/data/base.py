@@ -211,7 +211,12 @@ class BatchLoader(Protocol):
 
 @dataclass
 class Loaders:
-    """What the engine trains and evaluates on; each loader yields `Batch`es on the device."""
+    """What the engine trains and evaluates on; each loader yields `Batch`es on the device.
+
+    `train_labels`: the training split's labels in sample-index order (the indices batches
+    carry), known before the first batch; objectives that draw negatives of other classes
+    need them from the start.
+    """
 
     train: BatchLoader
     val: BatchLoader
@@ -219,6 +224,7 @@ class Loaders:
     num_classes: int
     channels: int
     image_size: int
+    train_labels: Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -237,6 +243,7 @@ def make_loaders(
         val=DeviceLoader(*splits.val, eval_batch_size, norm, train=False),
         test=DeviceLoader(*splits.test, eval_batch_size, norm, train=False),
         num_classes=splits.num_classes, channels=splits.channels, image_size=splits.image_size,
+        train_labels=splits.train[1],
     )
 
 

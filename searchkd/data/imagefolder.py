@@ -190,6 +190,7 @@ class ImageFolderData:
             val=make([self.train_samples[i] for i in held.tolist()], train=False),
             test=make(self.test_samples, train=False),
             num_classes=len(self.classes), channels=3, image_size=self.image_size,
+            train_labels=labels[keep],
         )
 
 

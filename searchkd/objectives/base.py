@@ -69,10 +69,16 @@ class Tunable:
         return value
 
 
-def common_tunables(
-    ce_weight: float = 1.0, kd_weight: float = 0.0, kd_temperature: float = 4.0, weight: float = 1.0
+# The keys of the label terms (CE on the labels, Hinton's KD on the teacher's logits). No
+# objective's own term may use one: it would silently replace that term (registration and
+# every forward pass check it).
+LABEL_TERMS = ("ce", "kd")
+
+
+def label_tunables(
+    ce_weight: float = 1.0, kd_weight: float = 0.0, kd_temperature: float = 4.0
 ) -> dict[str, Tunable]:
-    """The weights every objective shares; each objective picks its own defaults."""
+    """The weights of the label terms, shared by every objective with its own defaults."""
     return {
         "ce_weight": Tunable("float", ce_weight, "weight of cross-entropy on the labels",
                              {"float": [0.0, 2.0]}, low=0.0),
@@ -80,6 +86,16 @@ def common_tunables(
                              {"float": [0.0, 2.0]}, low=0.0),
         "kd_temperature": Tunable("float", kd_temperature, "softmax temperature of the KD term",
                                   {"float": [1.0, 8.0]}, low=1e-3),
+    }
+
+
+def common_tunables(
+    ce_weight: float = 1.0, kd_weight: float = 0.0, kd_temperature: float = 4.0, weight: float = 1.0
+) -> dict[str, Tunable]:
+    """The label weights plus `weight`, the weight of the objective's own term L_obj: for
+    objectives that have one (kd and ce have none, so they declare no `weight`)."""
+    return {
+        **label_tunables(ce_weight, kd_weight, kd_temperature),
         "weight": Tunable("float", weight, "weight of the objective's own term L_obj",
                           {"float": [0.1, 10.0], "log": True}, low=0.0),
     }
@@ -87,10 +103,16 @@ def common_tunables(
 
 @dataclass(frozen=True)
 class ObjectiveContext:
-    """What an objective may need to know about the data beyond feature shapes."""
+    """What an objective may need to know about the data beyond feature shapes.
+
+    `train_labels`: the label of every training sample, in sample-index order, when the
+    dataset knows them before training (every built-in one does), so an objective that draws
+    negatives from other classes does so from its first batch on.
+    """
 
     num_classes: int
     num_train: int
+    train_labels: Tensor | None = None
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -104,8 +126,9 @@ class Objective(nn.Module):
     """Base objective: CE + KD + weight · `distill(...)`.
 
     Subclasses set `name` and `tunables`, build their heads in `__init__` from example
-    feature shapes, and implement `distill`. Objectives that change the inputs (mixup) or the
-    label term override `forward`.
+    feature shapes, and implement `distill`. An objective with several weighted terms of its
+    own overrides `own_terms` and `own_term_weights`; one that changes the inputs (mixup) or
+    the label term overrides `forward`.
     """
 
     name: ClassVar[str]
@@ -149,9 +172,20 @@ class Objective(nn.Module):
         t = self.teacher_features(teacher, x)
         s = student.forward_features(x)
         terms = self.label_terms(s.logits, t.logits, y)
-        if self.hp["weight"] > 0:
-            terms[self.name] = self.hp["weight"] * self.distill(s, t, y, index)
-        return s.logits, terms
+        return s.logits, with_own_terms(terms, self.own_terms(s, t, y, index))
+
+    @classmethod
+    def own_term_weights(cls) -> dict[str, str]:
+        """Each term of the objective's own (its key in the terms dict) → the tunable that
+        weighs it. By default one term, named after the objective, weighed by `weight`."""
+        return {cls.name: "weight"} if "weight" in cls.tunables else {}
+
+    def own_terms(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> dict[str, Tensor]:
+        """The objective's own weighted terms; a term whose weight is 0 is not computed."""
+        weight = self.hp.get("weight", 0.0)
+        if weight <= 0:
+            return {}
+        return {self.name: weight * self.distill(s, t, y, index)}
 
     def label_terms(self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
@@ -168,11 +202,36 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
+def with_own_terms(label: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The label terms and the objective's own, refusing an own term under a label key.
+
+    A dict update would let `own["kd"]` replace the real KD term without a trace.
+    """
+    clash = sorted(set(own) & set(LABEL_TERMS))
+    if clash:
+        raise ValueError(f"an objective's own term may not be named {clash[0]!r}: "
+                         f"it would replace the {clash[0]} label term")
+    return {**label, **own}
+
+
 _OBJECTIVES: dict[str, type[Objective]] = {}
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: make an objective available under its `name`."""
+    """Class decorator: make an objective available under its `name`.
+
+    Refuses an objective whose own terms would take a label term's key (e.g. an objective
+    named "kd" with a `weight`): its own term would overwrite the real KD term.
+    """
+    own = cls.own_term_weights()
+    clash = sorted(set(own) & set(LABEL_TERMS))
+    if clash:
+        raise ValueError(f"objective {cls.name!r}: its own term {clash[0]!r} would overwrite "
+                         f"the {clash[0]} label term; name it otherwise or drop its weight")
+    missing = sorted(w for w in own.values() if w not in cls.tunables)
+    if missing:
+        raise ValueError(f"objective {cls.name!r}: a term is weighed by {missing[0]!r}, "
+                         f"which it does not declare")
     if cls.name in _OBJECTIVES:
         raise ValueError(f"objective {cls.name!r} registered twice")
     _OBJECTIVES[cls.name] = cls

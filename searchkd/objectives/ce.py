@@ -9,21 +9,18 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.base import Features, TappedModel
-from .base import Objective, common_tunables, register_objective
+from ..models.base import TappedModel
+from .base import Objective, label_tunables, register_objective
 
 
 @register_objective
 class CE(Objective):
     name = "ce"
     needs_teacher = False
-    tunables = {"ce_weight": common_tunables()["ce_weight"]}
+    tunables = {"ce_weight": label_tunables()["ce_weight"]}
 
     def forward(
         self, student: TappedModel, teacher: TappedModel | None, x: Tensor, y: Tensor, index: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = student(x)
         return logits, {"ce": self.hp["ce_weight"] * F.cross_entropy(logits.float(), y)}
-
-    def distill(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:
-        return s.logits.new_zeros(())

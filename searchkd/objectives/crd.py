@@ -3,7 +3,8 @@
 Student and teacher penultimate vectors go through linear heads to `dim` and are
 L2-normalised. Two memory banks (one per network, N_train × dim) hold a momentum average
 of every training sample's embedding. Each sample is contrasted with its own bank entry
-(the positive) and K = `negatives` entries of samples from other classes with the NCE
+(the positive) and K = `negatives` entries of samples from other classes (distinct, as
+long as the other classes hold K samples; known from the first batch on) with the NCE
 loss of the paper, score exp(v·m/τ)/Z with Z fixed from the first batch, once with the
 student as anchor against the teacher bank and once the reverse; the two are summed.
 
@@ -29,20 +30,24 @@ NCE_EPS = 1e-7  # the paper's code adds it to the NCE denominators
 
 
 class LabelBook(nn.Module):
-    """The label of every training index seen so far, to draw negatives from other classes.
+    """The label of every training index, to draw negatives from other classes.
 
-    Datasets do not hand us their label array, so it is filled as batches arrive
-    (index → y); entries not seen yet hold -1. A negative for a sample of class c is drawn
-    uniformly among the indices whose stored label is not c, which includes the unseen ones:
-    an unknown label cannot be shown to be c, so until a first epoch is over sampling is
-    close to uniform and it becomes exactly the paper's "other classes" afterwards. When
-    no index qualifies (every known label is c) the draw falls back to uniform over all
-    indices but the sample's own.
+    Built from the training labels when the dataset gives them up front (the engine passes
+    them through `ObjectiveContext.train_labels`), so the first batch already draws from
+    other classes only. Without them, entries hold -1 until `record` sees their batch; an
+    unknown label cannot be shown to be the sample's class, so it stays eligible. When no
+    index qualifies (every known label is the sample's) the draw falls back to uniform over
+    all indices but the sample's own.
     """
 
-    def __init__(self, num_train: int) -> None:
+    def __init__(self, num_train: int, labels: Tensor | None = None) -> None:
         super().__init__()
-        self.register_buffer("labels", torch.full((num_train,), -1, dtype=torch.long))
+        known = torch.full((num_train,), -1, dtype=torch.long)
+        if labels is not None:
+            if labels.shape != (num_train,):
+                raise ValueError(f"{labels.shape[0]} training labels for {num_train} samples")
+            known = labels.detach().to(device="cpu", dtype=torch.long).clone()
+        self.register_buffer("labels", known)
 
     @torch.no_grad()
     def record(self, index: Tensor, y: Tensor) -> None:
@@ -50,25 +55,34 @@ class LabelBook(nn.Module):
 
     @torch.no_grad()
     def sample_negatives(self, index: Tensor, y: Tensor, k: int) -> Tensor:
-        """B×k indices, uniform among entries of other (or unknown) classes, with replacement.
+        """B×k indices of other (or unknown) classes: k distinct ones when the sample's pool
+        holds at least k (RepDistiller's CIFAR100InstanceSample draws without replacement
+        then), with replacement only when the pool is smaller.
 
-        Exact and vectorised without a host sync: sort the indices by stored label, so the
-        indices of class c are one contiguous run [start_c, end_c); draw r uniformly in
-        [0, N − n_c) and skip over that run.
+        Vectorised, without a host sync: sort the indices by stored label, so the indices of
+        class c are one contiguous run [start_c, end_c) and the pool of a class-c sample is
+        the positions [0, N − n_c) with that run skipped. Distinct positions are the k
+        smallest of N uniform keys once the keys past the pool are pushed out of reach.
         """
         n = self.labels.numel()
         b = index.shape[0]
+        dev = self.labels.device
         labels, order = torch.sort(self.labels, stable=True)
         y = y.to(labels)
-        start = torch.searchsorted(labels, y, right=False)
-        end = torch.searchsorted(labels, y, right=True)
-        others = (n - (end - start)).unsqueeze(1)  # B×1
-        u = torch.rand(b, k, device=labels.device)
-        r = (u * others.clamp(min=1)).long().clamp(max=n - 1)
-        r = torch.where(r >= start.unsqueeze(1), r + (end - start).unsqueeze(1), r)
-        drawn = order[r.clamp(max=n - 1)]
-        # Fallback when every index holds label c: uniform over the other N−1 indices.
-        own = index.to(labels.device).unsqueeze(1)
+        start = torch.searchsorted(labels, y, right=False).unsqueeze(1)  # B×1
+        run = torch.searchsorted(labels, y, right=True).unsqueeze(1) - start
+        others = n - run  # B×1: the pool's size
+        u = torch.rand(b, k, device=dev)
+        r = (u * others.clamp(min=1)).long()  # with replacement
+        if k <= n:  # a pool can hold k distinct indices only then (a Python check: no sync)
+            keys = torch.rand(b, n, device=dev)
+            keys = keys.masked_fill(torch.arange(n, device=dev) >= others, 2.0)  # past the pool
+            distinct = keys.topk(k, dim=1, largest=False, sorted=False).indices
+            r = torch.where(others >= k, distinct, r)
+        r = r.clamp(max=n - 1)
+        drawn = order[torch.where(r >= start, r + run, r).clamp(max=n - 1)]
+        # Fallback when every index holds the sample's class: uniform over the other N−1.
+        own = index.to(dev).unsqueeze(1)
         anyone = (u * max(n - 1, 1)).long().clamp(max=max(n - 2, 0))
         anyone = anyone + (anyone >= own).long()
         return torch.where(others > 0, drawn, anyone.clamp(max=n - 1))
@@ -185,7 +199,7 @@ class CRD(Objective):
         self.negatives = clamp_negatives(self.hp["negatives"], ctx.num_train)
         self.student_heads = nn.ModuleDict({"pool": nn.Linear(student_features.pool.shape[1], dim)})
         self.teacher_heads = nn.ModuleDict({"pool": nn.Linear(teacher_features.pool.shape[1], dim)})
-        self.book = LabelBook(ctx.num_train)
+        self.book = LabelBook(ctx.num_train, ctx.train_labels)
         self.memory = ContrastMemory(ctx.num_train, dim, self.hp["tau"], self.hp["momentum"])
 
     def distill(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:

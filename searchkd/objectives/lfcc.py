@@ -1,11 +1,20 @@
-"""lfcc — low-frequency contrastive alignment for heterogeneous pairs (seed 002, LFCC).
+"""lfcc — low-frequency contrastive alignment for heterogeneous pairs (LFCC, Wu et al. 2024).
 
 A CNN, a ViT and an MLP-Mixer disagree most in the high frequencies of their feature maps
 (locality, patch borders); their low-frequency content is much more alike. So each tapped
-map is low-pass filtered at several strengths, both networks' filtered maps are brought to
-the smallest spatial size they share (the "compact space"), projected (1×1 conv → flatten →
-linear → ‖·‖), and aligned sample by sample with a symmetric InfoNCE across the batch:
-a student vector must be closer to its own sample's teacher vector than to any other's.
+map is low-pass filtered at several strengths, projected (1×1 conv → flatten → linear → ‖·‖),
+and aligned sample by sample with a symmetric InfoNCE across the batch: a student vector
+must be closer to its own sample's teacher vector than to any other's.
+
+`scales` means the same for both filters: the c×c grid kept of every channel, the c×c
+adaptive average pool (`avgpool`) or the lowest c×c 2-D DCT coefficients (`dct`). Both
+networks' maps come out c×c, which is the compact space they are aligned in, whatever their
+own sizes. A c at or above a tap's smaller map side would keep the whole map (an all-pass
+filter, no low-pass at all) and is dropped; 1 (the global mean) always remains.
+
+Head size: a head's linear layer sees about `dim` numbers whatever c is (its 1×1 conv gives
+each of the c×c cells ⌈dim/c²⌉ channels), so the heads cost O(C·dim + dim²) per tap and
+scale, not O(dim² · map area); `objective_params` in each row reports them.
 """
 
 from __future__ import annotations
@@ -21,7 +30,6 @@ from torch import Tensor, nn
 from ..models.base import Features
 from .base import Objective, ObjectiveContext, Tunable, common_tunables, register_objective
 from .contrast import symmetric_info_nce
-from .msd import match_size
 
 
 def dct_matrix(n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -34,43 +42,44 @@ def dct_matrix(n: int, device: torch.device | None = None, dtype: torch.dtype | 
 
 
 def dct_lowpass(fmap: Tensor, size: tuple[int, int]) -> Tensor:
-    """The lowest size[0]×size[1] 2-D DCT coefficients of every channel: B×C×h×w."""
+    """The lowest size[0]×size[1] orthonormal 2-D DCT coefficients of every channel: B×C×h×w."""
     h, w = fmap.shape[-2:]
     dh = dct_matrix(h, fmap.device, fmap.dtype)[: size[0]]
     dw = dct_matrix(w, fmap.device, fmap.dtype)[: size[1]]
     return torch.einsum("kh,bchw,lw->bckl", dh, fmap, dw)
 
 
-def _avgpool_pair(fs: Tensor, ft: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Average-pool each map with kernel = stride = k (capped at the map, so a coarse filter
-    on a small map becomes a global pool), then pool the larger down to the smaller."""
-
-    def pool(f: Tensor) -> Tensor:
-        h, w = f.shape[-2:]
-        kernel = (min(k, h), min(k, w))
-        return F.avg_pool2d(f, kernel, kernel)
-
-    return match_size(pool(fs), pool(ft))
+def grid(fmap: Tensor, c: int) -> tuple[int, int]:
+    return min(c, fmap.shape[-2]), min(c, fmap.shape[-1])
 
 
-def _dct_pair(fs: Tensor, ft: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Keep the lowest k×k DCT coefficients of each map; in the frequency domain the compact
-    space is the coefficient block both maps have (a smaller map has fewer frequencies)."""
-    size = (min(k, fs.shape[-2], ft.shape[-2]), min(k, fs.shape[-1], ft.shape[-1]))
-    return dct_lowpass(fs, size), dct_lowpass(ft, size)
+def avgpool_filter(fmap: Tensor, c: int) -> Tensor:
+    """The c×c grid of block means."""
+    return F.adaptive_avg_pool2d(fmap, grid(fmap, c))
 
 
-FILTERS: dict[str, Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]] = {
-    "avgpool": _avgpool_pair,
-    "dct": _dct_pair,
-}
+def dct_filter(fmap: Tensor, c: int) -> Tensor:
+    """The lowest c×c DCT coefficients, divided by √(HW) so the first is the map's mean: maps
+    of different sizes give comparable coefficients, and c = 1 equals avgpool's c = 1."""
+    h, w = fmap.shape[-2:]
+    return dct_lowpass(fmap, grid(fmap, c)) / math.sqrt(h * w)
 
 
-def projection(channels: int, size: tuple[int, int], dim: int) -> nn.Sequential:
-    """1×1 conv to `dim` → flatten → linear to `dim` (normalised by the caller)."""
-    return nn.Sequential(
-        nn.Conv2d(channels, dim, 1), nn.Flatten(), nn.Linear(dim * size[0] * size[1], dim)
-    )
+FILTERS: dict[str, Callable[[Tensor, int], Tensor]] = {"avgpool": avgpool_filter, "dct": dct_filter}
+
+
+def tap_scales(scales: list[int], fs: Tensor, ft: Tensor) -> list[int]:
+    """The grid sizes used at a tap: those below the smaller map side (a larger one would keep
+    the whole map), or the global mean alone when none is."""
+    side = min(*fs.shape[-2:], *ft.shape[-2:])
+    return sorted({c for c in scales if c < side}) or [1]
+
+
+def projection(channels: int, cells: int, dim: int) -> nn.Sequential:
+    """1×1 conv to ⌈dim/cells⌉ channels per cell → flatten (≈ dim numbers, the grid kept) →
+    linear to `dim` (normalised by the caller)."""
+    per_cell = -(-dim // cells)
+    return nn.Sequential(nn.Conv2d(channels, per_cell, 1), nn.Flatten(), nn.Linear(per_cell * cells, dim))
 
 
 @register_objective
@@ -80,10 +89,11 @@ class LFCC(Objective):
         **common_tunables(ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, weight=1.0),
         "tau": Tunable("float", 0.1, "InfoNCE temperature", {"float": [0.03, 0.5], "log": True},
                        low=1e-4),
-        "scales": Tunable("ints", [1, 2, 4], "low-pass kernels k (avgpool k×k / lowest k×k DCT)",
+        "scales": Tunable("ints", [1, 2, 4], "grid sizes c kept of each map (c×c); c at or "
+                          "above a tap's map side is dropped (it would keep everything)",
                           {"choice": [[1], [1, 2], [1, 2, 4], [2, 4]]}),
-        "filter": Tunable("str", "avgpool", "avgpool: k×k average pool; dct: lowest k×k DCT "
-                          "coefficients", {"choice": ["avgpool", "dct"]},
+        "filter": Tunable("str", "avgpool", "avgpool: c×c adaptive average pool; dct: lowest "
+                          "c×c DCT coefficients", {"choice": ["avgpool", "dct"]},
                           choices=tuple(FILTERS)),
         "layers": Tunable("int", 2, "how many of the last stages are tapped",
                           {"int": [1, 3]}, low=1),
@@ -104,21 +114,21 @@ class LFCC(Objective):
         dim = self.hp["dim"]
         self.student_heads = nn.ModuleDict()
         self.teacher_heads = nn.ModuleDict()
-        with torch.no_grad():
-            for tap in self.taps:
-                for k in self.hp["scales"]:
-                    fs, ft = self.filter(student_features.stages[tap], teacher_features.stages[tap], k)
-                    key = f"tap{tap}_k{k}"
-                    self.student_heads[key] = projection(fs.shape[1], fs.shape[-2:], dim)
-                    self.teacher_heads[key] = projection(ft.shape[1], ft.shape[-2:], dim)
+        self.scales: dict[int, list[int]] = {}
+        for tap in self.taps:
+            fs, ft = student_features.stages[tap], teacher_features.stages[tap]
+            self.scales[tap] = tap_scales(self.hp["scales"], fs, ft)
+            for c in self.scales[tap]:
+                key = f"tap{tap}_c{c}"
+                self.student_heads[key] = projection(fs.shape[1], math.prod(grid(fs, c)), dim)
+                self.teacher_heads[key] = projection(ft.shape[1], math.prod(grid(ft, c)), dim)
 
     def distill(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:
         terms = []
         for tap in self.taps:
-            for k in self.hp["scales"]:
-                fs, ft = self.filter(s.stages[tap], t.stages[tap], k)
-                key = f"tap{tap}_k{k}"
-                zs = F.normalize(self.student_heads[key](fs).float(), dim=1)
-                zt = F.normalize(self.teacher_heads[key](ft).float(), dim=1)
+            for c in self.scales[tap]:
+                key = f"tap{tap}_c{c}"
+                zs = F.normalize(self.student_heads[key](self.filter(s.stages[tap], c)).float(), dim=1)
+                zt = F.normalize(self.teacher_heads[key](self.filter(t.stages[tap], c)).float(), dim=1)
                 terms.append(symmetric_info_nce(zs, zt, self.hp["tau"]))
         return torch.stack(terms).mean()

@@ -1,4 +1,4 @@
-"""msd — contrastive distillation with multi-scale feature decoupling (seed 000, MSDCRD).
+"""msd — contrastive distillation with multi-scale feature decoupling (MSDCRD, Wang et al. 2025).
 
 Each tapped feature map is decoupled into local vectors by pooling it at several scales;
 every local vector gets its own projection and is contrasted:

@@ -1,10 +1,12 @@
-"""stkd — similarity transfer with mixup (seed 001, STKD, Zhao et al. 2021).
+"""stkd — similarity transfer with mixup (STKD, Zhao et al. 2021).
 
 Mixup makes virtual samples that lie between two classes, so the teacher's outputs on them
 carry similarities through "incorrect" classes. The student learns them three ways: CE on
 the mixed labels, KD on the virtual samples, and the similarity-transfer term L_obj, which
 matches how the samples of a batch relate to each other (row-softmaxed inter-sample
-similarity matrices of the softened outputs), not each sample's output alone.
+similarity matrices of the outputs softened at `sim_softmax_temperature`), not each sample's
+output alone. That temperature is its own tunable, not kd_temperature: the KD term and the
+similarity term are different quantities and a search should move them separately.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.base import Features, TappedModel
-from .base import Objective, Tunable, common_tunables, kd_loss, register_objective
+from .base import Objective, Tunable, common_tunables, kd_loss, register_objective, with_own_terms
 
 
 def mixup(x: Tensor, alpha: float) -> tuple[Tensor, Tensor, float]:
@@ -59,6 +61,9 @@ class STKD(Objective):
         **common_tunables(ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, weight=1.0),
         "mix_alpha": Tunable("float", 0.4, "mixup Beta(α, α) concentration; 0 turns mixup off",
                              {"float": [0.1, 2.0], "log": True}, low=0.0),
+        "sim_softmax_temperature": Tunable("float", 4.0, "T of the softmax P = softmax(z/T) "
+                                           "the similarities are computed on",
+                                           {"float": [1.0, 8.0]}, low=1e-3),
         "sim_temperature": Tunable("float", 0.1, "σ of the row softmax over similarities",
                                    {"float": [0.02, 1.0], "log": True}, low=1e-4),
     }
@@ -78,12 +83,9 @@ class STKD(Objective):
             terms["ce"] = self.hp["ce_weight"] * ce
         if self.hp["kd_weight"] > 0:
             terms["kd"] = self.hp["kd_weight"] * kd_loss(s.logits, t.logits, self.hp["kd_temperature"])
-        if self.hp["weight"] > 0:
-            terms[self.name] = self.hp["weight"] * self.distill(s, t, y, index)
-        return s.logits, terms
+        return s.logits, with_own_terms(terms, self.own_terms(s, t, y, index))
 
     def distill(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:
-        # P is softened at the KD temperature: METHODS.md names no separate constant for it.
         return similarity_transfer(
-            s.logits, t.logits, self.hp["kd_temperature"], self.hp["sim_temperature"]
+            s.logits, t.logits, self.hp["sim_softmax_temperature"], self.hp["sim_temperature"]
         )
