@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray._private.node  # noqa: E402
 import ray._private.parameter  # noqa: E402
+import ray._private.services  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +35,9 @@ def main() -> None:
         params.update_if_absent(gcs_address=sys.argv[3], include_log_monitor=False, node_manager_port=0)
         params.dashboard_agent_listen_port = None
     node = ray._private.node.Node(params, head=role == "head", shutdown_at_exit=True, spawn_reaper=True)
+    # As ray.cluster_utils does: announce the node only once the cluster lists it (a driver
+    # started earlier would size its search on the nodes it sees).
+    ray._private.services.wait_for_node(node.gcs_address, node.plasma_store_socket_name, 120)
     print(json.dumps({"gcs": node.gcs_address, "node_id": node.node_id}), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs Node's exit hook: its processes stop
     while True:
