@@ -185,7 +185,7 @@ class MlflowWriter:
     while the store is away."""
 
     def __init__(self, runs: SearchRuns, search_dir: Path, storage: Storage, metric: str, mode: str,
-                 base_tags: dict[str, str], epochs: int, log: Log = print) -> None:
+                 base_tags: dict[str, str], epochs: int, log: Log | None = None) -> None:
         configure_client()
         self.runs = runs
         self.search_dir = Path(search_dir)
@@ -193,7 +193,7 @@ class MlflowWriter:
         self.metric, self.mode = metric, mode
         self.base_tags = base_tags
         self.epochs = epochs
-        self.log = log
+        self.log = log or (lambda text: print(text, flush=True))
         self.client = MlflowClient(runs.tracking_uri)
         self.records: dict[int, TrialRecord] = {}
         self._dirty: dict[int, None] = {}  # trial numbers to sync, in order

@@ -100,6 +100,22 @@ def run_driver(space: Path, trials: Path, head: dict, *extra: str) -> tuple[subp
     return proc, Output(proc)
 
 
+def test_without_address_a_search_gets_a_private_ray_on_loopback(head: dict, tmp_path: Path) -> None:
+    """A Ray already runs on this machine and RAY_ADDRESS points at it: a search without
+    --address still starts its own (so --num-cpus applies), listening on 127.0.0.1."""
+    space = write_space(tmp_path / "own.yaml", tiny_space("own"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env.update(RAY_ADDRESS=head["gcs"], RAY_AUTH_MODE="disabled")
+    cmd = [sys.executable, "-m", "searchkd.cli", "tune", str(space), "--trials-dir", str(tmp_path / "trials"),
+           "--num-cpus", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = rows(tmp_path / "trials", "own")
+    assert len(table) == 4
+    assert {r["node_ip"] for r in table} == {"127.0.0.1"}
+    assert head["node_id"] not in {r["node_id"] for r in table}
+
+
 def test_a_trials_directory_the_other_node_cannot_see_is_refused(head: dict, tmp_path: Path) -> None:
     """Without search.storage trials would write to the driver's disk: on a cluster whose
     worker does not see it, the search is refused before anything is written."""
