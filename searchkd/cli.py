@@ -312,8 +312,8 @@ def _print_summary(s: Any, spec: Spec, root: Path, source: str) -> None:
     print(f"search {spec.name}: {s.trials} trials ({s.finished} finished, {s.stopped} stopped early by ASHA, "
           f"{s.failed} failed)")
     print(f"teacher {spec.teacher.arch}: test_acc {s.teacher.test_acc:.4f}")
-    print(f"best trial {s.best_trial}: {spec.metrics[0]} {s.best_value:.4f}, "
-          f"best_val_acc {s.best_val_acc:.4f}, test_acc {s.test_acc:.4f}")
+    print(f"best trial {s.best_trial}: {spec.metrics[0]} {s.best_value:.4f} (its kept student), "
+          f"test_acc {s.test_acc:.4f}")
     print("  config: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(s.best_config.items())))
     print(f"search directory: {rel}  (results.parquet: one row per trial per epoch)")
     ui = "searchkd ui" + ("" if root == trials_root(None) else f" --trials-dir {os.path.relpath(root)}")

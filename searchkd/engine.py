@@ -207,6 +207,9 @@ class Engine:
         self.test_acc = math.nan  # test accuracy of the kept (best-on-val, or last) student
         self.best_student: dict[str, Tensor] = copy.deepcopy(self.student.state_dict())
         self.last_row: dict[str, float] = {}  # the metrics of the last epoch, kept in checkpoints
+        # The row of the epoch whose student is kept (best on val; the last without a val split):
+        # a trial's score is a metric of the student it keeps.
+        self.kept_row: dict[str, float] = {}
 
     # -- training ---------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
@@ -278,7 +281,8 @@ class Engine:
         test_last = self.evaluate("test").top1  # reported, never used to choose
         val = self.evaluate("val")
         # Keep the best-on-val student; with no val split nothing is chosen: keep the last.
-        if not self.has_val or val.top1 > self.best_val_acc:
+        kept = not self.has_val or val.top1 > self.best_val_acc
+        if kept:
             if self.has_val:
                 self.best_val_acc = val.top1
             self.best_student = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
@@ -288,6 +292,8 @@ class Engine:
             test_acc=self.test_acc, test_acc_last=test_last, student_params=self.student_params,
             objective_params=self.objective_params, student_macs=self.student_macs,
         )
+        if kept or not self.kept_row:
+            self.kept_row = dict(row)
         self.last_row = dict(row)
         return row
 
@@ -308,6 +314,7 @@ class Engine:
             "best_student": self.best_student,
             "rng_cpu": torch.get_rng_state(),
             "last_row": dict(self.last_row),
+            "kept_row": dict(self.kept_row),
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -323,6 +330,7 @@ class Engine:
         self.test_acc = float(state["test_acc"])
         self.best_student = state["best_student"]
         self.last_row = dict(state.get("last_row", {}))
+        self.kept_row = dict(state.get("kept_row", {}))
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)

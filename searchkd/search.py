@@ -31,11 +31,12 @@ import pyarrow.parquet as pq
 import ray
 from ray import tune
 from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
+from .compat import open_trial
+from .scheduler import ResumableASHA
 from .spec import Spec
 from .storage import Storage, StorageError
 from .teacher import TeacherInfo
@@ -91,7 +92,7 @@ class SearchSpace:
         self.seed = seed
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        constants: dict[str, Any] = {}
+        """Suggest this trial's values and return its whole config."""
         if len(self.objectives) > 1:
             objective = trial.suggest_categorical("objective", self.objectives)
         else:
@@ -100,23 +101,32 @@ class SearchSpace:
             if key.startswith("loss.") and objective not in self.owners.get(key, []):
                 continue
             if "choice" in p:
-                options = [_encode(c) for c in p["choice"]]
-                picked = trial.suggest_categorical(key, options)
-                if any(isinstance(c, list | dict) for c in p["choice"]):
-                    constants[key] = json.loads(picked)
+                trial.suggest_categorical(key, [_encode(c) for c in p["choice"]])
             elif "float" in p:
                 low, high = p["float"]
                 trial.suggest_float(key, low, high, log=p.get("log", False), step=p.get("step"))
             else:
                 low, high = p["int"]
                 trial.suggest_int(key, int(low), int(high), log=p.get("log", False), step=int(p.get("step") or 1))
-        constants["trial_number"] = trial.number
-        constants["seed"] = trial_seed(self.seed, trial.number)
-        return constants
+        return self.config_of(trial.params, trial.number)
+
+    def config_of(self, params: dict[str, Any], number: int) -> dict[str, Any]:
+        """A trial's config from its Optuna params: what a re-run of a recorded trial gets."""
+        config = dict(params)
+        for key, value in params.items():
+            choices = self.params.get(key, {}).get("choice", [])
+            if any(isinstance(c, list | dict) for c in choices):
+                config[key] = json.loads(value)
+        config["trial_number"] = number
+        config["seed"] = trial_seed(self.seed, number)
+        return config
 
 
-def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
-    seed = spec.search.seed
+def make_sampler(spec: Spec, number: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler that proposes trial `number`, seeded from the search seed and that number:
+    a trial's values depend only on the study as it stands, not on how many processes the
+    search took (a resumed search proposes what an uninterrupted one would)."""
+    seed = trial_seed(spec.search.seed, number)
     if spec.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.search.sampler == "nsga2":
@@ -140,121 +150,123 @@ def load_study(search_dir: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=journal_storage(search_dir))
 
 
-class ResumableOptunaSearch(OptunaSearch):
-    """OptunaSearch whose study never holds a result Tune's saved state does not.
+def create_study(search_dir: Path, spec: Spec) -> optuna.Study:
+    directions = ["maximize" if m == "max" else "minimize" for m in spec.modes]
+    return optuna.create_study(study_name=spec.name, storage=journal_storage(search_dir),
+                               directions=directions, load_if_exists=True)
 
-    Tune saves its state every ~10 s, and a driver killed in between restores the trials of
-    the last snapshot: one it had seen end runs again, one it had started is forgotten. If
-    Optuna had already been told those ends, the study would keep a value the search then
-    revises, or a trial nobody runs. So a completion is told to Optuna when Tune next saves
-    its state (`save`, called right after the trials' states are written), and a restored
-    searcher knows only the completions its snapshot holds. Reports and completions for
-    trials Optuna already closed are ignored: the first, recorded value stands.
 
-    A trial that errors is not told FAIL at all: a resumed search runs it again, and Optuna
-    can never turn FAIL into COMPLETE. `settle_study` tells FAIL for the trials that are
-    still failed when the search ends, and the value of any ended trial still open.
+class StudySearcher(Searcher):
+    """Tune's searcher over the search's Optuna study, the record of which trials exist.
+
+    Every trial is asked from the study (a crash-safe append-only journal) before it runs, so
+    the study knows it even when the driver dies the next moment. A resumed search first runs
+    the trials the study holds open, under their own number, seed and values (each picks up
+    its own saved epoch), then asks new ones until the study holds `num_samples`. Nothing is
+    taken from Tune's own snapshot of its trials. Each trial is proposed by a sampler seeded
+    with its number (`make_sampler`), so what it gets depends on the study alone.
+
+    A completed trial is told its score (the search metric of the student it keeps) with user
+    attrs `epochs` and `stopped_early`. A trial that errors stays open: a resume runs it again,
+    and `settle` tells FAIL if the search ends with it still failed (Optuna can never turn a
+    FAIL into COMPLETE).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ended: dict[str, dict | None] = {}  # trial id -> final result, told at the next save
+    def __init__(self, search_dir: Path, spec: Spec, space: SearchSpace, rerun: list[int]) -> None:
+        super().__init__(metric=spec.metrics[0], mode=spec.modes[0])
+        self.search_dir, self.spec, self.space = Path(search_dir), spec, space
+        self.rerun = list(rerun)
+        self._numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self._study: optuna.Study | None = None
 
-    def _closed(self, trial_id: str) -> bool:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None:
-            return True
-        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
-        return frozen.state.is_finished()
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_study": None}
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = load_study(self.search_dir, self.spec.name)
+        return self._study
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        study = self.study
+        if self.rerun:
+            number = self.rerun.pop(0)
+            config = self.space.config_of(study.trials[number].params, number)
+        elif len(study.trials) >= self.spec.search.num_samples:
+            return Searcher.FINISHED
+        else:
+            study.sampler = make_sampler(self.spec, len(study.trials))
+            trial = study.ask()
+            number, config = trial.number, self.space(trial)
+        self._numbers[trial_id] = number
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        """Intermediate values are the metric per epoch, once each: a trial that restarts
-        from its saved epoch reports that epoch again (Tune's iteration count starts over)."""
-        if trial_id in self._ended or self._closed(trial_id) or isinstance(self.metric, list):
+        """The metric per epoch as Optuna's intermediate values, once each (a trial that runs
+        again re-reports the epoch it resumes from)."""
+        number = self._numbers.get(trial_id)
+        value, epoch = result.get(self.spec.metrics[0]), result.get("epoch")
+        if number is None or len(self.spec.metrics) > 1 or value is None or epoch is None:
             return
-        value, epoch = result.get(self.metric), result.get("epoch")
-        if value is None or epoch is None:
-            return
-        ot_trial = self._ot_trials[trial_id]
-        if int(epoch) not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
-            ot_trial.report(value, int(epoch))
+        frozen = self.study.trials[number]
+        if not frozen.state.is_finished() and int(epoch) not in frozen.intermediate_values:
+            open_trial(self.study, number).report(float(value), int(epoch))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if self._closed(trial_id):
-            self._completed_trials.add(trial_id)
-        elif not error:
-            self._ended[trial_id] = result
-
-    def save(self, checkpoint_path: str) -> None:
-        # Tune has just written the snapshot that records these trials as ended.
-        for trial_id, result in list(self._ended.items()):
-            if not self._closed(trial_id):
-                super().on_trial_complete(trial_id, result, False)
-        self._ended.clear()
-        super().save(checkpoint_path)
+        number = self._numbers.pop(trial_id, None)
+        if number is None or error or not result or self.study.trials[number].state.is_finished():
+            return
+        metrics = self.spec.metrics
+        values = [float(result["score"])] if len(metrics) == 1 else [float(result[f"score_{m}"]) for m in metrics]
+        epochs = int(result.get("epoch", 0))
+        trial = open_trial(self.study, number)
+        trial.set_user_attr("epochs", epochs)
+        trial.set_user_attr("stopped_early", epochs < self.spec.train.epochs)
+        self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
 
 
-def _set_user_attr(study: optuna.Study, number: int, key: str, value: str) -> None:
-    frozen = study.trials[number]
-    if not frozen.state.is_finished():
-        study._storage.set_trial_user_attr(frozen._trial_id, key, value)
-
-
-def settle_study(study: optuna.Study, outcomes: Outcomes, rows: dict[int, list[dict[str, Any]]],
-                 metrics: list[str]) -> int:
-    """Make every ended trial's Optuna state say how it ended, through Optuna's public `tell`.
-
-    Failed trials are told FAIL (the reason as user attr `searchkd`). An ended trial Optuna
-    still holds open is told its last reported value: after a restore, Tune's concurrency
-    limiter forgets trials that were running and never passes their completion on.
-    """
-    told = 0
-    for number, status in sorted(outcomes.status.items()):
-        if number < 0 or number >= len(study.trials) or study.trials[number].state.is_finished():
-            continue
-        if status == "failed":
-            _set_user_attr(study, number, "searchkd", f"failed: {outcomes.errors.get(number, 'trial failed')}")
+def settle(study: optuna.Study, failed: dict[int, str]) -> None:
+    """Tell FAIL, with the reason as user attr `searchkd`, for trials that end the search failed."""
+    for number, reason in sorted(failed.items()):
+        if not study.trials[number].state.is_finished():
+            open_trial(study, number).set_user_attr("searchkd", f"failed: {reason}")
             study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        elif status in ("finished", "stopped") and rows.get(number):
-            last = rows[number][-1]
-            values = [float(last[m]) for m in metrics]
-            study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
-        else:
-            continue
-        told += 1
-    return told
 
 
 # -- what the driver records as trials run ---------------------------------------------------
 class ResultsTable:
     """`results.parquet`: one row per trial per epoch, rewritten atomically each result.
 
-    Rows are keyed by (trial_id, epoch); a resumed trial that re-reports an epoch replaces
-    that row instead of duplicating it.
+    Rows are keyed by (trial number, epoch). A trial that runs again re-reports the epoch it
+    resumes from; the row first recorded stands, so the rows keep the order in which the
+    search saw them (the order ASHA's rungs are rebuilt in).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._rows: dict[tuple[str, int], dict[str, Any]] | None = None
+        self._rows: dict[tuple[int, int], dict[str, Any]] | None = None
 
     @property
-    def rows(self) -> dict[tuple[str, int], dict[str, Any]]:
+    def rows(self) -> dict[tuple[int, int], dict[str, Any]]:
         if self._rows is None:
             self._rows = {}
             if self.path.exists():
                 for r in pq.read_table(self.path).to_pylist():
-                    self._rows[(r["trial_id"], int(r["epoch"]))] = r
+                    self._rows[(int(r["trial_number"]), int(r["epoch"]))] = r
         return self._rows
 
     def on_trial_result(self, trial: Any, result: dict) -> None:
-        row = {k: v for k, v in result.items()
-               if _scalar(v) and (k in tracking.LOGGED or k in _TEXT_KEYS or k.startswith("loss_"))}
+        key = (int(trial.config.get("trial_number", -1)), int(result["epoch"]))
+        if key in self.rows:
+            return
+        row = {k: v for k, v in result.items() if _scalar(v) and (tracking.is_logged(k) or k in _TEXT_KEYS)}
         row["trial_id"] = trial.trial_id
-        row["trial_number"] = int(trial.config.get("trial_number", -1))
+        row["trial_number"] = key[0]
         row["objective"] = str(trial.config.get("objective", ""))
         row["config"] = json.dumps({k: v for k, v in trial.config.items() if k != "trial_number"}, sort_keys=True)
         row["timestamp"] = float(result.get("timestamp", time.time()))
-        self.rows[(trial.trial_id, int(result["epoch"]))] = row
+        self.rows[key] = row
         self.write()
 
     def by_trial(self) -> dict[int, list[dict[str, Any]]]:
@@ -262,6 +274,10 @@ class ResultsTable:
         for r in sorted(self.rows.values(), key=lambda r: r["epoch"]):
             out.setdefault(int(r["trial_number"]), []).append(r)
         return out
+
+    def in_order(self) -> list[dict[str, Any]]:
+        """Every row, in the order the search recorded them."""
+        return sorted(self.rows.values(), key=lambda r: (r["timestamp"], r["trial_number"], r["epoch"]))
 
     def write(self) -> None:
         rows = sorted(self.rows.values(), key=lambda r: (r["trial_number"], r["epoch"]))
@@ -280,12 +296,17 @@ _TEXT_KEYS = {"node_id", "node_ip"}
 
 
 class Progress:
-    """One line per trial that ends (and a heartbeat), with the best value so far."""
+    """One line per trial that ends (and a heartbeat), with the best score so far.
 
-    def __init__(self, metric: str, mode: str, num_samples: int, epochs: int, heartbeat_s: float = 15.0,
-                 log: Log = say) -> None:
+    A trial's score is the search metric of the student it keeps (best on val): the value
+    Optuna, MLflow, results.parquet and the summary all use.
+    """
+
+    def __init__(self, metric: str, mode: str, num_samples: int, epochs: int, done_before: int = 0,
+                 heartbeat_s: float = 15.0, log: Log = say) -> None:
         self.metric, self.mode = metric, mode
         self.num_samples, self.epochs = num_samples, epochs
+        self.done_before = done_before  # trials that ended in earlier runs of this search
         self.heartbeat_s = heartbeat_s
         self.log = log
         self.start = time.time()
@@ -293,19 +314,20 @@ class Progress:
         self.best: tuple[float, int] | None = None
 
     def _line(self, text: str, trials: list) -> None:
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        done = self.done_before + sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
         best = f"best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else "best -"
         self.log(f"[{time.time() - self.start:6.0f}s] {text:<48} | {done}/{self.num_samples} done, "
                  f"{running} running | {best}")
         self.last_beat = time.time()
 
+    def improve(self, number: int, value: Any) -> None:
+        if isinstance(value, int | float) and math.isfinite(value) and (
+                self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])):
+            self.best = (float(value), number)
+
     def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
-        value = result.get(self.metric)
-        if isinstance(value, int | float) and math.isfinite(value):
-            number = int(trial.config.get("trial_number", -1))
-            if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
-                self.best = (float(value), number)
+        self.improve(_number(trial), result.get("score"))
         if time.time() - self.last_beat > self.heartbeat_s:
             self._line(f"trial {trial.config.get('trial_number')} epoch {result.get('epoch')}/{self.epochs}", trials)
 
@@ -336,13 +358,8 @@ def _where(trial: Any, reason: str) -> str:
 
 @dataclass
 class Outcomes:
-    """How each trial ended, from the trials Tune hands its callbacks when `fit()` ends.
-
-    Tune marks the trials it stops on Ctrl-C TERMINATED as it cleans up, just as it marks a
-    finished one; so a trial this process saw start, but never saw complete or fail, ended
-    unfinished whatever its final status says. Trials restored already ended from an earlier
-    run keep the status Tune saved.
-    """
+    """How each trial of the search stands, read from the study (the record of which trials
+    exist and how they ended) and from the trials this run saw fail."""
 
     status: dict[int, str] = field(default_factory=dict)  # number -> finished|stopped|failed|unfinished
     errors: dict[int, str] = field(default_factory=dict)
@@ -350,23 +367,21 @@ class Outcomes:
     configs: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, trials: list, epochs: int, seen: dict[int, str]) -> Outcomes:
-        """`seen`: trial number -> running | ended, as this process's callbacks saw them."""
-        out = cls()
-        for t in trials:
-            number = int(t.config.get("trial_number", -1))
-            out.trial_ids[number] = t.trial_id
-            out.configs[number] = dict(t.config)
-            if seen.get(number) == "running":
-                out.status[number] = "unfinished"
-            elif t.status == "ERROR":
-                out.status[number] = "failed"
-                out.errors[number] = tracking.error_reason(t)
-            elif t.status == "TERMINATED":
-                full = int((t.last_result or {}).get("epoch", 0)) >= epochs
-                out.status[number] = "finished" if full else "stopped"
+    def of(cls, study: optuna.Study, space: SearchSpace, failed_now: dict[int, str],
+           trial_ids: dict[int, str]) -> Outcomes:
+        out = cls(trial_ids=dict(trial_ids))
+        for t in study.trials:
+            out.configs[t.number] = space.config_of(t.params, t.number)
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                out.status[t.number] = "stopped" if t.user_attrs.get("stopped_early") else "finished"
+            elif t.state == optuna.trial.TrialState.FAIL:
+                out.status[t.number] = "failed"
+                out.errors[t.number] = str(t.user_attrs.get("searchkd", "failed")).removeprefix("failed: ")
+            elif t.number in failed_now:
+                out.status[t.number] = "failed"
+                out.errors[t.number] = failed_now[t.number]
             else:
-                out.status[number] = "unfinished"
+                out.status[t.number] = "unfinished"
         return out
 
     def counts(self) -> dict[str, int]:
@@ -380,23 +395,18 @@ class Outcomes:
 class Session:
     """The live parts of a running search that Tune's callback reaches."""
 
-    def __init__(self, results: ResultsTable, mlflow: tracking.MlflowRecorder, progress: Progress,
-                 epochs: int) -> None:
+    def __init__(self, results: ResultsTable, mlflow: tracking.MlflowRecorder, progress: Progress) -> None:
         self.results, self.mlflow, self.progress = results, mlflow, progress
-        self.epochs = epochs
-        self.seen: dict[int, str] = {}  # trial number -> running | ended, in this process
-        self.outcomes: Outcomes | None = None
+        self.failed: dict[int, str] = {}  # trial number -> reason, for trials that errored in this run
+        self.trial_ids: dict[int, str] = {}
 
 
 _SESSIONS: dict[str, Session] = {}
 
 
 class SearchCallback(Callback):
-    """Tune's hook into the live search.
-
-    It pickles as the search directory alone: a restored Tuner unpickles the callbacks it
-    was created with, and this one then reaches the session of the process that resumes.
-    """
+    """Tune's hook into the live search; it pickles as the search directory alone (Tune
+    pickles its callbacks) and reaches the session of the process that runs the search."""
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -406,7 +416,8 @@ class SearchCallback(Callback):
         return _SESSIONS[self.key]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.session.seen[_number(trial)] = "running"
+        self.session.failed.pop(_number(trial), None)
+        self.session.trial_ids[_number(trial)] = trial.trial_id
         self.session.mlflow.on_trial_start(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -416,20 +427,16 @@ class SearchCallback(Callback):
         s.progress.on_trial_result(trial, result, trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.session.seen[_number(trial)] = "ended"
         self.session.mlflow.on_trial_complete(trial)
         self.session.progress.on_trial_complete(trial, trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.session.seen[_number(trial)] = "ended"
+        self.session.failed[_number(trial)] = tracking.error_reason(trial)
         self.session.mlflow.on_trial_error(trial)
         self.session.progress.on_trial_error(trial, trials)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.session.progress.on_trial_recover(trial, trials)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.session.outcomes = Outcomes.of(trials, self.session.epochs, self.session.seen)
 
 
 def _number(trial: Any) -> int:
@@ -442,7 +449,6 @@ class Summary:
     best_trial: int
     best_config: dict[str, Any]
     best_value: float
-    best_val_acc: float
     test_acc: float
     trials: int
     finished: int
@@ -451,26 +457,27 @@ class Summary:
     teacher: TeacherInfo
 
 
+def trial_scores(by_trial: dict[int, list[dict[str, Any]]]) -> dict[int, float]:
+    """Each trial's score: its `score` as of its last recorded epoch (the search metric of the
+    student it keeps)."""
+    return {n: float(rows[-1]["score"]) for n, rows in by_trial.items()
+            if rows and isinstance(rows[-1].get("score"), int | float) and math.isfinite(rows[-1]["score"])}
+
+
 def summarize(search_dir: Path, spec: Spec, teacher: TeacherInfo, counts: dict[str, int]) -> Summary | None:
-    """The best trial so far, or None when no trial has reported an epoch yet."""
-    path = search_dir / RESULTS_FILE
-    table = pq.read_table(path).to_pylist() if path.exists() else []
-    if not table:
+    """The trial with the best score, or None before any trial has one."""
+    by_trial = ResultsTable(search_dir / RESULTS_FILE).by_trial()
+    scores = trial_scores(by_trial)
+    if not scores:
         return None
-    metric, mode = spec.metrics[0], spec.modes[0]
-    per_trial: dict[int, list[dict[str, Any]]] = {}
-    for r in table:
-        per_trial.setdefault(r["trial_number"], []).append(r)
-    pick = max if mode == "max" else min
-    best_number = pick(per_trial, key=lambda n: pick(row[metric] for row in per_trial[n]))
-    rows = sorted(per_trial[best_number], key=lambda r: r["epoch"])
-    best_value = pick(r[metric] for r in rows)
-    last = rows[-1]
+    sign = -1.0 if spec.modes[0] == "max" else 1.0
+    best = min(scores, key=lambda n: (sign * scores[n], n))  # ties: the earlier trial
+    last = by_trial[best][-1]
     return Summary(
-        search_dir=search_dir, best_trial=best_number, best_config=json.loads(last["config"]),
-        best_value=best_value, best_val_acc=last["best_val_acc"], test_acc=last["test_acc"],
-        trials=max(len(per_trial), sum(counts.values())), finished=counts.get("finished", 0), stopped=counts.get("stopped", 0),
-        failed=counts.get("failed", 0), teacher=teacher,
+        search_dir=search_dir, best_trial=best, best_config=json.loads(last["config"]),
+        best_value=scores[best], test_acc=last["test_acc"], trials=max(len(by_trial), sum(counts.values())),
+        finished=counts.get("finished", 0), stopped=counts.get("stopped", 0), failed=counts.get("failed", 0),
+        teacher=teacher,
     )
 
 
@@ -604,8 +611,17 @@ def _concurrency(spec: Spec) -> int:
     return max(1, min(spec.search.max_concurrent or fit, fit, spec.search.num_samples))
 
 
+def pending(study: optuna.Study, spec: Spec) -> tuple[list[int], int]:
+    """The study's open trials (run again first) and how many trials this run has to run."""
+    rerun = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    return rerun, len(rerun) + max(0, spec.search.num_samples - len(study.trials))
+
+
 def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, storage: Storage,
-                callbacks: list[Callback], tunables: dict[str, set[str]], resume: bool) -> tune.Tuner:
+                callbacks: list[Callback], tunables: dict[str, set[str]], study: optuna.Study,
+                results: ResultsTable) -> tuple[tune.Tuner, int]:
+    """A Tuner for the trials this run must still run (the study's open trials first, then new
+    ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
     res = spec.search.resources
     memory_fraction = res.gpu if 0 < res.gpu < 1 else None
     blob = Path(teacher.path).read_bytes() if teacher else None
@@ -618,37 +634,41 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, stora
                              cpus=res.cpu, memory_fraction=memory_fraction),
         {"cpu": res.cpu, "gpu": res.gpu},
     )
-    ray_dir = search_dir / RAY_DIR
-    if resume and tune.Tuner.can_restore(str(ray_dir)):
-        return tune.Tuner.restore(str(ray_dir), trainable, resume_unfinished=True, resume_errored=True)
-    metric = spec.metrics if len(spec.metrics) > 1 else spec.metrics[0]
-    mode = spec.modes if len(spec.modes) > 1 else spec.modes[0]
+    rerun, to_run = pending(study, spec)
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
-    searcher = ResumableOptunaSearch(space, metric=metric, mode=mode, sampler=make_sampler(spec),
-                                     study_name=spec.name, storage=journal_storage(search_dir))
+    searcher = StudySearcher(search_dir, spec, space, rerun)
+    scheduler: FIFOScheduler = FIFOScheduler()
     if spec.search.scheduler == "asha":
-        # ASHA counts epochs, not reports: a resumed trial re-reports its saved epoch.
-        scheduler = ASHAScheduler(metric=spec.metrics[0], mode=spec.modes[0], time_attr="epoch",
-                                  max_t=spec.train.epochs, grace_period=min(spec.search.grace_period, spec.train.epochs),
-                                  reduction_factor=spec.search.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
-    return tune.Tuner(
+        # ASHA counts epochs, not reports: a trial that runs again re-reports its saved epoch.
+        asha = ResumableASHA(spec.metrics[0], spec.modes[0], "epoch", min(spec.search.grace_period, spec.train.epochs),
+                             spec.train.epochs, spec.search.reduction_factor)
+        ended = {t.number for t in study.trials if t.state.is_finished()}
+        rows = results.in_order()
+        last = {int(r["trial_number"]): int(r["epoch"]) for r in rows}
+        asha.rungs.replay(
+            (int(r["trial_number"]), r["epoch"], r.get(spec.metrics[0]),
+             int(r["trial_number"]) in ended and int(r["epoch"]) == last[int(r["trial_number"])])
+            for r in rows)
+        scheduler = asha
+    runs = search_dir / RAY_DIR
+    name = f"run-{len(list(runs.glob('run-*'))) + 1:03d}" if runs.is_dir() else "run-001"
+    tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=_concurrency(spec)),
-            scheduler=scheduler, num_samples=spec.search.num_samples,
+            scheduler=scheduler, num_samples=to_run,
             reuse_actors=True,  # a trial's process outlives it: no re-import of torch per trial
         ),
         run_config=tune.RunConfig(
-            # Tune's own state stays with the driver; trials report no Tune checkpoint (they
-            # keep their state in the search's storage themselves), so no node ever needs
-            # this directory.
-            name=RAY_DIR, storage_path=str(search_dir), verbose=0, callbacks=callbacks,
+            # One Tune experiment per run of the search, never restored: which trials exist
+            # is the study's business. Trials report no Tune checkpoint (they keep their
+            # state in the search's storage), so no node ever needs this directory.
+            name=name, storage_path=str(runs), verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
         ),
     )
+    return tuner, to_run
 
 
 def run_search(
@@ -665,7 +685,7 @@ def run_search(
 ) -> tuple[Summary | None, bool]:
     """Run (or resume) a search whose directory and space.yaml already exist.
 
-    Returns the summary (None before any trial reported) and whether the search is complete.
+    Returns the summary (None before any trial has a score) and whether the search is complete.
     """
     quiet()
     uri = tracking_uri or tracking.default_store(trials_dir)
@@ -690,43 +710,41 @@ def run_search(
     storage = trial_storage(search_dir, spec)
     connect(spec, address, num_cpus)
     metric, mode = spec.metrics[0], spec.modes[0]
+    study = create_study(search_dir, spec)
+    results = ResultsTable(search_dir / RESULTS_FILE)
     writer = tracking.MlflowWriter(runs, search_dir, storage, metric, mode, base_tags, spec.train.epochs, log=log)
-    session = Session(ResultsTable(search_dir / RESULTS_FILE), tracking.MlflowRecorder(writer),
-                      Progress(metric, mode, spec.search.num_samples, spec.train.epochs, log=log),
-                      spec.train.epochs)
+    done_before = sum(t.state.is_finished() for t in study.trials)
+    progress = Progress(metric, mode, spec.search.num_samples, spec.train.epochs, done_before, log=log)
+    for number, score in trial_scores(results.by_trial()).items():
+        progress.improve(number, score)
+    session = Session(results, tracking.MlflowRecorder(writer), progress)
     key = str(search_dir)
-    tuner = build_tuner(spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, resume)
+    to_run = pending(study, spec)[1]
     _write_state(search_dir, "running")
     log(f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
         f"epoch{'s' if spec.train.epochs > 1 else ''} "
-        f"({'resumed' if resume else 'new'}), in {search_dir}")
-    _SESSIONS[key] = session
-    try:
-        tuner.fit()
-    finally:
-        del _SESSIONS[key]
-    outcomes = session.outcomes or Outcomes()
+        f"({'resumed: ' + str(to_run) + ' to run' if resume else 'new'}), in {search_dir}")
+    if to_run:
+        tuner, _ = build_tuner(spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, study, results)
+        _SESSIONS[key] = session
+        try:
+            tuner.fit()
+        finally:
+            del _SESSIONS[key]
+    params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
+    space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
+    study = load_study(search_dir, spec.name)
+    outcomes = Outcomes.of(study, space, session.failed, session.trial_ids)
     complete = outcomes.complete(spec.search.num_samples)
-    deadline = _Deadline(writer, uri, log)
-    synced = deadline.drain()
     if complete:
-        settle_study(load_study(search_dir, spec.name), outcomes, session.results.by_trial(), spec.metrics)
-        reconcile(search_dir, spec.name, set(outcomes.status))
-        if synced:
-            try:
-                tracking.drop_orphan_runs(runs, search_dir, set(outcomes.status))
-                writer.reload_map()
-            except Exception as exc:  # noqa: BLE001 - the store went away again: resume finishes it
-                if not tracking.is_transient(exc):
-                    raise
-                synced = False
+        settle(study, outcomes.errors)
     # MLflow is brought in line with the durable record once more: what a killed driver or a
     # long outage held back reaches it now.
-    session.mlflow.resync(session.results.by_trial(), outcomes, set(outcomes.status) if complete else None)
-    synced = deadline.drain() and synced
+    session.mlflow.resync(results.by_trial(), outcomes)
+    synced = _Deadline(writer, uri, log).drain()
     counts = outcomes.counts()
-    finished = complete and synced
-    _write_state(search_dir, "finished" if finished else "interrupted", counts, tracking_pending=not synced)
+    _write_state(search_dir, "finished" if complete and synced else "interrupted", counts,
+                 tracking_pending=not synced)
     if synced:
         try:
             writer.close_search("FINISHED" if complete else "KILLED")
@@ -735,53 +753,22 @@ def run_search(
     else:
         log(f"searchkd: the tracking store {uri} did not take {writer.pending()} trials' updates "
             f"within {TRACKING_WAIT_S:.0f}s; they are kept in {RESULTS_FILE} and sent by --resume")
-    return summarize(search_dir, spec, teacher, counts), finished
+    return summarize(search_dir, spec, teacher, counts), complete and synced
 
 
 class _Deadline:
-    """The end of a search waits for MLflow at most TRACKING_WAIT_S in all, saying so once."""
+    """The end of a search waits for MLflow at most TRACKING_WAIT_S, saying so once."""
 
     def __init__(self, writer: tracking.MlflowWriter, uri: str, log: Log) -> None:
         self.writer, self.uri, self.log = writer, uri, log
         self.end = time.time() + TRACKING_WAIT_S
-        self.said = False
 
     def drain(self) -> bool:
         if self.writer.drain(timeout=min(2.0, max(0.0, self.end - time.time()))):
             return True
-        if not self.said:
-            self.said = True
-            self.log(f"searchkd: waiting up to {max(0.0, self.end - time.time()):.0f}s for the tracking "
-                     f"store {self.uri} to take {self.writer.pending()} trials' updates")
+        self.log(f"searchkd: waiting up to {max(0.0, self.end - time.time()):.0f}s for the tracking "
+                 f"store {self.uri} to take {self.writer.pending()} trials' updates")
         return self.writer.drain(timeout=max(0.0, self.end - time.time()))
-
-
-def reconcile(search_dir: Path, name: str, known: set[int]) -> dict[str, int]:
-    """Drop what a driver killed between Tune snapshots left behind, once a search is complete.
-
-    Tune forgets trials it started after its last experiment snapshot and starts new ones in
-    their place. Their Optuna trials stay RUNNING (marked FAIL here, with the reason) and their
-    Parquet rows would be extra rows (dropped; their MLflow runs go in
-    `tracking.drop_orphan_runs`), so that every store holds exactly the trials Tune ran to the
-    end. `known` holds the trial numbers of the trials Tune ran.
-    """
-    path = search_dir / RESULTS_FILE
-    dropped_rows = 0
-    if path.exists():
-        results = ResultsTable(path)
-        orphans = [k for k, r in results.rows.items() if int(r["trial_number"]) not in known]
-        for k in orphans:
-            del results.rows[k]
-        dropped_rows = len(orphans)
-        if orphans:
-            results.write()
-    study = load_study(search_dir, name)
-    stale = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-             if t.number not in known]
-    for t in stale:
-        _set_user_attr(study, t.number, "searchkd", "orphaned: its driver was killed before Tune saved it")
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-    return {"rows": dropped_rows, "optuna": len(stale)}
 
 
 def _write_state(search_dir: Path, status: str, counts: dict[str, int] | None = None, **extra: Any) -> None:

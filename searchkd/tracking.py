@@ -175,9 +175,14 @@ class TrialRecord:
     node_id: str = ""
 
 
+def is_logged(key: str) -> bool:
+    """A number a trial reports that the search keeps: a metric, a loss term or a score."""
+    return key in LOGGED or key.startswith(("loss_", "score"))
+
+
 def logged_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in result.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and (k in LOGGED or k.startswith("loss_"))}
+            if isinstance(v, int | float) and not isinstance(v, bool) and is_logged(k)}
 
 
 class MlflowWriter:
@@ -385,7 +390,7 @@ class MlflowWriter:
         if self._best is None:  # after a restore: continue from what the parent already holds
             self._best = self.client.get_run(self.runs.parent_run_id).data.metrics.get(f"best_{self.metric}")
         for row in rows:
-            value = row.get(self.metric)
+            value = row.get("score", row.get(self.metric))
             if value is None or not math.isfinite(value):
                 continue
             if self._best is None or (value > self._best if self.mode == "max" else value < self._best):
@@ -468,38 +473,6 @@ class MlflowRecorder:
                     r.outcome, r.error = status, outcomes.errors.get(number)
 
             self.writer.update(rec.number, change)
-
-
-def drop_orphan_runs(runs: SearchRuns, search_dir: Path, known: set[int]) -> int:
-    """Delete child runs of trials the search does not know (see search.reconcile); returns
-    how many.
-
-    The store is searched, not only the persisted map: a driver killed between creating a run
-    and writing the map leaves a run the map never names.
-    """
-    client = MlflowClient(runs.tracking_uri)
-    children = client.search_runs(
-        [runs.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{runs.parent_run_id}'",
-        max_results=50_000,
-    )
-    path = search_dir / RUNS_FILE
-    try:
-        mapping: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        mapping = {}
-
-    def orphan(run: Any) -> bool:
-        number = run.data.tags.get("trial_number", "")
-        # Unknown to the search, or a second run of a known trial (the first was never mapped).
-        known_number = number.lstrip("-").isdigit() and int(number) in known
-        return not known_number or mapping.get(number, run.info.run_id) != run.info.run_id
-
-    orphans = [r.info.run_id for r in children if orphan(r)]
-    for rid in orphans:
-        client.delete_run(rid)
-    if orphans and mapping:
-        _atomic_json(path, {n: rid for n, rid in mapping.items() if n.isdigit() and int(n) in known})
-    return len(orphans)
 
 
 def _public(config: dict[str, Any]) -> dict[str, Any]:

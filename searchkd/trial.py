@@ -83,18 +83,28 @@ def train_trial(
     resume(engine, files)
     start_epoch = engine.epoch
     node = {"node_id": ray.get_runtime_context().get_node_id()}
+    metrics = spec.metrics
     if engine.last_row:
         # The saved epoch again: if the driver died before it recorded that epoch, it is
         # recorded now; if not, the callbacks keep one copy.
-        tune.report({**engine.last_row, "start_epoch": start_epoch, **node})
+        tune.report({**engine.last_row, **scores(engine.kept_row, metrics), "start_epoch": start_epoch, **node})
     while not engine.finished:
-        best = engine.best_val_acc
+        kept = engine.kept_row
         row = engine.run_epoch()
         row["start_epoch"] = start_epoch  # >0 proves a resumed trial did not restart at 0
-        if engine.best_val_acc > best:
+        if engine.kept_row is not kept:  # this epoch's student is the one the trial keeps now
             files.write_bytes(STUDENT_FILE, _tensor_bytes(engine.best_student))
         files.write_bytes(STATE_FILE, engine.to_bytes())
-        tune.report({**row, **node})
+        tune.report({**row, **scores(engine.kept_row, metrics), **node})
+
+
+def scores(kept_row: dict[str, float], metrics: list[str]) -> dict[str, float]:
+    """The trial's score: the search metric of the student it keeps (best on val, or the last
+    without a val split), as of this epoch; one per metric when the search has several."""
+    out = {"score": kept_row[metrics[0]]}
+    if len(metrics) > 1:
+        out.update({f"score_{m}": kept_row[m] for m in metrics})
+    return out
 
 
 def resume(engine: Engine, files: Storage) -> bool:

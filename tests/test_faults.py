@@ -26,9 +26,8 @@ from conftest import (
     write_space,
 )
 from mlflow.tracking import MlflowClient
-from ray.tune import ExperimentAnalysis
 
-from searchkd.search import RAY_DIR, load_study
+from searchkd.search import load_study
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -106,23 +105,23 @@ def test_nan_trial_fails_alone_and_the_search_goes_on(ray_session, tmp_path: Pat
     trials = tmp_path / "trials"
     assert main(["tune", str(space), "--trials-dir", str(trials)]) == 0
 
-    analysis = ExperimentAnalysis(str(trials / "nan" / RAY_DIR))
-    status = {t.trial_id: (t.status, t.config["train.lr"]) for t in analysis.trials}
+    study = load_study(trials / "nan", "nan")
+    status = {t.number: (t.state.name, t.params["train.lr"]) for t in study.trials}
     assert len(status) == 3
-    assert {lr for s, lr in status.values() if s == "ERROR"} == {1.0e12}
-    assert {lr for s, lr in status.values() if s == "TERMINATED"} == {0.1}
+    assert {lr for s, lr in status.values() if s == "FAIL"} == {1.0e12}
+    assert {lr for s, lr in status.values() if s == "COMPLETE"} == {0.1}
+    assert all("non-finite loss" in t.user_attrs["searchkd"] for t in study.trials if t.state.name == "FAIL")
 
     client = MlflowClient(f"sqlite:///{trials / 'mlflow.db'}")
     exp = client.get_experiment_by_name("nan")
-    for run in client.search_runs([exp.experiment_id], "tags.trial_id != ''"):
+    runs = client.search_runs([exp.experiment_id], "tags.trial_number != ''")
+    assert len(runs) == 3
+    for run in runs:
         if float(run.data.params["train.lr"]) > 1:
             assert run.info.status == "FAILED"
             assert "non-finite loss" in run.data.tags["error"]
         else:
             assert run.info.status == "FINISHED"
-    study = load_study(trials / "nan", "nan")
-    states = sorted(t.state.name for t in study.trials)
-    assert states.count("FAIL") == sum(s == "ERROR" for s, _ in status.values())
 
 
 def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path: Path) -> None:
@@ -149,8 +148,8 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path: Path) -> No
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-3000:]
     table = assert_consistent(trials, name, 2, epochs)
-    assert all(max(r["epoch"] for r in table if r["trial_id"] == t) == epochs
-               for t in {r["trial_id"] for r in table})
+    assert all(max(r["epoch"] for r in table if r["trial_number"] == n) == epochs
+               for n in {r["trial_number"] for r in table})
     assert max(r["start_epoch"] for r in table) >= 1, "the retried trial restarted from epoch 0"
 
 

@@ -106,7 +106,7 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
     rows = pq.read_table(results).to_pylist()
-    keys = [(r["trial_id"], r["epoch"]) for r in rows]
+    keys = [(r["trial_number"], r["epoch"]) for r in rows]
     assert len(keys) == len(set(keys)), "duplicated (trial, epoch) rows"
     assert {r["trial_number"] for r in rows} == {0, 1, 2}
     for n in (0, 1, 2):

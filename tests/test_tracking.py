@@ -17,32 +17,8 @@ from searchkd.tracking import (
     MlflowRecorder,
     MlflowWriter,
     SearchRuns,
-    drop_orphan_runs,
     is_transient,
 )
-
-
-def test_orphan_and_duplicate_child_runs_are_dropped(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp).info.run_id
-
-    def child(number: int) -> str:
-        tags = {"mlflow.parentRunId": parent, "trial_number": str(number)}
-        return client.create_run(exp, tags=tags).info.run_id
-
-    kept = child(0)          # mapped, a trial the search ran
-    forgotten = child(1)     # its trial was forgotten by Tune's snapshot
-    unmapped = child(0)      # created again for a known trial after a kill before the map
-    other = client.create_run(exp).info.run_id  # not a child: untouched
-    (tmp_path / RUNS_FILE).write_text(json.dumps({"0": kept, "1": forgotten}))
-
-    assert drop_orphan_runs(SearchRuns(uri, exp, parent), tmp_path, known={0}) == 2
-    alive = {r.info.run_id for r in client.search_runs([exp])}
-    assert alive == {parent, kept, other}
-    assert unmapped not in alive
-    assert json.loads((tmp_path / RUNS_FILE).read_text()) == {"0": kept}
 
 
 def _setup(tmp_path: Path, uri: str, log: list[str]) -> tuple[MlflowWriter, MlflowRecorder, MlflowClient]:
