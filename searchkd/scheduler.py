@@ -30,6 +30,9 @@ class Rungs:
         count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
         self.milestones = [grace_period * reduction_factor**k for k in reversed(range(count))]
         self.recorded: dict[float, dict[int, float]] = {m: {} for m in self.milestones}
+        # Trials stopped, and at which epoch: a trial stopped just before its driver died runs
+        # again, re-reports that epoch, and is stopped there again.
+        self.stopped_at: dict[int, float] = {}
 
     def cutoff(self, milestone: float) -> float | None:
         values = list(self.recorded[milestone].values())
@@ -52,16 +55,19 @@ class Rungs:
 
     def on_result(self, number: int, epoch: float, value: float | None) -> bool:
         """A reported epoch: True when the trial should stop (a trial at max_t always does)."""
-        if epoch >= self.max_t:
+        if epoch >= self.max_t or epoch >= self.stopped_at.get(number, float("inf")):
             return True
-        return self.record(number, epoch, value)
+        stop = self.record(number, epoch, value)
+        if stop:
+            self.stopped_at[number] = epoch
+        return stop
 
     def replay(self, rows: Iterable[tuple[int, float, float | None, bool]]) -> None:
         """Rebuild from recorded rows, in the order they arrived: (trial number, epoch, value,
         whether it was the trial's last row of a trial that has ended)."""
         for number, epoch, value, last_of_ended in rows:
             if epoch < self.max_t:
-                self.record(number, epoch, value)
+                self.on_result(number, epoch, value)
             if last_of_ended:
                 self.record(number, epoch, value)  # as Tune tells a completing trial's last result
 

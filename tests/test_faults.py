@@ -259,3 +259,37 @@ def test_tracking_store_away_at_the_end_stops_in_one_line_and_resume_sends_the_r
         assert_consistent(trials, name, 2, epochs, tracking_uri=uri)
     finally:
         stop_group(server)
+
+
+def test_an_interrupted_search_decides_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    """The same seeded search, one trial at a time, run straight through and killed (SIGKILL
+    of the whole process group) at three points with a resume after each: the same trials with
+    the same values, stopped by ASHA at the same epochs, with the same Optuna values."""
+    name, num_samples, epochs = "same", 6, 6
+    raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
+    raw["search"].update(num_samples=num_samples, max_concurrent=1, scheduler="asha", grace_period=1,
+                         reduction_factor=2, seed=3)
+    space = write_space(tmp_path / f"{name}.yaml", raw)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(command(space, straight), env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run_until(command(space, killed), lambda: len(rows(killed, name)) >= 3)
+    for more in (5, 5):
+        before = len(rows(killed, name))
+        run_until(command(space, killed, "--resume"), lambda n=before + more: len(rows(killed, name)) >= n)
+    done = subprocess.run(command(space, killed, "--resume"), env=ENV, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def outcome(trials: Path) -> dict[int, tuple]:
+        table = rows(trials, name)
+        study = load_study(trials / name, name)
+        return {t.number: (t.params, max(r["epoch"] for r in table if r["trial_number"] == t.number),
+                           t.user_attrs["stopped_early"], t.value) for t in study.trials}
+
+    a, b = outcome(straight), outcome(killed)
+    assert b == a
+    assert any(stopped for _, _, stopped, _ in a.values()), "ASHA stopped no trial: the test shows nothing"
+    assert max(r["start_epoch"] for r in rows(killed, name)) >= 1, "no trial resumed mid-way"
+    assert_consistent(killed, name, num_samples, epochs)

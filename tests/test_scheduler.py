@@ -84,3 +84,15 @@ def test_a_rebuild_from_the_rows_decides_as_before(trials, order, cut) -> None:
         again.append((n, e, stop))
         stopped |= {n} if stop else set()
     assert again == decisions
+
+
+def test_a_trial_stopped_before_its_driver_died_is_stopped_again() -> None:
+    """Trial 1 falls below the rung-2 cutoff; the driver dies before Optuna hears it ended.
+    Rebuilt from the rows, the re-run trial re-reports epoch 2 and is stopped there again."""
+    rows = [(0, 1, 0.9), (0, 2, 0.9), (1, 1, 0.9), (1, 2, 0.1)]
+    live = Rungs(1, 8, 2.0, "max")
+    assert [live.on_result(*r) for r in rows] == [False, False, False, True]
+    rebuilt = Rungs(1, 8, 2.0, "max")
+    rebuilt.replay((n, e, v, False) for n, e, v in rows)  # trial 1 never ended in the study
+    assert rebuilt.on_result(1, 2, 0.1)
+    assert not rebuilt.on_result(0, 3, 0.9)
