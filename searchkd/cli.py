@@ -48,8 +48,9 @@ def _lookups() -> dict[str, Any]:
     }
 
 
-def load_space(path: str | Path, storage: str | None = None) -> Spec:
-    """Load and validate a space; `storage` (the --storage option) replaces search.storage."""
+def load_space(path: str | Path, storage: str | None = None, check_files: bool = True) -> Spec:
+    """Load and validate a space; `storage` (the --storage option) replaces search.storage.
+    Without `check_files` a missing teacher checkpoint is left to the preflight to report."""
     from . import spec as spec_lib
     from . import storage as storage_lib
 
@@ -63,7 +64,7 @@ def load_space(path: str | Path, storage: str | None = None) -> Spec:
     updates: dict[str, Any] = {}
     if spec.teacher.checkpoint:
         ckpt = Path(spec.teacher.checkpoint).expanduser().resolve()
-        if not ckpt.is_file():
+        if check_files and not ckpt.is_file():
             raise SpecError(f"{path}: teacher.checkpoint: no such file {ckpt}")
         updates["teacher"] = {**spec.teacher.model_dump(exclude_none=True), "checkpoint": str(ckpt)}
     if spec.data.root:
@@ -99,7 +100,7 @@ def trials_root(arg: str | None) -> Path:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    spec = load_space(args.space, args.storage)
+    spec = load_space(args.space, args.storage, check_files=False)
     root = trials_root(args.trials_dir)
     return _tune(spec, root, resume=args.resume, args=args, source=args.space)
 
@@ -111,7 +112,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     space = search_dir / SPACE_FILE
     if not space.is_file():
         fail(f"{args.directory}: not a search directory (no {SPACE_FILE})")
-    spec = load_space(space, args.storage)
+    spec = load_space(space, args.storage, check_files=False)
     return _tune(spec, search_dir.parent, resume=True, args=args, source=str(space))
 
 
@@ -136,21 +137,21 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
             print(f"searchkd: {shown} is already finished; nothing to resume. "
                   f"Compare its trials with: searchkd ui")
             return 0
-    _check_writable(root)
-    if args.tracking_uri:
-        _check_tracking(args.tracking_uri)
+    from .preflight import check
+
+    problems, warnings = check(spec, root, args.tracking_uri, args.address is None, args.num_cpus)
+    for problem in problems:
+        print(f"searchkd: error: {source}: {problem}", file=sys.stderr)
+    if problems:
+        raise SystemExit(EXIT_USAGE)
+    for warning in warnings:
+        print(f"searchkd: warning: {source}: {warning}", file=sys.stderr)
     if args.address is None:
         local_ray_env()
     from filelock import FileLock, Timeout
 
-    from .search import SPACE_FILE, SearchError, base_storage, connect, run_search
-
-    try:
-        connect(spec, args.address, args.num_cpus, storage=base_storage(spec, root))
-    except SearchError as exc:
-        fail(f"{source}: {exc}")
-    # One process per search. The OS drops the lock when its holder dies, so a lock left by a
-    # killed run never blocks a resume.
+    # One process per search, and the lock comes before Ray starts, so a second command is
+    # refused at once. The OS drops it when its holder dies: a killed run never blocks.
     root.mkdir(parents=True, exist_ok=True)
     lock_path = root / f".{spec.name}.lock"
     lock = FileLock(str(lock_path))
@@ -158,7 +159,13 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         lock.acquire(timeout=0)
     except Timeout:
         fail(f"{shown} is being run by another searchkd process (lock {os.path.relpath(lock_path)})")
+    from .search import SPACE_FILE, SearchError, base_storage, connect, run_search
+
     try:
+        try:
+            connect(spec, args.address, args.num_cpus, storage=base_storage(spec, root))
+        except SearchError as exc:
+            fail(f"{source}: {exc}")
         teacher = _teacher(spec, root)
         search_dir.mkdir(exist_ok=True)
         if not resume:
@@ -252,27 +259,6 @@ def local_ray_env() -> None:
 def _status(search_dir: Path) -> str | None:
     path = search_dir / "state.json"
     return json.loads(path.read_text())["status"] if path.exists() else None
-
-
-def _check_tracking(uri: str) -> None:
-    """A tracking server that does not answer is refused before anything starts."""
-    from .tracking import check_reachable, one_line
-
-    try:
-        check_reachable(uri)
-    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, HTTP errors: one line
-        fail(f"--tracking-uri {uri}: not reachable ({one_line(exc)})")
-
-
-def _check_writable(root: Path) -> None:
-    """Refuse a trials directory we could not write, without creating anything yet."""
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        fail(f"trials directory {root} is not writable: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"trials directory {root} is not writable: no write permission on {existing}")
 
 
 def _teacher(spec: Spec, root: Path) -> Any:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +55,25 @@ def pick_device(requested: str | None = None) -> torch.device:
 Weights = str | Path | bytes  # a checkpoint file, or its bytes (as Ray ships a teacher to trials)
 
 
+def read_checkpoint(source: Any, name: str | Path) -> Any:
+    """torch.load with weights_only=True, its failures turned into one line that says why."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except EOFError:
+        raise CheckpointMismatch(f"{name} is empty or cut short") from None
+    except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines()
+                       if line.strip().startswith(("Unsupported", "Trying to"))), "not a weights-only checkpoint")
+        raise CheckpointMismatch(
+            f"{name} was refused by torch.load(weights_only=True): it is not a checkpoint of plain tensors "
+            f"({detail}); only state_dicts are loaded, never code") from None
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CheckpointMismatch(f"{name} is not a PyTorch checkpoint ({first})") from None
+
+
 def load_weights(model: nn.Module, weights: Weights) -> None:
     """Load a plain state_dict or the public zoo's {'model': state_dict}, weights only.
 
@@ -60,11 +81,13 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
     """
     source: Any = io.BytesIO(weights) if isinstance(weights, bytes) else Path(weights).expanduser()
     path = "teacher weights" if isinstance(weights, bytes) else weights
-    blob = torch.load(source, map_location="cpu", weights_only=True)
+    blob = read_checkpoint(source, path)
     state = blob.get("model", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         raise CheckpointMismatch(f"{path}: expected a state_dict or {{'model': state_dict}}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointMismatch(f"{path}: expected a state_dict of tensors")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -51,6 +51,7 @@ def say(text: str) -> None:
 
 SPACE_FILE = "space.yaml"
 RESULTS_FILE = "results.parquet"
+RESULTS_LOG = "results.jsonl"
 JOURNAL_FILE = "optuna.journal"
 STATE_FILE = "state.json"
 STORAGE_FILE = "storage.json"
@@ -146,6 +147,30 @@ def journal_storage(search_dir: Path) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(search_dir / JOURNAL_FILE)))
 
 
+def repair_journal(search_dir: Path) -> int:
+    """Cut a record torn by a kill mid-write off the journal's end; returns the bytes cut.
+
+    Optuna appends one JSON record per line. A driver killed in the middle of an append leaves
+    a partial last line, after which Optuna appends its next record on the same line and the
+    study can never be read again. Only whole records were ever acted on, so dropping the
+    partial one loses nothing.
+    """
+    return cut_tail(search_dir / JOURNAL_FILE)
+
+
+def cut_tail(path: Path) -> int:
+    """Drop a partial last line from an append-only log of lines; returns the bytes cut."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with path.open("r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep
+
+
 def load_study(search_dir: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=journal_storage(search_dir))
 
@@ -236,25 +261,63 @@ def settle(study: optuna.Study, failed: dict[int, str]) -> None:
 
 # -- what the driver records as trials run ---------------------------------------------------
 class ResultsTable:
-    """`results.parquet`: one row per trial per epoch, rewritten atomically each result.
+    """The rows trials report: one per trial per epoch, keyed by (trial number, epoch).
 
-    Rows are keyed by (trial number, epoch). A trial that runs again re-reports the epoch it
-    resumes from; the row first recorded stands, so the rows keep the order in which the
-    search saw them (the order ASHA's rungs are rebuilt in).
+    Each new row is appended to `results.jsonl` as it arrives, one JSON line, the way Optuna
+    appends to its journal: a kill loses at most the line being written (cut off on the next
+    read), and the cost of a row does not grow with the search. `results.parquet` is the table
+    built from it (what users and reports read), rewritten at most every PARQUET_EVERY_S and
+    when the search ends, so a Parquet file cut short or deleted is rebuilt, not lost.
+
+    A trial that runs again re-reports the epoch it resumes from; the row first recorded
+    stands, so the rows keep the order in which the search saw them (the order ASHA's rungs
+    are rebuilt in).
     """
 
-    def __init__(self, path: Path) -> None:
+    PARQUET_EVERY_S = 2.0
+
+    def __init__(self, path: Path, log: Log | None = None) -> None:
         self.path = Path(path)
+        self.log_path = self.path.with_name(RESULTS_LOG)
+        self.say = log
         self._rows: dict[tuple[int, int], dict[str, Any]] | None = None
+        self._written = 0.0
+        self._dirty = False
 
     @property
     def rows(self) -> dict[tuple[int, int], dict[str, Any]]:
         if self._rows is None:
-            self._rows = {}
-            if self.path.exists():
-                for r in pq.read_table(self.path).to_pylist():
-                    self._rows[(int(r["trial_number"]), int(r["epoch"]))] = r
+            self._rows = self._load()
         return self._rows
+
+    def _load(self) -> dict[tuple[int, int], dict[str, Any]]:
+        rows: dict[tuple[int, int], dict[str, Any]] = {}
+        if self.log_path.exists():
+            cut_tail(self.log_path)
+            with self.log_path.open() as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except ValueError:
+                        continue  # not a whole record: nothing was acted on from it
+                    rows.setdefault((int(r["trial_number"]), int(r["epoch"])), r)
+            if self.path.exists() and not _readable(self.path) and self.say:
+                self.say(f"searchkd: {self.path.name} could not be read (cut short?); it is rebuilt "
+                         f"from {self.log_path.name}")
+                self._dirty = True
+        elif self.path.exists():  # a search recorded before results.jsonl existed
+            try:
+                table = pq.read_table(self.path).to_pylist()
+            except (OSError, ValueError) as exc:
+                raise SearchError(
+                    f"{self.path} is damaged ({tracking.one_line(exc)}) and there is no {self.log_path.name} "
+                    f"to rebuild it from; move it aside to go on (the study and MLflow keep every "
+                    f"trial's result)") from None
+            for r in table:
+                rows[(int(r["trial_number"]), int(r["epoch"]))] = r
+            with self.log_path.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows.values())
+        return rows
 
     def on_trial_result(self, trial: Any, result: dict) -> None:
         key = (int(trial.config.get("trial_number", -1)), int(result["epoch"]))
@@ -266,8 +329,12 @@ class ResultsTable:
         row["objective"] = str(trial.config.get("objective", ""))
         row["config"] = json.dumps({k: v for k, v in trial.config.items() if k != "trial_number"}, sort_keys=True)
         row["timestamp"] = float(result.get("timestamp", time.time()))
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         self.rows[key] = row
-        self.write()
+        self._dirty = True
+        if time.time() - self._written >= self.PARQUET_EVERY_S:
+            self.write()
 
     def by_trial(self) -> dict[int, list[dict[str, Any]]]:
         out: dict[int, list[dict[str, Any]]] = {}
@@ -279,6 +346,11 @@ class ResultsTable:
         """Every row, in the order the search recorded them."""
         return sorted(self.rows.values(), key=lambda r: (r["timestamp"], r["trial_number"], r["epoch"]))
 
+    def flush(self) -> None:
+        """Write results.parquet if rows arrived since it was last written."""
+        if self._dirty or (self.rows and not self.path.exists()):
+            self.write()
+
     def write(self) -> None:
         rows = sorted(self.rows.values(), key=lambda r: (r["trial_number"], r["epoch"]))
         keys = sorted({k for r in rows for k in r})
@@ -286,6 +358,15 @@ class ResultsTable:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, self.path)
+        self._written, self._dirty = time.time(), False
+
+
+def _readable(path: Path) -> bool:
+    try:
+        pq.read_metadata(path)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _scalar(v: Any) -> bool:
@@ -710,8 +791,13 @@ def run_search(
     storage = trial_storage(search_dir, spec)
     connect(spec, address, num_cpus)
     metric, mode = spec.metrics[0], spec.modes[0]
+    cut = repair_journal(search_dir)
+    if cut:
+        log(f"searchkd: {JOURNAL_FILE} ended in a record cut short by a kill; dropped its {cut} bytes "
+            f"(the study's complete records are intact)")
     study = create_study(search_dir, spec)
-    results = ResultsTable(search_dir / RESULTS_FILE)
+    results = ResultsTable(search_dir / RESULTS_FILE, log)
+    results.flush()  # a Parquet file cut short or deleted is rebuilt now
     writer = tracking.MlflowWriter(runs, search_dir, storage, metric, mode, base_tags, spec.train.epochs, log=log)
     done_before = sum(t.state.is_finished() for t in study.trials)
     progress = Progress(metric, mode, spec.search.num_samples, spec.train.epochs, done_before, log=log)
@@ -731,6 +817,7 @@ def run_search(
             tuner.fit()
         finally:
             del _SESSIONS[key]
+            results.flush()
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
     study = load_study(search_dir, spec.name)

@@ -114,7 +114,7 @@ def test_resources_beyond_the_cluster_are_refused(ray_session, capsys, tmp_path:
     trials = tmp_path / "trials"
     code, _, err = run(capsys, "tune", str(path), "--trials-dir", str(trials))
     assert code == 2 and err.count("\n") == 1
-    assert "search.resources.cpu: 4 per trial but the cluster has 2 CPUs" in err
+    assert "search.resources.cpu: 4 per trial but this machine has 2 CPUs" in err
     assert not trials.exists()
 
 
@@ -216,7 +216,7 @@ def test_cluster_options_that_cannot_work_are_one_line(capsys, tmp_path: Path, s
     code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", str(trials),
                        "--tracking-uri", f"http://127.0.0.1:{free_port()}")
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("searchkd: error: --tracking-uri http://127.0.0.1:") and "not reachable" in err
+    assert err.startswith("searchkd: error: ") and ": --tracking-uri http://127.0.0.1:" in err and "not reachable" in err
     assert not trials.exists()
 
 
@@ -228,3 +228,61 @@ def test_storage_option_is_part_of_the_resolved_space(tmp_path: Path, space_file
     uri = "s3://bucket/p?endpoint_override=10.0.0.1:9000"
     assert load_space(space_file(), uri).search.storage == uri
     assert load_space(space_file()).search.storage is None
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "plain pickle", "payload"])
+def test_a_teacher_checkpoint_torch_will_not_load_is_one_line(capsys, tmp_path: Path, space_file, kind) -> None:
+    """Checked before the lock, Ray or anything else: one line, no lock file, nothing written."""
+    import os
+    import pickle
+
+    import torch
+
+    ckpt = tmp_path / "teacher.pth"
+    if kind == "empty":
+        ckpt.write_bytes(b"")
+    elif kind == "garbage":
+        ckpt.write_bytes(os.urandom(4096))
+    elif kind == "plain pickle":
+        ckpt.write_bytes(pickle.dumps({"model": {"conv1.weight": [[1.0]]}}))
+    else:
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ("echo would-run",))
+
+        torch.save({"model": Payload()}, ckpt)
+    trials = tmp_path / "trials"
+    code, out, err = run(capsys, "tune", str(space_file(teacher={"arch": "resnet8", "checkpoint": str(ckpt)})),
+                         "--trials-dir", str(trials))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("searchkd: error: ") and "teacher.checkpoint: " in err and str(ckpt) in err
+    assert "would-run" not in out + err
+    assert not trials.exists()
+
+
+def test_every_problem_known_before_ray_is_reported_at_once(capsys, tmp_path: Path, space_file) -> None:
+    path = space_file(teacher={"arch": "resnet8", "checkpoint": str(tmp_path / "none.pth")},
+                      data={"dataset": "cifar100", "root": str(tmp_path / "data"), "download": False,
+                            "val_fraction": 0.1},
+                      search={"resources": {"cpu": 64, "gpu": 0.5}})
+    trials = tmp_path / "trials"
+    code, _, err = run(capsys, "tune", str(path), "--trials-dir", str(trials))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 4, err
+    assert all(line.startswith(f"searchkd: error: {path}: ") for line in lines)
+    keys = [line.split(": ")[3] for line in lines]
+    assert keys == ["data.dataset", "teacher.checkpoint", "search.resources.cpu", "search.resources.gpu"]
+    assert not trials.exists()
+
+
+def test_a_batch_as_large_as_the_split_is_warned_about(capsys, tmp_path: Path, space_file) -> None:
+    from searchkd import preflight
+    from searchkd.cli import load_space
+    from searchkd.spec import Spec
+
+    spec = load_space(space_file(train={"epochs": 1, "batch_size": 4096}, data={"dataset": "digits",
+                                                                                "val_fraction": 0.95}))
+    problems, warnings = preflight.check(spec, tmp_path / "t", None, True, None)
+    assert problems == []
+    assert [w.split(":")[0] for w in warnings] == ["data.val_fraction", "train.batch_size"]
+    assert isinstance(spec, Spec)

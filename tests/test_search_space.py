@@ -118,3 +118,25 @@ def test_a_search_over_weight_leaves_kd_trials_their_kd_term() -> None:
     _, terms = obj(student, teacher, x, y, None)
     expected = 0.9 * kd_loss(student(x), teacher(x), 4.0)
     assert terms["kd"].item() == expected.item() > 0
+
+
+def test_a_journal_torn_mid_record_is_cut_back_to_its_last_whole_record(tmp_path) -> None:
+    """A kill mid-append leaves a partial line; Optuna would append after it and never read
+    the study again (it fails on the next ask). Cut back, the study is whole and usable."""
+    from searchkd.search import JOURNAL_FILE, journal_storage, load_study, repair_journal
+
+    study = optuna.create_study(study_name="s", storage=journal_storage(tmp_path))
+    for i in range(3):
+        t = study.ask()
+        t.suggest_float("x", 0, 1)
+        study.tell(t, float(i))
+    whole = (tmp_path / JOURNAL_FILE).read_bytes()
+    assert repair_journal(tmp_path) == 0
+    with (tmp_path / JOURNAL_FILE).open("ab") as f:
+        f.write(b'{"op_code": 4, "worker_id": "ab')
+    assert repair_journal(tmp_path) == len(b'{"op_code": 4, "worker_id": "ab')
+    assert (tmp_path / JOURNAL_FILE).read_bytes() == whole
+    again = load_study(tmp_path, "s")
+    assert [t.value for t in again.trials] == [0.0, 1.0, 2.0]
+    again.tell(again.ask(), 3.0)
+    assert len(load_study(tmp_path, "s").trials) == 4

@@ -1,0 +1,103 @@
+"""What `searchkd tune` checks before it takes the search's lock, starts Ray or writes
+anything: every problem it can know, reported together (one line each), so a user fixes a
+space file in one pass instead of one problem per Ray start.
+
+Checked: the trials directory is writable, the tracking server answers, the dataset is there
+(or downloadable), the teacher checkpoint is a weights-only checkpoint that fits its arch,
+and, without a cluster, that one trial's resources fit this machine. Warned about: a batch as
+large as the training split, and a validation split that leaves few training images.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .spec import Spec
+
+FEW_TRAINING_IMAGES = 100  # below this a validation split leaves a search little to learn from
+
+
+def check(spec: Spec, root: Path, tracking_uri: str | None, local: bool, num_cpus: int | None
+          ) -> tuple[list[str], list[str]]:
+    """(problems, warnings), each a list of one-line messages ("KEY: what is wrong")."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    where = writable_problem(root)
+    if where:
+        problems.append(where)
+    if tracking_uri:
+        from .tracking import check_reachable, one_line
+
+        try:
+            check_reachable(tracking_uri)
+        except Exception as exc:  # noqa: BLE001 - connection refused, DNS, HTTP errors: one line
+            problems.append(f"--tracking-uri {tracking_uri}: not reachable ({one_line(exc)})")
+    shape = _data(spec, problems, warnings)
+    _teacher(spec, shape, problems)
+    if local:
+        _resources(spec, num_cpus, problems)
+    return problems, warnings
+
+
+def writable_problem(root: Path) -> str | None:
+    """Why the trials directory could not be written (nothing is created to find out)."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"trials directory {root} is not writable: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"trials directory {root} is not writable: no write permission on {existing}"
+    return None
+
+
+def _data(spec: Spec, problems: list[str], warnings: list[str]) -> dict | None:
+    from . import data as data_lib
+
+    d = spec.data
+    try:
+        loaders = data_lib.build_loaders(d.dataset, root=d.root, download=d.download, val_fraction=d.val_fraction,
+                                         batch_size=spec.train.batch_size, device="cpu", seed=0, **d.options)
+    except data_lib.DatasetNotFound as exc:
+        problems.append(f"data.dataset: {exc}")
+        return None
+    if loaders.num_train < FEW_TRAINING_IMAGES and d.val_fraction > 0:
+        warnings.append(f"data.val_fraction: {d.val_fraction:g} leaves {loaders.num_train} training images")
+    if spec.train.batch_size >= loaders.num_train:
+        warnings.append(f"train.batch_size: {spec.train.batch_size} is not smaller than the training split "
+                        f"({loaders.num_train} images): one step per epoch")
+    return dict(num_classes=loaders.num_classes, in_channels=loaders.channels, image_size=loaders.image_size)
+
+
+def _teacher(spec: Spec, shape: dict | None, problems: list[str]) -> None:
+    if not spec.teacher.checkpoint:
+        return
+    from .engine import CheckpointMismatch, load_weights, read_checkpoint
+    from .models import build_model
+
+    path = Path(spec.teacher.checkpoint)
+    if not path.is_file():
+        problems.append(f"teacher.checkpoint: no such file {path}")
+        return
+    try:
+        if shape is None:  # without the data's shape, at least check that it reads
+            read_checkpoint(path, path)
+        else:
+            load_weights(build_model(spec.teacher.arch, width=spec.teacher.width, **shape), path)
+    except CheckpointMismatch as exc:
+        problems.append(f"teacher.checkpoint: {exc}")
+
+
+def _resources(spec: Spec, num_cpus: int | None, problems: list[str]) -> None:
+    import torch
+
+    want = spec.search.resources
+    cpus = num_cpus or os.cpu_count() or 1
+    gpus = torch.cuda.device_count()
+    if want.cpu > cpus:
+        problems.append(f"search.resources.cpu: {want.cpu:g} per trial but this machine has {cpus} CPUs"
+                        + (" (--num-cpus)" if num_cpus else ""))
+    if want.gpu > gpus:
+        problems.append(f"search.resources.gpu: {want.gpu:g} per trial but this machine has "
+                        + (f"{gpus} GPUs" if gpus else "no GPU; set it to 0 to train on the CPU"))
