@@ -21,6 +21,7 @@ from . import __version__
 from .spec import Spec, SpecError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C
 
 
 class UserError(Exception):
@@ -33,7 +34,7 @@ def fail(message: str) -> NoReturn:
 
 
 def _lookups() -> dict[str, Any]:
-    from .data import dataset_names
+    from .data import dataset_names, dataset_options
     from .models import model_names
     from .objectives import get_objective, objective_names
 
@@ -44,6 +45,7 @@ def _lookups() -> dict[str, Any]:
         "objectives": {n: set(get_objective(n).tunables) for n in objective_names()},
         "models": model_names(),
         "datasets": dataset_names(),
+        "dataset_options": {n: dataset_options(n) for n in dataset_names()},
         "check_tunable": check,
     }
 
@@ -173,7 +175,7 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
             tmp.write_text(spec.to_yaml())
             os.replace(tmp, search_dir / SPACE_FILE)
         with RayLines.installed():
-            summary, finished = run_search(
+            summary, status = run_search(
                 spec, search_dir, root, _lookups()["objectives"], teacher, resume=resume,
                 tracking_uri=args.tracking_uri, address=args.address, num_cpus=args.num_cpus,
             )
@@ -183,9 +185,9 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         lock.release()
     if summary is not None:
         _print_summary(summary, spec, root, source)
-    if not finished:
+    if status != "finished":
         print(f"searchkd: search {spec.name} is not finished; continue with: searchkd tune {source} --resume")
-        return 1
+        return EXIT_INTERRUPTED if status == "interrupted" else 1
     return 0
 
 
@@ -336,20 +338,59 @@ def cmd_objectives(args: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def ui_command(uri: str, host: str, port: int, extra_hosts: list[str]) -> tuple[list[str], list[str]]:
+    """The `mlflow ui` command line, and the host names it answers for when bound beyond
+    loopback (MLflow refuses requests whose Host header it does not know: this machine's
+    names, the bound address, private networks and `extra_hosts` are passed on)."""
+    import socket
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if host in LOOPBACK:
+        return cmd, []
+    names = {host, socket.gethostname(), socket.getfqdn(), *LOOPBACK, *extra_hosts} - {"0.0.0.0", "::"}
+    allowed = sorted(names | {f"{n}:*" for n in names} | {"10.*", "172.*", "192.168.*"})
+    return [*cmd, "--allowed-hosts", ",".join(allowed)], sorted(names)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    """The MLflow UI on the searches' store, in its own process group: stopping searchkd (Ctrl-C
+    or SIGTERM) stops MLflow's server and its workers with it."""
+    import signal
+    import socket
+
     from .tracking import default_store
 
     root = trials_root(args.trials_dir)
     uri = args.tracking_uri or default_store(root)
     if not args.tracking_uri and not (root / "mlflow.db").exists():
         fail(f"no MLflow store at {root / 'mlflow.db'}: run a search first (searchkd tune SPACE)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.bind((args.host, args.port))
+    except OSError as exc:
+        fail(f"cannot serve on {args.host}:{args.port} ({exc.strerror}); choose another with --port")
+    cmd, names = ui_command(uri, args.host, args.port, args.allowed_hosts)
+    if names:
+        print(f"searchkd: warning: the MLflow UI listens on {args.host}: anyone who reaches this machine on "
+              f"port {args.port} can read and change every search's runs (it answers for: "
+              f"{', '.join(names)}; add names with --allowed-hosts)", file=sys.stderr)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
+    server = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = server.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if code in (0, -signal.SIGTERM) else code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tracking-uri")
     u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--allowed-hosts", nargs="*", default=[],
+                   help="host names the UI answers for besides this machine's (with a non-loopback --host)")
     u.set_defaults(func=cmd_ui)
     return p
 
@@ -406,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     except KeyboardInterrupt:
         print("\nsearchkd: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

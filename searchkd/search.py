@@ -13,14 +13,17 @@ same ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -763,10 +766,11 @@ def run_search(
     address: str | None = None,
     num_cpus: int | None = None,
     log: Log = say,
-) -> tuple[Summary | None, bool]:
+) -> tuple[Summary | None, str]:
     """Run (or resume) a search whose directory and space.yaml already exist.
 
-    Returns the summary (None before any trial has a score) and whether the search is complete.
+    Returns the summary (None before any trial has a score) and how the run ended: finished,
+    interrupted (Ctrl-C) or unfinished (e.g. a tracking store that stayed away).
     """
     quiet()
     uri = tracking_uri or tracking.default_store(trials_dir)
@@ -810,11 +814,14 @@ def run_search(
     log(f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
         f"epoch{'s' if spec.train.epochs > 1 else ''} "
         f"({'resumed: ' + str(to_run) + ' to run' if resume else 'new'}), in {search_dir}")
+    interrupted = False
     if to_run:
         tuner, _ = build_tuner(spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, study, results)
         _SESSIONS[key] = session
         try:
-            tuner.fit()
+            with _ctrl_c() as seen:
+                tuner.fit()
+            interrupted = seen()
         finally:
             del _SESSIONS[key]
             results.flush()
@@ -830,7 +837,8 @@ def run_search(
     session.mlflow.resync(results.by_trial(), outcomes)
     synced = _Deadline(writer, uri, log).drain()
     counts = outcomes.counts()
-    _write_state(search_dir, "finished" if complete and synced else "interrupted", counts,
+    status = "finished" if complete and synced else "interrupted" if interrupted else "unfinished"
+    _write_state(search_dir, "finished" if status == "finished" else "interrupted", counts,
                  tracking_pending=not synced)
     if synced:
         try:
@@ -840,7 +848,25 @@ def run_search(
     else:
         log(f"searchkd: the tracking store {uri} did not take {writer.pending()} trials' updates "
             f"within {TRACKING_WAIT_S:.0f}s; they are kept in {RESULTS_FILE} and sent by --resume")
-    return summarize(search_dir, spec, teacher, counts), complete and synced
+    return summarize(search_dir, spec, teacher, counts), status
+
+
+@contextlib.contextmanager
+def _ctrl_c() -> Iterator[Callable[[], bool]]:
+    """Whether Ctrl-C ended `fit()`: Tune catches the first SIGINT itself (it saves its state
+    and returns) and then puts back the handler it found, so finding ours back means it came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def ours(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, ours)
+    try:
+        yield lambda: signal.getsignal(signal.SIGINT) is ours
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Deadline:

@@ -243,11 +243,36 @@ def _first_error(err: ValidationError) -> str:
         msg = "unknown key"
     elif e["type"] == "missing":
         msg = "required key is missing"
+    loc = cut(loc)
     return f"{loc}: {msg}" if loc else msg
 
 
+MAX_SPACE_BYTES = 1 << 20  # a space file is a page of YAML; anything near this is not one
+MAX_SHOWN = 80  # characters of a user's value quoted back in a message
+
+
+def cut(text: str) -> str:
+    """User text in a message, cut to MAX_SHOWN characters."""
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """A user's value as quoted in a message, cut to MAX_SHOWN characters."""
+    return cut(repr(value))
+
+
 def parse(text: str, source: str = "<space>") -> dict[str, Any]:
+    """Safe YAML without aliases: `*name` references can expand a small file into gigabytes
+    ("billion laughs"), and a space never needs them."""
+    if len(text.encode()) > MAX_SPACE_BYTES:
+        raise SpecError(f"{source}: a space file is at most {MAX_SPACE_BYTES >> 20} MiB; this one is "
+                        f"{len(text.encode()) / (1 << 20):.1f} MiB")
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1
+                raise SpecError(f"{source}: YAML alias *{event.anchor[:40]} (line {line}): aliases are not "
+                                f"allowed in a space file; write the value out")
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -266,6 +291,7 @@ def validate(
     objectives: Mapping[str, Mapping[str, Any]] | None = None,
     models: list[str] | None = None,
     datasets: list[str] | None = None,
+    dataset_options: Mapping[str, set[str]] | None = None,
     check_tunable: TunableCheck | None = None,
 ) -> Spec:
     """Validate a parsed space. The lookups (known objectives with their tunables, model and
@@ -281,13 +307,19 @@ def validate(
     if objectives is not None:
         for name in spec.objectives:
             if name not in objectives:
-                fail("objective", f"unknown objective {name!r}; known: {', '.join(sorted(objectives))}")
+                fail("objective", f"unknown objective {shown(name)}; known: {', '.join(sorted(objectives))}")
     if models is not None:
         for key, arch in (("teacher.arch", spec.teacher.arch), ("student.arch", spec.student.arch)):
             if arch not in models:
-                fail(key, f"unknown arch {arch!r}; known: {', '.join(models)}")
+                fail(key, f"unknown arch {shown(arch)}; known: {', '.join(models)}")
     if datasets is not None and spec.data.dataset not in datasets:
-        fail("data.dataset", f"unknown dataset {spec.data.dataset!r}; known: {', '.join(datasets)}")
+        fail("data.dataset", f"unknown dataset {shown(spec.data.dataset)}; known: {', '.join(datasets)}")
+    if dataset_options is not None and spec.data.dataset in dataset_options:
+        valid = dataset_options[spec.data.dataset]
+        for key in spec.data.options:
+            if key not in valid:
+                fail(f"data.options.{cut(str(key))}",
+                     f"not an option of dataset {spec.data.dataset}; valid: {', '.join(sorted(valid)) or 'none'}")
 
     if objectives is not None:
         own = set().union(*(objectives[o] for o in spec.objectives))
@@ -309,7 +341,7 @@ def validate(
             owners = [o for o in spec.objectives if leaf in objectives[o]]
             if not owners:
                 valid = sorted(set().union(*(objectives[o] for o in spec.objectives)))
-                fail(f"params.{key}", f"unknown loss key {leaf!r}; valid: {', '.join(valid)}")
+                fail(f"params.{key}", f"unknown loss key {shown(leaf)}; valid: {', '.join(valid)}")
             if check_tunable is not None:
                 for o in owners:
                     for v in param.values_to_check():
@@ -319,19 +351,19 @@ def validate(
                 try:
                     spec.resolved({key: v})
                 except ValidationError as exc:
-                    fail(f"params.{key}", f"value {v!r}: {_first_error(exc).split(': ', 1)[-1]}")
+                    fail(f"params.{key}", f"value {shown(v)}: {_first_error(exc).split(': ', 1)[-1]}")
         else:
             fail(f"params.{key}", "not a searchable key; use student.*, train.*, data.* or loss.*")
 
     for metric in spec.metrics:
         if metric not in REPORTED_METRICS and not metric.startswith("loss_"):
-            fail("search.metric", f"{metric!r} is not reported by trials; reported: {', '.join(REPORTED_METRICS)}")
+            fail("search.metric", f"{shown(metric)} is not reported by trials; reported: {', '.join(REPORTED_METRICS)}")
         if metric in VAL_METRICS and _may_lack_val(spec):
-            fail("search.metric", f"{metric!r} is measured on the validation split, but data.val_fraction "
+            fail("search.metric", f"{shown(metric)} is measured on the validation split, but data.val_fraction "
                  "can be 0 (no validation split): set it > 0, or run a single trial that selects "
                  "nothing with metric test_acc_last")
         if metric in TEST_METRICS and not _selects_nothing(spec):
-            fail("search.metric", f"{metric!r} is measured on the test split, which must never choose: "
+            fail("search.metric", f"{shown(metric)} is measured on the test split, which must never choose: "
                  "select on val_acc (only a single trial with no params may report it as its metric)")
     return spec
 

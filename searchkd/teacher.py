@@ -106,8 +106,10 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
             else:
                 log(f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})")
             while not engine.finished:
-                engine.run_epoch()
+                row = engine.run_epoch()
                 _write_atomic(partial, engine.save)
+                log(f"  teacher epoch {engine.epoch}/{tspec.train.epochs}: train_loss {row['train_loss']:.4f}, "
+                    f"val_acc {row['val_acc']:.4f}")
             engine.student.load_state_dict(engine.best_student)
             _write_atomic(path, lambda p: torch.save({"model": engine.student.state_dict()}, p))
         else:

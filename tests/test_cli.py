@@ -286,3 +286,61 @@ def test_a_batch_as_large_as_the_split_is_warned_about(capsys, tmp_path: Path, s
     assert problems == []
     assert [w.split(":")[0] for w in warnings] == ["data.val_fraction", "train.batch_size"]
     assert isinstance(spec, Spec)
+
+
+@pytest.mark.integration
+def test_ui_stops_with_its_server_and_refuses_a_busy_port(capsys, tmp_path: Path) -> None:
+    """SIGTERM to `searchkd ui` (by its PID) stops MLflow's server and workers; a port in use
+    is one line, exit 2."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import descendants, free_port, port_answers, wait_until
+    from mlflow.tracking import MlflowClient
+
+    trials = tmp_path / "trials"
+    trials.mkdir()
+    MlflowClient(f"sqlite:///{trials / 'mlflow.db'}").search_experiments()  # an (empty) store
+    capsys.readouterr()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, _, err = run(capsys, "ui", "--trials-dir", str(trials), "--port", str(busy.getsockname()[1]))
+    assert code == 2 and err.count("\n") == 1 and "choose another with --port" in err
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "searchkd.cli", "ui", "--trials-dir", str(trials),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_answers(port), "the MLflow UI answering", proc)
+        below = descendants(proc.pid)
+        assert below, "the MLflow server runs below searchkd"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        def alive(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+            except OSError:
+                return False
+
+        wait_until(lambda: not any(alive(p) for p in below), "MLflow's processes gone", timeout=60)
+        assert not port_answers(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_ui_beyond_loopback_answers_for_this_machines_names() -> None:
+    import socket
+
+    from searchkd.cli import ui_command
+
+    cmd, names = ui_command("sqlite:///x.db", "127.0.0.1", 5000, [])
+    assert "--allowed-hosts" not in cmd and names == []
+    cmd, names = ui_command("sqlite:///x.db", "0.0.0.0", 5000, ["ml.lab.example"])
+    allowed = cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    assert {socket.gethostname(), f"{socket.gethostname()}:*", "ml.lab.example:*", "127.0.0.1:*"} <= set(allowed)
+    assert "0.0.0.0" not in names and "*" not in allowed

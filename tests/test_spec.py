@@ -128,3 +128,43 @@ def test_a_run_without_val_split_that_selects_nothing_is_valid(tmp_path: Path) -
     space["search"]["num_samples"] = 2  # two trials: the better one would be chosen on test
     with pytest.raises(S.SpecError, match="'test_acc_last' is measured on the test split"):
         check(space, tmp_path)
+
+
+def test_yaml_aliases_and_huge_files_are_refused_before_they_expand(tmp_path) -> None:
+    """A "billion laughs" file (aliases of aliases) would expand to gigabytes; it is refused
+    from its events, before anything is built, in one short line."""
+    from searchkd.spec import MAX_SPACE_BYTES, SpecError, parse
+
+    laughs = "a: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']\n"
+    for i in range(1, 9):
+        prev = chr(ord("a") + i - 1)
+        cur = chr(ord("a") + i)
+        laughs += f"{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"
+    with pytest.raises(SpecError, match=r"^x\.yaml: YAML alias \*a \(line 2\): aliases are not allowed") as err:
+        parse(laughs, "x.yaml")
+    assert len(str(err.value)) < 200
+    inside = "name: t\ndata: {dataset: synthetic, options: {x: &x [1, 2], y: *x}}\n"
+    with pytest.raises(SpecError, match="aliases are not allowed"):
+        parse(inside, "x.yaml")
+    with pytest.raises(SpecError, match=r"at most 1 MiB; this one is 1\.0 MiB"):
+        parse("#" * (MAX_SPACE_BYTES + 10), "x.yaml")
+
+
+def test_values_quoted_in_messages_are_cut_short(space_file) -> None:
+    from searchkd.cli import load_space
+
+    path = space_file(student={"arch": "resnet" + "9" * 5000})
+    with pytest.raises(S.SpecError) as err:
+        load_space(path)
+    assert len(str(err.value)) < 1000 and "..." in str(err.value)
+
+
+def test_dataset_options_are_checked_when_the_space_is_validated(space_file) -> None:
+    from searchkd.cli import load_space
+
+    path = space_file(data={"dataset": "imagefolder", "root": "/nowhere", "options": {"image_sise": 64}})
+    with pytest.raises(S.SpecError, match=r"data\.options\.image_sise: not an option of dataset imagefolder; "
+                                        r"valid: image_size, num_workers, resize_size"):
+        load_space(path)
+    with pytest.raises(S.SpecError, match=r"data\.options\.size: not an option of dataset digits; valid: none"):
+        load_space(space_file(data={"dataset": "digits", "options": {"size": 1}}))

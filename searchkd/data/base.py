@@ -276,6 +276,15 @@ def dataset_names() -> list[str]:
     return sorted(_DATASETS)
 
 
+def dataset_options(name: str) -> set[str]:
+    """The `data.options` a dataset takes: its builder's keyword parameters beyond root and
+    download (checked when a space is validated, not when a trial first builds the data)."""
+    import inspect
+
+    params = inspect.signature(_DATASETS[name]).parameters
+    return {p for p in params if p not in ("root", "download")}
+
+
 def load_dataset(
     name: str, root: str | Path | None = None, download: bool = False, **options: object
 ) -> ArrayDataset | StreamingDataset:
