@@ -184,15 +184,21 @@ def start_mlflow(port: int, root: Path):
 
 
 def rows(trials: Path, name: str) -> list[dict]:
-    import pyarrow.parquet as pq
+    """The rows a search has recorded so far, read from its live record (results.jsonl; the
+    Parquet table is rebuilt from it every few seconds)."""
+    import json
 
-    from searchkd.search import RESULTS_FILE
+    from searchkd.search import RESULTS_LOG
 
-    path = trials / name / RESULTS_FILE
-    try:
-        return pq.read_table(path).to_pylist() if path.exists() else []
-    except OSError:  # caught between write and rename: not there yet
-        return []
+    path = trials / name / RESULTS_LOG
+    out: list[dict] = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # the line being written
+                continue
+    return out
 
 
 def assert_consistent(trials: Path, name: str, num_samples: int, epochs: int,

@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_space, write_space
+from conftest import rows as recorded
+from conftest import tiny_space, wait_until, write_space
 from mlflow.tracking import MlflowClient
 
 from searchkd.cli import main
@@ -84,23 +84,17 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     results = trials / "kill" / RESULTS_FILE
-    deadline = time.time() + 240
+
+    def mid_trial() -> bool:
+        epochs = [r["epoch"] for r in recorded(trials, "kill")]
+        return bool(epochs) and 2 <= max(epochs) < 6
+
     try:
-        while time.time() < deadline:
-            if results.exists():
-                rows = pq.read_table(results).to_pylist()
-                epochs = [r["epoch"] for r in rows]
-                if epochs and max(epochs) >= 2 and max(epochs) < 6:
-                    break
-            if proc.poll() is not None:
-                pytest.fail("search ended before it could be interrupted")
-            time.sleep(0.2)
-        else:
-            pytest.fail("no trial reached epoch 2 in time")
+        wait_until(mid_trial, "a trial between epochs 2 and 5", proc, timeout=1800)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    before = {(r["trial_number"], r["epoch"]) for r in pq.read_table(results).to_pylist()}
+    before = {(r["trial_number"], r["epoch"]) for r in recorded(trials, "kill")}
 
     done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
