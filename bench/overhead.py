@@ -139,7 +139,7 @@ def _search(space_file: Path, trials: Path, name: str) -> dict[str, Any]:
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id])
     child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
-    results = [json.loads(line) for f in (trials / name / "ray").glob("*/result.json")
+    results = [json.loads(line) for f in (trials / name / "ray").rglob("result.json")
                for line in f.read_text().splitlines() if line.strip()]
     return {
         "process_s": process_s,

@@ -821,7 +821,7 @@ def run_search(
         try:
             with _ctrl_c() as seen:
                 tuner.fit()
-            interrupted = seen()
+                interrupted = seen()
         finally:
             del _SESSIONS[key]
             results.flush()

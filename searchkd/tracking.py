@@ -208,7 +208,7 @@ class MlflowWriter:
         self._thread: threading.Thread | None = None
         self._map: dict[str, str] = {}
         self.reload_map()
-        self._last_step: dict[str, int] = {}
+        self._logged_steps: dict[str, set[int]] = {}
         self._params_done: set[str] = set()
         self._best: float | None = None
 
@@ -328,13 +328,12 @@ class MlflowWriter:
         _atomic_json(self.search_dir / RUNS_FILE, self._map)
         return rid
 
-    def _last_logged(self, rid: str) -> int:
-        """The last epoch this run holds: epochs a restarted trial reports again are not logged
-        twice (its metric steps continue instead of repeating)."""
-        if rid not in self._last_step:
-            history = self.client.get_metric_history(rid, "epoch")
-            self._last_step[rid] = int(max((m.step for m in history), default=0))
-        return self._last_step[rid]
+    def _logged(self, rid: str) -> set[int]:
+        """The epochs this run holds: epochs a restarted trial reports again are not logged
+        twice, and an epoch a killed driver never sent is sent, whatever came after it."""
+        if rid not in self._logged_steps:
+            self._logged_steps[rid] = {int(m.step) for m in self.client.get_metric_history(rid, "epoch")}
+        return self._logged_steps[rid]
 
     def _sync(self, rec: TrialRecord) -> None:
         rid = self._run_id(rec)
@@ -349,13 +348,13 @@ class MlflowWriter:
             client.delete_tag(rid, "error")  # a failed trial that ran again is not failed any more
         if rec.node_id and tags.get("ray_node") != rec.node_id:
             client.set_tag(rid, "ray_node", rec.node_id)
-        new = sorted(e for e in rec.rows if e > self._last_logged(rid))
+        new = sorted(e for e in rec.rows if e not in self._logged(rid))
         metrics = [Metric(k, v, int(rec.rows[e].get("timestamp", 0) * 1000), e)
                    for e in new for k, v in rec.rows[e].items() if k != "timestamp" and math.isfinite(v)]
         for i in range(0, len(metrics), METRICS_PER_BATCH):
             client.log_batch(rid, metrics=metrics[i:i + METRICS_PER_BATCH])
         if new:
-            self._last_step[rid] = new[-1]
+            self._logged(rid).update(new)
             self._improve_best(rec, rid, [rec.rows[e] for e in new])
         if rec.outcome is None:
             if run.info.status != "RUNNING":
