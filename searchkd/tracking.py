@@ -121,12 +121,72 @@ def open_search(
         experiment_id = client.create_experiment(name, artifact_location=location)
     else:
         experiment_id = exp.experiment_id
+    set_ui_tags(client, experiment_id, space_file)
     run = client.create_run(experiment_id, run_name=name, tags={**tags, "searchkd.role": "search"})
     client.log_batch(run.info.run_id, params=[Param(k, _param_str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(space_file))
     runs = SearchRuns(tracking_uri, experiment_id, run.info.run_id)
     _atomic_json(state_path, runs.__dict__)
     return runs
+
+
+# -- how MLflow's UI opens a search --------------------------------------------------------------
+# MLflow 3 opens an experiment on its GenAI overview unless told otherwise. What it allows, found
+# in its 3.17 UI: the experiment tag `mlflow.experimentKind` (custom_model_development = "Machine
+# learning"), the URL parameter `workflowType=machine_learning` (the "Model training" side, whose
+# experiment page is the runs table), and a shared view, an experiment tag
+# `mlflow.sharedViewState.<key>` holding the runs table's state (sort, filter, columns) that a
+# URL opens with `viewStateShareKey=<key>`. Expanded rows are not part of a shared view; a table
+# sorted by a metric lists the child runs flat instead of nested under the parent.
+UI_VIEW = "searchkd"
+UI_KIND = "custom_model_development"
+
+
+def ui_tags(space: dict[str, Any]) -> dict[str, str]:
+    """The experiment tags for a search's space (the parsed space.yaml)."""
+    search = space.get("search") or {}
+    metrics = search.get("metric", "val_acc")
+    modes = search.get("mode", "max")
+    metrics = metrics if isinstance(metrics, list) else [metrics]
+    modes = modes if isinstance(modes, list) else [modes]
+    sort = "best_val_acc" if metrics[0] == "val_acc" else metrics[0]  # the kept student's value
+    shown = dict.fromkeys([*metrics, "best_val_acc", "test_acc", "student_params", "student_macs", "epoch"])
+    searched = (["objective"] if isinstance(space.get("objective"), dict) else []) + list(space.get("params") or {})
+    state = {
+        "searchFilter": "tags.trial_number LIKE '%'",  # the trials' runs, not the search's own
+        "orderByKey": f"metrics.`{sort}`", "orderByAsc": modes[0] == "min",
+        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+        "selectedColumns": [f"metrics.`{m}`" for m in shown] + [f"params.`{p}`" for p in searched]
+                           + ["tags.`stopped_early`"],
+        "runsHiddenMode": "SHOW_ALL", "columnOrder": [], "columnWidths": {},
+    }
+    return {"mlflow.experimentKind": UI_KIND, f"mlflow.sharedViewState.{UI_VIEW}": json.dumps(state)}
+
+
+def ui_link(tracking_uri: str, experiment_id: str, local_ui: str = "http://127.0.0.1:5000") -> str:
+    """The search's trials in the MLflow UI: the server itself, or where `searchkd ui` serves."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else local_ui
+    return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={UI_VIEW}"
+            f"&workflowType=machine_learning")
+
+
+def set_ui_tags(client: MlflowClient, experiment_id: str, space_file: Path) -> None:
+    import yaml
+
+    for key, value in ui_tags(yaml.safe_load(Path(space_file).read_text()) or {}).items():
+        client.set_experiment_tag(experiment_id, key, value)
+
+
+def log_report(search_dir: Path, report_dir: Path) -> str:
+    """Log a report's files as artifacts `report/` of the search's parent run; returns the
+    run id. Experiments made before searchkd set its UI tags get them here."""
+    configure_client()
+    state = json.loads((Path(search_dir) / TRACKING_FILE).read_text())
+    client = MlflowClient(state["tracking_uri"])
+    if "mlflow.experimentKind" not in client.get_experiment(state["experiment_id"]).tags:
+        set_ui_tags(client, state["experiment_id"], Path(search_dir) / "space.yaml")
+    client.log_artifacts(state["parent_run_id"], str(report_dir), artifact_path="report")
+    return str(state["parent_run_id"])
 
 
 def _param_str(value: Any) -> str:
