@@ -158,6 +158,7 @@ class Analysis:
     mlflow: dict[str, str] | None  # tracking_uri, experiment_id, parent_run_id, link
     journal: Path | None
     notes: list[str] = field(default_factory=list)
+    study: Any = None  # the Optuna study as the journal holds it (None without one)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -168,19 +169,19 @@ class Analysis:
         return {t.number: t for t in self.trials}
 
 
-def read_rows(search_dir: Path) -> list[dict[str, Any]]:
+def read_rows(search_dir: str | Path) -> list[dict[str, Any]]:
     """results.parquet as dicts ([] before the first epoch). It is replaced atomically, so a
     reader never sees half a file."""
     import pyarrow.parquet as pq
 
-    path = search_dir / "results.parquet"
+    path = Path(search_dir) / "results.parquet"
     if not path.exists():
         return []
     return pq.read_table(path).to_pylist()
 
 
-def read_spec(search_dir: Path) -> Spec:
-    path = search_dir / "space.yaml"
+def read_spec(search_dir: str | Path) -> Spec:
+    path = Path(search_dir) / "space.yaml"
     if not path.is_file():
         raise ReportError(f"{search_dir}: not a search directory (no space.yaml)")
     return Spec.model_validate(yaml.safe_load(path.read_text()))
@@ -229,16 +230,28 @@ def tune_statuses(search_dir: Path) -> dict[str, str]:
         return {}  # a snapshot of another Ray version: Optuna's states are enough
 
 
+def teacher_digest(spec: Spec) -> str:
+    """The teacher's cache key, as `teacher.ensure_teacher` computes it (kept equal by a test);
+    computed here so that a report does not import torch."""
+    import hashlib
+
+    t = spec.teacher
+    key: dict[str, Any] = {"data": spec.data.model_dump(mode="json"), "arch": t.arch, "width": t.width}
+    if t.checkpoint:
+        h = hashlib.sha256()
+        with Path(t.checkpoint).expanduser().open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        key["file"] = h.hexdigest()[:16]
+    else:
+        key.update(recipe=t.train.model_dump(mode="json") if t.train else None, seed=spec.search.seed)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def teacher_meta(spec: Spec, trials_dir: Path) -> dict[str, Any] | None:
     """The cached teacher's meta.json (its test and val accuracy), if the cache holds it."""
-    from .teacher import _digest, _file_digest, teacher_key
-
     try:
-        key = teacher_key(spec)
-        if spec.teacher.checkpoint:
-            ckpt = Path(spec.teacher.checkpoint).expanduser()
-            key = {"data": key["data"], "arch": key["arch"], "width": key["width"], "file": _file_digest(ckpt)}
-        meta = _json(trials_dir / "teachers" / _digest(key) / "meta.json")
+        meta = _json(trials_dir / "teachers" / teacher_digest(spec) / "meta.json")
     except OSError:
         return None
     return meta if isinstance(meta, dict) else None
@@ -366,7 +379,7 @@ def analyze(search_dir: str | Path) -> Analysis:
         budget_epochs=spec.search.num_samples * spec.train.epochs, wall_seconds=wall,
         compute_seconds=sum(float(r["epoch_seconds"]) for r in rows if _finite(r.get("epoch_seconds"))),
         teacher=teacher_meta(spec, search_dir.parent), pareto=pareto, top=ranked[:TOP_N], mlflow=mlflow,
-        journal=journal if journal.exists() else None, notes=notes,
+        journal=journal if journal.exists() else None, notes=notes, study=study,
     )
 
 
@@ -441,6 +454,8 @@ RC = {"figure.dpi": 100, "savefig.dpi": 110, "font.size": 12, "axes.titlesize": 
 
 @contextlib.contextmanager
 def _plotting() -> Any:
+    """Matplotlib's default style with the report's sizes, restored afterwards (Optuna's plots
+    switch to ggplot globally, so each plot is drawn in one of these)."""
     import matplotlib
 
     if "matplotlib.pyplot" not in sys.modules:
@@ -483,9 +498,14 @@ def plot_history(a: Analysis) -> Any:
                          facecolors="none" if s == "running" else COLORS[s])
         pts.set_gid(f"trials-{s}")
     if a.best is not None:
-        ax.annotate(f"best: trial {a.best.number}", (a.best.end_x, a.best.scores[a.metric] / div),
-                    xytext=(-8, -20 if a.mode == "max" else 12), textcoords="offset points", fontsize=11,
-                    ha="right")
+        xy = (a.best.end_x, a.best.scores[a.metric] / div)
+        ring = ax.scatter([xy[0]], [xy[1]], s=260, facecolors="none", edgecolors="#222222", linewidths=2,
+                          zorder=4)
+        ring.set_gid("best-trial")
+        ax.annotate(f"best: trial {a.best.number}", xy, xytext=(-30, -42 if a.mode == "max" else 30),
+                    textcoords="offset points", fontsize=11, ha="right", zorder=5,
+                    bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "#888888", "alpha": 0.95},
+                    arrowprops={"arrowstyle": "-", "color": "#222222", "lw": 1})
     ax.set_xlabel("trial-epochs consumed (cumulative, in the order results came)")
     ax.set_ylabel(label)
     ax.set_xlim(0, max(a.history_x[-1] if a.history_x else 1, 1) * 1.02)
@@ -544,7 +564,7 @@ def score_study(a: Analysis, metric: str | None = None) -> Any:
 
     metric = metric or a.metric
     mode = a.spec.modes[a.spec.metrics.index(metric)]
-    study = load_journal(a.search_dir, a.spec.name)
+    study = a.study
     if study is None:
         return None
     ended = {t.number: t.scores[metric] for t in a.trials
@@ -609,28 +629,33 @@ def plot_slices(a: Analysis, study: Any, params: list[str]) -> Any:
 
 
 def plot_objectives(a: Analysis) -> Any:
-    """The metric per objective side by side (a choice of objectives)."""
+    """The metric per objective side by side (a choice of objectives): a box over the trials that
+    trained all epochs (comparable), every ended trial a marker."""
     import matplotlib.pyplot as plt
-
-    names = list(a.spec.objectives)
-    groups = [[t.scores[a.metric] for t in a.trials if t.objective == n and t.status in ("finished", "stopped")
-               and math.isfinite(t.scores[a.metric])] for n in names]
-    fig, ax = plt.subplots(figsize=(10, 5.0))
-    div, label = scale_of(a.metric, [v for g in groups for v in g])
-    shown = [(n, [v / div for v in g]) for n, g in zip(names, groups, strict=True)]
-    ax.boxplot([g if g else [math.nan] for _, g in shown], positions=range(len(shown)), widths=0.5,
-               showfliers=False, medianprops={"color": "#222222"})
     import numpy as np
 
+    names = list(a.spec.objectives)
+    ended = [t for t in a.trials if t.status in ("finished", "stopped") and math.isfinite(t.scores[a.metric])]
+    div, label = scale_of(a.metric, [t.scores[a.metric] for t in ended])
+    fig, ax = plt.subplots(figsize=(10, 5.0))
+    full = [[t.scores[a.metric] / div for t in ended if t.objective == n and t.status == "finished"] for n in names]
+    ax.boxplot([g if g else [math.nan] for g in full], positions=range(len(names)), widths=0.5,
+               showfliers=False, medianprops={"color": "#222222", "lw": 2})
     rng = np.random.default_rng(0)
-    for i, (_, g) in enumerate(shown):
-        if g:
-            pts = ax.scatter(i + rng.uniform(-0.12, 0.12, len(g)), g, s=40, color=COLORS["finished"], zorder=3)
-            pts.set_gid(f"objective-{names[i]}")
-    ax.set_xticks(range(len(shown)), [f"{n}\n({len(g)} trials)" for n, g in shown])
+    for i, n in enumerate(names):
+        for s in ("finished", "stopped"):
+            ys = [t.scores[a.metric] / div for t in ended if t.objective == n and t.status == s]
+            if ys:
+                pts = ax.scatter(i + rng.uniform(-0.15, 0.15, len(ys)), ys, s=45, marker=MARKERS[s],
+                                 color=COLORS[s], zorder=3, alpha=0.9)
+                pts.set_gid(f"objective-{n}-{s}")
+    counts = [(sum(t.objective == n and t.status == "finished" for t in ended),
+               sum(t.objective == n and t.status == "stopped" for t in ended)) for n in names]
+    ax.set_xticks(range(len(names)), [f"{n}\n({f} finished, {s} stopped)" for n, (f, s) in zip(names, counts, strict=True)])
     ax.set_xlabel("objective")
     ax.set_ylabel(label)
-    ax.set_title(f"{a.metric} per objective (each dot an ended trial's score)")
+    ax.set_title(f"{a.metric} per objective (box: trials that trained all epochs)")
+    ax.legend(handles=_legend_status(ax, [t.status for t in ended]), loc="best")
     fig.tight_layout()
     return fig
 
@@ -699,45 +724,45 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
     out.mkdir(parents=True, exist_ok=True)
     figures: list[Figure] = []
     data: dict[str, Any] = {}
+
+    def draw(plot: Any, name: str, title: str, caption: str, *args: Any) -> None:
+        with _plotting():
+            _save(plot(a, *args), out / f"{name}.png")
+        figures.append(Figure(name, title, caption))
+
+    if a.trials:
+        draw(plot_history, "history", "Optimisation history", (
+            f"The black steps are the best {a.metric} any trial had reached after that many trial-epochs "
+            f"(one trial-epoch = one trial trained for one epoch: the cost ASHA saves). Each marker is a "
+            f"trial, placed where its last epoch came, at its score; crosses are trials ASHA stopped early."))
+        draw(plot_curves, "curves", "Learning curves", (
+            f"{a.metric} after every epoch of every trial. Solid: trained all {a.spec.train.epochs} epochs; "
+            f"dashed ending in a cross: stopped by ASHA; dotted: failed. Dotted verticals are ASHA's rungs, the "
+            f"epochs at which a trial is compared with the others and may be stopped."))
     with _plotting():
-        if a.trials:
-            _save(plot_history(a), out / "history.png")
-            figures.append(Figure("history", "Optimisation history", (
-                f"The black steps are the best {a.metric} any trial had reached after that many trial-epochs "
-                f"(one trial-epoch = one trial trained for one epoch: the cost ASHA saves). Each marker is a "
-                f"trial, placed where its last epoch came, at its score; crosses are trials ASHA stopped early.")))
-            _save(plot_curves(a), out / "curves.png")
-            figures.append(Figure("curves", "Learning curves", (
-                f"{a.metric} after every epoch of every trial. Solid: trained all {a.spec.train.epochs} epochs; "
-                f"dashed ending in a cross: stopped by ASHA; dotted: failed. Dotted verticals are ASHA's rungs, the "
-                f"epochs at which a trial is compared with the others and may be stopped.")))
         study = score_study(a) if a.trials else None
         imp = importances(study)
-        data["importances"] = imp
-        if imp:
-            _save(plot_importances(a, study), out / "importances.png")
-            figures.append(Figure("importances", "Parameter importance", (
-                f"How much of the variation of the trials' {a.metric} each searched parameter explains, by "
-                f"Optuna's PED-ANOVA evaluator over the {len(study.trials)} trials that ended. With few trials "
-                f"this is a hint, not a measurement.")))
-            top = [p for p in imp][:3]
-            _save(plot_slices(a, study, top), out / "slices.png")
-            figures.append(Figure("slices", "Score against the top parameters", (
-                f"Each dot is an ended trial: its sampled value of the parameter (x) and its {a.metric} (y). "
-                f"Darker dots are later trials, so a sampler converging shows as dark dots gathering. Trials "
-                f"ASHA stopped count with the value they had reached, so they sit lower.")))
-        elif a.trials:
-            a.notes.append("parameter importance needs at least two ended trials with searched parameters")
-        if len(a.spec.objectives) > 1 and a.trials:
-            _save(plot_objectives(a), out / "objectives.png")
-            figures.append(Figure("objectives", "Objectives side by side", (
-                f"Each objective's trials: the box spans the middle half of their {a.metric}, the line is the "
-                f"median. Stopped trials count with the score they reached.")))
-        if len(a.spec.metrics) > 1 and a.trials:
-            _save(plot_pareto(a), out / "pareto.png")
-            figures.append(Figure("pareto", "Pareto front", (
-                f"Every trial at its {a.spec.metrics[0]} and {a.spec.metrics[1]}. Red: the non-dominated trials, "
-                f"those no other trial beats on both at once; the table below lists them.")))
+    data["importances"] = imp
+    if imp:
+        draw(plot_importances, "importances", "Parameter importance", (
+            f"How much of the variation of the trials' {a.metric} each searched parameter explains, by "
+            f"Optuna's PED-ANOVA evaluator over the {len(study.trials)} trials that ended. With few trials "
+            f"this is a hint, not a measurement."), study)
+        draw(plot_slices, "slices", "Score against the top parameters", (
+            f"Each dot is an ended trial: its sampled value of the parameter (x) and its {a.metric} (y). "
+            f"Darker dots are later trials, so a sampler converging shows as dark dots gathering. Trials "
+            f"ASHA stopped count with the value they had reached, so they sit lower."), study, list(imp)[:3])
+    elif a.trials:
+        a.notes.append("parameter importance needs at least two ended trials with searched parameters")
+    if len(a.spec.objectives) > 1 and a.trials:
+        draw(plot_objectives, "objectives", "Objectives side by side", (
+            f"Each objective's trials at their {a.metric}: the box spans the middle half of the trials that "
+            f"trained all epochs, the line is their median; crosses are trials ASHA stopped, at the value "
+            f"they had reached (not comparable with a full training)."))
+    if len(a.spec.metrics) > 1 and a.trials:
+        draw(plot_pareto, "pareto", "Pareto front", (
+            f"Every trial at its {a.spec.metrics[0]} and {a.spec.metrics[1]}. Red: the non-dominated trials, "
+            f"those no other trial beats on both at once; the table below lists them."))
     data.update(analysis_data(a))
     (out / DATA_FILE).write_text(json.dumps(_clean(data), indent=1, default=str))
     index = out / INDEX_FILE
