@@ -323,7 +323,7 @@ def _print_summary(s: Any, spec: Spec, root: Path, source: str) -> None:
 
 
 def _search_dir(directory: str) -> Path:
-    from .search import SPACE_FILE
+    from .report import SPACE_FILE  # not .search: a report imports neither Ray nor torch
 
     search_dir = Path(directory).expanduser().resolve()
     if not (search_dir / SPACE_FILE).is_file():
@@ -335,16 +335,18 @@ def _report(search_dir: Path, out: str | None = None, mlflow: bool = True) -> bo
     """Write the search's report and log it to its parent MLflow run. A report that cannot be
     written, or a tracking store that is away, is one warning line: the search stands."""
     from .report import summary_lines, write_report
-    from .tracking import log_report, one_line
 
     try:
         report = write_report(search_dir, out)
     except Exception as exc:  # noqa: BLE001 - the report is a view: it never fails its search
-        print(f"searchkd: warning: the report of {os.path.relpath(search_dir)} was not written: {one_line(exc)}")
+        print(f"searchkd: warning: the report of {os.path.relpath(search_dir)} was not written: "
+              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
         return False
     for line in summary_lines(report):
         print(line)
     if mlflow and report.analysis.mlflow:
+        from .tracking import log_report, one_line
+
         try:
             run = log_report(search_dir, report.directory)
             print(f"  logged to MLflow: artifacts report/ of the search's run {run}")

@@ -39,6 +39,7 @@ import yaml
 
 from .spec import Spec
 
+SPACE_FILE = "space.yaml"
 REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 DATA_FILE = "data.json"
@@ -181,7 +182,7 @@ def read_rows(search_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def read_spec(search_dir: str | Path) -> Spec:
-    path = Path(search_dir) / "space.yaml"
+    path = Path(search_dir) / SPACE_FILE
     if not path.is_file():
         raise ReportError(f"{search_dir}: not a search directory (no space.yaml)")
     return Spec.model_validate(yaml.safe_load(path.read_text()))
@@ -270,7 +271,7 @@ def asha_rungs(spec: Spec) -> list[int]:
 
 def mlflow_link(tracking: Mapping[str, str]) -> str:
     """The experiment's trials table in the MLflow UI: the server itself, or `searchkd ui`'s."""
-    from .tracking import ui_link
+    from .mlflow_ui import ui_link
 
     return ui_link(str(tracking.get("tracking_uri", "")), str(tracking["experiment_id"]), UI_URL)
 

@@ -382,7 +382,7 @@ def _wsgi_get(app, path: str) -> dict:
 
 # -- MLflow ----------------------------------------------------------------------------------------
 def test_the_experiment_opens_on_a_table_of_the_trials() -> None:
-    from searchkd.tracking import ui_link, ui_tags
+    from searchkd.mlflow_ui import ui_link, ui_tags
 
     raw = {"objective": {"choice": ["kd", "msd"]}, "search": {"metric": ["val_acc", "student_macs"],
                                                               "mode": ["max", "min"]},
