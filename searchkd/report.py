@@ -503,8 +503,9 @@ def plot_history(a: Analysis) -> Any:
         ring = ax.scatter([xy[0]], [xy[1]], s=260, facecolors="none", edgecolors="#222222", linewidths=2,
                           zorder=4)
         ring.set_gid("best-trial")
-        ax.annotate(f"best: trial {a.best.number}", xy, xytext=(-30, -42 if a.mode == "max" else 30),
-                    textcoords="offset points", fontsize=11, ha="right", zorder=5,
+        left = xy[0] < 0.5 * max(a.history_x[-1], 1)  # the label goes where the steps are not
+        ax.annotate(f"best: trial {a.best.number}", xy, xytext=(30 if left else -30, -42 if a.mode == "max" else 30),
+                    textcoords="offset points", fontsize=11, ha="left" if left else "right", zorder=5,
                     bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "#888888", "alpha": 0.95},
                     arrowprops={"arrowstyle": "-", "color": "#222222", "lw": 1})
     ax.set_xlabel("trial-epochs consumed (cumulative, in the order results came)")
@@ -616,14 +617,20 @@ def plot_slices(a: Analysis, study: Any, params: list[str]) -> Any:
     fig.set_size_inches(max(6.0, 4.2 * len(axes)) + 1.5, 5.0)
     if hasattr(fig, "_suptitle") and fig._suptitle is not None:
         fig._suptitle.set_text("")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     for ax in axes:
         ax.set_title("")
         ax.set_ylabel("")
         ax.tick_params(axis="x", labelrotation=20)
+        if ax.get_xscale() == "log":  # plain numbers at 1, 2, 5 × 10^k: no crowded minor labels
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
     axes[0].set_ylabel(f"trial's {axis_label(a.metric)}")
     for ax in fig.axes:
         if ax not in axes:  # Optuna's colour bar: its trial order, which skips unended trials
-            ax.set_ylabel("ended trial, in the order sampled")
+            ax.set_ylabel("trial (order sampled)")
     fig.suptitle(f"{a.metric} against the {len(params)} most important parameters "
                  f"(each dot a trial, colour = trial number)", fontsize=14)
     return fig
@@ -682,9 +689,11 @@ def plot_pareto(a: Analysis) -> Any:
     pts.set_gid("pareto")
     ax.step([t.scores[m1] / div1 for t in front], [t.scores[m0] / div0 for t in front],
             where="post" if a.spec.modes[1] == "min" else "pre", color="#c0392b", lw=1.2, alpha=0.7)
+    at: dict[tuple[float, float], list[int]] = {}  # trials at the same point share one label
     for t in front:
-        ax.annotate(f"{t.number}", (t.scores[m1] / div1, t.scores[m0] / div0), xytext=(6, 4),
-                    textcoords="offset points", fontsize=10)
+        at.setdefault((t.scores[m1] / div1, t.scores[m0] / div0), []).append(t.number)
+    for xy, numbers in at.items():
+        ax.annotate(", ".join(map(str, numbers)), xy, xytext=(7, 5), textcoords="offset points", fontsize=11)
     ax.set_xlabel(f"{label1}  ({'lower' if a.spec.modes[1] == 'min' else 'higher'} is better)")
     ax.set_ylabel(f"{label0}  ({'higher' if a.spec.modes[0] == 'max' else 'lower'} is better)")
     ax.set_title(f"Trade-off: {m0} against {m1} (labels: trial numbers on the front)")
@@ -731,15 +740,19 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
             _save(plot(a, *args), out / f"{name}.png")
         figures.append(Figure(name, title, caption))
 
+    asha = a.spec.search.scheduler == "asha"
     if a.trials:
         draw(plot_history, "history", "Optimisation history", (
             f"The black steps are the best {a.metric} any trial had reached after that many trial-epochs "
-            f"(one trial-epoch = one trial trained for one epoch: the cost ASHA saves). Each marker is a "
-            f"trial, placed where its last epoch came, at its score; crosses are trials ASHA stopped early."))
+            f"(one trial-epoch = one trial trained for one epoch{': the cost ASHA saves' if asha else ''}). "
+            f"Each marker is a trial, placed where its last epoch came, at its score"
+            + ("; crosses are trials ASHA stopped early." if asha else ".")))
         draw(plot_curves, "curves", "Learning curves", (
             f"{a.metric} after every epoch of every trial. Solid: trained all {a.spec.train.epochs} epochs; "
-            f"dashed ending in a cross: stopped by ASHA; dotted: failed. Dotted verticals are ASHA's rungs, the "
-            f"epochs at which a trial is compared with the others and may be stopped."))
+            + ("dashed ending in a cross: stopped by ASHA; " if asha else "")
+            + "dotted: failed; grey: still running or unfinished."
+            + (" Dotted verticals are ASHA's rungs, the epochs at which a trial is compared with the others "
+               "and may be stopped." if asha else "")))
     with _plotting():
         study = score_study(a) if a.trials else None
         imp = importances(study)
@@ -751,8 +764,9 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
             f"this is a hint, not a measurement."), study)
         draw(plot_slices, "slices", "Score against the top parameters", (
             f"Each dot is an ended trial: its sampled value of the parameter (x) and its {a.metric} (y). "
-            f"Darker dots are later trials, so a sampler converging shows as dark dots gathering. Trials "
-            f"ASHA stopped count with the value they had reached, so they sit lower."), study, list(imp)[:3])
+            f"Darker dots are later trials, so a sampler converging shows as dark dots gathering."
+            + (" Trials ASHA stopped count with the value they had reached, so they sit lower." if asha else "")),
+            study, list(imp)[:3])
     elif a.trials:
         a.notes.append("parameter importance needs at least two ended trials with searched parameters")
     if len(a.spec.objectives) > 1 and a.trials:
