@@ -176,7 +176,7 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         lock.release()
     if summary is not None:
         _print_summary(summary, spec, root, source)
-        _report(search_dir)
+        _report(search_dir, after_search=True)
     if not finished:
         print(f"searchkd: search {spec.name} is not finished; continue with: searchkd tune {source} --resume")
         return 1
@@ -331,9 +331,10 @@ def _search_dir(directory: str) -> Path:
     return search_dir
 
 
-def _report(search_dir: Path, out: str | None = None, mlflow: bool = True) -> bool:
+def _report(search_dir: Path, out: str | None = None, mlflow: bool = True, after_search: bool = False) -> bool:
     """Write the search's report and log it to its parent MLflow run. A report that cannot be
-    written, or a tracking store that is away, is one warning line: the search stands."""
+    written, or a tracking store that is away, is one warning line: the search stands. A search
+    that just ended without its tracking store is not made to wait for it a second time."""
     from .report import summary_lines, write_report
 
     try:
@@ -344,7 +345,12 @@ def _report(search_dir: Path, out: str | None = None, mlflow: bool = True) -> bo
         return False
     for line in summary_lines(report):
         print(line)
-    if mlflow and report.analysis.mlflow:
+    pending = json.loads((search_dir / "state.json").read_text()).get("tracking_pending") \
+        if (search_dir / "state.json").exists() else False
+    if mlflow and report.analysis.mlflow and pending and after_search:
+        print(f"  not logged to MLflow: the tracking store was away when the search ended; "
+              f"the resume logs it (or `searchkd report {os.path.relpath(search_dir)}` once the store is back)")
+    elif mlflow and report.analysis.mlflow:
         from .tracking import log_report, one_line
 
         try:

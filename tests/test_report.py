@@ -412,6 +412,30 @@ def test_a_tracking_store_that_is_away_is_one_warning(tmp_path: Path, capsys) ->
     assert (search / "report" / "index.html").exists()
 
 
+def test_a_search_the_store_missed_at_its_end_is_not_made_to_wait_again(tmp_path: Path, capsys) -> None:
+    search = make_search(tmp_path, "pending", trials=3, epochs=2, seed=11)
+    state = json.loads((search / "state.json").read_text())
+    (search / "state.json").write_text(json.dumps({**state, "status": "interrupted", "tracking_pending": True}))
+    (search / "tracking.json").write_text(json.dumps({
+        "tracking_uri": f"http://127.0.0.1:{free_port()}", "experiment_id": "3", "parent_run_id": "abc"}))
+    from searchkd.cli import _report
+
+    assert _report(search, after_search=True)  # what `searchkd tune` calls when the search ends
+    out = capsys.readouterr().out
+    assert "not logged to MLflow: the tracking store was away" in out and "warning" not in out
+
+
+def test_a_search_without_results_yet_has_a_report(tmp_path: Path) -> None:
+    import yaml
+    from searchgen import space
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "space.yaml").write_text(yaml.safe_dump(space("new", 4, 3)))
+    report = rp.write_report(tmp_path / "new")
+    assert report.figures == [] and report.analysis.best is None
+    assert "No trial has reported an epoch yet" in report.index.read_text()
+
+
 def test_not_a_search_directory_is_one_line(tmp_path: Path, capsys) -> None:
     for command in ("report", "best"):
         with pytest.raises(SystemExit) as exc:
