@@ -367,14 +367,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
+    from .data import DatasetNotFound
     from .export import ExportError, export_best
     from .report import ReportError, fmt
+    from .storage import StorageError
 
     search_dir = _search_dir(args.directory)
     try:
         done = export_best(search_dir, args.out, args.trial)
-    except (ExportError, ReportError) as exc:
+    except (ExportError, ReportError, StorageError) as exc:
         fail(str(exc))
+    except DatasetNotFound as exc:  # the input shape comes from the dataset
+        fail(f"data.dataset: {exc}")
+    except OSError as exc:  # storage that cannot be read (credentials, a lost mount)
+        fail(f"{args.directory}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
     t = done.trial
     scores = ", ".join(f"{m} {fmt(v, m)}" for m, v in t.scores.items())
     print(f"trial {t.number} ({t.status}, {t.epochs} epochs): {scores}, test_acc {fmt(t.test_acc)}")

@@ -587,7 +587,7 @@ def importances(study: Any) -> dict[str, float]:
         return {}
     try:
         return dict(optuna.importance.get_param_importances(study))
-    except (ValueError, RuntimeError):
+    except Exception:  # noqa: BLE001 - too few or too alike trials: the report goes without
         return {}
 
 
@@ -736,8 +736,15 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
     data: dict[str, Any] = {}
 
     def draw(plot: Any, name: str, title: str, caption: str, *args: Any) -> None:
-        with _plotting():
-            _save(plot(a, *args), out / f"{name}.png")
+        try:
+            with _plotting():
+                _save(plot(a, *args), out / f"{name}.png")
+        except Exception as exc:  # noqa: BLE001 - one plot that cannot be drawn leaves the others
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+            a.notes.append(f"{title}: not drawn ({type(exc).__name__}: {str(exc)[:200]})")
+            return
         figures.append(Figure(name, title, caption))
 
     asha = a.spec.search.scheduler == "asha"
