@@ -1,4 +1,4 @@
-"""`searchkd` on the command line: tune, resume, validate, objectives, ui.
+"""`searchkd` on the command line: tune, resume, report, best, validate, objectives, ui.
 
 Every mistake a user can cause ends as one line, `searchkd: error: ...`, exit 2, before
 anything is written.
@@ -185,6 +185,7 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         lock.release()
     if summary is not None:
         _print_summary(summary, spec, root, source)
+        _report(search_dir, after_search=True)
     if status != "finished":
         print(f"searchkd: search {spec.name} is not finished; continue with: searchkd tune {source} --resume")
         return EXIT_INTERRUPTED if status == "interrupted" else 1
@@ -309,6 +310,74 @@ def _print_summary(s: Any, spec: Spec, root: Path, source: str) -> None:
     print(f"resume:           searchkd tune {source} --resume   or   searchkd resume {rel}")
 
 
+def _search_dir(directory: str) -> Path:
+    from .report import SPACE_FILE  # not .search: a report imports neither Ray nor torch
+
+    search_dir = Path(directory).expanduser().resolve()
+    if not (search_dir / SPACE_FILE).is_file():
+        fail(f"{directory}: not a search directory (no {SPACE_FILE})")
+    return search_dir
+
+
+def _report(search_dir: Path, out: str | None = None, mlflow: bool = True, after_search: bool = False) -> bool:
+    """Write the search's report and log it to its parent MLflow run. A report that cannot be
+    written, or a tracking store that is away, is one warning line: the search stands. A search
+    that just ended without its tracking store is not made to wait for it a second time."""
+    from .report import summary_lines, write_report
+
+    try:
+        report = write_report(search_dir, out)
+    except Exception as exc:  # noqa: BLE001 - the report is a view: it never fails its search
+        print(f"searchkd: warning: the report of {os.path.relpath(search_dir)} was not written: "
+              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+        return False
+    for line in summary_lines(report):
+        print(line)
+    pending = json.loads((search_dir / "state.json").read_text()).get("tracking_pending") \
+        if (search_dir / "state.json").exists() else False
+    if mlflow and report.analysis.mlflow and pending and after_search:
+        print(f"  not logged to MLflow: the tracking store was away when the search ended; "
+              f"the resume logs it (or `searchkd report {os.path.relpath(search_dir)}` once the store is back)")
+    elif mlflow and report.analysis.mlflow:
+        from .tracking import log_report, one_line
+
+        try:
+            run = log_report(search_dir, report.directory)
+            print(f"  logged to MLflow: artifacts report/ of the search's run {run}")
+        except Exception as exc:  # noqa: BLE001 - a tracking store that is away: one line
+            print(f"searchkd: warning: the report was not logged to MLflow "
+                  f"({report.analysis.mlflow['tracking_uri']}): {one_line(exc)}")
+    return True
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    return 0 if _report(_search_dir(args.directory), args.out, mlflow=not args.no_mlflow) else 1
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from .data import DatasetNotFound
+    from .export import ExportError, export_best
+    from .report import ReportError, fmt
+    from .storage import StorageError
+
+    search_dir = _search_dir(args.directory)
+    try:
+        done = export_best(search_dir, args.out, args.trial)
+    except (ExportError, ReportError, StorageError) as exc:
+        fail(str(exc))
+    except DatasetNotFound as exc:  # the input shape comes from the dataset
+        fail(f"data.dataset: {exc}")
+    except OSError as exc:  # storage that cannot be read (credentials, a lost mount)
+        fail(f"{args.directory}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+    t = done.trial
+    scores = ", ".join(f"{m} {fmt(v, m)}" for m, v in t.scores.items())
+    print(f"trial {t.number} ({t.status}, {t.epochs} epochs): {scores}, test_acc {fmt(t.test_acc)}")
+    print(f"written to {os.path.relpath(done.directory)}: " + ", ".join(p.name for p in done.files))
+    print("load it:  model = build_model(**json.load(open('model.json'))); "
+          "model.load_state_dict(torch.load('student.pt', weights_only=True)['model'])")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from .objectives import get_objective
 
@@ -429,6 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("objectives", help="list objectives and their tunables")
     o.set_defaults(func=cmd_objectives)
+
+    rp = sub.add_parser("report", help="write a search's report (plots, top trials) to trials/NAME/report/")
+    rp.add_argument("directory", help="e.g. trials/quickstart (running, interrupted or finished)")
+    rp.add_argument("--out", help="where to write it (default: DIRECTORY/report)")
+    rp.add_argument("--no-mlflow", action="store_true", help="do not log it to the search's MLflow run")
+    rp.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("best", help="export the best trial's student, its config and a model card")
+    b.add_argument("directory", help="e.g. trials/quickstart")
+    b.add_argument("--out", help="where to write it (default: DIRECTORY/best)")
+    b.add_argument("--trial", type=int, help="export this trial instead (e.g. a point of a Pareto front)")
+    b.set_defaults(func=cmd_best)
 
     u = sub.add_parser("ui", help="open the MLflow UI on the searches' store")
     u.add_argument("--trials-dir")

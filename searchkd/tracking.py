@@ -38,6 +38,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .mlflow_ui import ui_tags
 from .spec import REPORTED_METRICS
 from .storage import STUDENT_FILE, Storage, trial_key
 
@@ -121,12 +122,32 @@ def open_search(
         experiment_id = client.create_experiment(name, artifact_location=location)
     else:
         experiment_id = exp.experiment_id
+    set_ui_tags(client, experiment_id, space_file)
     run = client.create_run(experiment_id, run_name=name, tags={**tags, "searchkd.role": "search"})
     client.log_batch(run.info.run_id, params=[Param(k, _param_str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(space_file))
     runs = SearchRuns(tracking_uri, experiment_id, run.info.run_id)
     _atomic_json(state_path, runs.__dict__)
     return runs
+
+
+def set_ui_tags(client: MlflowClient, experiment_id: str, space_file: Path) -> None:
+    import yaml
+
+    for key, value in ui_tags(yaml.safe_load(Path(space_file).read_text()) or {}).items():
+        client.set_experiment_tag(experiment_id, key, value)
+
+
+def log_report(search_dir: Path, report_dir: Path) -> str:
+    """Log a report's files as artifacts `report/` of the search's parent run; returns the
+    run id. Experiments made before searchkd set its UI tags get them here."""
+    configure_client()
+    state = json.loads((Path(search_dir) / TRACKING_FILE).read_text())
+    client = MlflowClient(state["tracking_uri"])
+    if "mlflow.experimentKind" not in client.get_experiment(state["experiment_id"]).tags:
+        set_ui_tags(client, state["experiment_id"], Path(search_dir) / "space.yaml")
+    client.log_artifacts(state["parent_run_id"], str(report_dir), artifact_path="report")
+    return str(state["parent_run_id"])
 
 
 def _param_str(value: Any) -> str:

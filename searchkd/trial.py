@@ -100,11 +100,8 @@ def train_trial(
 
 def scores(kept_row: dict[str, float], metrics: list[str]) -> dict[str, float]:
     """The trial's score: the search metric of the student it keeps (best on val, or the last
-    without a val split), as of this epoch; one per metric when the search has several."""
-    out = {"score": kept_row[metrics[0]]}
-    if len(metrics) > 1:
-        out.update({f"score_{m}": kept_row[m] for m in metrics})
-    return out
+    without a val split), as of this epoch; `score_<metric>` for each metric of the search."""
+    return {"score": kept_row[metrics[0]], **{f"score_{m}": kept_row[m] for m in metrics}}
 
 
 def resume(engine: Engine, files: Storage) -> bool:
