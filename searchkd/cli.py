@@ -528,6 +528,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SpecError as exc:
         fail(str(exc))
+    except OSError as exc:
+        from .storage import disk_full
+
+        if not disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        fail(f"no space left on device{where}; free space, then run the same command (with --resume "
+             f"if the search had started)")
     except KeyboardInterrupt:
         print("\nsearchkd: interrupted; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED

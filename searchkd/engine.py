@@ -233,6 +233,9 @@ class Engine:
         # The row of the epoch whose student is kept (best on val; the last without a val split):
         # a trial's score is a metric of the student it keeps.
         self.kept_row: dict[str, float] = {}
+        # Every row a trial reported, in its state: a trial that runs again reports them again,
+        # so a row its driver never recorded (killed, disk full) is not lost.
+        self.history: list[dict[str, Any]] = []
 
     # -- training ---------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
@@ -338,6 +341,7 @@ class Engine:
             "rng_cpu": torch.get_rng_state(),
             "last_row": dict(self.last_row),
             "kept_row": dict(self.kept_row),
+            "history": [dict(r) for r in self.history],
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -354,6 +358,7 @@ class Engine:
         self.best_student = state["best_student"]
         self.last_row = dict(state.get("last_row", {}))
         self.kept_row = dict(state.get("kept_row", {}))
+        self.history = [dict(r) for r in state.get("history", [])]
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)

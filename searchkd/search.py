@@ -41,7 +41,7 @@ from . import tracking
 from .compat import open_trial
 from .scheduler import ResumableASHA
 from .spec import Spec
-from .storage import Storage, StorageError
+from .storage import Storage, StorageError, disk_full
 from .teacher import TeacherInfo
 from .trial import train_trial
 
@@ -216,7 +216,21 @@ class StudySearcher(Searcher):
             self._study = load_study(self.search_dir, self.spec.name)
         return self._study
 
+    def _stop(self, exc: OSError) -> None:
+        session = _SESSIONS.get(str(self.search_dir))
+        if session is not None:
+            session.stop(f"no space left on device writing {self.search_dir / JOURNAL_FILE}")
+
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        try:
+            return self._suggest(trial_id)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            self._stop(exc)
+            return None
+
+    def _suggest(self, trial_id: str) -> dict[str, Any] | None:
         study = self.study
         if self.rerun:
             number = self.rerun.pop(0)
@@ -248,10 +262,15 @@ class StudySearcher(Searcher):
         metrics = self.spec.metrics
         values = [float(result["score"])] if len(metrics) == 1 else [float(result[f"score_{m}"]) for m in metrics]
         epochs = int(result.get("epoch", 0))
-        trial = open_trial(self.study, number)
-        trial.set_user_attr("epochs", epochs)
-        trial.set_user_attr("stopped_early", epochs < self.spec.train.epochs)
-        self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
+        try:
+            trial = open_trial(self.study, number)
+            trial.set_user_attr("epochs", epochs)
+            trial.set_user_attr("stopped_early", epochs < self.spec.train.epochs)
+            self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
+        except OSError as exc:  # the trial stays open: a resume runs it to its end again
+            if not disk_full(exc):
+                raise
+            self._stop(exc)
 
 
 def settle(study: optuna.Study, failed: dict[int, str]) -> None:
@@ -483,6 +502,25 @@ class Session:
         self.results, self.mlflow, self.progress = results, mlflow, progress
         self.failed: dict[int, str] = {}  # trial number -> reason, for trials that errored in this run
         self.trial_ids: dict[int, str] = {}
+        self.stop_reason: str | None = None  # set when the search must stop (a full disk)
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+
+
+class SessionStopper(tune.Stopper):
+    """Ends the whole run when the session says so (a full disk): the trials stay open in the
+    study, and a resume after freeing space runs them on. Pickles as the session's key."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        session = _SESSIONS.get(self.key)
+        return bool(session and session.stop_reason)
 
 
 _SESSIONS: dict[str, Session] = {}
@@ -506,7 +544,13 @@ class SearchCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         s = self.session
-        s.results.on_trial_result(trial, result)
+        try:
+            s.results.on_trial_result(trial, result)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            s.stop(f"no space left on device writing {s.results.log_path}")
+            return
         s.mlflow.on_trial_result(trial, result)
         s.progress.on_trial_result(trial, result, trials)
 
@@ -515,7 +559,10 @@ class SearchCallback(Callback):
         self.session.progress.on_trial_complete(trial, trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.session.failed[_number(trial)] = tracking.error_reason(trial)
+        reason = tracking.error_reason(trial)
+        if disk_full(Exception(reason)):
+            self.session.stop(reason)
+        self.session.failed[_number(trial)] = reason
         self.session.mlflow.on_trial_error(trial)
         self.session.progress.on_trial_error(trial, trials)
 
@@ -580,10 +627,13 @@ def quiet() -> None:
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # legacy reporter: verbose=0 prints nothing
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # a failed trial is said once, by Progress
     tracking.configure_client()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # The store logs each failed write with its traceback; the writer says it in one line.
+    logging.getLogger("mlflow.store").setLevel(logging.CRITICAL)
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
@@ -749,6 +799,7 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, stora
             # is the study's business. Trials report no Tune checkpoint (they keep their
             # state in the search's storage), so no node ever needs this directory.
             name=name, storage_path=str(runs), verbose=0, callbacks=callbacks,
+            stop=SessionStopper(str(search_dir)),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
         ),
     )
@@ -820,22 +871,32 @@ def run_search(
         _SESSIONS[key] = session
         try:
             with _ctrl_c() as seen:
-                tuner.fit()
+                try:
+                    tuner.fit()
+                except Exception:  # noqa: BLE001 - Tune fails reading its own files on a full disk
+                    if session.stop_reason is None:
+                        raise
                 interrupted = seen()
         finally:
             del _SESSIONS[key]
-            results.flush()
+            try:
+                results.flush()
+            except OSError as exc:  # results.jsonl holds the rows; the resume writes the table
+                if not disk_full(exc):
+                    raise
+                session.stop(f"no space left on device writing {results.path}")
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
     study = load_study(search_dir, spec.name)
     outcomes = Outcomes.of(study, space, session.failed, session.trial_ids)
-    complete = outcomes.complete(spec.search.num_samples)
+    complete = outcomes.complete(spec.search.num_samples) and session.stop_reason is None
     if complete:
         settle(study, outcomes.errors)
     # MLflow is brought in line with the durable record once more: what a killed driver or a
     # long outage held back reaches it now.
     session.mlflow.resync(results.by_trial(), outcomes)
-    synced = _Deadline(writer, uri, log).drain()
+    # With a full disk the store may be on it too: the resume sends what it does not take now.
+    synced = _Deadline(writer, uri, log, 5.0 if session.stop_reason else TRACKING_WAIT_S).drain()
     counts = outcomes.counts()
     status = "finished" if complete and synced else "interrupted" if interrupted else "unfinished"
     _write_state(search_dir, "finished" if status == "finished" else "interrupted", counts,
@@ -845,9 +906,12 @@ def run_search(
             writer.close_search("FINISHED" if complete else "KILLED")
         except Exception as exc:  # noqa: BLE001 - the parent's status is cosmetic
             log(f"searchkd: warning: could not close the search's MLflow run: {tracking.one_line(exc)}")
-    else:
+    elif session.stop_reason is None:
         log(f"searchkd: the tracking store {uri} did not take {writer.pending()} trials' updates "
-            f"within {TRACKING_WAIT_S:.0f}s; they are kept in {RESULTS_FILE} and sent by --resume")
+            f"within {TRACKING_WAIT_S:.0f}s; they are kept in {RESULTS_LOG} and sent by --resume")
+    if session.stop_reason:
+        log(f"searchkd: error: {session.stop_reason}; the search stopped with its trials open: free "
+            f"space, then resume")
     return summarize(search_dir, spec, teacher, counts), status
 
 
@@ -872,9 +936,9 @@ def _ctrl_c() -> Iterator[Callable[[], bool]]:
 class _Deadline:
     """The end of a search waits for MLflow at most TRACKING_WAIT_S, saying so once."""
 
-    def __init__(self, writer: tracking.MlflowWriter, uri: str, log: Log) -> None:
+    def __init__(self, writer: tracking.MlflowWriter, uri: str, log: Log, wait_s: float = TRACKING_WAIT_S) -> None:
         self.writer, self.uri, self.log = writer, uri, log
-        self.end = time.time() + TRACKING_WAIT_S
+        self.end = time.time() + wait_s
 
     def drain(self) -> bool:
         if self.writer.drain(timeout=min(2.0, max(0.0, self.end - time.time()))):
@@ -884,11 +948,25 @@ class _Deadline:
         return self.writer.drain(timeout=max(0.0, self.end - time.time()))
 
 
+STATE_BYTES = 512  # state.json is padded to this size, so it can be rewritten in place
+
+
 def _write_state(search_dir: Path, status: str, counts: dict[str, int] | None = None, **extra: Any) -> None:
+    """state.json, atomically; on a full disk, rewritten in place (it never grows, so that
+    needs no new space): a search stopped by a full disk still says it was interrupted."""
     path = search_dir / STATE_FILE
+    text = json.dumps({"status": status, "trials": counts or {}, "time": time.time(), **extra})
+    text = text.ljust(STATE_BYTES) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"status": status, "trials": counts or {}, "time": time.time(), **extra}))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if not disk_full(exc) or not path.exists():
+            raise
+        with path.open("r+") as f:
+            f.write(text)
 
 
 def search_status(search_dir: Path) -> str | None:

@@ -14,6 +14,7 @@ nodes, and each process opens the filesystem itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,14 @@ def trial_key(number: int) -> str:
 
 # Query options that carry secrets: never shown in messages.
 _SECRET_OPTIONS = {"access_key", "secret_key", "session_token"}
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error is a full disk (or an exhausted quota), which stops a search rather
+    than failing a trial: freeing space and resuming is the way out."""
+    text = str(exc).lower()
+    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            or "no space left on device" in text or "database or disk is full" in text)
 
 
 class StorageError(RuntimeError):

@@ -10,6 +10,7 @@ Files are written to a temporary name and renamed, so a kill never leaves half a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -69,10 +70,21 @@ def teacher_key(spec: Spec) -> dict:
     }
 
 
+def _bytes(obj: object) -> bytes:
+    """torch.save into memory: written to disk with a plain write, a full disk is an OSError
+    (torch.save straight to a file reports it as an opaque RuntimeError)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a write that failed (a full disk) leaves nothing behind
 
 
 def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log = print) -> TeacherInfo:
@@ -107,11 +119,11 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
                 log(f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})")
             while not engine.finished:
                 row = engine.run_epoch()
-                _write_atomic(partial, engine.save)
+                _write_atomic(partial, lambda p: p.write_bytes(engine.to_bytes()))
                 log(f"  teacher epoch {engine.epoch}/{tspec.train.epochs}: train_loss {row['train_loss']:.4f}, "
                     f"val_acc {row['val_acc']:.4f}")
             engine.student.load_state_dict(engine.best_student)
-            _write_atomic(path, lambda p: torch.save({"model": engine.student.state_dict()}, p))
+            _write_atomic(path, lambda p: p.write_bytes(_bytes({"model": engine.student.state_dict()})))
         else:
             path = ckpt
         val, test = engine.evaluate("val").top1, engine.evaluate("test").top1

@@ -25,7 +25,7 @@ from .data import DatasetNotFound
 from .engine import Engine
 from .objectives import get_objective
 from .spec import Spec
-from .storage import STATE_FILE, STUDENT_FILE, Storage, trial_key
+from .storage import STATE_FILE, STUDENT_FILE, Storage, disk_full, trial_key
 
 # Keys the search adds to a trial's config beside the sampled dotted parameters.
 META_KEYS = ("trial_number", "seed")
@@ -84,18 +84,25 @@ def train_trial(
     start_epoch = engine.epoch
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     metrics = spec.metrics
-    if engine.last_row:
-        # The saved epoch again: if the driver died before it recorded that epoch, it is
-        # recorded now; if not, the callbacks keep one copy.
-        tune.report({**engine.last_row, **scores(engine.kept_row, metrics), "start_epoch": start_epoch, **node})
+    for past in engine.history:
+        # The saved epochs again: any the driver had not recorded (it died, its disk was full)
+        # are recorded now; the others are recorded once already and kept as they were.
+        tune.report({**past, "start_epoch": start_epoch, **node})
     while not engine.finished:
         kept = engine.kept_row
         row = engine.run_epoch()
         row["start_epoch"] = start_epoch  # >0 proves a resumed trial did not restart at 0
-        if engine.kept_row is not kept:  # this epoch's student is the one the trial keeps now
-            files.write_bytes(STUDENT_FILE, _tensor_bytes(engine.best_student))
-        files.write_bytes(STATE_FILE, engine.to_bytes())
-        tune.report({**row, **scores(engine.kept_row, metrics), **node})
+        report = {**row, **scores(engine.kept_row, metrics)}
+        engine.history.append(report)
+        try:
+            if engine.kept_row is not kept:  # this epoch's student is the one the trial keeps now
+                files.write_bytes(STUDENT_FILE, _tensor_bytes(engine.best_student))
+            files.write_bytes(STATE_FILE, engine.to_bytes())
+        except OSError as exc:
+            if disk_full(exc):
+                raise TrialSetupError(f"node {node_label()}: no space left on device for {files.display}") from None
+            raise
+        tune.report({**report, **node})
 
 
 def scores(kept_row: dict[str, float], metrics: list[str]) -> dict[str, float]:

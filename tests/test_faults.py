@@ -284,3 +284,47 @@ def test_an_interrupted_search_decides_as_an_uninterrupted_one(tmp_path: Path) -
     assert any(stopped for _, _, stopped, _ in a.values()), "ASHA stopped no trial: the test shows nothing"
     assert max(r["start_epoch"] for r in rows(killed, name)) >= 1, "no trial resumed mid-way"
     assert_consistent(killed, name, num_samples, epochs)
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="unshare --mount is not permitted here (needs root)")
+def test_a_full_disk_stops_the_search_in_one_line_and_a_resume_after_freeing_space_ends_it(tmp_path: Path) -> None:
+    """The trials directory is a small tmpfs: full at the start (one line, exit 2), filled up
+    in the middle (one line, exit 1, state interrupted, trials left open), then freed: the
+    resume ends with every store exact."""
+    name, num_samples, epochs = "full", 4, 4
+    raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
+    raw["search"].update(num_samples=num_samples, max_concurrent=2)
+    space = write_space(tmp_path / f"{name}.yaml", raw)
+    out = tmp_path / "out"
+    out.mkdir()
+    script = Path(__file__).with_name("disk_full.py")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, str(script),
+                           str(space), str(tmp_path / "trials"), str(out)], env=ENV, capture_output=True,
+                          text=True, timeout=2400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+
+    start = report["start"]
+    assert start["rc"] == 2, start
+    assert start["stderr"].count("\n") == 1 and "no space left on device" in start["stderr"], start
+    assert "Traceback" not in start["stdout"] + start["stderr"]
+
+    middle = report["middle"]
+    text = middle["stdout"] + middle["stderr"]
+    assert middle["rc"] == 1, text[-3000:]
+    assert sum("searchkd: error: " in line and "no space left on device" in line for line in text.splitlines()) == 1, text
+    assert "Traceback" not in text, text[-3000:]
+    assert "continue with: searchkd tune" in text
+
+    resume = report["resume"]
+    assert resume["rc"] == 0, (resume["stdout"] + resume["stderr"])[-3000:]
+    trials = out / "trials"
+    assert json.loads((trials / name / "state.json").read_text())["status"] == "finished"
+    assert_consistent(trials, name, num_samples, epochs)
