@@ -61,7 +61,7 @@ TRAIN_SIZE = {"cuda": 50_000, "cpu": 1200}
 SMALL_EPOCHS, SMALL_TRAIN_SIZE = (1, 2), 600
 VAL_FRACTION = 0.1
 TEST_SIZE_FRACTION = 0.2  # CIFAR's test set is a fifth of its training set
-RECIPE_EPOCHS = 240  # the KD literature's schedule (REFERENCE.md), for the projection
+RECIPE_EPOCHS = 240  # the CIFAR-100 KD recipe of the CRD paper and its successors, for the projection
 CHECKPOINT_REPEATS = 3  # timed saves of a trial's per-epoch checkpoint (mean reported)
 
 

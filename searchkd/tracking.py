@@ -8,8 +8,8 @@ writer thread brings MLflow up to date from that record. A sync is idempotent (a
 by its trial number before one is created, metric steps the run already holds are skipped),
 so when the tracking server goes away the writer keeps the record, retries with backoff, says
 so once when it goes and once when it is back, and training never waits for it. At the end
-of a search every trial is synced once more from the durable record (results.parquet and
-what `fit()` returns), so nothing a killed driver or a long outage held back is lost.
+of a search every trial is synced once more from the durable record (the recorded rows and
+the study), so nothing a killed driver or a long outage held back is lost.
 
 The trial → run map is persisted in the search directory, so a resumed search reopens the
 same runs (Ray's own MLflowLoggerCallback keeps no map and would duplicate them).
@@ -227,20 +227,14 @@ class MlflowWriter:
         self._busy = False
         self._down_since: float | None = None
         self._thread: threading.Thread | None = None
-        self._map: dict[str, str] = {}
-        self.reload_map()
+        path = self.search_dir / RUNS_FILE
+        try:
+            self._map: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            self._map = {}  # each run is found again by its trial_number tag
         self._logged_steps: dict[str, set[int]] = {}
         self._params_done: set[str] = set()
         self._best: float | None = None
-
-    def reload_map(self) -> None:
-        """Read the trial → run map again (after reconcile removed orphans from it)."""
-        path = self.search_dir / RUNS_FILE
-        with self._cond:
-            try:
-                self._map = json.loads(path.read_text()) if path.exists() else {}
-            except (OSError, ValueError):
-                self._map = {}  # each run is found again by its trial_number tag
 
     # -- the callback side: record and mark ----------------------------------------------
     def record(self, number: int, trial_id: str, config: dict[str, Any], trial_dir: str = "") -> TrialRecord:

@@ -64,7 +64,7 @@ def trial_workers(proc: subprocess.Popen) -> list[int]:
 def test_sigkill_at_several_points_then_resume(tmp_path: Path) -> None:
     name, num_samples, epochs = "faults", 4, 5
     raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
-    raw["teacher"]["train"]["epochs"] = 40  # long enough to be killed while it trains
+    raw["teacher"]["train"]["epochs"] = 20  # long enough to be killed while it trains
     raw["search"].update(num_samples=num_samples, max_concurrent=2, scheduler="asha",
                          grace_period=2, reduction_factor=2)
     space = write_space(tmp_path / f"{name}.yaml", raw)
@@ -254,9 +254,9 @@ def test_tracking_store_away_at_the_end_stops_in_one_line_and_resume_sends_the_r
 
 def test_an_interrupted_search_decides_as_an_uninterrupted_one(tmp_path: Path) -> None:
     """The same seeded search, one trial at a time, run straight through and killed (SIGKILL
-    of the whole process group) at three points with a resume after each: the same trials with
+    of the whole process group) at two points with a resume after each: the same trials with
     the same values, stopped by ASHA at the same epochs, with the same Optuna values."""
-    name, num_samples, epochs = "same", 6, 6
+    name, num_samples, epochs = "same", 5, 5
     raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
     raw["search"].update(num_samples=num_samples, max_concurrent=1, scheduler="asha", grace_period=1,
                          reduction_factor=2, seed=3)
@@ -266,7 +266,7 @@ def test_an_interrupted_search_decides_as_an_uninterrupted_one(tmp_path: Path) -
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     run_until(command(space, killed), lambda: len(rows(killed, name)) >= 3)
-    for more in (5, 5):
+    for more in (5,):
         before = len(rows(killed, name))
         run_until(command(space, killed, "--resume"), lambda n=before + more: len(rows(killed, name)) >= n)
     done = subprocess.run(command(space, killed, "--resume"), env=ENV, capture_output=True, text=True,
@@ -298,7 +298,7 @@ def test_a_full_disk_stops_the_search_in_one_line_and_a_resume_after_freeing_spa
     """The trials directory is a small tmpfs: full at the start (one line, exit 2), filled up
     in the middle (one line, exit 1, state interrupted, trials left open), then freed: the
     resume ends with every store exact."""
-    name, num_samples, epochs = "full", 4, 4
+    name, num_samples, epochs = "full", 2, 4
     raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
     raw["search"].update(num_samples=num_samples, max_concurrent=2)
     space = write_space(tmp_path / f"{name}.yaml", raw)
