@@ -103,6 +103,8 @@ def test_teacher_command_trains_once_then_reads_the_cache(capsys, tmp_path: Path
     path = str(space_file())
     code, out, _ = run(capsys, "teacher", path, "--trials-dir", str(tmp_path / "t"))
     assert code == 0 and "trained from the recipe" in out and "test_acc" in out
+    assert [line.split(":")[0].strip() for line in out.splitlines() if "teacher epoch" in line] == \
+        ["teacher epoch 1/3", "teacher epoch 2/3", "teacher epoch 3/3"]  # progress, one line an epoch
     code, again, _ = run(capsys, "teacher", path, "--trials-dir", str(tmp_path / "t"))
     assert code == 0 and "training teacher" not in again
     assert again.splitlines()[-3:] == out.splitlines()[-3:]
