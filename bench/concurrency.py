@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
     steps = args.steps or (SMALL_STEPS if args.small else STEPS[device.type])
     counts = [int(n) for n in (args.procs or PROCS[device.type]).split(",")]
+    if counts[0] != 1:
+        raise SystemExit("--procs must start with 1: every row is compared against one trial")
     rows = []
     with tempfile.TemporaryDirectory(prefix="searchkd-bench-") as tmp:
         pair = PAIRS[args.pair]
@@ -114,8 +116,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{'trials':>6} {'aggregate img/s':>16} {'vs 1 trial':>10} {'per trial img/s':>16}")
         for k in counts:
             row = measure(k, shared)
-            row["speedup_vs_1"] = row["aggregate_img_s"] / rows[0]["aggregate_img_s"] if rows else 1.0
             rows.append(row)
+            row["speedup_vs_1"] = row["aggregate_img_s"] / rows[0]["aggregate_img_s"]
             each = ", ".join(f"{r['img_s']:.1f}" for r in row["per_process"])
             print(f"{k:>6} {row['aggregate_img_s']:>16.1f} {row['speedup_vs_1']:>9.2f}x {each:>16}",
                   flush=True)

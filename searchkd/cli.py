@@ -24,10 +24,6 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C
 
 
-class UserError(Exception):
-    """Shown as `searchkd: error: <message>` with exit 2."""
-
-
 def fail(message: str) -> NoReturn:
     print(f"searchkd: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)

@@ -9,7 +9,6 @@ of the rest of searchkd.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -139,8 +138,6 @@ class ParamSpec(_Strict):
                 raise ValueError("log and step apply to float/int ranges, not choice")
             return self
         low, high = self.float_ if self.float_ is not None else self.int_  # type: ignore[misc]
-        if len([low, high]) != 2:
-            raise ValueError("a range is [low, high]")
         if low > high:
             raise ValueError(f"range low {low} > high {high}")
         if self.log and low <= 0:
@@ -218,9 +215,6 @@ class Spec(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True),
                               sort_keys=False)
-
-    def digest(self) -> str:
-        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
 
 
 # Sections whose fields `params` may search (dotted keys); loss.* is checked per objective.

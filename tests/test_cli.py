@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from searchkd.cli import main
 
@@ -19,17 +21,29 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_validate_shows_resolved_tunables(capsys, space_file) -> None:
-    code, out, _ = run(capsys, "validate", str(space_file()))
+    from searchkd.objectives import get_objective
+
+    path = space_file()
+    code, out, _ = run(capsys, "validate", str(path))
     assert code == 0
-    assert "ok" in out and "msd: " in out and "tau=" in out and "search loss.tau" in out
+    resolved = get_objective("msd").resolve(yaml.safe_load(path.read_text())["loss"])
+    assert resolved["scales"] == [1, 2] and resolved["tau"] != 0  # the space's, then defaults
+    line = next(x for x in out.splitlines() if x.strip().startswith("msd: "))
+    assert f"tau={json.dumps(resolved['tau'])}" in line and f"scales={json.dumps(resolved['scales'])}" in line
+    assert any(x.strip().startswith("search loss.tau: ") for x in out.splitlines())
 
 
 def test_objectives_lists_tunables_with_ranges(capsys) -> None:
+    from searchkd.objectives import get_objective, objective_names
+
     code, out, _ = run(capsys, "objectives")
     assert code == 0
-    for name in ("ce:", "kd:", "msd:"):
-        assert name in out
-    assert "loss.tau" in out and "search" in out
+    lines = [x.split() for x in out.splitlines()]
+    for name in objective_names():
+        assert [name + ":"] == [x[0] for x in lines if x and x[0] == name + ":"]
+    tau = get_objective("msd").tunables["tau"]
+    msd_tau = [x for x in lines if x[:1] == ["loss.tau"]]
+    assert ["loss.tau", tau.kind, "default", json.dumps(tau.default)] in [x[:4] for x in msd_tau]
 
 
 def test_bad_space_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path: Path, space_file) -> None:

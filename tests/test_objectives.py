@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from searchkd.models import Features, TappedModel, build_model, model_names, tokens_to_map
+from searchkd.models import Features, TappedModel, build_model
 from searchkd.objectives import Objective, ObjectiveContext, get_objective, objective_names
 from searchkd.objectives.cktf import layer_pairs, teacher_stage_for
 from searchkd.objectives.crd import ContrastMemory, LabelBook
@@ -64,34 +64,8 @@ class Fixed(TappedModel):
         return self.features
 
 
-class TokenNet(TappedModel):
-    """A minimal ViT/Mixer-like net (patch tokens, token mixing, maps via tokens_to_map): the
-    fallback when vit_tiny/mixer_tiny are not registered."""
-
-    def __init__(self, dim: int = 12, patch: int = 2, depth: int = 2) -> None:
-        super().__init__()
-        tokens = (SIZE // patch) ** 2
-        self.embed = nn.Conv2d(3, dim, patch, patch)
-        self.token_mix = nn.ModuleList(nn.Linear(tokens, tokens) for _ in range(depth))
-        self.channel_mix = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
-        self.head = nn.Linear(dim, NUM_CLASSES)
-
-    def forward_features(self, x: Tensor) -> Features:
-        stem = self.embed(x)
-        h = stem.flatten(2).transpose(1, 2)
-        maps = []
-        for tm, cm in zip(self.token_mix, self.channel_mix, strict=True):
-            h = h + tm(h.transpose(1, 2)).transpose(1, 2)
-            h = h + F.gelu(cm(h))
-            maps.append(tokens_to_map(h))
-        pool = h.mean(1)
-        return Features(stem=stem, stages=maps, pool=pool, logits=self.head(pool))
-
-
 def token_model(arch: str) -> TappedModel:
-    if arch in model_names():
-        return build_model(arch, NUM_CLASSES, width=1 / 16, image_size=SIZE, depth=2, patch=2)
-    return TokenNet()
+    return build_model(arch, NUM_CLASSES, width=1 / 16, image_size=SIZE, depth=2, patch=2)
 
 
 def cnn(arch: str = "resnet8", seed: int = 0) -> TappedModel:
@@ -682,7 +656,6 @@ def test_crd_clamps_negatives_and_keeps_state_in_state_dict(pair, batch) -> None
     keys = set(obj.state_dict())
     assert {"memory.student_bank", "memory.teacher_bank", "memory.log_z", "book.labels"} <= keys
     assert obj.memory.student_bank.shape == (NUM_TRAIN, 16)
-    assert get_objective("crd").needs_index
     with pytest.raises(ValueError, match="indices"):
         obj(student, teacher, batch[0], batch[1], None)
 
@@ -986,7 +959,7 @@ def test_cktf_known_value_batch_mode() -> None:
     t = fake(torch.rand(b, 2, 4, 4, generator=g), [torch.randn(b, 2, 4, 4, generator=g)],
              torch.rand(b, 2, generator=g), torch.zeros(b, 2))
     obj = get_objective("cktf")({"dim": 8, "memory": "batch", "tau": 0.3, "pool_kernel": 2}, t, s, CTX)
-    assert not obj.needs_index and len(obj.memories) == 0
+    assert not obj.uses_bank and len(obj.memories) == 0
     assert (obj.hp["weight"], obj.hp["inter_weight"]) == (0.8, 0.1)
     assert {n: h.in_features for n, h in obj.student_heads.items()} == {"stem": 8, "stage0": 8, "final": 2}
     for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
@@ -1009,7 +982,7 @@ def test_cktf_bank_mode_sums_crd_terms_per_layer(pair, batch, monkeypatch) -> No
     teacher, student = pair
     x, y, index = batch
     obj = build("cktf", teacher, student, x, inter_weight=0.5, pool_kernel=2)
-    assert obj.needs_index and set(obj.memories) == {"stem", "stage0", "stage1", "stage2", "final"}
+    assert obj.uses_bank and set(obj.memories) == {"stem", "stage0", "stage1", "stage2", "final"}
     s, t = features(student, x), features(teacher, x)
     reference = copy.deepcopy(obj)
     got = obj.own_terms(s, t, y, index)

@@ -12,7 +12,7 @@ space's `loss.*` keys against them and the search layer turns them into Optuna p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -133,7 +133,6 @@ class Objective(nn.Module):
 
     name: ClassVar[str]
     tunables: ClassVar[dict[str, Tunable]]
-    needs_index: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
 
     def __init__(
@@ -247,5 +246,3 @@ def get_objective(name: str) -> type[Objective]:
         raise KeyError(f"unknown objective {name!r}; known: {', '.join(objective_names())}")
     return _OBJECTIVES[name]
 
-
-ObjectiveFactory = Callable[..., Objective]

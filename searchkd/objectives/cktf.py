@@ -89,9 +89,6 @@ def pair_input(name: str, f: Tensor, channels: int, kernel: int) -> Tensor:
 @register_objective
 class CKTF(Objective):
     name = "cktf"
-    # True for the class (the engine may ask before building it, and the default is a bank);
-    # each instance says what it really needs, and batch mode ignores the index.
-    needs_index = True
     tunables = {
         **common_tunables(ce_weight=1.0, kd_weight=0.0, kd_temperature=4.0),
         "weight": Tunable("float", 0.8, "weight of the final pair's term L_final",
@@ -121,7 +118,7 @@ class CKTF(Objective):
     ) -> None:
         super().__init__(hp, teacher_features, student_features, ctx)
         dim, kernel = self.hp["dim"], self.hp["pool_kernel"]
-        self.needs_index = self.hp["memory"] == "bank"
+        self.uses_bank = self.hp["memory"] == "bank"
         self.negatives = clamp_negatives(self.hp["negatives"], ctx.num_train)
         self.student_heads = nn.ModuleDict()
         self.teacher_heads = nn.ModuleDict()
@@ -134,10 +131,10 @@ class CKTF(Objective):
                 vt = pair_input(name, ft, self.channels[name], kernel)
                 self.student_heads[name] = nn.Linear(vs.shape[1], dim)
                 self.teacher_heads[name] = nn.Linear(vt.shape[1], dim)
-                if self.needs_index:
+                if self.uses_bank:
                     self.memories[name] = ContrastMemory(ctx.num_train, dim, self.hp["tau"], CRD_MOMENTUM)
         # One label book for all pairs: the negatives of a sample are shared across layers.
-        self.book = LabelBook(ctx.num_train, ctx.train_labels) if self.needs_index else None
+        self.book = LabelBook(ctx.num_train, ctx.train_labels) if self.uses_bank else None
 
     @classmethod
     def own_term_weights(cls) -> dict[str, str]:

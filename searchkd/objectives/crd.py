@@ -174,7 +174,6 @@ def require_index(index: Tensor | None, who: str) -> Tensor:
 @register_objective
 class CRD(Objective):
     name = "crd"
-    needs_index = True
     tunables = {
         **common_tunables(ce_weight=1.0, kd_weight=0.0, kd_temperature=4.0, weight=0.8),
         "tau": Tunable("float", 0.07, "NCE temperature", {"float": [0.03, 0.3], "log": True},
