@@ -599,8 +599,8 @@ def plot_slices(a: Analysis, study: Any, params: list[str]) -> Any:
     axes = list(axs.flat) if hasattr(axs, "flat") else [axs]
     fig = axes[0].figure
     fig.set_size_inches(max(6.0, 4.2 * len(axes)) + 1.5, 5.0)
-    if hasattr(fig, "_suptitle") and fig._suptitle is not None:
-        fig._suptitle.set_text("")
+    if fig.get_suptitle():
+        fig.suptitle("")
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     for ax in axes:
