@@ -1,7 +1,8 @@
 """`searchkd` on the command line: tune, resume, report, best, validate, objectives, ui.
 
-Every mistake a user can cause ends as one line, `searchkd: error: ...`, exit 2, before
-anything is written.
+A thin shell over the library API (`searchkd.api`): it parses arguments, prints, and turns
+every mistake a user can cause into one line, `searchkd: error: ...`, exit 2, before anything
+is written.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
-from .spec import Spec, SpecError
+from . import __version__, api
+from .spec import SpecError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C
@@ -29,163 +29,30 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
-def _lookups() -> dict[str, Any]:
-    from .data import dataset_names, dataset_options
-    from .models import model_names
-    from .objectives import get_objective, objective_names
-
-    def check(objective: str, key: str, value: Any) -> Any:
-        return get_objective(objective).tunables[key].check(f"loss.{key}", value)
-
-    return {
-        "objectives": {n: set(get_objective(n).tunables) for n in objective_names()},
-        "models": model_names(),
-        "datasets": dataset_names(),
-        "dataset_options": {n: dataset_options(n) for n in dataset_names()},
-        "check_tunable": check,
-    }
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"address": args.address, "num_cpus": args.num_cpus, "tracking_uri": args.tracking_uri,
+            "storage": args.storage}
 
 
-def load_space(path: str | Path, storage: str | None = None, check_files: bool = True) -> Spec:
-    """Load and validate a space; `storage` (the --storage option) replaces search.storage.
-    Without `check_files` a missing teacher checkpoint is left to the preflight to report."""
-    from . import spec as spec_lib
-    from . import storage as storage_lib
-
-    spec = spec_lib.load(path, **_lookups())
-    if storage is not None:
-        raw = spec.model_dump(by_alias=True, exclude_none=True)
-        raw["search"]["storage"] = storage
-        spec = Spec.model_validate(raw)
-    # Paths in a space are relative to the working directory; store them absolute so a
-    # resume from anywhere (`searchkd resume trials/x`) finds the same files.
-    updates: dict[str, Any] = {}
-    if spec.teacher.checkpoint:
-        ckpt = Path(spec.teacher.checkpoint).expanduser().resolve()
-        if check_files and not ckpt.is_file():
-            raise SpecError(f"{path}: teacher.checkpoint: no such file {ckpt}")
-        updates["teacher"] = {**spec.teacher.model_dump(exclude_none=True), "checkpoint": str(ckpt)}
-    if spec.data.root:
-        updates["data"] = {**spec.data.model_dump(), "root": str(Path(spec.data.root).expanduser().resolve())}
-    if spec.search.storage and storage_lib.normalize(spec.search.storage) != spec.search.storage:
-        updates["search"] = {**spec.search.model_dump(), "storage": storage_lib.normalize(spec.search.storage)}
-    if updates:
-        raw = spec.model_dump(by_alias=True, exclude_none=True)
-        raw.update(updates)
-        spec = Spec.model_validate(raw)
-    return spec
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    out: list[str] = []
-    for k in keys:
-        a, b = old.get(k), new.get(k)
-        where = f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, where + ".")
-        elif a != b:
-            out.append(f"{where}: {json.dumps(a)} -> {json.dumps(b)}")
-    return out
-
-
-def trials_root(arg: str | None) -> Path:
-    where = arg or os.environ.get("SEARCHKD_TRIALS_DIR", "trials")
-    if "://" in where:
-        fail(f"trials directory {where}: the driver's files (journal, results, MLflow map) live on its "
-             f"own disk; put what trials write on {where} with --storage")
-    return Path(where).expanduser().resolve()
+def exit_code(run: api.SearchRun) -> int:
+    """0 when the search is finished; else the resume command, and 130 after Ctrl-C."""
+    if run.status == "finished":
+        return 0
+    print(f"searchkd: search {run.spec.name} is not finished; continue with: "
+          f"searchkd tune {run.source} --resume")
+    return EXIT_INTERRUPTED if run.status == "interrupted" else 1
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    spec = load_space(args.space, args.storage, check_files=False)
-    root = trials_root(args.trials_dir)
-    return _tune(spec, root, resume=args.resume, args=args, source=args.space)
+    with RayLines.installed():
+        run = api.tune(args.space, trials_dir=args.trials_dir, resume=args.resume, **run_options(args))
+    return exit_code(run)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .search import SPACE_FILE
-
-    search_dir = Path(args.directory).expanduser().resolve()
-    space = search_dir / SPACE_FILE
-    if not space.is_file():
-        fail(f"{args.directory}: not a search directory (no {SPACE_FILE})")
-    spec = load_space(space, args.storage, check_files=False)
-    return _tune(spec, search_dir.parent, resume=True, args=args, source=str(space))
-
-
-def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source: str) -> int:
-    if args.address and args.num_cpus is not None:
-        fail("--num-cpus sets the CPUs of a local Ray; a cluster (--address) has its own")
-    search_dir = root / spec.name
-    shown = os.path.relpath(search_dir)
-    space_file = search_dir / "space.yaml"
-    if space_file.exists() and not resume:
-        fail(f"{shown} already exists: add --resume to continue that search, or remove it to start over")
-    if resume and not space_file.is_file():
-        # Killed before the search wrote anything (e.g. while its teacher trained): start it.
-        print(f"searchkd: {shown} holds no search yet; starting it")
-        resume = False
-    if resume:
-        stored = Spec.model_validate(_read_yaml(space_file))
-        diff = _diff(stored.model_dump(mode="json", by_alias=True), spec.model_dump(mode="json", by_alias=True))
-        if diff:
-            fail(f"{source} differs from the space {shown} was started with: {'; '.join(diff[:3])}")
-        if _status(search_dir) == "finished":
-            print(f"searchkd: {shown} is already finished; nothing to resume. "
-                  f"Compare its trials with: searchkd ui")
-            return 0
-    from .preflight import check
-
-    problems, warnings = check(spec, root, args.tracking_uri, args.address is None, args.num_cpus)
-    for problem in problems:
-        print(f"searchkd: error: {source}: {problem}", file=sys.stderr)
-    if problems:
-        raise SystemExit(EXIT_USAGE)
-    for warning in warnings:
-        print(f"searchkd: warning: {source}: {warning}", file=sys.stderr)
-    if args.address is None:
-        local_ray_env()
-    from filelock import FileLock, Timeout
-
-    # One process per search, and the lock comes before Ray starts, so a second command is
-    # refused at once. The OS drops it when its holder dies: a killed run never blocks.
-    root.mkdir(parents=True, exist_ok=True)
-    lock_path = root / f".{spec.name}.lock"
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        fail(f"{shown} is being run by another searchkd process (lock {os.path.relpath(lock_path)})")
-    from .search import SPACE_FILE, SearchError, base_storage, connect, run_search
-
-    try:
-        try:
-            connect(spec, args.address, args.num_cpus, storage=base_storage(spec, root))
-        except SearchError as exc:
-            fail(f"{source}: {exc}")
-        teacher = _teacher(spec, root)
-        search_dir.mkdir(exist_ok=True)
-        if not resume:
-            tmp = search_dir / f".{SPACE_FILE}.tmp"
-            tmp.write_text(spec.to_yaml())
-            os.replace(tmp, search_dir / SPACE_FILE)
-        with RayLines.installed():
-            summary, status = run_search(
-                spec, search_dir, root, _lookups()["objectives"], teacher, resume=resume,
-                tracking_uri=args.tracking_uri, address=args.address, num_cpus=args.num_cpus,
-            )
-    except SearchError as exc:
-        fail(str(exc))
-    finally:
-        lock.release()
-    if summary is not None:
-        _print_summary(summary, spec, root, source)
-        _report(search_dir, after_search=True)
-    if status != "finished":
-        print(f"searchkd: search {spec.name} is not finished; continue with: searchkd tune {source} --resume")
-        return EXIT_INTERRUPTED if status == "interrupted" else 1
-    return 0
+    with RayLines.installed():
+        run = api.resume(args.directory, **run_options(args))
+    return exit_code(run)
 
 
 class RayLines(io.TextIOBase):
@@ -244,40 +111,9 @@ class RayLines(io.TextIOBase):
         self.out.flush()
 
 
-def local_ray_env() -> None:
-    """A private local Ray listens on 127.0.0.1 only and reports no usage statistics.
-
-    Ray binds its services to the machine's network address unless it believes it runs on a
-    single-node platform; the switch is read when `ray` is first imported, so this runs
-    before anything imports it.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def _status(search_dir: Path) -> str | None:
-    path = search_dir / "state.json"
-    return json.loads(path.read_text())["status"] if path.exists() else None
-
-
-def _teacher(spec: Spec, root: Path) -> Any:
-    """Train-once-and-cache (or measure) the teacher; data and checkpoint errors are one line."""
-    from .data import DatasetNotFound
-    from .engine import CheckpointMismatch
-    from .teacher import ensure_teacher
-
-    try:
-        return ensure_teacher(spec, root / "teachers")
-    except DatasetNotFound as exc:
-        fail(f"data.dataset: {exc}")
-    except CheckpointMismatch as exc:
-        fail(f"teacher.checkpoint: {exc}")
-
-
 def cmd_teacher(args: argparse.Namespace) -> int:
-    spec = load_space(args.space)
-    root = trials_root(args.trials_dir)
-    info = _teacher(spec, root)
+    info = api.teacher(args.space, args.trials_dir)
+    root = api.trials_root(args.trials_dir)
     how = "trained from the recipe" if info.trained else "from its checkpoint"
     print(f"teacher {info.arch} ({how}): test_acc {info.test_acc:.4f}, val_acc {info.val_acc:.4f}")
     print(f"  weights: {info.path}")
@@ -285,69 +121,8 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
-
-
-def _print_summary(s: Any, spec: Spec, root: Path, source: str) -> None:
-    rel = os.path.relpath(s.search_dir)
-    print()
-    print(f"search {spec.name}: {s.trials} trials ({s.finished} finished, {s.stopped} stopped early by ASHA, "
-          f"{s.failed} failed)")
-    print(f"teacher {spec.teacher.arch}: test_acc {s.teacher.test_acc:.4f}")
-    print(f"best trial {s.best_trial}: {spec.metrics[0]} {s.best_value:.4f} (its kept student), "
-          f"test_acc {s.test_acc:.4f}")
-    print("  config: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(s.best_config.items())))
-    print(f"search directory: {rel}  (results.parquet: one row per trial per epoch)")
-    ui = "searchkd ui" + ("" if root == trials_root(None) else f" --trials-dir {os.path.relpath(root)}")
-    print(f"compare trials:   {ui}   (MLflow UI, experiment {spec.name!r})")
-    print(f"resume:           searchkd tune {source} --resume   or   searchkd resume {rel}")
-
-
-def _search_dir(directory: str) -> Path:
-    from .report import SPACE_FILE  # not .search: a report imports neither Ray nor torch
-
-    search_dir = Path(directory).expanduser().resolve()
-    if not (search_dir / SPACE_FILE).is_file():
-        fail(f"{directory}: not a search directory (no {SPACE_FILE})")
-    return search_dir
-
-
-def _report(search_dir: Path, out: str | None = None, mlflow: bool = True, after_search: bool = False) -> bool:
-    """Write the search's report and log it to its parent MLflow run. A report that cannot be
-    written, or a tracking store that is away, is one warning line: the search stands. A search
-    that just ended without its tracking store is not made to wait for it a second time."""
-    from .report import summary_lines, write_report
-
-    try:
-        report = write_report(search_dir, out)
-    except Exception as exc:  # noqa: BLE001 - the report is a view: it never fails its search
-        print(f"searchkd: warning: the report of {os.path.relpath(search_dir)} was not written: "
-              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
-        return False
-    for line in summary_lines(report):
-        print(line)
-    pending = json.loads((search_dir / "state.json").read_text()).get("tracking_pending") \
-        if (search_dir / "state.json").exists() else False
-    if mlflow and report.analysis.mlflow and pending and after_search:
-        print(f"  not logged to MLflow: the tracking store was away when the search ended; "
-              f"the resume logs it (or `searchkd report {os.path.relpath(search_dir)}` once the store is back)")
-    elif mlflow and report.analysis.mlflow:
-        from .tracking import log_report, one_line
-
-        try:
-            run = log_report(search_dir, report.directory)
-            print(f"  logged to MLflow: artifacts report/ of the search's run {run}")
-        except Exception as exc:  # noqa: BLE001 - a tracking store that is away: one line
-            print(f"searchkd: warning: the report was not logged to MLflow "
-                  f"({report.analysis.mlflow['tracking_uri']}): {one_line(exc)}")
-    return True
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    return 0 if _report(_search_dir(args.directory), args.out, mlflow=not args.no_mlflow) else 1
+    return 0 if api.write_report(args.directory, args.out, mlflow=not args.no_mlflow) else 1
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -356,7 +131,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     from .report import ReportError, fmt
     from .storage import StorageError
 
-    search_dir = _search_dir(args.directory)
+    search_dir = api.search_dir_of(args.directory)
     try:
         done = export_best(search_dir, args.out, args.trial)
     except (ExportError, ReportError, StorageError) as exc:
@@ -377,7 +152,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .objectives import get_objective
 
-    spec = load_space(args.space)
+    spec = api.load_space(args.space)
     print(f"{args.space}: ok — search {spec.name!r}, objective {'/'.join(spec.objectives)}, "
           f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} searched params")
     for name in spec.objectives:
@@ -428,7 +203,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     from .tracking import default_store
 
-    root = trials_root(args.trials_dir)
+    root = api.trials_root(args.trials_dir)
     uri = args.tracking_uri or default_store(root)
     if not args.tracking_uri and not (root / "mlflow.db").exists():
         fail(f"no MLflow store at {root / 'mlflow.db'}: run a search first (searchkd tune SPACE)")
@@ -524,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SpecError as exc:
         fail(str(exc))
+    except api.SearchkdError as exc:
+        for line in exc.lines[:-1]:
+            print(f"searchkd: error: {line}", file=sys.stderr)
+        fail(exc.lines[-1])
     except OSError as exc:
         from .storage import disk_full
 

@@ -66,10 +66,21 @@ def input_shape(spec: Any) -> dict[str, int]:
     return {"num_classes": len(ds.classes), "in_channels": 3, "image_size": int(ds.image_size)}
 
 
-def export_best(search_dir: str | Path, out: str | Path | None = None, trial: int | None = None) -> Exported:
-    """Write the best trial's student (or trial `trial`'s) to `out` (default `<search>/best/`)."""
+@dataclass
+class Student:
+    """A trial's kept student, rebuilt: the module, its weights and what rebuilds it."""
+
+    analysis: Analysis
+    trial: TrialView
+    spec: Any  # the trial's resolved space
+    model_args: dict[str, Any]  # `build_model(**model_args)` rebuilds it
+    state: dict[str, Any]
+    model: Any
+
+
+def best_student(search_dir: str | Path, trial: int | None = None) -> Student:
+    """The best trial's kept student (or trial `trial`'s), loaded with weights_only=True."""
     import torch
-    import yaml
 
     from .models import build_model
     from .storage import STUDENT_FILE, trial_key
@@ -81,33 +92,44 @@ def export_best(search_dir: str | Path, out: str | Path | None = None, trial: in
     if chosen is None:
         raise ExportError(f"{search_dir}: no trial {trial} in results.parquet" if trial is not None
                           else f"{search_dir}: no trial has a {a.metric} yet")
-    storage = trial_storage(search_dir)
-    blob = storage.child(trial_key(chosen.number)).read_bytes(STUDENT_FILE)
+    files = trial_storage(search_dir).child(trial_key(chosen.number))
+    blob = files.read_bytes(STUDENT_FILE)
     if blob is None:
-        raise ExportError(f"trial {chosen.number}: no {STUDENT_FILE} in {storage.child(trial_key(chosen.number)).display}")
+        raise ExportError(f"trial {chosen.number}: no {STUDENT_FILE} in {files.display}")
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    base = a.spec.model_dump(mode="json", by_alias=True)
-    spec = trial_spec(base, chosen.config)
-    raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    raw["name"] = f"{a.spec.name}-trial-{chosen.number}"
-    raw["params"] = {}
-    raw["search"] = {**raw["search"], "num_samples": 1, "seed": a.spec.search.seed}
-    shape = input_shape(spec)
-    model_args: dict[str, Any] = {"arch": spec.student.arch, "width": spec.student.width, **shape}
+    spec = trial_spec(a.spec.model_dump(mode="json", by_alias=True), chosen.config)
+    model_args: dict[str, Any] = {"arch": spec.student.arch, "width": spec.student.width,
+                                  **input_shape(spec)}
     if spec.student.depth:
         model_args["depth"] = spec.student.depth
     model = build_model(**model_args)
     model.load_state_dict(state)  # strict: the kwargs rebuild exactly this student
+    return Student(a, chosen, spec, model_args, state, model.eval())
+
+
+def export_best(search_dir: str | Path, out: str | Path | None = None, trial: int | None = None) -> Exported:
+    """Write the best trial's student (or trial `trial`'s) to `out` (default `<search>/best/`)."""
+    import torch
+    import yaml
+
+    search_dir = Path(search_dir).resolve()
+    st = best_student(search_dir, trial)
+    a, chosen, spec, model_args = st.analysis, st.trial, st.spec, st.model_args
+    raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    raw["name"] = f"{a.spec.name}-trial-{chosen.number}"
+    raw["params"] = {}
+    raw["search"] = {**raw["search"], "num_samples": 1, "seed": a.spec.search.seed}
 
     out = Path(out) if out else search_dir / "best"
     out.mkdir(parents=True, exist_ok=True)
     files = [out / STUDENT_OUT, out / MODEL_OUT, out / CONFIG_OUT, out / CARD_OUT]
     tmp = out / f".{STUDENT_OUT}.tmp"
-    torch.save({"model": state}, tmp)
+    torch.save({"model": st.state}, tmp)
     os.replace(tmp, out / STUDENT_OUT)
     (out / MODEL_OUT).write_text(json.dumps(model_args, indent=1) + "\n")
-    header = (f"# searchkd: trial {chosen.number} of search {a.spec.name} ({a.metric} {fmt(chosen.scores[a.metric])}, "
-              f"test_acc {fmt(chosen.test_acc)}); seed {chosen.config.get('seed')}\n")
+    header = (f"# searchkd: trial {chosen.number} of search {a.spec.name} ({a.metric} "
+              f"{fmt(chosen.scores[a.metric])}, test_acc {fmt(chosen.test_acc)}); "
+              f"seed {chosen.config.get('seed')}\n")
     (out / CONFIG_OUT).write_text(header + yaml.safe_dump(raw, sort_keys=False))
     (out / CARD_OUT).write_text(model_card(a, chosen, spec, model_args))
     return Exported(out, chosen, model_args, files)

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from .spec import Spec
+from .spec import Spec, teacher_digest
 
 SPACE_FILE = "space.yaml"
 REPORT_DIR = "report"
@@ -215,24 +215,6 @@ def load_journal(search_dir: Path, name: str) -> Any:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:  # the study is not in it yet
         return None
-
-
-def teacher_digest(spec: Spec) -> str:
-    """The teacher's cache key, as `teacher.ensure_teacher` computes it (kept equal by a test);
-    computed here so that a report does not import torch."""
-    import hashlib
-
-    t = spec.teacher
-    key: dict[str, Any] = {"data": spec.data.model_dump(mode="json"), "arch": t.arch, "width": t.width}
-    if t.checkpoint:
-        h = hashlib.sha256()
-        with Path(t.checkpoint).expanduser().open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        key["file"] = h.hexdigest()[:16]
-    else:
-        key.update(recipe=t.train.model_dump(mode="json") if t.train else None, seed=spec.search.seed)
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def teacher_meta(spec: Spec, trials_dir: Path) -> dict[str, Any] | None:

@@ -39,6 +39,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
 from .compat import open_trial
+from .samplers import make_sampler, trial_seed
 from .scheduler import ResumableASHA
 from .spec import Spec
 from .storage import Storage, StorageError, disk_full
@@ -67,12 +68,6 @@ TRACKING_WAIT_S = float(os.environ.get("SEARCHKD_TRACKING_WAIT", "600"))
 
 class SearchError(RuntimeError):
     """A search that cannot start or resume for a reason the user can fix: one line."""
-
-
-def trial_seed(search_seed: int, trial_number: int) -> int:
-    """A per-trial seed derived from the search seed and the trial number (stable, recorded)."""
-    digest = hashlib.sha256(f"{search_seed}:{trial_number}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def _encode(choice: Any) -> Any:
@@ -124,24 +119,6 @@ class SearchSpace:
         config["trial_number"] = number
         config["seed"] = trial_seed(self.seed, number)
         return config
-
-
-def make_sampler(spec: Spec, number: int = 0) -> optuna.samplers.BaseSampler:
-    """The sampler that proposes trial `number`, seeded from the search seed and that number:
-    a trial's values depend only on the study as it stands, not on how many processes the
-    search took (a resumed search proposes what an uninterrupted one would)."""
-    seed = trial_seed(spec.search.seed, number)
-    if spec.search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if spec.search.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    # TPE: a quarter of the budget (2 to 10 trials) random first; multivariate+group handle the
-    # conditional (per-objective) parameters; constant_liar keeps concurrent trials apart.
-    startup = max(2, min(10, spec.search.num_samples // 4))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                      group=True, constant_liar=True)
 
 
 def journal_storage(search_dir: Path) -> optuna.storages.BaseStorage:

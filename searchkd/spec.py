@@ -9,6 +9,8 @@ of the rest of searchkd.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -92,7 +94,7 @@ class SearchSpec(_Strict):
     num_samples: int = Field(16, ge=1)
     metric: str | list[str] = "val_acc"
     mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
-    sampler: Literal["tpe", "random", "nsga2", "gp"] = "tpe"
+    sampler: str = "tpe"  # a name in the sampler registry (searchkd/samplers.py)
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(3.0, gt=1.0)
@@ -285,11 +287,12 @@ def validate(
     objectives: Mapping[str, Mapping[str, Any]] | None = None,
     models: list[str] | None = None,
     datasets: list[str] | None = None,
+    samplers: list[str] | None = None,
     dataset_options: Mapping[str, set[str]] | None = None,
     check_tunable: TunableCheck | None = None,
 ) -> Spec:
-    """Validate a parsed space. The lookups (known objectives with their tunables, model and
-    dataset names, a tunable checker) come from the layers that own them."""
+    """Validate a parsed space. The lookups (known objectives with their tunables, model,
+    dataset and sampler names, a tunable checker) come from the layers that own them."""
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -308,6 +311,8 @@ def validate(
                 fail(key, f"unknown arch {shown(arch)}; known: {', '.join(models)}")
     if datasets is not None and spec.data.dataset not in datasets:
         fail("data.dataset", f"unknown dataset {shown(spec.data.dataset)}; known: {', '.join(datasets)}")
+    if samplers is not None and spec.search.sampler not in samplers:
+        fail("search.sampler", f"unknown sampler {shown(spec.search.sampler)}; known: {', '.join(samplers)}")
     if dataset_options is not None and spec.data.dataset in dataset_options:
         valid = dataset_options[spec.data.dataset]
         for key in spec.data.options:
@@ -400,3 +405,25 @@ def load(path: str | Path, **lookups: Any) -> Spec:
     except OSError as exc:
         raise SpecError(f"{source}: cannot read: {exc.strerror}") from None
     return validate(parse(text, source), source, **lookups)
+
+
+def teacher_key(spec: Spec) -> dict[str, Any]:
+    """What a cached teacher depends on: the data, its arch and width, and either the recipe
+    that trains it (with the search seed) or the content of the checkpoint that holds it."""
+    t = spec.teacher
+    key: dict[str, Any] = {"data": spec.data.model_dump(mode="json"), "arch": t.arch, "width": t.width}
+    if t.checkpoint:
+        h = hashlib.sha256()
+        with Path(t.checkpoint).expanduser().open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        key["file"] = h.hexdigest()[:16]
+    else:
+        key.update(recipe=t.train.model_dump(mode="json") if t.train else None, seed=spec.search.seed)
+    return key
+
+
+def teacher_digest(spec: Spec) -> str:
+    """The teacher cache's directory name (`trials/teachers/<digest>/`): a report finds the
+    teacher's accuracy there without importing torch."""
+    return hashlib.sha256(json.dumps(teacher_key(spec), sort_keys=True).encode()).hexdigest()[:16]

@@ -9,7 +9,6 @@ Files are written to a temporary name and renamed, so a kill never leaves half a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,7 +21,7 @@ import torch
 from filelock import FileLock
 
 from .engine import Engine, load_weights
-from .spec import Spec
+from .spec import Spec, teacher_digest, teacher_key
 
 Log = Callable[[str], None]
 
@@ -37,18 +36,6 @@ class TeacherInfo:
     trained: bool  # False when it came from a user checkpoint
 
 
-def _digest(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def _teacher_spec(spec: Spec) -> Spec:
     """The spec that trains the teacher itself: CE on its arch with its own recipe."""
     raw = spec.model_dump(by_alias=True, exclude_none=True)
@@ -57,17 +44,6 @@ def _teacher_spec(spec: Spec) -> Spec:
     if spec.teacher.train is not None:
         raw["train"] = spec.teacher.train.model_dump()
     return Spec.model_validate(raw)
-
-
-def teacher_key(spec: Spec) -> dict:
-    t = spec.teacher
-    return {
-        "data": spec.data.model_dump(mode="json"),
-        "arch": t.arch,
-        "width": t.width,
-        "recipe": t.train.model_dump(mode="json") if t.train else None,
-        "seed": spec.search.seed,
-    }
 
 
 def _bytes(obj: object) -> bytes:
@@ -90,10 +66,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log = print) -> TeacherInfo:
     """Return the spec's teacher, training and caching it first if needed."""
     ckpt = Path(spec.teacher.checkpoint).expanduser().resolve() if spec.teacher.checkpoint else None
-    key = teacher_key(spec)
-    if ckpt is not None:
-        key = {"data": key["data"], "arch": key["arch"], "width": key["width"], "file": _file_digest(ckpt)}
-    digest = _digest(key)
+    digest = teacher_digest(spec)
     home = cache / digest
     meta_path = home / "meta.json"
     if meta_path.exists():
@@ -130,7 +103,7 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
         # A trained teacher is stored relative to its cache entry, so a moved trials/ still finds it.
         stored = path.name if ckpt is None else str(path)
         meta = {"path": stored, "test_acc": test, "val_acc": val, "arch": spec.teacher.arch,
-                "trained": ckpt is None, "key": key, "seconds": time.perf_counter() - start}
+                "trained": ckpt is None, "key": teacher_key(spec), "seconds": time.perf_counter() - start}
         _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
         (home / "partial.pt").unlink(missing_ok=True)
         log(f"teacher {spec.teacher.arch}: test_acc {test:.4f} (val {val:.4f})")

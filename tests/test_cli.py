@@ -160,7 +160,7 @@ def test_second_tune_of_a_running_search_is_refused(ray_session, capsys, tmp_pat
 def test_resume_with_a_different_space_names_the_difference(capsys, tmp_path: Path, space_file) -> None:
     import yaml
 
-    from searchkd.cli import load_space
+    from searchkd.api import load_space
 
     path = space_file()
     stored = tmp_path / "t" / "tiny"
@@ -174,7 +174,7 @@ def test_resume_with_a_different_space_names_the_difference(capsys, tmp_path: Pa
 
 
 def test_resume_of_a_finished_search_does_nothing(capsys, tmp_path: Path, space_file) -> None:
-    from searchkd.cli import load_space
+    from searchkd.api import load_space
 
     path = space_file()
     stored = tmp_path / "t" / "tiny"
@@ -237,7 +237,7 @@ def test_cluster_options_that_cannot_work_are_one_line(capsys, tmp_path: Path, s
 
 
 def test_storage_option_is_part_of_the_resolved_space(tmp_path: Path, space_file, monkeypatch) -> None:
-    from searchkd.cli import load_space
+    from searchkd.api import load_space
 
     monkeypatch.chdir(tmp_path)
     assert load_space(space_file(), "runs").search.storage == str(tmp_path / "runs")
@@ -293,7 +293,7 @@ def test_every_problem_known_before_ray_is_reported_at_once(capsys, tmp_path: Pa
 
 def test_a_batch_as_large_as_the_split_is_warned_about(capsys, tmp_path: Path, space_file) -> None:
     from searchkd import preflight
-    from searchkd.cli import load_space
+    from searchkd.api import load_space
     from searchkd.spec import Spec
 
     spec = load_space(space_file(train={"epochs": 1, "batch_size": 4096}, data={"dataset": "digits",

@@ -17,11 +17,11 @@ import yaml
 from conftest import tiny_space, write_space
 from mlflow.tracking import MlflowClient
 
-from searchkd.cli import load_space, main
+from searchkd.api import load_space
+from searchkd.cli import main
 from searchkd.objectives import get_objective
 from searchkd.search import RESULTS_FILE
-from searchkd.spec import Spec
-from searchkd.teacher import teacher_key
+from searchkd.spec import Spec, teacher_key
 from searchkd.trial import trial_spec
 
 SPACES = Path(__file__).resolve().parent.parent / "spaces"

@@ -11,7 +11,8 @@ import torch
 from conftest import write_space
 from test_data import write_cifar100, write_imagefolder
 
-from searchkd.cli import load_space, main
+from searchkd.api import load_space
+from searchkd.cli import main
 from searchkd.engine import Engine
 from searchkd.models import build_model
 from searchkd.search import RESULTS_FILE

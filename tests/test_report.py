@@ -418,9 +418,9 @@ def test_a_search_the_store_missed_at_its_end_is_not_made_to_wait_again(tmp_path
     (search / "state.json").write_text(json.dumps({**state, "status": "interrupted", "tracking_pending": True}))
     (search / "tracking.json").write_text(json.dumps({
         "tracking_uri": f"http://127.0.0.1:{free_port()}", "experiment_id": "3", "parent_run_id": "abc"}))
-    from searchkd.cli import _report
+    from searchkd.api import write_report
 
-    assert _report(search, after_search=True)  # what `searchkd tune` calls when the search ends
+    assert write_report(search, after_search=True)  # what `searchkd tune` calls when the search ends
     out = capsys.readouterr().out
     assert "not logged to MLflow: the tracking store was away" in out and "warning" not in out
 
@@ -446,19 +446,32 @@ def test_not_a_search_directory_is_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_the_teacher_digest_is_the_caches(tmp_path: Path) -> None:
-    from searchkd.spec import Spec
-    from searchkd.teacher import _digest, _file_digest, teacher_key
+    """The report finds the teacher's meta.json by the digest the cache itself was written under:
+    the recipe (and search seed) for a trained teacher, the file's content for a checkpoint."""
+    import shutil
+
+    from searchkd.spec import Spec, teacher_digest
+    from searchkd.teacher import ensure_teacher
 
     spec = Spec.model_validate(tiny_space())
-    assert rp.teacher_digest(spec) == _digest(teacher_key(spec))
-    ckpt = tmp_path / "t.pth"
-    ckpt.write_bytes(b"weights")
-    raw = tiny_space(teacher={"arch": "resnet8", "checkpoint": str(ckpt)})
-    raw["teacher"].pop("train")
-    spec = Spec.model_validate(raw)
-    key = teacher_key(spec)
-    assert rp.teacher_digest(spec) == _digest({"data": key["data"], "arch": key["arch"], "width": key["width"],
-                                               "file": _file_digest(ckpt)})
+    info = ensure_teacher(spec, tmp_path / "teachers", log=lambda _: None)
+    assert info.digest == teacher_digest(spec) and rp.teacher_meta(spec, tmp_path)["test_acc"] == info.test_acc
+    reseeded = Spec.model_validate(tiny_space(search={**tiny_space()["search"], "seed": 1}))
+    assert teacher_digest(reseeded) != info.digest  # another seed trains another teacher
+
+    def from_file(path: Path) -> Spec:
+        raw = tiny_space(teacher={"arch": "resnet8", "width": 0.5, "checkpoint": str(path)})
+        raw["teacher"].pop("train")
+        return Spec.model_validate(raw)
+
+    copy = tmp_path / "elsewhere" / "t.pt"
+    copy.parent.mkdir()
+    shutil.copy(info.path, copy)
+    assert teacher_digest(from_file(copy)) == teacher_digest(from_file(info.path))  # content, not path
+    measured = ensure_teacher(from_file(copy), tmp_path / "teachers", log=lambda _: None)
+    assert measured.digest == teacher_digest(from_file(copy)) and measured.test_acc == info.test_acc
+    copy.write_bytes(copy.read_bytes() + b"\0")
+    assert teacher_digest(from_file(copy)) != measured.digest
 
 
 # -- the best student -------------------------------------------------------------------------------
@@ -575,6 +588,17 @@ def test_a_search_ends_with_its_report_and_its_best_student_reproduces(ray_sessi
     engine.student.load_state_dict(state)
     assert engine.evaluate("test").top1 == pytest.approx(best["test_acc"], abs=1e-9)
     assert engine.evaluate("val").top1 == pytest.approx(best["scores"]["val_acc"], abs=1e-9)
+
+    # The library API reads the same search: its rows, its best student, a finished resume.
+    import searchkd
+
+    frame = searchkd.results(search)
+    assert len(frame) == len(load_rows(search)) and set(frame.trial_number) == {0, 1, 2}
+    loaded = searchkd.load_student(search)
+    assert not loaded.training
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    run = searchkd.resume(search, say=lambda _: None)
+    assert run.status == "finished" and run.summary is None  # nothing run again
 
 
 @pytest.mark.integration

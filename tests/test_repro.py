@@ -18,7 +18,8 @@ from conftest import write_space
 from test_data import write_cifar100
 from test_real_scale import public_teacher
 
-from searchkd.cli import load_space, main
+from searchkd.api import load_space
+from searchkd.cli import main
 from searchkd.engine import Engine
 from searchkd.objectives import get_objective
 from searchkd.trial import trial_spec

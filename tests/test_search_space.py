@@ -9,8 +9,9 @@ from conftest import tiny_space
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from searchkd.cli import _lookups
-from searchkd.search import SearchSpace, trial_seed, tunable_owners
+from searchkd.api import lookups
+from searchkd.samplers import trial_seed
+from searchkd.search import SearchSpace, tunable_owners
 from searchkd.spec import Spec
 from searchkd.trial import trial_spec
 
@@ -18,7 +19,7 @@ from searchkd.trial import trial_spec
 def space_of(raw: dict) -> SearchSpace:
     spec = Spec.model_validate(raw)
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
-    return SearchSpace(params, spec.objectives, tunable_owners(spec, _lookups()["objectives"]), seed=7)
+    return SearchSpace(params, spec.objectives, tunable_owners(spec, lookups()["objectives"]), seed=7)
 
 
 def sample(space: SearchSpace, n: int = 12) -> list[dict]:

@@ -9,11 +9,11 @@ import yaml
 from conftest import tiny_space, write_space
 
 from searchkd import spec as S
-from searchkd.cli import _lookups, load_space
+from searchkd.api import load_space, lookups
 
 
 def check(space: dict, tmp_path: Path):
-    return S.load(write_space(tmp_path / "s.yaml", space), **_lookups())
+    return S.load(write_space(tmp_path / "s.yaml", space), **lookups())
 
 
 def test_tiny_space_validates_and_resolves(tmp_path: Path) -> None:
@@ -151,7 +151,7 @@ def test_yaml_aliases_and_huge_files_are_refused_before_they_expand(tmp_path) ->
 
 
 def test_values_quoted_in_messages_are_cut_short(space_file) -> None:
-    from searchkd.cli import load_space
+    from searchkd.api import load_space
 
     path = space_file(student={"arch": "resnet" + "9" * 5000})
     with pytest.raises(S.SpecError) as err:
@@ -160,7 +160,7 @@ def test_values_quoted_in_messages_are_cut_short(space_file) -> None:
 
 
 def test_dataset_options_are_checked_when_the_space_is_validated(space_file) -> None:
-    from searchkd.cli import load_space
+    from searchkd.api import load_space
 
     path = space_file(data={"dataset": "imagefolder", "root": "/nowhere", "options": {"image_sise": 64}})
     with pytest.raises(S.SpecError, match=r"data\.options\.image_sise: not an option of dataset imagefolder; "

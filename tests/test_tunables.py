@@ -15,13 +15,13 @@ import torch
 from test_objectives import CTX, NUM_CLASSES, SIZE, cnn, features, hp_for
 
 from searchkd.objectives import (
+    OBJECTIVES,
     Objective,
     common_tunables,
     get_objective,
     objective_names,
     register_objective,
 )
-from searchkd.objectives.base import _OBJECTIVES
 
 ALL = objective_names()
 
@@ -127,12 +127,12 @@ def test_an_own_term_named_like_a_label_term_is_refused() -> None:
         def own_term_weights(cls) -> dict[str, str]:
             return {"twin": "weight", "ce": "inter_weight"}
 
-    registered = dict(_OBJECTIVES)
+    registered = dict(OBJECTIVES.entries)
     with pytest.raises(ValueError, match="would overwrite the kd label term"):
         register_objective(Shadow)
     with pytest.raises(ValueError, match="would overwrite the ce label term"):
         register_objective(Twin)
-    assert registered == _OBJECTIVES  # the registry is untouched
+    assert registered == OBJECTIVES.entries  # the registry is untouched
 
     ones = torch.ones(())
     with pytest.raises(ValueError, match="replace the ce label term"):

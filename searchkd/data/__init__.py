@@ -1,7 +1,8 @@
 """Data: datasets register themselves; `build_loaders` serves any of them on the device."""
 
-from . import cifar, digits, imagefolder, synthetic  # noqa: F401  (registers)
+from ..registry import load_package
 from .base import (
+    DATASETS,
     DEFAULT_ROOT,
     ArrayDataset,
     Batch,
@@ -25,7 +26,10 @@ from .base import (
 from .errors import DatasetNotFound
 from .imagefolder import StreamingLoader
 
+load_package(__name__, __path__)
+
 __all__ = [
+    "DATASETS",
     "DEFAULT_ROOT",
     "ArrayDataset",
     "Batch",

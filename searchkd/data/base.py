@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..registry import Registry
+
 # Where datasets are looked for (and downloaded to) when the config names no root: a user
 # cache, so every search on the machine shares one copy.
 DEFAULT_ROOT = "~/.cache/searchkd/data"
@@ -257,23 +259,10 @@ class StreamingDataset(Protocol):
 
 
 DatasetBuilder = Callable[..., "ArrayDataset | StreamingDataset"]
-_DATASETS: dict[str, DatasetBuilder] = {}
-
-
-def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
-    """Register `builder(root, download, **options) -> ArrayDataset | StreamingDataset`."""
-
-    def wrap(builder: DatasetBuilder) -> DatasetBuilder:
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} registered twice")
-        _DATASETS[name] = builder
-        return builder
-
-    return wrap
-
-
-def dataset_names() -> list[str]:
-    return sorted(_DATASETS)
+DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+# `builder(root, download, **options) -> ArrayDataset | StreamingDataset`, under its name.
+register_dataset = DATASETS.register
+dataset_names = DATASETS.names
 
 
 def dataset_options(name: str) -> set[str]:
@@ -281,16 +270,14 @@ def dataset_options(name: str) -> set[str]:
     download (checked when a space is validated, not when a trial first builds the data)."""
     import inspect
 
-    params = inspect.signature(_DATASETS[name]).parameters
+    params = inspect.signature(DATASETS.get(name)).parameters
     return {p for p in params if p not in ("root", "download")}
 
 
 def load_dataset(
     name: str, root: str | Path | None = None, download: bool = False, **options: object
 ) -> ArrayDataset | StreamingDataset:
-    if name not in _DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
-    return _DATASETS[name](root=root, download=download, **options)
+    return DATASETS.get(name)(root=root, download=download, **options)
 
 
 def build_loaders(

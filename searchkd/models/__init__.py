@@ -1,16 +1,10 @@
-"""Model zoo: every family registers itself on import and honours the `Features` contract."""
+"""Model zoo: every family registers itself when the package loads its modules, and honours
+the `Features` contract (the CIFAR ResNets, WRNs, VGGs, MobileNetV2, ShuffleNets, vit_tiny,
+mixer_tiny, and torchvision's ImageNet ResNets and MobileNetV3s)."""
 
-from . import (
-    imagenet,  # noqa: F401  (registers torchvision's ImageNet ResNets and MobileNetV3s)
-    mixer,  # noqa: F401  (registers mixer_tiny)
-    mobilenetv2,  # noqa: F401  (registers MobileNetV2 / mobile_half)
-    resnet,  # noqa: F401  (registers the CIFAR ResNets)
-    shufflenet,  # noqa: F401  (registers ShuffleV1, ShuffleV2)
-    vgg,  # noqa: F401  (registers the CIFAR VGGs)
-    vit,  # noqa: F401  (registers vit_tiny)
-    wrn,  # noqa: F401  (registers the wide ResNets)
-)
+from ..registry import load_package
 from .base import (
+    MODELS,
     Features,
     TappedModel,
     build_model,
@@ -22,7 +16,10 @@ from .base import (
     tokens_to_map,
 )
 
+load_package(__name__, __path__)
+
 __all__ = [
+    "MODELS",
     "Features",
     "TappedModel",
     "build_model",

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..registry import Registry
+
 
 @dataclass
 class Features:
@@ -59,24 +61,10 @@ def scaled(channels: int, width: float, minimum: int = 1) -> int:
 
 
 ModelBuilder = Callable[..., TappedModel]
-_MODELS: dict[str, ModelBuilder] = {}
-
-
-def register_model(*names: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Register a builder `(num_classes, width, in_channels, image_size, **kw) -> TappedModel`."""
-
-    def wrap(builder: ModelBuilder) -> ModelBuilder:
-        for name in names:
-            if name in _MODELS:
-                raise ValueError(f"model {name!r} registered twice")
-            _MODELS[name] = builder
-        return builder
-
-    return wrap
-
-
-def model_names() -> list[str]:
-    return sorted(_MODELS)
+MODELS: Registry[ModelBuilder] = Registry("arch")
+# A builder `(num_classes, width, in_channels, image_size, **kw) -> TappedModel`, under its names.
+register_model = MODELS.register
+model_names = MODELS.names
 
 
 def build_model(
@@ -87,11 +75,10 @@ def build_model(
     image_size: int = 32,
     **kwargs: object,
 ) -> TappedModel:
-    if arch not in _MODELS:
-        raise KeyError(f"unknown arch {arch!r}; known: {', '.join(model_names())}")
+    builder = MODELS.get(arch)
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
-    return _MODELS[arch](
+    return builder(
         num_classes=num_classes, width=width, in_channels=in_channels, image_size=image_size,
         **kwargs,
     )

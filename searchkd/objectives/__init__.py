@@ -1,8 +1,10 @@
-"""Distillation objectives: one file each, registered by decorator on import."""
+"""Distillation objectives: one file each, registered by decorator when the package loads
+every module in it (a new objective is a new file here and nothing else)."""
 
-from . import ce, cktf, crd, kd, lfcc, msd, stkd  # noqa: F401  (register)
+from ..registry import load_package
 from .base import (
     LABEL_TERMS,
+    OBJECTIVES,
     Objective,
     ObjectiveContext,
     Tunable,
@@ -15,8 +17,11 @@ from .base import (
     with_own_terms,
 )
 
+load_package(__name__, __path__)
+
 __all__ = [
     "LABEL_TERMS",
+    "OBJECTIVES",
     "Objective",
     "ObjectiveContext",
     "Tunable",

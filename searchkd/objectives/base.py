@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.base import Features, TappedModel
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def with_own_terms(label: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str
     return {**label, **own}
 
 
-_OBJECTIVES: dict[str, type[Objective]] = {}
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
@@ -231,18 +232,9 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     if missing:
         raise ValueError(f"objective {cls.name!r}: a term is weighed by {missing[0]!r}, "
                          f"which it does not declare")
-    if cls.name in _OBJECTIVES:
-        raise ValueError(f"objective {cls.name!r} registered twice")
-    _OBJECTIVES[cls.name] = cls
-    return cls
+    return OBJECTIVES.add(cls.name, cls)
 
 
-def objective_names() -> list[str]:
-    return sorted(_OBJECTIVES)
-
-
-def get_objective(name: str) -> type[Objective]:
-    if name not in _OBJECTIVES:
-        raise KeyError(f"unknown objective {name!r}; known: {', '.join(objective_names())}")
-    return _OBJECTIVES[name]
+objective_names = OBJECTIVES.names
+get_objective = OBJECTIVES.get
 
