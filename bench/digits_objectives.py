@@ -1,20 +1,22 @@
-"""Does each objective beat the student alone? Seven real searches on the bundled digits.
+"""Does each objective beat the student alone? One real search per objective on the bundled digits.
 
-    python bench/digits_objectives.py                      # all seven, about 5 minutes on 2 cores
+    python bench/digits_objectives.py                      # every registered objective, ~5 min on 2 cores
     python bench/digits_objectives.py --objectives ce,kd   # a subset (ce is always added)
 
-Each spaces/digits-<objective>.yaml is run through the real search path, a subprocess
-`searchkd tune SPACE --trials-dir DIR`, exactly as a user would run it: Ray Tune, Optuna,
-MLflow, results.parquet. The seven spaces are identical but for the objective (same
-teacher, student, recipe, defaults for every loss tunable, no searched params) and hold 3
-trials each whose seeds derive from the search seed and the trial number, so trial k starts
-from the same initialisation under every objective. The figure of a trial is the `test_acc`
+Each objective's space is spaces/digits-ce.yaml with its `objective` (and name) replaced, run
+through the real search path, `searchkd.tune` (the function behind `searchkd tune`): Ray Tune,
+Optuna, MLflow, results.parquet. The objectives come from the registry, so a new objective is
+benchmarked without an edit here. The spaces are identical but for the objective (same
+teacher, student, recipe, defaults for every loss tunable, no searched params; the shipped
+spaces/digits-<objective>.yaml are these, a test checks it) and hold 3 trials each whose
+seeds derive from the search seed and the trial number, so trial k starts from the same
+initialisation under every objective. The figure of a trial is the `test_acc`
 of its last epoch row: the test accuracy of its best-on-val student. The table gives the
 mean ± sample std over the 3 seeds, the paired mean difference to ce, and whether the
 objective beats ce (a higher mean).
 
 The teacher is the quickstart's (same data, recipe and search seed). It is trained at most
-once, by `searchkd teacher` into the cache of `--teacher-trials-dir` (default ./trials, the
+once, by `searchkd.teacher` into the cache of `--teacher-trials-dir` (default ./trials, the
 one `searchkd tune spaces/quickstart.yaml` fills), and the searches, which go to a temporary
 trials directory unless `--trials-dir`, reach that cache through a `teachers` symlink.
 """
@@ -29,17 +31,19 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import pyarrow.parquet as pq
+import yaml
+
+import searchkd
+from searchkd.objectives import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parent.parent
-OBJECTIVES = ("ce", "kd", "crd", "msd", "stkd", "lfcc", "cktf")
 BASELINE = "ce"
 EPS = 1e-9  # accuracies closer than this are the same count of test images
 
@@ -58,33 +62,19 @@ class Row:
     seconds: float = 0.0
 
 
-def searchkd_executable() -> list[str]:
-    """The `searchkd` beside this Python (a venv's bin/), else `python -m searchkd.cli`."""
-    exe = Path(sys.executable).with_name("searchkd")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "searchkd.cli"]
+def space_of(objective: str, base: Path) -> dict[str, Any]:
+    """The base digits space with only its objective (and name) replaced."""
+    raw = yaml.safe_load(base.read_text())
+    return {**raw, "name": f"digits-{objective}", "objective": objective}
 
 
-def searchkd(*args: str) -> float:
-    """Run `searchkd ARGS...`; returns its wall time, exits with its output's tail on failure."""
-    cmd = [*searchkd_executable(), *args]
-    # Ray 2.60 turns on token authentication; a private local Ray runs without it.
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise SystemExit(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
-    return seconds
-
-
-def share_teacher(space: Path, teacher_trials: Path, trials: Path) -> None:
+def share_teacher(space: dict[str, Any], teacher_trials: Path, trials: Path) -> None:
     """Train (once) or find the teacher in `teacher_trials`' cache; link it into `trials`.
 
     The teacher is trained in its real cache, not through the link: the cache records the
     absolute path of teacher.pt, which must outlive a temporary trials directory.
     """
-    searchkd("teacher", str(space), "--trials-dir", str(teacher_trials))
+    searchkd.teacher(space, teacher_trials)
     link = trials / "teachers"
     if not link.exists():
         link.symlink_to((teacher_trials / "teachers").resolve(), target_is_directory=True)
@@ -92,12 +82,9 @@ def share_teacher(space: Path, teacher_trials: Path, trials: Path) -> None:
 
 def read_test_acc(search_dir: Path) -> dict[int, float]:
     """trial number → test_acc of its last epoch row (the best-on-val student's test accuracy)."""
-    last: dict[int, tuple[int, float]] = {}
-    for r in pq.read_table(search_dir / "results.parquet").to_pylist():
-        n, epoch = int(r["trial_number"]), int(r["epoch"])
-        if n not in last or epoch > last[n][0]:
-            last[n] = (epoch, float(r["test_acc"]))
-    return {n: acc for n, (_, acc) in sorted(last.items())}
+    rows = searchkd.results(search_dir)  # ordered by trial, then epoch
+    last = rows.groupby("trial_number").tail(1)
+    return {int(n): float(acc) for n, acc in zip(last.trial_number, last.test_acc, strict=True)}
 
 
 def summarize(objective: str, accs: dict[int, float], seconds: float) -> Row:
@@ -168,14 +155,15 @@ def parse_objectives(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
-        raise SystemExit(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
+        raise SystemExit(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES.names())}")
     return [BASELINE, *[n for n in names if n != BASELINE]]  # ce first: it is the yardstick
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated (ce is always run)")
-    p.add_argument("--spaces", type=Path, default=ROOT / "spaces", help="folder of digits-<objective>.yaml")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES.names()), help="comma-separated (ce is always run)")
+    p.add_argument("--base", type=Path, default=ROOT / "spaces" / "digits-ce.yaml",
+                   help="the space every objective's is made from")
     p.add_argument("--trials-dir", type=Path, help="where the searches go (default: a temporary folder, removed)")
     p.add_argument("--teacher-trials-dir", type=Path, default=Path("trials"),
                    help="trials directory whose teachers/ cache holds the teacher (default ./trials)")
@@ -186,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray, as in the tests
     objectives = parse_objectives(args.objectives)
     env = environment()
     temporary = args.trials_dir is None
@@ -193,14 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     trials.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     try:
-        print("teacher: searchkd teacher spaces/digits-ce.yaml (trained once, then cached) ...", flush=True)
-        share_teacher(args.spaces / f"digits-{BASELINE}.yaml", args.teacher_trials_dir.expanduser(), trials)
+        print(f"teacher: searchkd teacher {args.base} (trained once, then cached) ...", flush=True)
+        share_teacher(space_of(BASELINE, args.base), args.teacher_trials_dir.expanduser(), trials)
         for objective in objectives:
             if (trials / f"digits-{objective}").exists():
                 raise SystemExit(f"{trials / f'digits-{objective}'} exists: use another --trials-dir")
-            print(f"searchkd tune spaces/digits-{objective}.yaml ...", end=" ", flush=True)
-            seconds = searchkd("tune", str(args.spaces / f"digits-{objective}.yaml"),
-                               "--trials-dir", str(trials), "--num-cpus", str(args.num_cpus))
+            print(f"searchkd.tune(digits-{objective}) ...", end=" ", flush=True)
+            start = time.perf_counter()
+            run = searchkd.tune(space_of(objective, args.base), trials_dir=trials,
+                                num_cpus=args.num_cpus, report=False, say=lambda _: None)
+            seconds = time.perf_counter() - start
+            if run.status != "finished":
+                raise SystemExit(f"digits-{objective}: the search ended {run.status}")
             row = summarize(objective, read_test_acc(trials / f"digits-{objective}"), seconds)
             print(f"{100 * row.mean:.2f} ± {100 * row.std:.2f} % ({seconds:.0f} s)", flush=True)
             rows.append(row)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .spec import Spec, SpecError
+from .storage import replace_atomically
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -153,7 +154,7 @@ def local_ray_env() -> None:
 
 
 def teacher(space: str | Path | Mapping[str, Any] | Spec, trials_dir: str | Path | None = None,
-            spec: Spec | None = None) -> TeacherInfo:
+            spec: Spec | None = None, say: Say = print) -> TeacherInfo:
     """Train once and cache (or measure) the space's teacher under `<trials_dir>/teachers`."""
     from .data import DatasetNotFound
     from .engine import CheckpointMismatch
@@ -161,7 +162,7 @@ def teacher(space: str | Path | Mapping[str, Any] | Spec, trials_dir: str | Path
 
     spec = spec or load_space(space)
     try:
-        return ensure_teacher(spec, trials_root(trials_dir) / "teachers")
+        return ensure_teacher(spec, trials_root(trials_dir) / "teachers", log=say)
     except DatasetNotFound as exc:
         raise SearchkdError(f"data.dataset: {exc}") from None
     except CheckpointMismatch as exc:
@@ -241,6 +242,7 @@ def _run(spec: Spec, root: Path, resume: bool, source: str | None, *, address: s
     except Timeout:
         raise SearchkdError(f"{shown} is being run by another searchkd process "
                             f"(lock {os.path.relpath(lock_path)})") from None
+    from .record import ResultsError
     from .search import SearchError, base_storage, connect, run_search
 
     try:
@@ -248,17 +250,15 @@ def _run(spec: Spec, root: Path, resume: bool, source: str | None, *, address: s
             connect(spec, address, num_cpus, storage=base_storage(spec, root))
         except SearchError as exc:
             raise SearchkdError(f"{source}: {exc}") from None
-        info = teacher(spec, root, spec=spec)
+        info = teacher(spec, root, spec=spec, say=say)
         search_dir.mkdir(exist_ok=True)
         if not resume:
-            tmp = search_dir / f".{SPACE_FILE}.tmp"
-            tmp.write_text(spec.to_yaml())
-            os.replace(tmp, space_file)
+            replace_atomically(space_file, lambda p: p.write_text(spec.to_yaml()))
         summary, status = run_search(
             spec, search_dir, root, lookups()["objectives"], info, resume=resume,
-            tracking_uri=tracking_uri, address=address, num_cpus=num_cpus,
+            tracking_uri=tracking_uri, address=address, num_cpus=num_cpus, log=say,
         )
-    except SearchError as exc:
+    except (SearchError, ResultsError) as exc:
         raise SearchkdError(str(exc)) from None
     finally:
         lock.release()
@@ -332,10 +332,13 @@ def results(directory: str | Path) -> pd.DataFrame:
     same rows as results.parquet, read from the append-only record if the table lags behind."""
     import pandas as pd
 
-    from .search import RESULTS_FILE, ResultsTable
+    from .record import RESULTS_FILE, ResultsError, ResultsTable
 
     search_dir = search_dir_of(directory)
-    rows = ResultsTable(search_dir / RESULTS_FILE).in_order()
+    try:
+        rows = ResultsTable(search_dir / RESULTS_FILE).in_order()
+    except ResultsError as exc:
+        raise SearchkdError(str(exc)) from None
     frame = pd.DataFrame(rows)
     if not frame.empty:
         frame = frame.sort_values(["trial_number", "epoch"], kind="stable").reset_index(drop=True)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .report import Analysis, TrialView, analyze, fmt, short
+from .storage import replace_atomically
 
 STUDENT_OUT = "student.pt"
 MODEL_OUT = "model.json"
@@ -123,9 +123,7 @@ def export_best(search_dir: str | Path, out: str | Path | None = None, trial: in
     out = Path(out) if out else search_dir / "best"
     out.mkdir(parents=True, exist_ok=True)
     files = [out / STUDENT_OUT, out / MODEL_OUT, out / CONFIG_OUT, out / CARD_OUT]
-    tmp = out / f".{STUDENT_OUT}.tmp"
-    torch.save({"model": st.state}, tmp)
-    os.replace(tmp, out / STUDENT_OUT)
+    replace_atomically(out / STUDENT_OUT, lambda p: torch.save({"model": st.state}, p))
     (out / MODEL_OUT).write_text(json.dumps(model_args, indent=1) + "\n")
     header = (f"# searchkd: trial {chosen.number} of search {a.spec.name} ({a.metric} "
               f"{fmt(chosen.scores[a.metric])}, test_acc {fmt(chosen.test_acc)}); "

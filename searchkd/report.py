@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from .metrics import better, finite, pick_best, stopped_early, trial_score
 from .spec import Spec, teacher_digest
 
 SPACE_FILE = "space.yaml"
@@ -52,57 +53,6 @@ STATUS_TEXT = {"finished": "finished", "stopped": "stopped by ASHA", "failed": "
 
 
 # -- the one definition of a trial's score and of the best trial ------------------------------
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def trial_score(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> float:
-    """A trial's value on `metric`: the value of the student the trial keeps.
-
-    `rows` are the trial's Parquet rows (any order). For `val_acc` it is `best_val_acc` of the
-    last epoch's row: the trial keeps its best-on-val student, and that row's `test_acc` is that
-    student's test accuracy. For any other metric it is the best finite value over the rows in
-    `mode`. NaN when there is none.
-    """
-    if not rows:
-        return math.nan
-    last = max(rows, key=lambda r: r["epoch"])
-    if _finite(last.get(f"score_{metric}")):  # the search records it: the one score every view uses
-        return float(last[f"score_{metric}"])
-    if metric == "val_acc":
-        last = max(rows, key=lambda r: r["epoch"])
-        value = last.get("best_val_acc")
-        if _finite(value):
-            return float(value)
-        # Rows written before best_val_acc existed: the best val_acc seen.
-        metric, mode = "val_acc", "max"
-    values = [float(r[metric]) for r in rows if _finite(r.get(metric))]
-    if not values:
-        return math.nan
-    return max(values) if mode == "max" else min(values)
-
-
-def better(a: float, b: float, mode: str) -> bool:
-    """Whether score `a` beats `b` in `mode` (NaN never beats anything)."""
-    if not math.isfinite(a):
-        return False
-    if not math.isfinite(b):
-        return True
-    return a > b if mode == "max" else a < b
-
-
-def pick_best(scores: Mapping[int, float], mode: str, failed: set[int] | frozenset[int] = frozenset()) -> int | None:
-    """The best trial number: the best finite score in `mode` among trials that did not fail;
-    ties go to the lowest trial number (never to test accuracy, which chooses nothing)."""
-    best: int | None = None
-    for number in sorted(scores):
-        if number in failed:
-            continue
-        if better(scores[number], scores[best] if best is not None else math.nan, mode):
-            best = number
-    return best
-
-
 def dominates(a: Sequence[float], b: Sequence[float], modes: Sequence[str]) -> bool:
     """`a` is no worse than `b` on every objective and better on one."""
     no_worse = all((x >= y) if m == "max" else (x <= y) for x, y, m in zip(a, b, modes, strict=True))
@@ -248,7 +198,7 @@ def _status(last_epoch: int, epochs: int, optuna_state: str | None, search_state
     """How a trial stands; the study is the record of how trials ended."""
     if optuna_state == "FAIL":
         return "failed"
-    if last_epoch >= epochs:
+    if not stopped_early(last_epoch, epochs):
         return "finished"
     if optuna_state == "COMPLETE":
         return "stopped"
@@ -294,12 +244,12 @@ def analyze(search_dir: str | Path) -> Analysis:
         trials.append(TrialView(
             number=n, trial_id=str(last.get("trial_id", "")), status=status, epochs=int(last["epoch"]),
             scores={m: trial_score(mine, m, md) for m, md in zip(spec.metrics, spec.modes, strict=True)},
-            test_acc=float(last["test_acc"]) if _finite(last.get("test_acc")) else math.nan,
+            test_acc=float(last["test_acc"]) if finite(last.get("test_acc")) else math.nan,
             student_params=float(last.get("student_params") or math.nan),
             student_macs=float(last.get("student_macs") or math.nan),
             objective=str(last.get("objective") or config.get("objective") or spec.objectives[0]),
             config=config, run_id=runs_map.get(n), end_x=end_x[n],
-            curve=[(int(r["epoch"]), float(r[metric]) if _finite(r.get(metric)) else math.nan) for r in mine],
+            curve=[(int(r["epoch"]), float(r[metric]) if finite(r.get(metric)) else math.nan) for r in mine],
             error=errors.get(n),
         ))
     by_number = {t.number: t for t in trials}
@@ -330,7 +280,7 @@ def analyze(search_dir: str | Path) -> Analysis:
     if isinstance(tracking, dict) and {"tracking_uri", "experiment_id", "parent_run_id"} <= set(tracking):
         mlflow = {**{k: str(tracking[k]) for k in ("tracking_uri", "experiment_id", "parent_run_id")},
                   "link": mlflow_link(tracking)}
-    timestamps = [float(r["timestamp"]) for r in rows if _finite(r.get("timestamp"))]
+    timestamps = [float(r["timestamp"]) for r in rows if finite(r.get("timestamp"))]
     wall = None
     if timestamps:
         first = min(starts) if starts else min(timestamps)
@@ -344,7 +294,7 @@ def analyze(search_dir: str | Path) -> Analysis:
         best=by_number.get(best_number) if best_number is not None else None,
         history_x=history_x, history_best=history_best, rungs=asha_rungs(spec), trial_epochs=len(rows),
         budget_epochs=spec.search.num_samples * spec.train.epochs, wall_seconds=wall,
-        compute_seconds=sum(float(r["epoch_seconds"]) for r in rows if _finite(r.get("epoch_seconds"))),
+        compute_seconds=sum(float(r["epoch_seconds"]) for r in rows if finite(r.get("epoch_seconds"))),
         teacher=teacher_meta(spec, search_dir.parent), pareto=pareto, top=ranked[:TOP_N], mlflow=mlflow,
         journal=journal if journal.exists() else None, notes=notes, study=study,
     )

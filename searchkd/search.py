@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray import tune
 from ray.tune import Callback
@@ -39,10 +37,12 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
 from .compat import open_trial
+from .metrics import pick_best, stopped_early, trial_score
+from .record import RESULTS_FILE, RESULTS_LOG, ResultsTable, cut_tail
 from .samplers import make_sampler, trial_seed
 from .scheduler import ResumableASHA
 from .spec import Spec
-from .storage import Storage, StorageError, disk_full
+from .storage import Storage, StorageError, disk_full, replace_atomically
 from .teacher import TeacherInfo
 from .trial import train_trial
 
@@ -54,8 +54,6 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 SPACE_FILE = "space.yaml"
-RESULTS_FILE = "results.parquet"
-RESULTS_LOG = "results.jsonl"
 JOURNAL_FILE = "optuna.journal"
 STATE_FILE = "state.json"
 STORAGE_FILE = "storage.json"
@@ -136,19 +134,6 @@ def repair_journal(search_dir: Path) -> int:
     partial one loses nothing.
     """
     return cut_tail(search_dir / JOURNAL_FILE)
-
-
-def cut_tail(path: Path) -> int:
-    """Drop a partial last line from an append-only log of lines; returns the bytes cut."""
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return 0
-    keep = data.rfind(b"\n") + 1
-    with path.open("r+b") as f:
-        f.truncate(keep)
-    return len(data) - keep
 
 
 def load_study(search_dir: Path, name: str) -> optuna.Study:
@@ -242,7 +227,7 @@ class StudySearcher(Searcher):
         try:
             trial = open_trial(self.study, number)
             trial.set_user_attr("epochs", epochs)
-            trial.set_user_attr("stopped_early", epochs < self.spec.train.epochs)
+            trial.set_user_attr("stopped_early", stopped_early(epochs, self.spec.train.epochs))
             self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
         except OSError as exc:  # the trial stays open: a resume runs it to its end again
             if not disk_full(exc):
@@ -256,123 +241,6 @@ def settle(study: optuna.Study, failed: dict[int, str]) -> None:
         if not study.trials[number].state.is_finished():
             open_trial(study, number).set_user_attr("searchkd", f"failed: {reason}")
             study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-
-
-# -- what the driver records as trials run ---------------------------------------------------
-class ResultsTable:
-    """The rows trials report: one per trial per epoch, keyed by (trial number, epoch).
-
-    Each new row is appended to `results.jsonl` as it arrives, one JSON line, the way Optuna
-    appends to its journal: a kill loses at most the line being written (cut off on the next
-    read), and the cost of a row does not grow with the search. `results.parquet` is the table
-    built from it (what users and reports read), rewritten at most every PARQUET_EVERY_S and
-    when the search ends, so a Parquet file cut short or deleted is rebuilt, not lost.
-
-    A trial that runs again re-reports the epoch it resumes from; the row first recorded
-    stands, so the rows keep the order in which the search saw them (the order ASHA's rungs
-    are rebuilt in).
-    """
-
-    PARQUET_EVERY_S = 2.0
-
-    def __init__(self, path: Path, log: Log | None = None) -> None:
-        self.path = Path(path)
-        self.log_path = self.path.with_name(RESULTS_LOG)
-        self.say = log
-        self._rows: dict[tuple[int, int], dict[str, Any]] | None = None
-        self._written = 0.0
-        self._dirty = False
-
-    @property
-    def rows(self) -> dict[tuple[int, int], dict[str, Any]]:
-        if self._rows is None:
-            self._rows = self._load()
-        return self._rows
-
-    def _load(self) -> dict[tuple[int, int], dict[str, Any]]:
-        rows: dict[tuple[int, int], dict[str, Any]] = {}
-        if self.log_path.exists():
-            cut_tail(self.log_path)
-            with self.log_path.open() as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                    except ValueError:
-                        continue  # not a whole record: nothing was acted on from it
-                    rows.setdefault((int(r["trial_number"]), int(r["epoch"])), r)
-            if self.path.exists() and not _readable(self.path) and self.say:
-                self.say(f"searchkd: {self.path.name} could not be read (cut short?); it is rebuilt "
-                         f"from {self.log_path.name}")
-                self._dirty = True
-        elif self.path.exists():  # a search recorded before results.jsonl existed
-            try:
-                table = pq.read_table(self.path).to_pylist()
-            except (OSError, ValueError) as exc:
-                raise SearchError(
-                    f"{self.path} is damaged ({tracking.one_line(exc)}) and there is no {self.log_path.name} "
-                    f"to rebuild it from; move it aside to go on (the study and MLflow keep every "
-                    f"trial's result)") from None
-            for r in table:
-                rows[(int(r["trial_number"]), int(r["epoch"]))] = r
-            with self.log_path.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows.values())
-        return rows
-
-    def on_trial_result(self, trial: Any, result: dict) -> None:
-        key = (int(trial.config.get("trial_number", -1)), int(result["epoch"]))
-        if key in self.rows:
-            return
-        row = {k: v for k, v in result.items() if _scalar(v) and (tracking.is_logged(k) or k in _TEXT_KEYS)}
-        row["trial_id"] = trial.trial_id
-        row["trial_number"] = key[0]
-        row["objective"] = str(trial.config.get("objective", ""))
-        row["config"] = json.dumps({k: v for k, v in trial.config.items() if k != "trial_number"}, sort_keys=True)
-        row["timestamp"] = float(result.get("timestamp", time.time()))
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.rows[key] = row
-        self._dirty = True
-        if time.time() - self._written >= self.PARQUET_EVERY_S:
-            self.write()
-
-    def by_trial(self) -> dict[int, list[dict[str, Any]]]:
-        out: dict[int, list[dict[str, Any]]] = {}
-        for r in sorted(self.rows.values(), key=lambda r: r["epoch"]):
-            out.setdefault(int(r["trial_number"]), []).append(r)
-        return out
-
-    def in_order(self) -> list[dict[str, Any]]:
-        """Every row, in the order the search recorded them."""
-        return sorted(self.rows.values(), key=lambda r: (r["timestamp"], r["trial_number"], r["epoch"]))
-
-    def flush(self) -> None:
-        """Write results.parquet if rows arrived since it was last written."""
-        if self._dirty or (self.rows and not self.path.exists()):
-            self.write()
-
-    def write(self) -> None:
-        rows = sorted(self.rows.values(), key=lambda r: (r["trial_number"], r["epoch"]))
-        keys = sorted({k for r in rows for k in r})
-        table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.path)
-        self._written, self._dirty = time.time(), False
-
-
-def _readable(path: Path) -> bool:
-    try:
-        pq.read_metadata(path)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def _scalar(v: Any) -> bool:
-    return isinstance(v, int | float | str) and not isinstance(v, bool)
-
-
-_TEXT_KEYS = {"node_id", "node_ip"}
 
 
 class Progress:
@@ -522,7 +390,7 @@ class SearchCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         s = self.session
         try:
-            s.results.on_trial_result(trial, result)
+            s.results.add(_number(trial), trial.trial_id, trial.config, result)
         except OSError as exc:
             if not disk_full(exc):
                 raise
@@ -565,21 +433,20 @@ class Summary:
     teacher: TeacherInfo
 
 
-def trial_scores(by_trial: dict[int, list[dict[str, Any]]]) -> dict[int, float]:
-    """Each trial's score: its `score` as of its last recorded epoch (the search metric of the
-    student it keeps)."""
-    return {n: float(rows[-1]["score"]) for n, rows in by_trial.items()
-            if rows and isinstance(rows[-1].get("score"), int | float) and math.isfinite(rows[-1]["score"])}
+def trial_scores(by_trial: dict[int, list[dict[str, Any]]], spec: Spec) -> dict[int, float]:
+    """Each trial's score on the search's metric as of its last recorded epoch (the student it
+    keeps), for the trials that have one."""
+    scores = {n: trial_score(rows, spec.metrics[0], spec.modes[0]) for n, rows in by_trial.items()}
+    return {n: v for n, v in scores.items() if math.isfinite(v)}
 
 
 def summarize(search_dir: Path, spec: Spec, teacher: TeacherInfo, counts: dict[str, int]) -> Summary | None:
     """The trial with the best score, or None before any trial has one."""
     by_trial = ResultsTable(search_dir / RESULTS_FILE).by_trial()
-    scores = trial_scores(by_trial)
-    if not scores:
+    best = pick_best(trial_scores(by_trial, spec), spec.modes[0])  # ties: the earlier trial
+    if best is None:
         return None
-    sign = -1.0 if spec.modes[0] == "max" else 1.0
-    best = min(scores, key=lambda n: (sign * scores[n], n))  # ties: the earlier trial
+    scores = trial_scores(by_trial, spec)
     last = by_trial[best][-1]
     return Summary(
         search_dir=search_dir, best_trial=best, best_config=json.loads(last["config"]),
@@ -706,9 +573,7 @@ def trial_storage(search_dir: Path, spec: Spec) -> Storage:
     else:
         root = Storage(spec.search.storage).child(f"{spec.name}-{uuid.uuid4().hex[:8]}")
         uri = root.uri
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"uri": uri}))
-    os.replace(tmp, path)
+    replace_atomically(path, lambda p: p.write_text(json.dumps({"uri": uri})))
     return root
 
 
@@ -833,7 +698,7 @@ def run_search(
     writer = tracking.MlflowWriter(runs, search_dir, storage, metric, mode, base_tags, spec.train.epochs, log=log)
     done_before = sum(t.state.is_finished() for t in study.trials)
     progress = Progress(metric, mode, spec.search.num_samples, spec.train.epochs, done_before, log=log)
-    for number, score in trial_scores(results.by_trial()).items():
+    for number, score in trial_scores(results.by_trial(), spec).items():
         progress.improve(number, score)
     session = Session(results, tracking.MlflowRecorder(writer), progress)
     key = str(search_dir)
@@ -934,12 +799,9 @@ def _write_state(search_dir: Path, status: str, counts: dict[str, int] | None = 
     path = search_dir / STATE_FILE
     text = json.dumps({"status": status, "trials": counts or {}, "time": time.time(), **extra})
     text = text.ljust(STATE_BYTES) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        replace_atomically(path, lambda p: p.write_text(text))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if not disk_full(exc) or not path.exists():
             raise
         with path.open("r+") as f:

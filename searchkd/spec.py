@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .metrics import REPORTED_METRICS, TEST_METRICS, VAL_METRICS
+
 
 class SpecError(ValueError):
     """A user mistake in a space file: `str(err)` is the one line to show."""
@@ -385,13 +387,6 @@ def _check(fail: Callable, check: TunableCheck, objective: str, where: str, key:
         fail(where, str(exc).strip("'\""))
 
 
-REPORTED_METRICS = (
-    "val_acc", "val_top5", "best_val_acc", "test_acc", "test_acc_last", "train_loss",
-    "student_params", "objective_params", "student_macs", "images_per_second", "epoch_seconds",
-)
-# Measured on the validation split (NaN without one) and on the test split (never chosen on).
-VAL_METRICS = ("val_acc", "val_top5", "best_val_acc")
-TEST_METRICS = ("test_acc", "test_acc_last")
 
 
 def load(path: str | Path, **lookups: Any) -> Spec:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -34,6 +36,18 @@ def trial_key(number: int) -> str:
 
 # Query options that carry secrets: never shown in messages.
 _SECRET_OPTIONS = {"access_key", "secret_key", "session_token"}
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a local file through a temporary name beside it and one rename: a reader, or a
+    kill, sees the old file or the new one, never half of one; a write that fails (a full
+    disk) leaves nothing behind. Every file searchkd writes whole goes through here."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # per writer
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def disk_full(exc: BaseException) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from filelock import FileLock
 
 from .engine import Engine, load_weights
 from .spec import Spec, teacher_digest, teacher_key
+from .storage import replace_atomically
 
 Log = Callable[[str], None]
 
@@ -54,15 +54,6 @@ def _bytes(obj: object) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a write that failed (a full disk) leaves nothing behind
-
-
 def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log = print) -> TeacherInfo:
     """Return the spec's teacher, training and caching it first if needed."""
     ckpt = Path(spec.teacher.checkpoint).expanduser().resolve() if spec.teacher.checkpoint else None
@@ -92,11 +83,11 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
                 log(f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})")
             while not engine.finished:
                 row = engine.run_epoch()
-                _write_atomic(partial, lambda p: p.write_bytes(engine.to_bytes()))
+                replace_atomically(partial, lambda p: p.write_bytes(engine.to_bytes()))
                 log(f"  teacher epoch {engine.epoch}/{tspec.train.epochs}: train_loss {row['train_loss']:.4f}, "
                     f"val_acc {row['val_acc']:.4f}")
             engine.student.load_state_dict(engine.best_student)
-            _write_atomic(path, lambda p: p.write_bytes(_bytes({"model": engine.student.state_dict()})))
+            replace_atomically(path, lambda p: p.write_bytes(_bytes({"model": engine.student.state_dict()})))
         else:
             path = ckpt
         val, test = engine.evaluate("val").top1, engine.evaluate("test").top1
@@ -104,7 +95,7 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
         stored = path.name if ckpt is None else str(path)
         meta = {"path": stored, "test_acc": test, "val_acc": val, "arch": spec.teacher.arch,
                 "trained": ckpt is None, "key": teacher_key(spec), "seconds": time.perf_counter() - start}
-        _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        replace_atomically(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
         (home / "partial.pt").unlink(missing_ok=True)
         log(f"teacher {spec.teacher.arch}: test_acc {test:.4f} (val {val:.4f})")
         return TeacherInfo(path, digest, test, val, spec.teacher.arch, ckpt is None)

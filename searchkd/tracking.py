@@ -38,9 +38,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .metrics import logged, stopped_early
 from .mlflow_ui import ui_tags
-from .spec import REPORTED_METRICS
-from .storage import STUDENT_FILE, Storage, trial_key
+from .storage import STUDENT_FILE, Storage, replace_atomically, trial_key
 
 RUNS_FILE = "mlflow_runs.json"
 TRACKING_FILE = "tracking.json"
@@ -89,13 +89,6 @@ def check_reachable(tracking_uri: str) -> None:
     MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
-def _atomic_json(path: Path, payload: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
 @dataclass
 class SearchRuns:
     tracking_uri: str
@@ -127,7 +120,7 @@ def open_search(
     client.log_batch(run.info.run_id, params=[Param(k, _param_str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(space_file))
     runs = SearchRuns(tracking_uri, experiment_id, run.info.run_id)
-    _atomic_json(state_path, runs.__dict__)
+    replace_atomically(state_path, lambda p: p.write_text(json.dumps(runs.__dict__, indent=1)))
     return runs
 
 
@@ -194,16 +187,6 @@ class TrialRecord:
     outcome: str | None = None  # None while it runs; finished | stopped | failed | unfinished
     error: str | None = None
     node_id: str = ""
-
-
-def is_logged(key: str) -> bool:
-    """A number a trial reports that the search keeps: a metric, a loss term or a score."""
-    return key in LOGGED or key.startswith(("loss_", "score"))
-
-
-def logged_metrics(result: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in result.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and is_logged(k)}
 
 
 class MlflowWriter:
@@ -340,7 +323,7 @@ class MlflowWriter:
             rid = self.client.create_run(self.runs.experiment_id, run_name=f"trial-{rec.number:03d}",
                                          tags=tags).info.run_id
         self._map[key] = rid
-        _atomic_json(self.search_dir / RUNS_FILE, self._map)
+        replace_atomically(self.search_dir / RUNS_FILE, lambda p: p.write_text(json.dumps(self._map, indent=1)))
         return rid
 
     def _logged(self, rid: str) -> set[int]:
@@ -445,7 +428,7 @@ class MlflowRecorder:
         self._set(trial, None)
 
     def on_trial_result(self, trial: Any, result: dict) -> None:
-        row = logged_metrics(result)
+        row = logged(result)
         if "epoch" not in row:
             return
         row["timestamp"] = float(result.get("timestamp", time.time()))
@@ -458,7 +441,7 @@ class MlflowRecorder:
 
     def on_trial_complete(self, trial: Any) -> None:
         epoch = int((trial.last_result or {}).get("epoch", 0))
-        self._set(trial, "finished" if epoch >= self.writer.epochs else "stopped")
+        self._set(trial, "stopped" if stopped_early(epoch, self.writer.epochs) else "finished")
 
     def on_trial_error(self, trial: Any) -> None:
         self._set(trial, "failed", error_reason(trial))
@@ -480,9 +463,9 @@ class MlflowRecorder:
             def change(r: TrialRecord, status: str | None = status, number: int = number,
                        mine: list = mine) -> None:
                 for row in mine:
-                    logged = logged_metrics(row)
-                    logged["timestamp"] = float(row.get("timestamp", 0.0))
-                    r.rows.setdefault(int(row["epoch"]), logged)
+                    kept = logged(row)
+                    kept["timestamp"] = float(row.get("timestamp", 0.0))
+                    r.rows.setdefault(int(row["epoch"]), kept)
                 if status is not None:
                     r.outcome, r.error = status, outcomes.errors.get(number)
 
@@ -512,6 +495,3 @@ def last_line(text: str) -> str:
     return re.sub(r"^searchkd(\.\w+)+: ", "", lines[-1].strip())
 
 
-# The numbers a trial reports each epoch (the metrics a search may target, and the bookkeeping
-# beside them); `loss_*` terms are logged too.
-LOGGED = {*REPORTED_METRICS, "epoch", "lr", "start_epoch"}

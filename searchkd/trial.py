@@ -23,6 +23,7 @@ from ray import tune
 
 from .data import DatasetNotFound
 from .engine import Engine
+from .metrics import scores
 from .objectives import get_objective
 from .spec import Spec
 from .storage import STATE_FILE, STUDENT_FILE, Storage, disk_full, trial_key
@@ -103,12 +104,6 @@ def train_trial(
                 raise TrialSetupError(f"node {node_label()}: no space left on device for {files.display}") from None
             raise
         tune.report({**report, **node})
-
-
-def scores(kept_row: dict[str, float], metrics: list[str]) -> dict[str, float]:
-    """The trial's score: the search metric of the student it keeps (best on val, or the last
-    without a val split), as of this epoch; `score_<metric>` for each metric of the search."""
-    return {"score": kept_row[metrics[0]], **{f"score_{m}": kept_row[m] for m in metrics}}
 
 
 def resume(engine: Engine, files: Storage) -> bool:

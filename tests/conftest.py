@@ -191,7 +191,7 @@ def rows(trials: Path, name: str) -> list[dict]:
     Parquet table is rebuilt from it every few seconds)."""
     import json
 
-    from searchkd.search import RESULTS_LOG
+    from searchkd.record import RESULTS_LOG
 
     path = trials / name / RESULTS_LOG
     out: list[dict] = []

@@ -16,7 +16,8 @@ from conftest import tiny_space, wait_until, write_space
 from mlflow.tracking import MlflowClient
 
 from searchkd.cli import main
-from searchkd.search import JOURNAL_FILE, RESULTS_FILE, load_study
+from searchkd.record import RESULTS_FILE
+from searchkd.search import JOURNAL_FILE, load_study
 
 pytestmark = pytest.mark.integration
 

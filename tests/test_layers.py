@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "searchkd"
 
 # Lower ranks never import higher ones. Packages (data, models, objectives) count as one module.
 LAYERS = {
-    "__version__": -1, "spec": 0, "storage": 0, "registry": 0, "metrics": 0, "mlflow_ui": 0,
+    "__version__": -1, "registry": -1, "metrics": -1, "spec": 0, "storage": 0, "mlflow_ui": 0,
+    "record": 1,
     "compat": 0, "data": 1, "models": 1, "objectives": 2, "engine": 3,
     "teacher": 4, "trial": 4, "tracking": 4, "scheduler": 4, "samplers": 4,
     "preflight": 5, "search": 5, "report": 5,
@@ -24,7 +25,7 @@ LAYERS = {
     "__init__": 9,  # the package's facade: `searchkd.tune` etc., imported from api on first use
 }
 # Up to the engine, plain PyTorch: benchmarks and GPU profiling drive it without Ray.
-PLAIN = {"spec", "storage", "registry", "metrics", "data", "models", "objectives", "engine",
+PLAIN = {"spec", "storage", "registry", "metrics", "record", "data", "models", "objectives", "engine",
          "teacher"}
 FRAMEWORKS = ("ray", "optuna", "mlflow")
 # namedtuple's public API, spelt with an underscore so as not to clash with field names.

@@ -15,7 +15,7 @@ from searchkd.api import load_space
 from searchkd.cli import main
 from searchkd.engine import Engine
 from searchkd.models import build_model
-from searchkd.search import RESULTS_FILE
+from searchkd.record import RESULTS_FILE
 from searchkd.trial import trial_spec
 
 

@@ -1,0 +1,166 @@
+"""The rows a search's trials report: an append-only record, and the table built from it.
+
+Each new row is appended to `results.jsonl` as it arrives, one JSON line, the way Optuna
+appends to its journal: a kill loses at most the line being written (cut off on the next
+read), and the cost of a row does not grow with the search. `results.parquet` is the table
+built from the record (what users and reports read). Rewriting it whole on every row would cost
+O(N²) over a search of N rows (~23k rewrites of a table growing to 23k rows for 96 trials × 240
+epochs), so it is rewritten only when it has grown by a quarter since it was last written,
+which writes O(N) rows in all, or when FRESH_S have passed and the rewrite costs at most a
+twentieth of the time since the last one (a slow search's table stays fresh for the price of
+≤ 5% of the driver's time), and always when the search ends. The record is the truth: readers
+that must see the latest rows (`searchkd.results`, the report, a resume) read it, and a
+Parquet file cut short or deleted is rebuilt from it, never lost.
+
+A trial that runs again re-reports the epoch it resumes from; the row first recorded stands,
+so the rows keep the order in which the search saw them (the order ASHA's rungs are rebuilt
+in).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .metrics import TEXT_KEYS, is_logged, is_number
+from .storage import replace_atomically
+
+RESULTS_FILE = "results.parquet"
+RESULTS_LOG = "results.jsonl"
+Log = Callable[[str], None]
+
+
+class ResultsError(RuntimeError):
+    """A results table that cannot be read and has no record to rebuild it from: one line."""
+
+
+def cut_tail(path: Path) -> int:
+    """Drop a partial last line from an append-only log of lines; returns the bytes cut."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with path.open("r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep
+
+
+def readable(path: Path) -> bool:
+    try:
+        pq.read_metadata(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+class ResultsTable:
+    """The rows trials report: one per trial per epoch, keyed by (trial number, epoch)."""
+
+    GROWTH = 0.25  # rewrite the table once it has this many more rows than when last written
+    FRESH_S = 30.0  # ... or once this long has passed, if the rewrite is cheap by then
+    WRITE_SHARE = 0.05  # the most of the driver's time that rewrites for freshness may take
+
+    def __init__(self, path: Path, log: Log | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path)
+        self.log_path = self.path.with_name(RESULTS_LOG)
+        self.say = log
+        self.clock = clock
+        self.loaded: dict[tuple[int, int], dict[str, Any]] | None = None
+        self.dirty = False
+        self.written_rows = 0  # rows in the table when it was last written
+        self.written_at = clock()
+        self.write_seconds = 0.0  # what the last rewrite took
+        self.writes = 0
+
+    @property
+    def rows(self) -> dict[tuple[int, int], dict[str, Any]]:
+        if self.loaded is None:
+            self.loaded = self.load()
+        return self.loaded
+
+    def load(self) -> dict[tuple[int, int], dict[str, Any]]:
+        rows: dict[tuple[int, int], dict[str, Any]] = {}
+        if self.log_path.exists():
+            cut_tail(self.log_path)
+            with self.log_path.open() as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except ValueError:
+                        continue  # not a whole record: nothing was acted on from it
+                    rows.setdefault((int(r["trial_number"]), int(r["epoch"])), r)
+            if self.path.exists() and not readable(self.path) and self.say:
+                self.say(f"searchkd: {self.path.name} could not be read (cut short?); it is rebuilt "
+                         f"from {self.log_path.name}")
+                self.dirty = True
+        elif self.path.exists():  # a search recorded before results.jsonl existed
+            try:
+                table = pq.read_table(self.path).to_pylist()
+            except (OSError, ValueError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ResultsError(
+                    f"{self.path} is damaged ({first}) and there is no {self.log_path.name} to rebuild "
+                    f"it from; move it aside to go on (the study and MLflow keep every trial's "
+                    f"result)") from None
+            for r in table:
+                rows[(int(r["trial_number"]), int(r["epoch"]))] = r
+            with self.log_path.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows.values())
+        return rows
+
+    def add(self, number: int, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        """Record one reported epoch of trial `number` (a re-report of a recorded one is dropped)."""
+        key = (number, int(result["epoch"]))
+        if key in self.rows:
+            return
+        row = {k: v for k, v in result.items()
+               if (is_number(v) and is_logged(k)) or (k in TEXT_KEYS and isinstance(v, str))}
+        row["trial_id"] = trial_id
+        row["trial_number"] = number
+        row["objective"] = str(config.get("objective", ""))
+        row["config"] = json.dumps({k: v for k, v in config.items() if k != "trial_number"}, sort_keys=True)
+        row["timestamp"] = float(result.get("timestamp", time.time()))
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows[key] = row
+        self.dirty = True
+        if self.due():
+            self.write()
+
+    def due(self) -> bool:
+        grown = len(self.rows) - self.written_rows >= max(1.0, self.GROWTH * self.written_rows)
+        since = self.clock() - self.written_at
+        return grown or (since >= self.FRESH_S and self.write_seconds <= self.WRITE_SHARE * since)
+
+    def by_trial(self) -> dict[int, list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {}
+        for r in sorted(self.rows.values(), key=lambda r: r["epoch"]):
+            out.setdefault(int(r["trial_number"]), []).append(r)
+        return out
+
+    def in_order(self) -> list[dict[str, Any]]:
+        """Every row, in the order the search recorded them."""
+        return sorted(self.rows.values(), key=lambda r: (r["timestamp"], r["trial_number"], r["epoch"]))
+
+    def flush(self) -> None:
+        """Write results.parquet if rows arrived since it was last written."""
+        if self.dirty or (self.rows and not self.path.exists()):
+            self.write()
+
+    def write(self) -> None:
+        start = time.perf_counter()
+        rows = sorted(self.rows.values(), key=lambda r: (r["trial_number"], r["epoch"]))
+        keys = sorted({k for r in rows for k in r})
+        table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+        replace_atomically(self.path, lambda tmp: pq.write_table(table, tmp))
+        self.write_seconds = time.perf_counter() - start
+        self.written_rows, self.written_at, self.dirty = len(rows), self.clock(), False
+        self.writes += 1
