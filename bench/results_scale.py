@@ -95,7 +95,7 @@ def run(trials: int, epochs: int, seconds_per_row: float, directory: Path) -> di
         "search_seconds_simulated": clock.now,
         "new": {"rewrites": len(sizes), "rows_written": sum(sizes), "rewrite_seconds": sum(seconds),
                 "record_and_rewrite_seconds": total,
-                "rewrite_share_of_search": sum(seconds) / clock.now if clock.now else None},
+                "rows_written_per_row": sum(sizes) / rows},
         "old": {"rewrites": old_writes, "rows_written": int(sum(step * (i + 1) for i in range(old_writes))),
                 "rewrite_seconds_estimated": old_seconds,
                 "one_rewrite_seconds": dict((str(a), b) for a, b in points)},

@@ -328,17 +328,18 @@ def write_report(directory: str | Path, out: str | Path | None = None, mlflow: b
 
 
 def results(directory: str | Path) -> pd.DataFrame:
-    """Every row the search's trials reported, one per trial per epoch, in report order; the
-    same rows as results.parquet, read from the append-only record if the table lags behind."""
+    """Every row the search's trials reported, one per trial per epoch, ordered by trial and
+    epoch: results.parquet's rows, read from the append-only record (the table may lag behind a
+    running search), without writing anything."""
     import pandas as pd
 
-    from .record import RESULTS_FILE, ResultsError, ResultsTable
+    from .record import read_rows
 
     search_dir = search_dir_of(directory)
     try:
-        rows = ResultsTable(search_dir / RESULTS_FILE).in_order()
-    except ResultsError as exc:
-        raise SearchkdError(str(exc)) from None
+        rows = read_rows(search_dir)
+    except (OSError, ValueError) as exc:  # a damaged results.parquet of a search without its record
+        raise SearchkdError(f"{search_dir}: results cannot be read: {str(exc).strip().splitlines()[0]}") from None
     frame = pd.DataFrame(rows)
     if not frame.empty:
         frame = frame.sort_values(["trial_number", "epoch"], kind="stable").reset_index(drop=True)

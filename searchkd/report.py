@@ -1,17 +1,16 @@
 """A search at a glance: `trials/<name>/report/`, an offline HTML page and its PNG plots.
 
-The report reads only the search directory: `space.yaml`, `results.parquet` (one row per
-trial per epoch), `optuna.journal`, `state.json`, `storage.json`, `tracking.json`,
+The report reads only the search directory: `space.yaml`, `results.jsonl` (the record of the
+rows results.parquet is built from, one per trial per epoch, always current), `optuna.journal`, `state.json`, `storage.json`, `tracking.json`,
 `mlflow_runs.json`, plus the teacher's cache entry
 beside it (`trials/teachers/<digest>/meta.json`, for the teacher's accuracy). It takes no
 lock and writes nothing outside `report/`, so it runs on a running or interrupted search as
 well as on a finished one.
 
-What is "best" is decided in one place, `trial_score` and `pick_best`: a trial's score on a
-metric is the value of the student the trial keeps. For `val_acc` that is the trial's
-`best_val_acc` of its last row (the kept student is the best-on-val one, and the row's
-`test_acc` is that student's test accuracy); for any other metric it is the best value over
-the trial's rows in the metric's mode. Failed trials are never the best. The Pareto front of a
+What is "best" is decided in one place, `searchkd.metrics` (`trial_score`, `pick_best`): a
+trial's score on a metric is the value of the student the trial keeps, which the trial records
+as `score_<metric>` (the row's `test_acc` is that student's test accuracy). Failed trials are
+never the best. The Pareto front of a
 multi-objective search is computed on the same scores.
 
 Everything a plot draws is computed first (`analyze`, an `Analysis`) and written beside the
@@ -123,14 +122,11 @@ class Analysis:
 
 
 def read_rows(search_dir: str | Path) -> list[dict[str, Any]]:
-    """results.parquet as dicts ([] before the first epoch). It is replaced atomically, so a
-    reader never sees half a file."""
-    import pyarrow.parquet as pq
+    """Every row the search's trials reported, read from its record without writing anything
+    (results.parquet may lag behind a running search)."""
+    from .record import read_rows as read
 
-    path = Path(search_dir) / "results.parquet"
-    if not path.exists():
-        return []
-    return pq.read_table(path).to_pylist()
+    return read(Path(search_dir))
 
 
 def read_spec(search_dir: str | Path) -> Spec:
