@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .record import SPACE_FILE, STATE_FILE
 from .spec import Spec, SpecError
 from .storage import replace_atomically
 
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from .search import Summary
     from .teacher import TeacherInfo
 
-SPACE_FILE = "space.yaml"
-STATE_FILE = "state.json"
 Say = Callable[[str], None]
 
 

@@ -46,9 +46,11 @@ class Exported:
 
 def trial_storage(search_dir: Path) -> Any:
     """Where the search's trials wrote (storage.json, fixed when it started)."""
+    from .record import STORAGE_FILE
     from .storage import Storage
 
-    info = json.loads((search_dir / "storage.json").read_text()) if (search_dir / "storage.json").exists() else {}
+    path = search_dir / STORAGE_FILE
+    info = json.loads(path.read_text()) if path.exists() else {}
     uri = info.get("uri")
     return Storage(uri) if uri else Storage(str(search_dir / "checkpoints"))
 

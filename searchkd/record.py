@@ -31,6 +31,11 @@ import pyarrow.parquet as pq
 from .metrics import TEXT_KEYS, is_logged, is_number
 from .storage import replace_atomically
 
+# The files of a search directory (trials/NAME/), named once.
+SPACE_FILE = "space.yaml"  # the space the search was started with
+JOURNAL_FILE = "optuna.journal"  # the study: which trials exist and how they ended
+STATE_FILE = "state.json"  # running | interrupted | finished, with the trial counts
+STORAGE_FILE = "storage.json"  # where the trials write their state and students
 RESULTS_FILE = "results.parquet"
 RESULTS_LOG = "results.jsonl"
 Log = Callable[[str], None]

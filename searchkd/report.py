@@ -36,9 +36,9 @@ from typing import Any
 import yaml
 
 from .metrics import better, finite, pick_best, stopped_early, trial_score
+from .record import JOURNAL_FILE, SPACE_FILE, STATE_FILE
 from .spec import Spec, teacher_digest
 
-SPACE_FILE = "space.yaml"
 REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 DATA_FILE = "data.json"
@@ -149,7 +149,7 @@ def _json(path: Path) -> Any:
 
 def load_journal(search_dir: Path, name: str) -> Any:
     """The Optuna study, opened read-only as optuna-dashboard opens it (None if absent)."""
-    path = search_dir / "optuna.journal"
+    path = search_dir / JOURNAL_FILE
     if not path.exists():  # opening a journal backend creates the file: never do that here
         return None
     import optuna
@@ -207,7 +207,7 @@ def analyze(search_dir: str | Path) -> Analysis:
     spec = read_spec(search_dir)
     metric, mode = spec.metrics[0], spec.modes[0]
     rows = read_rows(search_dir)
-    state_file = _json(search_dir / "state.json") or {}
+    state_file = _json(search_dir / STATE_FILE) or {}
     state = str(state_file.get("status", "unknown"))
     study = load_journal(search_dir, spec.name)
     optuna_states: dict[int, str] = {}
@@ -284,7 +284,7 @@ def analyze(search_dir: str | Path) -> Analysis:
     notes = []
     if study is None:
         notes.append("no Optuna study in optuna.journal yet: parameter plots are left out")
-    journal = search_dir / "optuna.journal"
+    journal = search_dir / JOURNAL_FILE
     return Analysis(
         search_dir=search_dir, spec=spec, state=state, metric=metric, mode=mode, trials=trials,
         best=by_number.get(best_number) if best_number is not None else None,

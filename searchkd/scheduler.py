@@ -6,7 +6,7 @@ trial had when it first reached that rung; a trial reaching a rung is stopped wh
 below the (1 − 1/rf) quantile of the values recorded there before it. The decisions therefore
 depend on everything recorded so far, in order. Tune does not save its scheduler, so a restored
 ASHA would start with empty rungs and judge resumed trials against nothing. Here the rungs are
-keyed by Optuna trial number and rebuilt from the rows the search recorded (results.parquet),
+keyed by Optuna trial number and rebuilt from the rows the search recorded (results.jsonl),
 in the order they arrived; a trial that runs again re-reports epochs its rungs already hold,
 which changes nothing. The rule and the quantile are Ray's ASHAScheduler's (one bracket).
 """

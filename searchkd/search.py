@@ -1,14 +1,15 @@
 """The search: Ray Tune runs trials, Optuna samples them, ASHA stops the poor ones.
 
 A search lives in `trials/<name>/`: `space.yaml` (the resolved spec it started with),
-`ray/` (Tune's experiment state), `optuna.journal` (the study), `results.parquet` (one row
-per trial per epoch) and the MLflow bookkeeping, all on the driver's disk. What trials write
-(each one's engine state and best student) goes to the search's storage (storage.py): the
-search directory itself by default, or a shared path / object store that every node of a
-cluster reaches. Resume is `Tuner.restore(..., resume_unfinished=True, resume_errored=True)`
-on the same directory: finished trials stay finished, unfinished and failed ones run again
-and pick up their own state from the storage, the Optuna study and the MLflow runs are the
-same ones.
+`optuna.journal` (the study), `results.jsonl` / `results.parquet` (one row per trial per
+epoch), `ray/run-NNN` (one Tune experiment per run of the search) and the MLflow bookkeeping,
+all on the driver's disk. What trials write (each one's engine state and best student) goes to
+the search's storage (storage.py): the search directory itself by default, or a shared path /
+object store that every node of a cluster reaches. The study is the record of which trials
+exist and how they ended, so a resume never restores Tune: it starts a new Tune experiment
+whose searcher first runs again the trials the study holds open (each picks up its own state
+from the storage), then asks new ones; ASHA's rungs are rebuilt from the recorded rows, and
+the MLflow runs are the same ones.
 """
 
 from __future__ import annotations
@@ -38,7 +39,16 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from . import tracking
 from .compat import open_trial
 from .metrics import pick_best, stopped_early, trial_score
-from .record import RESULTS_FILE, RESULTS_LOG, ResultsTable, cut_tail
+from .record import (
+    JOURNAL_FILE,
+    RESULTS_FILE,
+    RESULTS_LOG,
+    SPACE_FILE,
+    STATE_FILE,
+    STORAGE_FILE,
+    ResultsTable,
+    cut_tail,
+)
 from .samplers import make_sampler, trial_seed
 from .scheduler import ResumableASHA
 from .spec import Spec
@@ -53,10 +63,6 @@ def say(text: str) -> None:
     """The default log: a line at a time, flushed (progress is read as it comes)."""
     print(text, flush=True)
 
-SPACE_FILE = "space.yaml"
-JOURNAL_FILE = "optuna.journal"
-STATE_FILE = "state.json"
-STORAGE_FILE = "storage.json"
 RAY_DIR = "ray"
 CHECKPOINTS_DIR = "checkpoints"  # the trials' storage when the space names none
 # How long the end of a search waits for a tracking server that is away, before it stops

@@ -31,7 +31,8 @@ from conftest import (
 )
 from mlflow.tracking import MlflowClient
 
-from searchkd.search import STORAGE_FILE, load_study
+from searchkd.record import STORAGE_FILE
+from searchkd.search import load_study
 from searchkd.storage import STATE_FILE, STUDENT_FILE, Storage, trial_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

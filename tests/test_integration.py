@@ -16,8 +16,8 @@ from conftest import tiny_space, wait_until, write_space
 from mlflow.tracking import MlflowClient
 
 from searchkd.cli import main
-from searchkd.record import RESULTS_FILE
-from searchkd.search import JOURNAL_FILE, load_study
+from searchkd.record import JOURNAL_FILE, RESULTS_FILE
+from searchkd.search import load_study
 
 pytestmark = pytest.mark.integration
 

@@ -124,7 +124,8 @@ def test_a_search_over_weight_leaves_kd_trials_their_kd_term() -> None:
 def test_a_journal_torn_mid_record_is_cut_back_to_its_last_whole_record(tmp_path) -> None:
     """A kill mid-append leaves a partial line; Optuna would append after it and never read
     the study again (it fails on the next ask). Cut back, the study is whole and usable."""
-    from searchkd.search import JOURNAL_FILE, journal_storage, load_study, repair_journal
+    from searchkd.record import JOURNAL_FILE
+    from searchkd.search import journal_storage, load_study, repair_journal
 
     study = optuna.create_study(study_name="s", storage=journal_storage(tmp_path))
     for i in range(3):
