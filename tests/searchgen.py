@@ -107,7 +107,7 @@ def make_search(root: Path, name: str = "gen", trials: int = 20, epochs: int = 1
         runs[str(n)] = uuid.UUID(int=rng.getrandbits(128)).hex
         mine = rows[-last:]
         if n in failed:
-            study._storage.set_trial_user_attr(t._trial_id, "searchkd", "failed: non-finite loss at epoch 4")
+            t.set_user_attr("searchkd", "failed: non-finite loss at epoch 4")
             study.tell(t, state=optuna.trial.TrialState.FAIL)
             counts["failed"] += 1
         elif n in running:
