@@ -1,4 +1,4 @@
-"""`searchkd` on the command line: tune, resume, report, best, validate, objectives, ui.
+"""`searchkd` on the command line: tune, resume, final, report, best, validate, objectives, ui.
 
 Every mistake a user can cause ends as one line, `searchkd: error: ...`, exit 2, before
 anything is written.
@@ -179,6 +179,13 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
                 spec, search_dir, root, _lookups()["objectives"], teacher, resume=resume,
                 tracking_uri=args.tracking_uri, address=args.address, num_cpus=args.num_cpus,
             )
+            final_status = None
+            if status == "finished" and spec.final is not None and summary is not None:
+                from .final import prepare, run_final
+
+                print()
+                stage = prepare(search_dir, spec.final.top, spec.final.seeds)
+                final_status = run_final(stage, teacher, args.address, args.num_cpus)[1]
     except SearchError as exc:
         fail(str(exc))
     finally:
@@ -189,6 +196,10 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
     if status != "finished":
         print(f"searchkd: search {spec.name} is not finished; continue with: searchkd tune {source} --resume")
         return EXIT_INTERRUPTED if status == "interrupted" else 1
+    if final_status not in (None, "finished"):
+        print(f"searchkd: the final stage of {spec.name} is not finished; continue with: "
+              f"searchkd final {os.path.relpath(search_dir)}")
+        return EXIT_INTERRUPTED if final_status == "interrupted" else 1
     return 0
 
 
@@ -308,6 +319,18 @@ def _print_summary(s: Any, spec: Spec, root: Path, source: str) -> None:
     ui = "searchkd ui" + ("" if root == trials_root(None) else f" --trials-dir {os.path.relpath(root)}")
     print(f"compare trials:   {ui}   (MLflow UI, experiment {spec.name!r})")
     print(f"resume:           searchkd tune {source} --resume   or   searchkd resume {rel}")
+    _print_final(s.search_dir)
+
+
+def _print_final(search_dir: Path) -> None:
+    """The final stage's summary, when the search has one (final.parquet)."""
+    from .report import final_lines, read_final
+
+    summary = read_final(search_dir)
+    if summary is not None:
+        for line in final_lines(summary):
+            print(line)
+        print(f"final stage:      {os.path.relpath(search_dir / 'final.parquet')}  (one row per config and seed)")
 
 
 def _search_dir(directory: str) -> Path:
@@ -331,7 +354,7 @@ def _report(search_dir: Path, out: str | None = None, mlflow: bool = True, after
         print(f"searchkd: warning: the report of {os.path.relpath(search_dir)} was not written: "
               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
         return False
-    for line in summary_lines(report):
+    for line in summary_lines(report, final=not after_search):  # the search's summary showed it
         print(line)
     pending = json.loads((search_dir / "state.json").read_text()).get("tracking_pending") \
         if (search_dir / "state.json").exists() else False
@@ -352,6 +375,62 @@ def _report(search_dir: Path, out: str | None = None, mlflow: bool = True, after
 
 def cmd_report(args: argparse.Namespace) -> int:
     return 0 if _report(_search_dir(args.directory), args.out, mlflow=not args.no_mlflow) else 1
+
+
+def _final_search(where: str, trials_dir: str | None) -> Path:
+    """The search `searchkd final` is about: a directory, or a search name under --trials-dir."""
+    path = Path(where).expanduser()
+    if not (path / "space.yaml").is_file() and os.sep not in where and not path.exists():
+        path = trials_root(trials_dir) / where
+    if not (path / "space.yaml").is_file():
+        fail(f"{where}: no such search (no space.yaml in {os.path.relpath(path)})")
+    return path.resolve()
+
+
+def cmd_final(args: argparse.Namespace) -> int:
+    search_dir = _final_search(args.search, args.trials_dir)
+    shown = os.path.relpath(search_dir)
+    if args.address is None:
+        local_ray_env()
+    from filelock import FileLock, Timeout
+
+    lock_path = search_dir.parent / f".{search_dir.name}.lock"
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        fail(f"{shown} is being run by another searchkd process (lock {os.path.relpath(lock_path)})")
+    from .final import FinalError, prepare, run_final
+    from .report import ReportError
+    from .search import SearchError
+
+    try:
+        try:
+            stage = prepare(search_dir, args.top, args.seeds)
+        except (FinalError, ReportError) as exc:
+            fail(str(exc))
+        # The teacher is read from its cache only when something is left to train.
+        teacher = _teacher(stage.spec, search_dir.parent) if stage.todo else None
+        with RayLines.installed():
+            summary, status = run_final(stage, teacher, args.address)
+    except SearchError as exc:
+        fail(str(exc))
+    finally:
+        lock.release()
+    print()
+    _print_final(search_dir)
+    if status != "finished":
+        print(f"searchkd: the final stage of {stage.spec.name} is not finished; continue with: "
+              f"searchkd final {shown}")
+        return EXIT_INTERRUPTED if status == "interrupted" else 1
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -510,6 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="where to write it (default: DIRECTORY/best)")
     b.add_argument("--trial", type=int, help="export this trial instead (e.g. a point of a Pareto front)")
     b.set_defaults(func=cmd_best)
+
+    f = sub.add_parser("final", help="retrain the top configs and the default on train + val with "
+                       "several seeds: is the winner really better on test?")
+    f.add_argument("search", help="the search's directory (trials/NAME) or its name")
+    f.add_argument("--top", type=_positive, default=3, help="how many of the best configs (default 3)")
+    f.add_argument("--seeds", type=_positive, default=3, help="seeds per config (default 3)")
+    f.add_argument("--trials-dir", help="where searches live, for a search given by name (default: ./trials)")
+    f.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT; default: a private local Ray")
+    f.set_defaults(func=cmd_final)
 
     u = sub.add_parser("ui", help="open the MLflow UI on the searches' store")
     u.add_argument("--trials-dir")

@@ -735,14 +735,16 @@ def trial_storage(search_dir: Path, spec: Spec) -> Storage:
     return root
 
 
-def _concurrency(spec: Spec) -> int:
+def _concurrency(spec: Spec, count: int | None = None) -> int:
+    """How many of `count` trials (default: the search's num_samples) run at once."""
     res = ray.cluster_resources()
     want = spec.search.resources
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     fit = math.floor(cpus / want.cpu + 1e-9)
     if want.gpu > 0:
         fit = min(fit, math.floor(gpus / want.gpu + 1e-9))
-    return max(1, min(spec.search.max_concurrent or fit, fit, spec.search.num_samples))
+    count = spec.search.num_samples if count is None else count
+    return max(1, min(spec.search.max_concurrent or fit, fit, count))
 
 
 def pending(study: optuna.Study, spec: Spec) -> tuple[list[int], int]:
@@ -751,23 +753,29 @@ def pending(study: optuna.Study, spec: Spec) -> tuple[list[int], int]:
     return rerun, len(rerun) + max(0, spec.search.num_samples - len(study.trials))
 
 
-def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, storage: Storage,
-                callbacks: list[Callback], tunables: dict[str, set[str]], study: optuna.Study,
-                results: ResultsTable) -> tuple[tune.Tuner, int]:
-    """A Tuner for the trials this run must still run (the study's open trials first, then new
-    ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
+def make_trainable(spec: Spec, teacher: TeacherInfo | None, storage: Storage) -> Any:
+    """`train_trial` with the spec as its base, the teacher's bytes and the trials' storage,
+    under the space's per-trial resources (the search and its final stage share it)."""
     res = spec.search.resources
     memory_fraction = res.gpu if 0 < res.gpu < 1 else None
     blob = Path(teacher.path).read_bytes() if teacher else None
     # The teacher travels as bytes through Ray's object store (tune.with_parameters puts it
     # there once), checked against this digest on arrival: no node needs the driver's disk.
-    trainable = tune.with_resources(
+    return tune.with_resources(
         tune.with_parameters(train_trial, base=spec.model_dump(mode="json", by_alias=True),
                              teacher=blob, storage=storage,
                              teacher_sha256=hashlib.sha256(blob).hexdigest() if blob else None,
                              cpus=res.cpu, memory_fraction=memory_fraction),
         {"cpu": res.cpu, "gpu": res.gpu},
     )
+
+
+def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, storage: Storage,
+                callbacks: list[Callback], tunables: dict[str, set[str]], study: optuna.Study,
+                results: ResultsTable) -> tuple[tune.Tuner, int]:
+    """A Tuner for the trials this run must still run (the study's open trials first, then new
+    ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
+    trainable = make_trainable(spec, teacher, storage)
     rerun, to_run = pending(study, spec)
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
