@@ -136,20 +136,37 @@ def test_final_of_a_search_without_completed_trials_is_one_line(tmp_path: Path, 
     assert not (tmp_path / "open" / "final.parquet").exists()
 
 
+def test_space_final_section() -> None:
+    spec = Spec.model_validate(tiny_space(final={"top": 2, "seeds": 5}))
+    assert (spec.final.top, spec.final.seeds) == (2, 5)
+    assert Spec.model_validate(tiny_space(final={})).final.top == fs.DEFAULT_TOP
+    assert Spec.model_validate(tiny_space()).final is None
+    from searchkd.spec import SpecError, validate
+
+    with pytest.raises(SpecError, match="final.seeds: Input should be greater than or equal to 1"):
+        validate(tiny_space(final={"seeds": 0}), "x.yaml")
+
+
 # -- one real final stage ---------------------------------------------------------------------------
 @pytest.mark.integration
 def test_final_stage_after_a_tiny_search(ray_session, tmp_path: Path, capsys) -> None:
+    """The space's `final:` section runs the stage when the search ends (1 seed); `searchkd
+    final --seeds 2` then trains only the second seed; run again, it trains nothing."""
     from mlflow.tracking import MlflowClient
 
     trials = tmp_path / "trials"
-    space = write_space(tmp_path / "tiny.yaml", tiny_space())
+    space = write_space(tmp_path / "tiny.yaml", tiny_space(final={"top": 1, "seeds": 1}))
     assert main(["tune", str(space), "--trials-dir", str(trials)]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
     search = trials / "tiny"
+    assert "final stage: 1 top config and the default" in out and "2 of 2 runs to train" in out
+    assert "verdict: the search's best config" in out and "not distinguishable" in out  # 1 seed: no interval
+    assert len(pq.read_table(search / "final.parquet")) == 2
+
     assert main(["final", str(search), "--top", "1", "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    assert "final stage: 1 top config and the default" in out and "verdict: the search's best config" in out
-    assert any(v in out for v in fs.VERDICTS)
+    assert "2 of 4 runs to train" in out and "verdict: the search's best config" in out
+    assert any(v in out.split("verdict:")[-1] for v in fs.VERDICTS)
 
     table = pq.read_table(search / "final.parquet")
     rows = table.to_pylist()
