@@ -445,8 +445,9 @@ def run_final(stage: FinalStage, teacher: TeacherInfo | None, address: str | Non
     if not todo:
         log(f"final stage of {spec.name}: all {len(stage.runs)} runs are done; nothing left to do")
     else:
-        log(f"final stage of {spec.name}: {len([c for c in stage.configs if c.rank is not None])} top "
-            f"config(s) and the default, {len(stage.seeds)} seeds each, {spec.train.epochs} epochs on "
+        top = sum(c.rank is not None for c in stage.configs)
+        log(f"final stage of {spec.name}: {top} top config{'s' if top != 1 else ''} and the default, "
+            f"{len(stage.seeds)} seed{'s' if len(stage.seeds) != 1 else ''} each, {spec.train.epochs} epochs on "
             f"train + val: {len(todo)} of {len(stage.runs)} runs to train, in {shown}/{FINAL_DIR}")
         connect(spec, address, num_cpus, storage=base_storage(spec, search_dir.parent))
         ray_dir = final_dir / RAY_DIR
