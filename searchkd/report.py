@@ -422,8 +422,8 @@ def final_lines(summary: Mapping[str, Any]) -> list[str]:
         lines.append(f"  note: {note}")
     best = next((c for c in configs if c["rank"] == 1), None)
     if best is not None:
-        what = "is the default" if best["is_default"] else best.get("verdict", "")
-        lines.append(f"  verdict: the search's best config (trial {best['trial_number']}) {what}"
+        what = "it is the default" if best["is_default"] else best.get("verdict", "")
+        lines.append(f"  verdict: the search's best config (trial {best['trial_number']}): {what}"
                      + ("" if summary.get("complete") else " (so far)"))
     return lines
 
