@@ -138,6 +138,11 @@ def _tune(spec: Spec, root: Path, resume: bool, args: argparse.Namespace, source
         if _status(search_dir) == "finished":
             print(f"searchkd: {shown} is already finished; nothing to resume. "
                   f"Compare its trials with: searchkd ui")
+            from .report import read_final
+
+            final = read_final(search_dir)
+            if spec.final is not None and (final is None or not final.get("complete")):
+                print(f"searchkd: its final stage is not finished; continue it with: searchkd final {shown}")
             return 0
     from .preflight import check
 
@@ -593,8 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("final", help="retrain the top configs and the default on train + val with "
                        "several seeds: is the winner really better on test?")
     f.add_argument("search", help="the search's directory (trials/NAME) or its name")
-    f.add_argument("--top", type=_positive, default=3, help="how many of the best configs (default 3)")
-    f.add_argument("--seeds", type=_positive, default=3, help="seeds per config (default 3)")
+    f.add_argument("--top", type=_positive, help="how many of the best configs (default: the space's "
+                   "final.top, else 3)")
+    f.add_argument("--seeds", type=_positive, help="seeds per config (default: the space's final.seeds, else 3)")
     f.add_argument("--trials-dir", help="where searches live, for a search given by name (default: ./trials)")
     f.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT; default: a private local Ray")
     f.set_defaults(func=cmd_final)

@@ -302,12 +302,15 @@ def finished_rows(results: ResultsTable, epochs: int) -> dict[int, dict[str, Any
     return {n: rows[-1] for n, rows in results.by_trial().items() if rows and int(rows[-1]["epoch"]) >= epochs}
 
 
-def prepare(search_dir: Path, top: int = DEFAULT_TOP, seeds: int = DEFAULT_SEEDS) -> FinalStage:
-    """Read the search, pick its configs and plan the runs; nothing is trained."""
+def prepare(search_dir: Path, top: int | None = None, seeds: int | None = None) -> FinalStage:
+    """Read the search, pick its configs and plan the runs; nothing is trained. `top` and
+    `seeds` default to the space's `final:` section, else to 3 and 3."""
     from .objectives import get_objective
 
     search_dir = Path(search_dir)
     spec = read_spec(search_dir)
+    top = top or (spec.final.top if spec.final else DEFAULT_TOP)
+    seeds = seeds or (spec.final.seeds if spec.final else DEFAULT_SEEDS)
     a = analyze(search_dir)
     metric = spec.metrics[0]
     ranked = [t for t in rank_trials(a.trials, metric, spec.modes[0]) if t.status in ("finished", "stopped")]
