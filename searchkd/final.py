@@ -449,7 +449,8 @@ def run_final(stage: FinalStage, teacher: TeacherInfo | None, address: str | Non
         log(f"final stage of {spec.name}: all {len(stage.runs)} runs are done; nothing left to do")
     else:
         top = sum(c.rank is not None for c in stage.configs)
-        log(f"final stage of {spec.name}: {top} top config{'s' if top != 1 else ''} and the default, "
+        default = "and the default" if any(c.rank is None for c in stage.configs) else "(the default among them)"
+        log(f"final stage of {spec.name}: {top} top config{'s' if top != 1 else ''} {default}, "
             f"{len(stage.seeds)} seed{'s' if len(stage.seeds) != 1 else ''} each, {spec.train.epochs} epochs on "
             f"train + val: {len(todo)} of {len(stage.runs)} runs to train, in {shown}/{FINAL_DIR}")
         connect(spec, address, num_cpus, storage=base_storage(spec, search_dir.parent))

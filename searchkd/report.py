@@ -403,7 +403,8 @@ def final_lines(summary: Mapping[str, Any]) -> list[str]:
     configs = summary["configs"]
     top = sum(c["rank"] is not None for c in configs)
     level = round(100 * float(summary.get("level", 0.95)))
-    head = (f"final stage: {top} top config{'s' if top != 1 else ''} and the default retrained on train + val "
+    default = "and the default" if any(c["rank"] is None for c in configs) else "(the default among them)"
+    head = (f"final stage: {top} top config{'s' if top != 1 else ''} {default} retrained on train + val "
             f"(val_fraction 0), {len(summary['seeds'])} seeds each; test_acc of the last epoch's student")
     if not summary.get("complete"):
         head += f" ({summary['runs_done']} of {summary['runs_planned']} runs done)"
