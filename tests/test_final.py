@@ -213,3 +213,51 @@ def test_final_stage_after_a_tiny_search(ray_session, tmp_path: Path, capsys) ->
     assert main(["report", str(search), "--no-mlflow"]) == 0
     assert "final stage:" in capsys.readouterr().out
     assert 'id="final"' in (search / "report" / "index.html").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_killed_final_stage_goes_on_where_it_stopped(tmp_path: Path) -> None:
+    """SIGKILL `searchkd final` (and its Ray) when one run has finished and another is mid-way;
+    run again: the finished run is not retrained, the other goes on from its saved epoch."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import kill_tree, rows, wait_until
+
+    trials = tmp_path / "trials"
+    space = write_space(tmp_path / "kt.yaml", tiny_space("kt", train={**tiny_space()["train"], "epochs": 5,
+                                                                        "batch_size": 32}))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([sys.executable, "-m", "searchkd.cli", "tune", str(space), "--trials-dir", str(trials),
+                    "--num-cpus", "2"], env=env, check=True, stdout=subprocess.DEVNULL, timeout=900)
+    cmd = [sys.executable, "-m", "searchkd.cli", "final", str(trials / "kt"), "--top", "1", "--seeds", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+    def last_epochs() -> dict[int, int]:
+        out: dict[int, int] = {}
+        for r in rows(trials / "kt", "final"):
+            out[r["trial_number"]] = max(out.get(r["trial_number"], 0), r["epoch"])
+        return out
+
+    def one_done_one_midway() -> bool:
+        e = last_epochs().values()
+        return 5 in e and any(2 <= x < 5 for x in e)
+
+    try:
+        wait_until(one_done_one_midway, "one final run done, another mid-way", proc, timeout=900)
+    finally:
+        kill_tree(proc)  # the driver, its Ray and the trials' workers, as if the machine died
+    before = last_epochs()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    finished = sum(e == 5 for e in before.values())
+    assert f"{4 - finished} of 4 runs to train" in done.stdout
+    table = rows(trials / "kt", "final")
+    keys = [(r["trial_number"], r["epoch"]) for r in table]
+    assert len(keys) == len(set(keys)), "duplicated (run, epoch) rows"
+    midway = [n for n, e in before.items() if 2 <= e < 5]
+    assert all(max(r["start_epoch"] for r in table if r["trial_number"] == n) >= 2 for n in midway)
+    assert len(pq.read_table(trials / "kt" / "final.parquet")) == 4
