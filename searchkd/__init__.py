@@ -1,7 +1,8 @@
 """searchkd: search how best to distill a teacher into a small student.
 
 The library API (`searchkd.tune`, `resume`, `results`, `load_student`, `teacher`) lives in
-`searchkd.api` and is imported on first use, so `import searchkd` stays light.
+`searchkd.api` and is imported on first use, so `import searchkd` stays light; the final stage
+is `searchkd.api.final` (`searchkd.final` is the module that runs it).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     import searchkd
     run = searchkd.tune("spaces/quickstart.yaml")          # or a dict, or a Spec
     run = searchkd.resume("trials/quickstart")             # after an interruption
+    stage = searchkd.api.final("trials/quickstart")        # is the winner really better?
     rows = searchkd.results("trials/quickstart")           # a DataFrame: one row per trial-epoch
     model = searchkd.load_student("trials/quickstart")     # the best trial's kept student
 
@@ -52,6 +53,17 @@ class SearchRun:
     status: str
     summary: Summary | None
     source: str  # the space file (or the search's own copy) a resume command names
+    final_status: str | None = None  # how the space's final stage ended, when it has one
+
+
+@dataclass
+class FinalRun:
+    """How a `final` call ended: status is finished, interrupted or failed; summary is the
+    stage's (per config: test mean ± std, the paired difference to the default, the verdict)."""
+
+    search_dir: Path
+    status: str
+    summary: dict[str, Any]
 
 
 def lookups() -> dict[str, Any]:
@@ -221,6 +233,11 @@ def _run(spec: Spec, root: Path, resume: bool, source: str | None, *, address: s
         if status_of(search_dir) == "finished":
             say(f"searchkd: {shown} is already finished; nothing to resume. "
                 f"Compare its trials with: searchkd ui")
+            from .report import read_final
+
+            stage = read_final(search_dir)
+            if spec.final is not None and (stage is None or not stage.get("complete")):
+                say(f"searchkd: its final stage is not finished; continue it with: searchkd final {shown}")
             return SearchRun(spec, search_dir, "finished", None, source)
     from .preflight import check
 
@@ -257,11 +274,18 @@ def _run(spec: Spec, root: Path, resume: bool, source: str | None, *, address: s
             spec, search_dir, root, lookups()["objectives"], info, resume=resume,
             tracking_uri=tracking_uri, address=address, num_cpus=num_cpus, log=say,
         )
+        final_status = None
+        if status == "finished" and spec.final is not None and summary is not None:
+            from .final import prepare, run_final
+
+            say("")
+            stage = prepare(search_dir, spec.final.top, spec.final.seeds)
+            final_status = run_final(stage, info, address, num_cpus, log=say)[1]
     except (SearchError, ResultsError) as exc:
         raise SearchkdError(str(exc)) from None
     finally:
         lock.release()
-    run = SearchRun(spec, search_dir, status, summary, source)
+    run = SearchRun(spec, search_dir, status, summary, source, final_status)
     if summary is not None:
         for line in summary_lines(run, root):
             say(line)
@@ -287,7 +311,59 @@ def summary_lines(run: SearchRun, root: Path) -> list[str]:
         f"search directory: {rel}  (results.parquet: one row per trial per epoch)",
         f"compare trials:   {ui}   (MLflow UI, experiment {spec.name!r})",
         f"resume:           searchkd tune {run.source} --resume   or   searchkd resume {rel}",
+        *final_summary_lines(s.search_dir),
     ]
+
+
+def final_summary_lines(search_dir: Path) -> list[str]:
+    """The final stage's summary, when the search has one (final.parquet)."""
+    from .report import FINAL_FILE, final_lines, read_final
+
+    summary = read_final(search_dir)
+    if summary is None:
+        return []
+    return [*final_lines(summary), f"final stage:      {os.path.relpath(search_dir / FINAL_FILE)}  "
+            f"(one row per config and seed)"]
+
+
+def final(search: str | Path, *, top: int | None = None, seeds: int | None = None,
+          trials_dir: str | Path | None = None, address: str | None = None,
+          num_cpus: int | None = None, say: Say = print) -> FinalRun:
+    """Retrain the search's top `top` configs and its objective's default on train + val with
+    `seeds` seeds each, and say whether the winner really beats the default on test. Runs on
+    Ray Tune and resumes like a search: finished runs are never trained again."""
+    search_dir = Path(search).expanduser()
+    if not (search_dir / SPACE_FILE).is_file() and os.sep not in str(search) and not search_dir.exists():
+        search_dir = trials_root(trials_dir) / str(search)  # a search's name
+    if not (search_dir / SPACE_FILE).is_file():
+        raise SearchkdError(f"{search}: no such search (no {SPACE_FILE} in {os.path.relpath(search_dir)})")
+    search_dir = search_dir.resolve()
+    shown = os.path.relpath(search_dir)
+    if address is None:
+        local_ray_env()
+    from filelock import FileLock, Timeout
+
+    lock_path = search_dir.parent / f".{search_dir.name}.lock"
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SearchkdError(f"{shown} is being run by another searchkd process "
+                            f"(lock {os.path.relpath(lock_path)})") from None
+    from .final import prepare, run_final
+    from .report import ReportError
+    from .search import SearchError
+
+    try:
+        stage = prepare(search_dir, top, seeds)
+        # The teacher is read from its cache only when something is left to train.
+        info = teacher(stage.spec, search_dir.parent, spec=stage.spec, say=say) if stage.todo else None
+        summary, status = run_final(stage, info, address, num_cpus, log=say)
+    except (SearchError, ReportError) as exc:
+        raise SearchkdError(str(exc)) from None
+    finally:
+        lock.release()
+    return FinalRun(search_dir, status, summary)
 
 
 def write_report(directory: str | Path, out: str | Path | None = None, mlflow: bool = True,
@@ -307,7 +383,7 @@ def write_report(directory: str | Path, out: str | Path | None = None, mlflow: b
         say(f"searchkd: warning: the report of {shown} was not written: "
             f"{text.splitlines()[0] if text else type(exc).__name__}")
         return False
-    for line in report_lines(report):
+    for line in report_lines(report, final=not after_search):  # the search's summary showed it
         say(line)
     state = search_dir / STATE_FILE
     pending = json.loads(state.read_text()).get("tracking_pending") if state.exists() else False

@@ -1,4 +1,4 @@
-"""`searchkd` on the command line: tune, resume, report, best, validate, objectives, ui.
+"""`searchkd` on the command line: tune, resume, final, report, best, validate, objectives, ui.
 
 A thin shell over the library API (`searchkd.api`): it parses arguments, prints, and turns
 every mistake a user can cause into one line, `searchkd: error: ...`, exit 2, before anything
@@ -35,12 +35,17 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def exit_code(run: api.SearchRun) -> int:
-    """0 when the search is finished; else the resume command, and 130 after Ctrl-C."""
-    if run.status == "finished":
-        return 0
-    print(f"searchkd: search {run.spec.name} is not finished; continue with: "
-          f"searchkd tune {run.source} --resume")
-    return EXIT_INTERRUPTED if run.status == "interrupted" else 1
+    """0 when the search (and its final stage) finished; else the command that continues it,
+    and 130 after Ctrl-C."""
+    if run.status != "finished":
+        print(f"searchkd: search {run.spec.name} is not finished; continue with: "
+              f"searchkd tune {run.source} --resume")
+        return EXIT_INTERRUPTED if run.status == "interrupted" else 1
+    if run.final_status not in (None, "finished"):
+        print(f"searchkd: the final stage of {run.spec.name} is not finished; continue with: "
+              f"searchkd final {os.path.relpath(run.search_dir)}")
+        return EXIT_INTERRUPTED if run.final_status == "interrupted" else 1
+    return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -119,6 +124,27 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     print(f"  weights: {info.path}")
     print(f"  cache:   {root / 'teachers' / info.digest}")
     return 0
+
+
+def cmd_final(args: argparse.Namespace) -> int:
+    with RayLines.installed():
+        run = api.final(args.search, top=args.top, seeds=args.seeds, trials_dir=args.trials_dir,
+                        address=args.address)
+    print()
+    for line in api.final_summary_lines(run.search_dir):
+        print(line)
+    if run.status != "finished":
+        print(f"searchkd: the final stage of {run.search_dir.name} is not finished; continue with: "
+              f"searchkd final {os.path.relpath(run.search_dir)}")
+        return EXIT_INTERRUPTED if run.status == "interrupted" else 1
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -269,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("objectives", help="list objectives and their tunables")
     o.set_defaults(func=cmd_objectives)
+
+    f = sub.add_parser("final", help="retrain the top configs and the default on train + val with "
+                       "several seeds: is the winner really better on test?")
+    f.add_argument("search", help="the search's directory (trials/NAME) or its name")
+    f.add_argument("--top", type=_positive, help="how many of the best configs (default: the space's "
+                   "final.top, else 3)")
+    f.add_argument("--seeds", type=_positive, help="seeds per config (default: the space's final.seeds, else 3)")
+    f.add_argument("--trials-dir", help="where searches live, for a search given by name (default: ./trials)")
+    f.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT; default: a private local Ray")
+    f.set_defaults(func=cmd_final)
 
     rp = sub.add_parser("report", help="write a search's report (plots, top trials) to trials/NAME/report/")
     rp.add_argument("directory", help="e.g. trials/quickstart (running, interrupted or finished)")

@@ -52,6 +52,13 @@ STATUS_TEXT = {"finished": "finished", "stopped": "stopped by ASHA", "failed": "
 
 
 # -- the one definition of a trial's score and of the best trial ------------------------------
+def rank_trials(trials: Sequence[TrialView], metric: str, mode: str) -> list[TrialView]:
+    """Trials with a score that did not fail, best first (ties: the lower trial number): the
+    report's top table and the final stage's top K."""
+    return sorted((t for t in trials if t.status != "failed" and math.isfinite(t.scores[metric])),
+                  key=lambda t: (-t.scores[metric] if mode == "max" else t.scores[metric], t.number))
+
+
 def dominates(a: Sequence[float], b: Sequence[float], modes: Sequence[str]) -> bool:
     """`a` is no worse than `b` on every objective and better on one."""
     no_worse = all((x >= y) if m == "max" else (x <= y) for x, y, m in zip(a, b, modes, strict=True))
@@ -269,8 +276,7 @@ def analyze(search_dir: str | Path) -> Analysis:
     if len(spec.metrics) > 1:
         pareto = pareto_set({t.number: [t.scores[m] for m in spec.metrics] for t in trials if t.number not in failed},
                             spec.modes)
-    ranked = sorted((t for t in trials if t.number not in failed and math.isfinite(t.scores[metric])),
-                    key=lambda t: (-t.scores[metric] if mode == "max" else t.scores[metric], t.number))
+    ranked = rank_trials(trials, metric, mode)
     tracking = _json(search_dir / "tracking.json")
     mlflow = None
     if isinstance(tracking, dict) and {"tracking_uri", "experiment_id", "parent_run_id"} <= set(tracking):
@@ -294,6 +300,86 @@ def analyze(search_dir: str | Path) -> Analysis:
         teacher=teacher_meta(spec, search_dir.parent), pareto=pareto, top=ranked[:TOP_N], mlflow=mlflow,
         journal=journal if journal.exists() else None, notes=notes, study=study,
     )
+
+
+# -- the final stage (searchkd final): its summary, kept in final.parquet's metadata -------------
+FINAL_FILE = "final.parquet"
+FINAL_KEY = b"searchkd.final"
+
+
+def read_final(search_dir: str | Path) -> dict[str, Any] | None:
+    """The final stage's summary from `final.parquet`, or None when there is none (yet)."""
+    import pyarrow.parquet as pq
+
+    path = Path(search_dir) / FINAL_FILE
+    if not path.exists():
+        return None
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(FINAL_KEY)
+        return json.loads(raw) if raw else None
+    except (OSError, ValueError):
+        return None
+
+
+def _signed(value: Any) -> str:
+    return f"{value:+.4f}" if finite(value) else "–"
+
+
+def final_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The final stage as the command line prints it: each config's test accuracy over the
+    seeds, its paired difference to the default with the interval, and the verdict."""
+    configs = summary["configs"]
+    top = sum(c["rank"] is not None for c in configs)
+    level = round(100 * float(summary.get("level", 0.95)))
+    default = "and the default" if any(c["rank"] is None for c in configs) else "(the default among them)"
+    head = (f"final stage: {top} top config{'s' if top != 1 else ''} {default} retrained on train + val "
+            f"(val_fraction 0), {len(summary['seeds'])} seeds each; test_acc of the last epoch's student")
+    if not summary.get("complete"):
+        head += f" ({summary['runs_done']} of {summary['runs_planned']} runs done)"
+    names = [c["label"] + (f" (trial {c['trial_number']})" if c["trial_number"] is not None else "")
+             for c in configs]
+    width = max(len(n) for n in names)
+    lines = [head]
+    for name, c in zip(names, configs, strict=True):
+        line = f"  {name:<{width}}  test_acc {fmt(c['mean'])} ± {fmt(c['std'])} (n {c['n']})"
+        d = c.get("diff")
+        if d and not c["is_default"]:
+            line += (f"  Δ vs default {_signed(d['mean'])} [{level}% CI {_signed(d['low'])}, "
+                     f"{_signed(d['high'])}]: {c['verdict']}")
+        lines.append(line)
+    for note in summary.get("notes", []):
+        lines.append(f"  note: {note}")
+    best = next((c for c in configs if c["rank"] == 1), None)
+    if best is not None:
+        what = "it is the default" if best["is_default"] else best.get("verdict", "")
+        lines.append(f"  verdict: the search's best config (trial {best['trial_number']}): {what}"
+                     + ("" if summary.get("complete") else " (so far)"))
+    return lines
+
+
+def final_html(summary: Mapping[str, Any]) -> str:
+    """The report's section on the final stage: one row per config."""
+    level = round(100 * float(summary.get("level", 0.95)))
+    rows = []
+    for c in summary["configs"]:
+        d = c.get("diff") or {}
+        rows.append([(c["label"], ""), ("–" if c["trial_number"] is None else str(c["trial_number"]), "n"),
+                     (fmt(c["score"]), "n"), (f"{fmt(c['mean'])} ± {fmt(c['std'])}", "n"), (str(c["n"]), "n"),
+                     ("" if c["is_default"] else _signed(d.get("mean")), "n"),
+                     ("" if c["is_default"] else f"[{_signed(d.get('low'))}, {_signed(d.get('high'))}]", "n"),
+                     (c.get("verdict", "") if not c["is_default"] else "(the default)", ""),
+                     (", ".join(f"{k}={short(v)}" for k, v in sorted(c["params"].items())), "")])
+    headers = ["config", "trial", "search score", "test_acc mean ± std", "seeds", "Δ vs default",
+               f"{level}% CI (paired t)", "verdict", "config values"]
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in summary.get("notes", []))
+    done = "" if summary.get("complete") else (f" {summary['runs_done']} of {summary['runs_planned']} runs "
+                                               f"are done so far.")
+    return ("<h2>Final stage: is the winner really better?</h2>"
+            f"<p>The top configs and the default one (every searched tunable at its objective's default) "
+            f"retrained on train + val (<code>val_fraction: 0</code>) with the same {len(summary['seeds'])} "
+            f"seeds each, measured on test (the last epoch's student). Δ is the paired difference to the "
+            f"default over the seeds, with its {level}% t-interval; a config beats the default when the "
+            f"whole interval is above 0.{done}</p>" + notes + _table(headers, rows, "final"))
 
 
 # -- units and labels --------------------------------------------------------------------------
@@ -733,6 +819,7 @@ def analysis_data(a: Analysis) -> dict[str, Any]:
         "history": {"trial_epochs": a.history_x, "best": a.history_best},
         "rungs": a.rungs, "pareto": a.pareto, "top": [trial_data(t) for t in a.top],
         "trials": [trial_data(t) for t in a.trials], "mlflow": a.mlflow, "notes": a.notes,
+        "final": read_final(a.search_dir),
     })
 
 
@@ -867,6 +954,9 @@ def render_html(a: Analysis, figures: list[Figure], out: Path, imp: dict[str, fl
                      + "; test_acc is that student's test accuracy, reported and never used to choose.</p>")
     else:
         parts.append("<p>No trial has reported an epoch yet.</p>")
+    final = read_final(a.search_dir)
+    if final is not None:
+        parts.append(final_html(final))
     for f in figures:
         if f.name != "pareto":
             parts.append(f"<h2>{html.escape(f.title)}</h2>")
@@ -895,8 +985,9 @@ def _figure(f: Figure, out: Path) -> str:
             f"<figcaption>{html.escape(f.caption)} <a href=\"{f.name}.png\">{f.name}.png</a></figcaption></figure>")
 
 
-def summary_lines(report: Report, shown_dir: str | None = None) -> list[str]:
-    """What the command line prints about a report."""
+def summary_lines(report: Report, shown_dir: str | None = None, final: bool = True) -> list[str]:
+    """What the command line prints about a report (with the final stage's summary, if the
+    search has one, unless `final` is False: the caller printed it already)."""
     a = report.analysis
     where = shown_dir or os.path.relpath(report.index)
     lines = [f"report: {where}  ({len(report.figures)} plots, {report.seconds:.1f}s)"]
@@ -908,4 +999,7 @@ def summary_lines(report: Report, shown_dir: str | None = None) -> list[str]:
     if a.mlflow:
         lines.append(f"  MLflow: {a.mlflow['link']}"
                      + ("" if a.mlflow["tracking_uri"].startswith("http") else "  (after: searchkd ui)"))
+    summary = read_final(a.search_dir) if final else None
+    if summary is not None:
+        lines += final_lines(summary)
     return lines

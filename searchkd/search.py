@@ -185,7 +185,7 @@ class StudySearcher(Searcher):
         return self._study
 
     def _stop(self, exc: OSError) -> None:
-        session = _SESSIONS.get(str(self.search_dir))
+        session = SESSIONS.get(str(self.search_dir))
         if session is not None:
             session.stop(f"no space left on device writing {self.search_dir / JOURNAL_FILE}")
 
@@ -370,11 +370,11 @@ class SessionStopper(tune.Stopper):
         return False
 
     def stop_all(self) -> bool:
-        session = _SESSIONS.get(self.key)
+        session = SESSIONS.get(self.key)
         return bool(session and session.stop_reason)
 
 
-_SESSIONS: dict[str, Session] = {}
+SESSIONS: dict[str, Session] = {}
 
 
 class SearchCallback(Callback):
@@ -386,7 +386,7 @@ class SearchCallback(Callback):
 
     @property
     def session(self) -> Session:
-        return _SESSIONS[self.key]
+        return SESSIONS[self.key]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.session.failed.pop(_number(trial), None)
@@ -583,14 +583,16 @@ def trial_storage(search_dir: Path, spec: Spec) -> Storage:
     return root
 
 
-def _concurrency(spec: Spec) -> int:
+def concurrency(spec: Spec, count: int | None = None) -> int:
+    """How many of `count` trials (default: the search's num_samples) run at once."""
     res = ray.cluster_resources()
     want = spec.search.resources
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     fit = math.floor(cpus / want.cpu + 1e-9)
     if want.gpu > 0:
         fit = min(fit, math.floor(gpus / want.gpu + 1e-9))
-    return max(1, min(spec.search.max_concurrent or fit, fit, spec.search.num_samples))
+    count = spec.search.num_samples if count is None else count
+    return max(1, min(spec.search.max_concurrent or fit, fit, count))
 
 
 def pending(study: optuna.Study, spec: Spec) -> tuple[list[int], int]:
@@ -599,23 +601,29 @@ def pending(study: optuna.Study, spec: Spec) -> tuple[list[int], int]:
     return rerun, len(rerun) + max(0, spec.search.num_samples - len(study.trials))
 
 
-def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, storage: Storage,
-                callbacks: list[Callback], tunables: dict[str, set[str]], study: optuna.Study,
-                results: ResultsTable) -> tuple[tune.Tuner, int]:
-    """A Tuner for the trials this run must still run (the study's open trials first, then new
-    ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
+def make_trainable(spec: Spec, teacher: TeacherInfo | None, storage: Storage) -> Any:
+    """`train_trial` with the spec as its base, the teacher's bytes and the trials' storage,
+    under the space's per-trial resources (the search and its final stage share it)."""
     res = spec.search.resources
     memory_fraction = res.gpu if 0 < res.gpu < 1 else None
     blob = Path(teacher.path).read_bytes() if teacher else None
     # The teacher travels as bytes through Ray's object store (tune.with_parameters puts it
     # there once), checked against this digest on arrival: no node needs the driver's disk.
-    trainable = tune.with_resources(
+    return tune.with_resources(
         tune.with_parameters(train_trial, base=spec.model_dump(mode="json", by_alias=True),
                              teacher=blob, storage=storage,
                              teacher_sha256=hashlib.sha256(blob).hexdigest() if blob else None,
                              cpus=res.cpu, memory_fraction=memory_fraction),
         {"cpu": res.cpu, "gpu": res.gpu},
     )
+
+
+def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, storage: Storage,
+                callbacks: list[Callback], tunables: dict[str, set[str]], study: optuna.Study,
+                results: ResultsTable) -> tuple[tune.Tuner, int]:
+    """A Tuner for the trials this run must still run (the study's open trials first, then new
+    ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
+    trainable = make_trainable(spec, teacher, storage)
     rerun, to_run = pending(study, spec)
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
@@ -638,7 +646,7 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, stora
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=_concurrency(spec)),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(spec)),
             scheduler=scheduler, num_samples=to_run,
             reuse_actors=True,  # a trial's process outlives it: no re-import of torch per trial
         ),
@@ -716,9 +724,9 @@ def run_search(
     interrupted = False
     if to_run:
         tuner, _ = build_tuner(spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, study, results)
-        _SESSIONS[key] = session
+        SESSIONS[key] = session
         try:
-            with _ctrl_c() as seen:
+            with ctrl_c() as seen:
                 try:
                     tuner.fit()
                 except Exception:  # noqa: BLE001 - Tune fails reading its own files on a full disk
@@ -726,7 +734,7 @@ def run_search(
                         raise
                 interrupted = seen()
         finally:
-            del _SESSIONS[key]
+            del SESSIONS[key]
             try:
                 results.flush()
             except OSError as exc:  # results.jsonl holds the rows; the resume writes the table
@@ -744,7 +752,7 @@ def run_search(
     # long outage held back reaches it now.
     session.mlflow.resync(results.by_trial(), outcomes)
     # With a full disk the store may be on it too: the resume sends what it does not take now.
-    synced = _Deadline(writer, uri, log, 5.0 if session.stop_reason else TRACKING_WAIT_S).drain()
+    synced = Deadline(writer, uri, log, 5.0 if session.stop_reason else TRACKING_WAIT_S).drain()
     counts = outcomes.counts()
     status = "finished" if complete and synced else "interrupted" if interrupted else "unfinished"
     _write_state(search_dir, "finished" if status == "finished" else "interrupted", counts,
@@ -764,7 +772,7 @@ def run_search(
 
 
 @contextlib.contextmanager
-def _ctrl_c() -> Iterator[Callable[[], bool]]:
+def ctrl_c() -> Iterator[Callable[[], bool]]:
     """Whether Ctrl-C ended `fit()`: Tune catches the first SIGINT itself (it saves its state
     and returns) and then puts back the handler it found, so finding ours back means it came."""
     if threading.current_thread() is not threading.main_thread():
@@ -781,7 +789,7 @@ def _ctrl_c() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-class _Deadline:
+class Deadline:
     """The end of a search waits for MLflow at most TRACKING_WAIT_S, saying so once."""
 
     def __init__(self, writer: tracking.MlflowWriter, uri: str, log: Log, wait_s: float = TRACKING_WAIT_S) -> None:

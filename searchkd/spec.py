@@ -168,6 +168,14 @@ class ParamSpec(_Strict):
         return list(self.float_ if self.float_ is not None else self.int_)  # type: ignore[arg-type]
 
 
+class FinalSpec(_Strict):
+    """The final stage run when the search ends (`searchkd final` does it by hand): the `top`
+    configs and the default one retrained on train + val with `seeds` seeds each, on test."""
+
+    top: int = Field(3, ge=1)
+    seeds: int = Field(3, ge=1)
+
+
 class ObjectiveChoice(_Strict):
     choice: list[str] = Field(min_length=1)
 
@@ -185,6 +193,7 @@ class Spec(_Strict):
     loss: dict[str, Any] = Field(default_factory=dict)
     search: SearchSpec = Field(default_factory=SearchSpec)
     params: dict[str, ParamSpec] = Field(default_factory=dict)
+    final: FinalSpec | None = None  # absent: the search ends without a final stage
 
     @field_validator("name")
     @classmethod

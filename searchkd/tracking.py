@@ -124,6 +124,32 @@ def open_search(
     return runs
 
 
+def open_nested(runs: SearchRuns, state_path: Path, name: str, tags: dict[str, str],
+                params: dict[str, Any]) -> SearchRuns:
+    """A run nested under the search's parent run (the final stage's), created once (with
+    `params`) and reopened by its `state_path` (or found again by its tags if that file was never
+    written); the returned SearchRuns has it as the parent of its own child runs."""
+    configure_client()
+    client = MlflowClient(runs.tracking_uri)
+    tags = {**tags, "mlflow.parentRunId": runs.parent_run_id, "searchkd.role": name}
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    if state and state.get("tracking_uri") == runs.tracking_uri:
+        client.update_run(state["parent_run_id"], status="RUNNING")
+        return SearchRuns(**state)
+    found = client.search_runs([runs.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{runs.parent_run_id}' and tags.`searchkd.role` = '{name}'"))
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(runs.experiment_id, run_name=name, tags=tags).info.run_id
+        client.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in params.items()])
+    nested = SearchRuns(runs.tracking_uri, runs.experiment_id, run_id)
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(state_path, lambda p: p.write_text(json.dumps(nested.__dict__, indent=1)))
+    return nested
+
+
 def set_ui_tags(client: MlflowClient, experiment_id: str, space_file: Path) -> None:
     import yaml
 
@@ -194,8 +220,15 @@ class MlflowWriter:
     while the store is away."""
 
     def __init__(self, runs: SearchRuns, search_dir: Path, storage: Storage, metric: str, mode: str,
-                 base_tags: dict[str, str], epochs: int, log: Log | None = None) -> None:
+                 base_tags: dict[str, str], epochs: int, log: Log | None = None, *,
+                 key_tag: str = "trial_number", run_tags: Callable[[TrialRecord], dict[str, str]] | None = None,
+                 run_name: Callable[[TrialRecord], str] | None = None, track_best: bool = True) -> None:
         configure_client()
+        # How a record's run is named, tagged and found again: a search's child runs are its
+        # trials (`trial_number`); the final stage's are (config, seed) runs (`final_run`), whose
+        # extra tags name the config's rank, its seed and its source trial. A final stage
+        # ranks nothing on test, so it keeps no best value (`track_best`).
+        self.key_tag, self.run_tags, self.run_name, self.track_best = key_tag, run_tags, run_name, track_best
         self.runs = runs
         self.search_dir = Path(search_dir)
         self.storage = storage
@@ -310,18 +343,19 @@ class MlflowWriter:
         found = self.client.search_runs(
             [self.runs.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.runs.parent_run_id}' "
-                          f"and tags.trial_number = '{rec.number}'",
+                          f"and tags.{self.key_tag} = '{rec.number}'",
         )
         if found:
             rid = found[0].info.run_id
         else:
             tags = {**self.base_tags, "mlflow.parentRunId": self.runs.parent_run_id,
-                    "trial_id": rec.trial_id, "trial_number": str(rec.number), "ray_trial_dir": rec.trial_dir,
+                    "trial_id": rec.trial_id, self.key_tag: str(rec.number), "ray_trial_dir": rec.trial_dir,
                     "trial_storage": self.storage.child(trial_key(rec.number)).display}
             if "objective" in rec.config:
                 tags["objective"] = str(rec.config["objective"])
-            rid = self.client.create_run(self.runs.experiment_id, run_name=f"trial-{rec.number:03d}",
-                                         tags=tags).info.run_id
+            tags.update(self.run_tags(rec) if self.run_tags else {})
+            name = self.run_name(rec) if self.run_name else f"trial-{rec.number:03d}"
+            rid = self.client.create_run(self.runs.experiment_id, run_name=name, tags=tags).info.run_id
         self._map[key] = rid
         replace_atomically(self.search_dir / RUNS_FILE, lambda p: p.write_text(json.dumps(self._map, indent=1)))
         return rid
@@ -353,7 +387,8 @@ class MlflowWriter:
             client.log_batch(rid, metrics=metrics[i:i + METRICS_PER_BATCH])
         if new:
             self._logged(rid).update(new)
-            self._improve_best(rec, rid, [rec.rows[e] for e in new])
+            if self.track_best:
+                self._improve_best(rec, rid, [rec.rows[e] for e in new])
         if rec.outcome is None:
             if run.info.status != "RUNNING":
                 client.update_run(rid, status="RUNNING")
