@@ -153,6 +153,22 @@ def space_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "")
     return out
 
 
+def take_lock(search_dir: Path) -> Any:
+    """The search's lock (`.NAME.lock` beside it), taken now or refused in one line: one process
+    per search, and taken before Ray starts, so a second command is refused at once. The OS
+    drops it when its holder dies: a killed run never blocks its resume."""
+    from filelock import FileLock, Timeout
+
+    lock_path = search_dir.parent / f".{search_dir.name}.lock"
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SearchkdError(f"{os.path.relpath(search_dir)} is being run by another searchkd process "
+                            f"(lock {os.path.relpath(lock_path)})") from None
+    return lock
+
+
 def local_ray_env() -> None:
     """A private local Ray listens on 127.0.0.1 only and reports no usage statistics.
 
@@ -184,11 +200,7 @@ def tune(space: str | Path | Mapping[str, Any] | Spec, *, trials_dir: str | Path
          resume: bool = False, address: str | None = None, num_cpus: int | None = None,
          tracking_uri: str | None = None, storage: str | None = None, report: bool = True,
          say: Say = print) -> SearchRun:
-    """Run a search (or continue it with `resume=True`) and return how it ended.
-
-    One process per search: a file lock taken before Ray starts refuses a second one at once,
-    and the OS drops it when its holder dies, so a killed run never blocks its resume.
-    """
+    """Run a search (or continue it with `resume=True`) and return how it ended."""
     spec = load_space(space, storage, check_files=False)
     source = str(space) if isinstance(space, str | Path) else None
     return _run(spec, trials_root(trials_dir), resume, source, address=address, num_cpus=num_cpus,
@@ -248,16 +260,8 @@ def _run(spec: Spec, root: Path, resume: bool, source: str | None, *, address: s
         print(f"searchkd: warning: {source}: {warning}", file=sys.stderr)
     if address is None:
         local_ray_env()
-    from filelock import FileLock, Timeout
-
     root.mkdir(parents=True, exist_ok=True)
-    lock_path = root / f".{spec.name}.lock"
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise SearchkdError(f"{shown} is being run by another searchkd process "
-                            f"(lock {os.path.relpath(lock_path)})") from None
+    lock = take_lock(search_dir)
     from .record import ResultsError
     from .search import SearchError, base_storage, connect, run_search
 
@@ -338,18 +342,9 @@ def final(search: str | Path, *, top: int | None = None, seeds: int | None = Non
     if not (search_dir / SPACE_FILE).is_file():
         raise SearchkdError(f"{search}: no such search (no {SPACE_FILE} in {os.path.relpath(search_dir)})")
     search_dir = search_dir.resolve()
-    shown = os.path.relpath(search_dir)
     if address is None:
         local_ray_env()
-    from filelock import FileLock, Timeout
-
-    lock_path = search_dir.parent / f".{search_dir.name}.lock"
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise SearchkdError(f"{shown} is being run by another searchkd process "
-                            f"(lock {os.path.relpath(lock_path)})") from None
+    lock = take_lock(search_dir)
     from .final import prepare, run_final
     from .report import ReportError
     from .search import SearchError

@@ -38,6 +38,7 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
+from .metrics import json_safe
 from .record import ResultsTable
 
 # final.parquet (one row per finished (config, seed)) and the metadata key of its summary
@@ -45,7 +46,6 @@ from .report import FINAL_FILE, FINAL_KEY, analyze, rank_trials, read_spec
 from .samplers import trial_seed
 from .search import (
     RAY_DIR,
-    SESSIONS,
     TRACKING_WAIT_S,
     Deadline,
     Log,
@@ -57,14 +57,14 @@ from .search import (
     base_storage,
     concurrency,
     connect,
-    ctrl_c,
+    fit,
     make_trainable,
     quiet,
     say,
     trial_storage,
 )
 from .spec import Spec
-from .storage import disk_full, replace_atomically
+from .storage import replace_atomically
 from .teacher import TeacherInfo
 
 FINAL_DIR = "final"  # trials/NAME/final/: what the driver records of the final stage
@@ -467,23 +467,7 @@ def run_final(stage: FinalStage, teacher: TeacherInfo | None, address: str | Non
                 callbacks=[SearchCallback(key)], stop=SessionStopper(key),
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)),
         )
-        SESSIONS[key] = session
-        try:
-            with ctrl_c() as seen:
-                try:
-                    tuner.fit()
-                except Exception:  # noqa: BLE001 - Tune fails reading its own files on a full disk
-                    if session.stop_reason is None:
-                        raise
-                interrupted = seen()
-        finally:
-            del SESSIONS[key]
-            try:
-                results.flush()
-            except OSError as exc:
-                if not disk_full(exc):
-                    raise
-                session.stop(f"no space left on device writing {results.path}")
+        interrupted = fit(tuner, key, session)
     done = finished_rows(results, spec.train.epochs)
     outcomes = Outcomes(trial_ids=dict(session.trial_ids))
     for run in stage.runs:
@@ -543,21 +527,10 @@ def write_final(stage: FinalStage, done: Mapping[int, Mapping[str, Any]]) -> dic
     params = sorted({k for c in stage.configs for k in c.params})
     keys = [*ROW_KEYS, *params]
     table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]) if rows else pa.table({})
-    table = table.replace_schema_metadata({FINAL_KEY: json.dumps(_clean(summary)).encode()})
+    table = table.replace_schema_metadata({FINAL_KEY: json.dumps(json_safe(summary)).encode()})
     path = stage.search_dir / FINAL_FILE
     replace_atomically(path, lambda p: pq.write_table(table, p))
     return summary
-
-
-def _clean(value: Any) -> Any:
-    """NaN and infinities as null (JSON has neither)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
 
 
 def log_summary(runs: tracking.SearchRuns, final_file: Path, summary: dict[str, Any], status: str) -> None:

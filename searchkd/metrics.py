@@ -98,3 +98,14 @@ def pick_best(scores: Mapping[int, float], mode: str,
         if better(scores[number], scores[best] if best is not None else math.nan, mode):
             best = number
     return best
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as null, in nested dicts and lists: JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

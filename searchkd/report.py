@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from .metrics import better, finite, pick_best, stopped_early, trial_score
+from .metrics import better, finite, json_safe, pick_best, stopped_early, trial_score
 from .record import JOURNAL_FILE, SPACE_FILE, STATE_FILE
 from .spec import Spec, teacher_digest
 
@@ -784,24 +784,14 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
             f"Every trial at its {a.spec.metrics[0]} and {a.spec.metrics[1]}. Red: the non-dominated trials, "
             f"those no other trial beats on both at once; the table below lists them."))
     data.update(analysis_data(a))
-    (out / DATA_FILE).write_text(json.dumps(_clean(data), indent=1, default=str))
+    (out / DATA_FILE).write_text(json.dumps(json_safe(data), indent=1, default=str))
     index = out / INDEX_FILE
     index.write_text(render_html(a, figures, out, imp))
     return Report(out, index, [out / f"{f.name}.png" for f in figures], a, time.perf_counter() - start)
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def trial_data(t: TrialView) -> dict[str, Any]:
-    return _clean({"trial": t.number, "trial_id": t.trial_id, "status": t.status, "epochs": t.epochs,
+    return json_safe({"trial": t.number, "trial_id": t.trial_id, "status": t.status, "epochs": t.epochs,
                    "scores": t.scores, "test_acc": t.test_acc, "student_params": t.student_params,
                    "student_macs": t.student_macs, "objective": t.objective, "config": t.config,
                    "mlflow_run_id": t.run_id, "end_x": t.end_x, "error": t.error})
@@ -809,7 +799,7 @@ def trial_data(t: TrialView) -> dict[str, Any]:
 
 def analysis_data(a: Analysis) -> dict[str, Any]:
     """What the plots and tables show, as numbers."""
-    return _clean({
+    return json_safe({
         "search": a.spec.name, "state": a.state, "metric": a.metric, "mode": a.mode,
         "metrics": a.spec.metrics, "modes": a.spec.modes,
         "best": trial_data(a.best) if a.best else None,

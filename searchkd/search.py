@@ -724,23 +724,7 @@ def run_search(
     interrupted = False
     if to_run:
         tuner, _ = build_tuner(spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, study, results)
-        SESSIONS[key] = session
-        try:
-            with ctrl_c() as seen:
-                try:
-                    tuner.fit()
-                except Exception:  # noqa: BLE001 - Tune fails reading its own files on a full disk
-                    if session.stop_reason is None:
-                        raise
-                interrupted = seen()
-        finally:
-            del SESSIONS[key]
-            try:
-                results.flush()
-            except OSError as exc:  # results.jsonl holds the rows; the resume writes the table
-                if not disk_full(exc):
-                    raise
-                session.stop(f"no space left on device writing {results.path}")
+        interrupted = fit(tuner, key, session)
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
     study = load_study(search_dir, spec.name)
@@ -769,6 +753,29 @@ def run_search(
         log(f"searchkd: error: {session.stop_reason}; the search stopped with its trials open: free "
             f"space, then resume")
     return summarize(search_dir, spec, teacher, counts), status
+
+
+def fit(tuner: tune.Tuner, key: str, session: Session) -> bool:
+    """Run the tuner with its session where the callbacks find it; whether Ctrl-C stopped it.
+    A full disk stops the session (Tune then fails reading its own files: that is expected);
+    the table is written when it ends, and results.jsonl holds the rows if it cannot be."""
+    SESSIONS[key] = session
+    try:
+        with ctrl_c() as seen:
+            try:
+                tuner.fit()
+            except Exception:  # noqa: BLE001 - Tune fails reading its own files on a full disk
+                if session.stop_reason is None:
+                    raise
+            return seen()
+    finally:
+        del SESSIONS[key]
+        try:
+            session.results.flush()
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            session.stop(f"no space left on device writing {session.results.path}")
 
 
 @contextlib.contextmanager

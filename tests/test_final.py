@@ -15,6 +15,7 @@ from searchgen import make_search
 from searchkd import final as fs
 from searchkd import report as rp
 from searchkd.cli import main
+from searchkd.metrics import json_safe
 from searchkd.objectives import get_objective
 from searchkd.spec import Spec
 
@@ -64,7 +65,7 @@ def test_summary_pairs_each_config_with_the_default_by_seed() -> None:
     assert first["diff"]["mean"] == pytest.approx(0.02) and first["verdict"] == "not distinguishable"
     assert base["label"] == "default" and "diff" not in base and base["mean"] == pytest.approx(0.94)
     assert summary["complete"] and summary["runs_done"] == 6
-    lines = rp.final_lines(json.loads(json.dumps(fs._clean(summary))))
+    lines = rp.final_lines(json.loads(json.dumps(json_safe(summary))))
     assert "rank 1 (trial 4)" in lines[1] and "Δ vs default +0.0200" in lines[1]
     assert "not distinguishable" in lines[-1]
     partial = fs.summarize(configs, [1, 2, 3], {k: v for k, v in accs.items() if k[1] != 3})
