@@ -1,0 +1,133 @@
+"""Is a search's winner really better than its objective's defaults? One digits search per objective.
+
+    python bench/final_objectives.py                        # every registered objective
+    python bench/final_objectives.py --objectives msd,kd --trials 6 --json final.json
+
+For each objective (from the registry: a new one is benchmarked without an edit here), the
+space is spaces/digits-ce.yaml with that objective, its own tunables searched over their
+default ranges (`searchkd objectives` lists them; the label terms' weights included), TPE,
+no early stopping, and a `final:` section: when the search ends, its best config and the
+objective's default config are retrained on train + val with the same seeds and compared on
+test, paired by seed (`searchkd.api.final`). Everything goes through `searchkd.tune`, the
+function behind `searchkd tune`. The table gives, per objective, the search's best val_acc,
+the final stage's test accuracy of the winner and of the default (mean ± std over the seeds),
+the paired difference with its 95% interval, and the verdict.
+
+The teacher is the quickstart's, trained at most once into `--teacher-trials-dir`'s cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits_objectives import environment, share_teacher, space_of  # noqa: E402
+
+import searchkd  # noqa: E402
+from searchkd.objectives import OBJECTIVES  # noqa: E402
+from searchkd.report import read_final  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def searched_space(objective: str, base: Path, trials: int, seeds: int) -> dict[str, Any]:
+    """The base digits space with `objective`, its tunables searched, and a final stage."""
+    raw = space_of(objective, base)
+    raw["name"] = f"final-{objective}"
+    params = {f"loss.{k}": dict(t.search) for k, t in OBJECTIVES.get(objective).tunables.items() if t.search}
+    raw["params"] = params
+    raw["search"] = {**raw["search"], "num_samples": trials, "sampler": "tpe", "scheduler": "none"}
+    raw["final"] = {"top": 1, "seeds": seeds}
+    return raw
+
+
+def row_of(objective: str, summary: dict[str, Any], best_val: float, seconds: float) -> dict[str, Any]:
+    winner = next((c for c in summary["configs"] if c["rank"] == 1), None)
+    default = next(c for c in summary["configs"] if c["is_default"])
+    diff = (winner or {}).get("diff") or {}
+    return {
+        "objective": objective, "best_val_acc": best_val, "seconds": seconds,
+        "winner": winner and {"mean": winner["mean"], "std": winner["std"], "trial": winner["trial_number"]},
+        "default": {"mean": default["mean"], "std": default["std"]},
+        "diff": diff, "verdict": (winner or {}).get("verdict", "the winner is the default"),
+    }
+
+
+def pct(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| objective | search best val_acc (%) | winner test (%) | default test (%) | "
+             "Δ (pp) [95% CI] | verdict | wall (s) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        w, d, diff = r["winner"] or {}, r["default"], r["diff"]
+        ci = (f"{100 * diff['mean']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
+              if diff.get("low") is not None else "-")
+        lines.append(f"| {r['objective']} | {pct(r['best_val_acc'])} | {pct(w.get('mean'), w.get('std'))} | "
+                     f"{pct(d['mean'], d['std'])} | {ci} | {r['verdict']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--objectives", default=",".join(OBJECTIVES.names()))
+    p.add_argument("--trials", type=int, default=8, help="trials per search")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per config in the final stage")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default: the base space's)")
+    p.add_argument("--base", type=Path, default=ROOT / "spaces" / "digits-ce.yaml")
+    p.add_argument("--trials-dir", type=Path, help="where the searches go (default: a temporary folder)")
+    p.add_argument("--teacher-trials-dir", type=Path, default=Path("trials"))
+    p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray, as in the tests
+    names = [n.strip() for n in args.objectives.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise SystemExit(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES.names())}")
+    env = environment()
+    trials = args.trials_dir or Path(tempfile.mkdtemp(prefix="searchkd-final-"))
+    trials.mkdir(parents=True, exist_ok=True)
+    share_teacher(space_of("ce", args.base), args.teacher_trials_dir.expanduser(), trials)
+    rows = []
+    for objective in names:
+        raw = searched_space(objective, args.base, args.trials, args.seeds)
+        if args.epochs:
+            raw["train"] = {**raw["train"], "epochs": args.epochs}
+        print(f"searchkd.tune(final-{objective}): {args.trials} trials, then the final stage ...", flush=True)
+        start = time.perf_counter()
+        run = searchkd.tune(raw, trials_dir=trials, num_cpus=args.num_cpus, report=False, say=lambda _: None)
+        seconds = time.perf_counter() - start
+        summary = read_final(run.search_dir)
+        if run.status != "finished" or run.final_status != "finished" or summary is None:
+            raise SystemExit(f"final-{objective}: the search ended {run.status}, its final stage {run.final_status}")
+        best = run.summary.best_value if run.summary else float("nan")
+        rows.append(row_of(objective, summary, best, seconds))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    print()
+    for key, value in env.items():
+        print(f"{key}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps({"environment": env, "rows": rows,
+                                         "space": yaml.safe_dump(searched_space("msd", args.base, args.trials,
+                                                                                args.seeds))}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
