@@ -259,8 +259,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0 if code in (0, -signal.SIGTERM) else code
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line like every other (`--help` still shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("searchkd").strip()
+        fail(f"{where}: {message}" if where else message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="searchkd", description="Search how best to distill a teacher into a student.")
+    p = Parser(prog="searchkd", description="Search how best to distill a teacher into a student.")
     p.add_argument("--version", action="version", version=f"searchkd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

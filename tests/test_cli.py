@@ -360,3 +360,13 @@ def test_ui_beyond_loopback_answers_for_this_machines_names() -> None:
     allowed = cmd[cmd.index("--allowed-hosts") + 1].split(",")
     assert {socket.gethostname(), f"{socket.gethostname()}:*", "ml.lab.example:*", "127.0.0.1:*"} <= set(allowed)
     assert "0.0.0.0" not in names and "*" not in allowed
+
+
+def test_a_wrong_argument_is_one_line_exit_2(capsys) -> None:
+    code, out, err = run(capsys, "final", "trials/x", "--seeds", "0")
+    assert code == 2 and out == ""
+    assert err == "searchkd: error: final: argument --seeds: must be at least 1, got 0\n"
+    code, _, err = run(capsys, "tune")
+    assert code == 2 and err.count("\n") == 1 and "the following arguments are required: space" in err
+    code, _, err = run(capsys, "nosuch")
+    assert code == 2 and err.count("\n") == 1 and "invalid choice: 'nosuch'" in err
