@@ -69,7 +69,9 @@ def parse_pairs(text: str) -> list[Pair]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in PAIRS]
     if unknown or not names:
-        raise SystemExit(f"unknown pair {unknown[0] if unknown else text!r}; known: {', '.join(PAIRS)}")
+        raise SystemExit(
+            f"unknown pair {unknown[0] if unknown else text!r}; known: {', '.join(PAIRS)}"
+        )
     return [PAIRS[n] for n in names]
 
 
@@ -142,8 +144,12 @@ def synthetic_data(train_images: int, num_classes: int) -> dict[str, Any]:
     return {
         "dataset": "synthetic",
         "val_fraction": 1.0 / (per_class + 1),
-        "options": {"train_size": (per_class + 1) * num_classes, "test_size": num_classes,
-                    "num_classes": num_classes, "image_size": IMAGE_SIZE},
+        "options": {
+            "train_size": (per_class + 1) * num_classes,
+            "test_size": num_classes,
+            "num_classes": num_classes,
+            "image_size": IMAGE_SIZE,
+        },
     }
 
 
@@ -204,24 +210,42 @@ def train_steps(engine: Any, steps: int) -> dict[str, Any]:
         done = len(engine.loaders.train)
     finally:
         engine.loaders.train = full
-    return {"img_s": row["images_per_second"], "steps": done, "seconds": row["epoch_seconds"],
-            "loss": row["train_loss"]}
+    return {
+        "img_s": row["images_per_second"],
+        "steps": done,
+        "seconds": row["epoch_seconds"],
+        "loss": row["train_loss"],
+    }
 
 
 def engine_spec(
-    pair: Pair, teacher_checkpoint: Path, data: dict[str, Any], batch_size: int,
-    epochs: int = 2, compile: bool = False, name: str = "bench",
+    pair: Pair,
+    teacher_checkpoint: Path,
+    data: dict[str, Any],
+    batch_size: int,
+    epochs: int = 2,
+    compile: bool = False,
+    name: str = "bench",
 ) -> Spec:
     """The engine's spec for one pair: the literature's recipe, default loss weights."""
-    return Spec.model_validate({
-        "name": name,
-        "objective": pair.objective,
-        "data": data,
-        "teacher": {"arch": pair.teacher, "checkpoint": str(teacher_checkpoint)},
-        "student": {"arch": pair.student},
-        "train": {"epochs": epochs, "batch_size": batch_size, "lr": LR, "momentum": MOMENTUM,
-                  "weight_decay": WEIGHT_DECAY, "precision": "bf16", "compile": compile},
-    })
+    return Spec.model_validate(
+        {
+            "name": name,
+            "objective": pair.objective,
+            "data": data,
+            "teacher": {"arch": pair.teacher, "checkpoint": str(teacher_checkpoint)},
+            "student": {"arch": pair.student},
+            "train": {
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": LR,
+                "momentum": MOMENTUM,
+                "weight_decay": WEIGHT_DECAY,
+                "precision": "bf16",
+                "compile": compile,
+            },
+        }
+    )
 
 
 # ------------------------------------------------------------------ CIFAR python format
@@ -240,7 +264,9 @@ def _md5(path: Path) -> str:
 
 def _images(n: int, seed: int) -> np.ndarray:
     """n CIFAR rows (3072 uint8: 1024 R, 1024 G, 1024 B): what the real files hold."""
-    return np.random.default_rng(seed).integers(0, 256, (n, 3 * IMAGE_SIZE * IMAGE_SIZE), dtype=np.uint8)
+    return np.random.default_rng(seed).integers(
+        0, 256, (n, 3 * IMAGE_SIZE * IMAGE_SIZE), dtype=np.uint8
+    )
 
 
 def _labels(n: int, num_classes: int, seed: int) -> list[int]:
@@ -280,17 +306,32 @@ def write_cifar(root: Path, num_train: int, num_classes: int, num_test: int = 10
         folder.mkdir(parents=True, exist_ok=True)
         for split, n, seed in (("train", num_train, 1), ("test", num_test, 2)):
             y = _labels(n, num_classes, seed)
-            _dump(folder / split, {
-                "filenames": [f"{split}_{i}.png" for i in range(n)], "batch_label": f"{split} batch",
-                "fine_labels": y, "coarse_labels": [v // 5 for v in y], "data": _images(n, seed),
-            })
-        _dump(folder / "meta", {"fine_label_names": [f"fine_{i}" for i in range(100)],
-                                "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
-        return CifarFiles(root, CIFAR100, {
-            "train_list": [["train", _md5(folder / "train")]],
-            "test_list": [["test", _md5(folder / "test")]],
-            "meta": {**CIFAR100.meta, "md5": _md5(folder / "meta")},
-        })
+            _dump(
+                folder / split,
+                {
+                    "filenames": [f"{split}_{i}.png" for i in range(n)],
+                    "batch_label": f"{split} batch",
+                    "fine_labels": y,
+                    "coarse_labels": [v // 5 for v in y],
+                    "data": _images(n, seed),
+                },
+            )
+        _dump(
+            folder / "meta",
+            {
+                "fine_label_names": [f"fine_{i}" for i in range(100)],
+                "coarse_label_names": [f"coarse_{i}" for i in range(20)],
+            },
+        )
+        return CifarFiles(
+            root,
+            CIFAR100,
+            {
+                "train_list": [["train", _md5(folder / "train")]],
+                "test_list": [["test", _md5(folder / "test")]],
+                "meta": {**CIFAR100.meta, "md5": _md5(folder / "meta")},
+            },
+        )
     if num_classes == 10:
         folder = root / CIFAR10.base_folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -298,16 +339,41 @@ def write_cifar(root: Path, num_train: int, num_classes: int, num_test: int = 10
         batches = [f"data_batch_{b}" for b in range(1, 6)]
         for b, name in enumerate(batches):
             n = min(per_batch, max(0, num_train - b * per_batch))
-            _dump(folder / name, {"batch_label": name, "labels": _labels(n, 10, 10 + b),
-                                  "data": _images(n, 10 + b), "filenames": [f"{name}_{i}" for i in range(n)]})
-        _dump(folder / "test_batch", {"batch_label": "test", "labels": _labels(num_test, 10, 3),
-                                      "data": _images(num_test, 3),
-                                      "filenames": [f"t_{i}" for i in range(num_test)]})
-        _dump(folder / "batches.meta", {"num_cases_per_batch": per_batch, "num_vis": 3072,
-                                        "label_names": [f"class_{i}" for i in range(10)]})
-        return CifarFiles(root, CIFAR10, {
-            "train_list": [[f, _md5(folder / f)] for f in batches],
-            "test_list": [["test_batch", _md5(folder / "test_batch")]],
-            "meta": {**CIFAR10.meta, "md5": _md5(folder / "batches.meta")},
-        })
-    raise SystemExit(f"--num-classes must be 100 (CIFAR-100 files) or 10 (CIFAR-10), got {num_classes}")
+            _dump(
+                folder / name,
+                {
+                    "batch_label": name,
+                    "labels": _labels(n, 10, 10 + b),
+                    "data": _images(n, 10 + b),
+                    "filenames": [f"{name}_{i}" for i in range(n)],
+                },
+            )
+        _dump(
+            folder / "test_batch",
+            {
+                "batch_label": "test",
+                "labels": _labels(num_test, 10, 3),
+                "data": _images(num_test, 3),
+                "filenames": [f"t_{i}" for i in range(num_test)],
+            },
+        )
+        _dump(
+            folder / "batches.meta",
+            {
+                "num_cases_per_batch": per_batch,
+                "num_vis": 3072,
+                "label_names": [f"class_{i}" for i in range(10)],
+            },
+        )
+        return CifarFiles(
+            root,
+            CIFAR10,
+            {
+                "train_list": [[f, _md5(folder / f)] for f in batches],
+                "test_list": [["test_batch", _md5(folder / "test_batch")]],
+                "meta": {**CIFAR10.meta, "md5": _md5(folder / "batches.meta")},
+            },
+        )
+    raise SystemExit(
+        f"--num-classes must be 100 (CIFAR-100 files) or 10 (CIFAR-10), got {num_classes}"
+    )

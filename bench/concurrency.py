@@ -63,16 +63,28 @@ def worker(rank: int, k: int, args: dict[str, Any], barrier: Any, results: Any) 
         torch.set_num_threads(args["threads"] or max(1, (os.cpu_count() or 1) // k))
     pair = PAIRS[args["pair"]]
     data = synthetic_data(args["train_size"], args["num_classes"])
-    spec = engine_spec(pair, Path(args["teacher"]), data, args["batch_size"], compile=args["compile"])
-    engine = Engine(spec, seed=rank, teacher_checkpoint=args["teacher"], device=device,
-                    memory_fraction=1.0 / k if k > 1 else None)
+    spec = engine_spec(
+        pair, Path(args["teacher"]), data, args["batch_size"], compile=args["compile"]
+    )
+    engine = Engine(
+        spec,
+        seed=rank,
+        teacher_checkpoint=args["teacher"],
+        device=device,
+        memory_fraction=1.0 / k if k > 1 else None,
+    )
     train_steps(engine, args["warmup"])
     barrier.wait(timeout=BARRIER_TIMEOUT_S)
     start = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes on one machine
     row = train_steps(engine, args["steps"])
     end = time.monotonic()
-    out = {"rank": rank, "start": start, "end": end, "img_s": row["img_s"],
-           "images": row["steps"] * args["batch_size"]}
+    out = {
+        "rank": rank,
+        "start": start,
+        "end": end,
+        "img_s": row["img_s"],
+        "images": row["steps"] * args["batch_size"],
+    }
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["memory_cap_gib"] = torch.cuda.get_device_properties(device).total_memory / k / 2**30
@@ -94,8 +106,12 @@ def measure(k: int, args: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"a trial process of k={k} exited with {p.exitcode}")
     window = max(r["end"] for r in rows) - min(r["start"] for r in rows)
     images = sum(r["images"] for r in rows)
-    return {"procs": k, "aggregate_img_s": images / window, "window_s": window,
-            "per_process": sorted(rows, key=lambda r: r["rank"])}
+    return {
+        "procs": k,
+        "aggregate_img_s": images / window,
+        "window_s": window,
+        "per_process": sorted(rows, key=lambda r: r["rank"]),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,23 +124,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="searchkd-bench-") as tmp:
         pair = PAIRS[args.pair]
         teacher = random_teacher(pair.teacher, args.num_classes, Path(tmp))
-        shared = {"device": str(device), "pair": args.pair, "teacher": str(teacher),
-                  "steps": steps, "warmup": WARMUP[device.type], "batch_size": args.batch_size,
-                  "num_classes": args.num_classes, "train_size": args.train_size,
-                  "compile": args.compile, "threads": args.threads}
-        print(f"{pair.label} ({pair.objective}), batch {args.batch_size}, {steps} steps per process")
+        shared = {
+            "device": str(device),
+            "pair": args.pair,
+            "teacher": str(teacher),
+            "steps": steps,
+            "warmup": WARMUP[device.type],
+            "batch_size": args.batch_size,
+            "num_classes": args.num_classes,
+            "train_size": args.train_size,
+            "compile": args.compile,
+            "threads": args.threads,
+        }
+        print(
+            f"{pair.label} ({pair.objective}), batch {args.batch_size}, {steps} steps per process"
+        )
         print(f"{'trials':>6} {'aggregate img/s':>16} {'vs 1 trial':>10} {'per trial img/s':>16}")
         for k in counts:
             row = measure(k, shared)
             rows.append(row)
             row["speedup_vs_1"] = row["aggregate_img_s"] / rows[0]["aggregate_img_s"]
             each = ", ".join(f"{r['img_s']:.1f}" for r in row["per_process"])
-            print(f"{k:>6} {row['aggregate_img_s']:>16.1f} {row['speedup_vs_1']:>9.2f}x {each:>16}",
-                  flush=True)
+            print(
+                f"{k:>6} {row['aggregate_img_s']:>16.1f} {row['speedup_vs_1']:>9.2f}x {each:>16}",
+                flush=True,
+            )
     env = environment(device)
     env["torch_threads"] = args.threads or [max(1, (os.cpu_count() or 1) // k) for k in counts]
-    return {**env, "pair": pair.label, "objective": pair.objective,
-            "batch_size": args.batch_size, "steps": steps, "compile": args.compile, "results": rows}
+    return {
+        **env,
+        "pair": pair.label,
+        "objective": pair.objective,
+        "batch_size": args.batch_size,
+        "steps": steps,
+        "compile": args.compile,
+        "results": rows,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,15 +168,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pair", default="msd", choices=sorted(PAIRS))
     p.add_argument("--procs", help=f"comma-separated trial counts (default {PROCS} by device)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--steps", type=int, help=f"measured steps per process (default {STEPS} by "
-                   f"device, {SMALL_STEPS} with --small)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"measured steps per process (default {STEPS} by device, {SMALL_STEPS} with --small)",
+    )
     p.add_argument("--small", action="store_true", help="CI-sized: a few steps, proves it runs")
     p.add_argument("--num-classes", type=int, default=NUM_CLASSES)
-    p.add_argument("--train-size", type=int, default=TRAIN_SIZE,
-                   help="training images (default CIFAR's 50,000; smaller only for smoke tests)")
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=TRAIN_SIZE,
+        help="training images (default CIFAR's 50,000; smaller only for smoke tests)",
+    )
     p.add_argument("--compile", action="store_true", help="engine with train.compile: true")
-    p.add_argument("--threads", type=int, help="CPU only: torch threads per process (default "
-                   "cores / k, so k processes share the cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU only: torch threads per process (default "
+        "cores / k, so k processes share the cores)",
+    )
     p.add_argument("--json", help="write the figures (and device, versions, command, date) here")
     return p.parse_args(argv)
 

@@ -111,16 +111,26 @@ def compare(rows: list[Row]) -> None:
 def table(rows: list[Row]) -> str:
     """The markdown table: accuracies in %, per seed and mean ± std."""
     seeds = sorted({n for r in rows for n in r.test_acc})
-    head = ["objective", "test_acc mean ± std (%)", *[f"trial {n}" for n in seeds],
-            "Δ vs ce (paired, pp)", "seeds won/tied/lost vs ce", "beats ce", "search wall (s)"]
+    head = [
+        "objective",
+        "test_acc mean ± std (%)",
+        *[f"trial {n}" for n in seeds],
+        "Δ vs ce (paired, pp)",
+        "seeds won/tied/lost vs ce",
+        "beats ce",
+        "search wall (s)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.objective, f"{100 * r.mean:.2f} ± {100 * r.std:.2f}",
-                 *[f"{100 * r.test_acc[n]:.2f}" if n in r.test_acc else "-" for n in seeds],
-                 "-" if r.diff_vs_ce is None else f"{100 * r.diff_vs_ce:+.2f}",
-                 r.record_vs_ce or "-",
-                 "(baseline)" if r.beats_ce is None else ("yes" if r.beats_ce else "no"),
-                 f"{r.seconds:.0f}"]
+        cells = [
+            r.objective,
+            f"{100 * r.mean:.2f} ± {100 * r.std:.2f}",
+            *[f"{100 * r.test_acc[n]:.2f}" if n in r.test_acc else "-" for n in seeds],
+            "-" if r.diff_vs_ce is None else f"{100 * r.diff_vs_ce:+.2f}",
+            r.record_vs_ce or "-",
+            "(baseline)" if r.beats_ce is None else ("yes" if r.beats_ce else "no"),
+            f"{r.seconds:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -155,19 +165,42 @@ def parse_objectives(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
-        raise SystemExit(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES.names())}")
+        raise SystemExit(
+            f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES.names())}"
+        )
     return [BASELINE, *[n for n in names if n != BASELINE]]  # ce first: it is the yardstick
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--objectives", default=",".join(OBJECTIVES.names()), help="comma-separated (ce is always run)")
-    p.add_argument("--base", type=Path, default=ROOT / "spaces" / "digits-ce.yaml",
-                   help="the space every objective's is made from")
-    p.add_argument("--trials-dir", type=Path, help="where the searches go (default: a temporary folder, removed)")
-    p.add_argument("--teacher-trials-dir", type=Path, default=Path("trials"),
-                   help="trials directory whose teachers/ cache holds the teacher (default ./trials)")
-    p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs of each search's Ray")
+    p.add_argument(
+        "--objectives",
+        default=",".join(OBJECTIVES.names()),
+        help="comma-separated (ce is always run)",
+    )
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=ROOT / "spaces" / "digits-ce.yaml",
+        help="the space every objective's is made from",
+    )
+    p.add_argument(
+        "--trials-dir",
+        type=Path,
+        help="where the searches go (default: a temporary folder, removed)",
+    )
+    p.add_argument(
+        "--teacher-trials-dir",
+        type=Path,
+        default=Path("trials"),
+        help="trials directory whose teachers/ cache holds the teacher (default ./trials)",
+    )
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="CPUs of each search's Ray",
+    )
     p.add_argument("--json", type=Path, help="also write the figures and the environment here")
     return p.parse_args(argv)
 
@@ -186,11 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         share_teacher(space_of(BASELINE, args.base), args.teacher_trials_dir.expanduser(), trials)
         for objective in objectives:
             if (trials / f"digits-{objective}").exists():
-                raise SystemExit(f"{trials / f'digits-{objective}'} exists: use another --trials-dir")
+                raise SystemExit(
+                    f"{trials / f'digits-{objective}'} exists: use another --trials-dir"
+                )
             print(f"searchkd.tune(digits-{objective}) ...", end=" ", flush=True)
             start = time.perf_counter()
-            run = searchkd.tune(space_of(objective, args.base), trials_dir=trials,
-                                num_cpus=args.num_cpus, report=False, say=lambda _: None)
+            run = searchkd.tune(
+                space_of(objective, args.base),
+                trials_dir=trials,
+                num_cpus=args.num_cpus,
+                report=False,
+                say=lambda _: None,
+            )
             seconds = time.perf_counter() - start
             if run.status != "finished":
                 raise SystemExit(f"digits-{objective}: the search ended {run.status}")
@@ -207,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in env.items():
         print(f"{key}: {value}")
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+        )
     return 0
 
 

@@ -44,22 +44,32 @@ def searched_space(objective: str, base: Path, trials: int, seeds: int) -> dict[
     """The base digits space with `objective`, its tunables searched, and a final stage."""
     raw = space_of(objective, base)
     raw["name"] = f"final-{objective}"
-    params = {f"loss.{k}": dict(t.search) for k, t in OBJECTIVES.get(objective).tunables.items() if t.search}
+    params = {
+        f"loss.{k}": dict(t.search)
+        for k, t in OBJECTIVES.get(objective).tunables.items()
+        if t.search
+    }
     raw["params"] = params
     raw["search"] = {**raw["search"], "num_samples": trials, "sampler": "tpe", "scheduler": "none"}
     raw["final"] = {"top": 1, "seeds": seeds}
     return raw
 
 
-def row_of(objective: str, summary: dict[str, Any], best_val: float, seconds: float) -> dict[str, Any]:
+def row_of(
+    objective: str, summary: dict[str, Any], best_val: float, seconds: float
+) -> dict[str, Any]:
     winner = next((c for c in summary["configs"] if c["rank"] == 1), None)
     default = next(c for c in summary["configs"] if c["is_default"])
     diff = (winner or {}).get("diff") or {}
     return {
-        "objective": objective, "best_val_acc": best_val, "seconds": seconds,
-        "winner": winner and {"mean": winner["mean"], "std": winner["std"], "trial": winner["trial_number"]},
+        "objective": objective,
+        "best_val_acc": best_val,
+        "seconds": seconds,
+        "winner": winner
+        and {"mean": winner["mean"], "std": winner["std"], "trial": winner["trial_number"]},
         "default": {"mean": default["mean"], "std": default["std"]},
-        "diff": diff, "verdict": (winner or {}).get("verdict", "the winner is the default"),
+        "diff": diff,
+        "verdict": (winner or {}).get("verdict", "the winner is the default"),
     }
 
 
@@ -70,14 +80,22 @@ def pct(mean: float | None, std: float | None = None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| objective | search best val_acc (%) | winner test (%) | default test (%) | "
-             "Δ (pp) [95% CI] | verdict | wall (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| objective | search best val_acc (%) | winner test (%) | default test (%) | "
+        "Δ (pp) [95% CI] | verdict | wall (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         w, d, diff = r["winner"] or {}, r["default"], r["diff"]
-        ci = (f"{100 * diff['mean']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
-              if diff.get("low") is not None else "-")
-        lines.append(f"| {r['objective']} | {pct(r['best_val_acc'])} | {pct(w.get('mean'), w.get('std'))} | "
-                     f"{pct(d['mean'], d['std'])} | {ci} | {r['verdict']} | {r['seconds']:.0f} |")
+        ci = (
+            f"{100 * diff['mean']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
+            if diff.get("low") is not None
+            else "-"
+        )
+        lines.append(
+            f"| {r['objective']} | {pct(r['best_val_acc'])} | {pct(w.get('mean'), w.get('std'))} | "
+            f"{pct(d['mean'], d['std'])} | {ci} | {r['verdict']} | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -88,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds per config in the final stage")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the base space's)")
     p.add_argument("--base", type=Path, default=ROOT / "spaces" / "digits-ce.yaml")
-    p.add_argument("--trials-dir", type=Path, help="where the searches go (default: a temporary folder)")
+    p.add_argument(
+        "--trials-dir", type=Path, help="where the searches go (default: a temporary folder)"
+    )
     p.add_argument("--teacher-trials-dir", type=Path, default=Path("trials"))
     p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--json", type=Path)
@@ -97,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.objectives.split(",") if n.strip()]
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
-        raise SystemExit(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES.names())}")
+        raise SystemExit(
+            f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES.names())}"
+        )
     env = environment()
     trials = args.trials_dir or Path(tempfile.mkdtemp(prefix="searchkd-final-"))
     trials.mkdir(parents=True, exist_ok=True)
@@ -107,13 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         raw = searched_space(objective, args.base, args.trials, args.seeds)
         if args.epochs:
             raw["train"] = {**raw["train"], "epochs": args.epochs}
-        print(f"searchkd.tune(final-{objective}): {args.trials} trials, then the final stage ...", flush=True)
+        print(
+            f"searchkd.tune(final-{objective}): {args.trials} trials, then the final stage ...",
+            flush=True,
+        )
         start = time.perf_counter()
-        run = searchkd.tune(raw, trials_dir=trials, num_cpus=args.num_cpus, report=False, say=lambda _: None)
+        run = searchkd.tune(
+            raw, trials_dir=trials, num_cpus=args.num_cpus, report=False, say=lambda _: None
+        )
         seconds = time.perf_counter() - start
         summary = read_final(run.search_dir)
         if run.status != "finished" or run.final_status != "finished" or summary is None:
-            raise SystemExit(f"final-{objective}: the search ended {run.status}, its final stage {run.final_status}")
+            raise SystemExit(
+                f"final-{objective}: the search ended {run.status}, its final stage {run.final_status}"
+            )
         best = run.summary.best_value if run.summary else float("nan")
         rows.append(row_of(objective, summary, best, seconds))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
@@ -123,9 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in env.items():
         print(f"{key}: {value}")
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "rows": rows,
-                                         "space": yaml.safe_dump(searched_space("msd", args.base, args.trials,
-                                                                                args.seeds))}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "rows": rows,
+                    "space": yaml.safe_dump(
+                        searched_space("msd", args.base, args.trials, args.seeds)
+                    ),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -61,25 +61,54 @@ TRAIN_SIZE = {"cuda": 50_000, "cpu": 1200}
 SMALL_EPOCHS, SMALL_TRAIN_SIZE = (1, 2), 600
 VAL_FRACTION = 0.1
 TEST_SIZE_FRACTION = 0.2  # CIFAR's test set is a fifth of its training set
-RECIPE_EPOCHS = 240  # the CIFAR-100 KD recipe of the CRD paper and its successors, for the projection
+RECIPE_EPOCHS = (
+    240  # the CIFAR-100 KD recipe of the CRD paper and its successors, for the projection
+)
 CHECKPOINT_REPEATS = 3  # timed saves of a trial's per-epoch checkpoint (mean reported)
 
 
-def space(pair: Pair, teacher: Path, name: str, epochs: int, train_size: int, batch_size: int,
-          num_classes: int, cpus: int, gpu: bool) -> dict[str, Any]:
+def space(
+    pair: Pair,
+    teacher: Path,
+    name: str,
+    epochs: int,
+    train_size: int,
+    batch_size: int,
+    num_classes: int,
+    cpus: int,
+    gpu: bool,
+) -> dict[str, Any]:
     """A one-trial search of the pair on synthetic data: nothing is sampled (params empty)."""
     return {
         "name": name,
         "objective": pair.objective,
-        "data": {"dataset": "synthetic", "val_fraction": VAL_FRACTION,
-                 "options": {"train_size": train_size, "num_classes": num_classes,
-                             "test_size": max(num_classes, int(train_size * TEST_SIZE_FRACTION))}},
+        "data": {
+            "dataset": "synthetic",
+            "val_fraction": VAL_FRACTION,
+            "options": {
+                "train_size": train_size,
+                "num_classes": num_classes,
+                "test_size": max(num_classes, int(train_size * TEST_SIZE_FRACTION)),
+            },
+        },
         "teacher": {"arch": pair.teacher, "checkpoint": str(teacher)},
         "student": {"arch": pair.student},
-        "train": {"epochs": epochs, "batch_size": batch_size, "lr": LR, "momentum": MOMENTUM,
-                  "weight_decay": WEIGHT_DECAY, "precision": "bf16"},
-        "search": {"num_samples": 1, "scheduler": "none", "sampler": "random", "max_concurrent": 1,
-                   "seed": 0, "resources": {"cpu": cpus, "gpu": 1 if gpu else 0}},
+        "train": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": LR,
+            "momentum": MOMENTUM,
+            "weight_decay": WEIGHT_DECAY,
+            "precision": "bf16",
+        },
+        "search": {
+            "num_samples": 1,
+            "scheduler": "none",
+            "sampler": "random",
+            "max_concurrent": 1,
+            "seed": 0,
+            "resources": {"cpu": cpus, "gpu": 1 if gpu else 0},
+        },
         "params": {},
     }
 
@@ -114,9 +143,20 @@ def bare(space_file: Path, device: str, threads: int) -> dict[str, Any]:
 
 def _bare_process(space_file: Path, device: str, threads: int) -> dict[str, Any]:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--bare-worker", str(space_file),
-                          "--device", device, "--cpus", str(threads)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--bare-worker",
+            str(space_file),
+            "--device",
+            device,
+            "--cpus",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"the bare engine failed ({out.returncode}):\n{out.stderr[-3000:]}")
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -129,9 +169,21 @@ def _search(space_file: Path, trials: Path, name: str) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "searchkd.cli", "tune", str(space_file),
-                           "--trials-dir", str(trials), "--num-cpus", str(os.cpu_count() or 1)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "searchkd.cli",
+            "tune",
+            str(space_file),
+            "--trials-dir",
+            str(trials),
+            "--num-cpus",
+            str(os.cpu_count() or 1),
+        ],
+        capture_output=True,
+        text=True,
+    )
     process_s = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"searchkd tune failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -139,27 +191,38 @@ def _search(space_file: Path, trials: Path, name: str) -> dict[str, Any]:
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id])
     child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
-    results = [json.loads(line) for f in (trials / name / "ray").rglob("result.json")
-               for line in f.read_text().splitlines() if line.strip()]
+    results = [
+        json.loads(line)
+        for f in (trials / name / "ray").rglob("result.json")
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
     return {
         "process_s": process_s,
         "trial_wall_s": (child.info.end_time - child.info.start_time) / 1000.0,
         "ray_time_total_s": max(r["time_total_s"] for r in results),
-        "ray_epoch_s": [r["time_this_iter_s"] for r in sorted(results, key=lambda r: r["training_iteration"])],
+        "ray_epoch_s": [
+            r["time_this_iter_s"] for r in sorted(results, key=lambda r: r["training_iteration"])
+        ],
     }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
-    short, long = (int(e) for e in args.epochs.split(",")) if args.epochs else (
-        SMALL_EPOCHS if args.small else EPOCHS[device.type])
+    short, long = (
+        (int(e) for e in args.epochs.split(","))
+        if args.epochs
+        else (SMALL_EPOCHS if args.small else EPOCHS[device.type])
+    )
     if not 0 < short < long:
         raise SystemExit("--epochs SHORT,LONG with 0 < SHORT < LONG")
     train_size = args.train_size or (SMALL_TRAIN_SIZE if args.small else TRAIN_SIZE[device.type])
     if round(train_size / args.num_classes * VAL_FRACTION) < 1:
-        raise SystemExit(f"--train-size {train_size}: with {args.num_classes} classes and "
-                         f"val_fraction {VAL_FRACTION} no class keeps a validation image; "
-                         f"use at least {6 * args.num_classes}")
+        raise SystemExit(
+            f"--train-size {train_size}: with {args.num_classes} classes and "
+            f"val_fraction {VAL_FRACTION} no class keeps a validation image; "
+            f"use at least {6 * args.num_classes}"
+        )
     pair = PAIRS[args.pair]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, as in tests
     with tempfile.TemporaryDirectory(prefix="searchkd-overhead-") as tmp_name:
@@ -169,27 +232,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         files = {}
         for label, epochs in (("short", short), ("long", long)):
             files[label] = tmp / f"overhead-{label}.yaml"
-            files[label].write_text(yaml.safe_dump(space(
-                pair, teacher, f"overhead-{label}", epochs, train_size, args.batch_size,
-                args.num_classes, args.cpus, device.type == "cuda")))
-        print(f"{pair.label} ({pair.objective}), {train_size} images, batch {args.batch_size}, "
-              f"epochs {short} and {long}, {device}", flush=True)
+            files[label].write_text(
+                yaml.safe_dump(
+                    space(
+                        pair,
+                        teacher,
+                        f"overhead-{label}",
+                        epochs,
+                        train_size,
+                        args.batch_size,
+                        args.num_classes,
+                        args.cpus,
+                        device.type == "cuda",
+                    )
+                )
+            )
+        print(
+            f"{pair.label} ({pair.objective}), {train_size} images, batch {args.batch_size}, "
+            f"epochs {short} and {long}, {device}",
+            flush=True,
+        )
         b = _bare_process(files["long"], str(device), args.cpus)
-        print(f"bare engine: construct {b['construct_s']:.1f} s, epochs "
-              + ", ".join(f"{e:.2f}" for e in b["epoch_s"]) + " s", flush=True)
-        searches = {label: _search(files[label], tmp / "trials", f"overhead-{label}")
-                    for label in ("short", "long")}
+        print(
+            f"bare engine: construct {b['construct_s']:.1f} s, epochs "
+            + ", ".join(f"{e:.2f}" for e in b["epoch_s"])
+            + " s",
+            flush=True,
+        )
+        searches = {
+            label: _search(files[label], tmp / "trials", f"overhead-{label}")
+            for label in ("short", "long")
+        }
     report = summarize(b, searches, short, long)
     _print(report)
     env = environment(device)
     env["torch_threads"] = args.cpus  # the trial's and the bare engine's (resources.cpu)
-    return {**env, "pair": pair.label, "objective": pair.objective,
-            "train_size": train_size, "batch_size": args.batch_size, "epochs": [short, long],
-            "cpus_per_trial": args.cpus, "bare": b, "searches": searches, **report}
+    return {
+        **env,
+        "pair": pair.label,
+        "objective": pair.objective,
+        "train_size": train_size,
+        "batch_size": args.batch_size,
+        "epochs": [short, long],
+        "cpus_per_trial": args.cpus,
+        "bare": b,
+        "searches": searches,
+        **report,
+    }
 
 
-def summarize(b: dict[str, Any], searches: dict[str, dict[str, Any]], short: int, long: int) -> dict[str, Any]:
+def summarize(
+    b: dict[str, Any], searches: dict[str, dict[str, Any]], short: int, long: int
+) -> dict[str, Any]:
     """Overheads from the three runs (see the module docstring for what each includes)."""
+
     def bare_s(epochs: int) -> float:
         return b["construct_s"] + sum(b["epoch_s"][:epochs])
 
@@ -208,7 +304,8 @@ def summarize(b: dict[str, Any], searches: dict[str, dict[str, Any]], short: int
     outside = {k: v["trial_wall_s"] - v["ray_time_total_s"] for k, v in searches.items()}
     return {
         "outside_function_s": outside,
-        "overhead_lower_bound_long_pct": 100.0 * (outside["long"] + long * b["checkpoint_s"])
+        "overhead_lower_bound_long_pct": 100.0
+        * (outside["long"] + long * b["checkpoint_s"])
         / lg["trial_wall_s"],
         "overhead_long_pct": 100.0 * extra_long / lg["trial_wall_s"],
         "overhead_short_pct": 100.0 * extra_short / s["trial_wall_s"],
@@ -216,35 +313,56 @@ def summarize(b: dict[str, Any], searches: dict[str, dict[str, Any]], short: int
         "per_epoch_overhead_pct": 100.0 * per_epoch / (bare_epoch + per_epoch),
         "fixed_trial_overhead_s": fixed,
         "bare_epoch_s": bare_epoch,
-        "projected_240_epoch_overhead_pct": 100.0 * (fixed + RECIPE_EPOCHS * per_epoch) / projected_trial,
+        "projected_240_epoch_overhead_pct": 100.0
+        * (fixed + RECIPE_EPOCHS * per_epoch)
+        / projected_trial,
         "search_startup_s": {k: v["process_s"] - v["trial_wall_s"] for k, v in searches.items()},
     }
 
 
 def _print(r: dict[str, Any]) -> None:
-    print(f"trial overhead (measured, long run):  {r['overhead_long_pct']:6.1f} % of trial wall time")
+    print(
+        f"trial overhead (measured, long run):  {r['overhead_long_pct']:6.1f} % of trial wall time"
+    )
     print(f"trial overhead (measured, short run): {r['overhead_short_pct']:6.1f} %")
-    print(f"per epoch: {r['per_epoch_overhead_s'] * 1000:.0f} ms = {r['per_epoch_overhead_pct']:.1f} % "
-          f"of a {r['bare_epoch_s']:.2f} s epoch; fixed per trial: {r['fixed_trial_overhead_s']:.1f} s")
-    print(f"projection for a {RECIPE_EPOCHS}-epoch trial: {r['projected_240_epoch_overhead_pct']:.1f} %")
-    print("outside the trial's function (Ray round trips, MLflow logging): "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in r["outside_function_s"].items())
-          + f"; with the per-epoch checkpoints, a lower bound of "
-          f"{r['overhead_lower_bound_long_pct']:.1f} % of the long trial")
-    print("per search, outside the trial (Ray start, teacher check, runs, summary): "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in r["search_startup_s"].items()), flush=True)
+    print(
+        f"per epoch: {r['per_epoch_overhead_s'] * 1000:.0f} ms = {r['per_epoch_overhead_pct']:.1f} % "
+        f"of a {r['bare_epoch_s']:.2f} s epoch; fixed per trial: {r['fixed_trial_overhead_s']:.1f} s"
+    )
+    print(
+        f"projection for a {RECIPE_EPOCHS}-epoch trial: {r['projected_240_epoch_overhead_pct']:.1f} %"
+    )
+    print(
+        "outside the trial's function (Ray round trips, MLflow logging): "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in r["outside_function_s"].items())
+        + f"; with the per-epoch checkpoints, a lower bound of "
+        f"{r['overhead_lower_bound_long_pct']:.1f} % of the long trial"
+    )
+    print(
+        "per search, outside the trial (Ray start, teacher check, runs, summary): "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in r["search_startup_s"].items()),
+        flush=True,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible, else cpu")
     p.add_argument("--pair", default="msd", choices=sorted(PAIRS))
-    p.add_argument("--epochs", help=f"SHORT,LONG (default {EPOCHS} by device, {SMALL_EPOCHS} with --small)")
-    p.add_argument("--train-size", type=int, help=f"synthetic images (default {TRAIN_SIZE} by "
-                   f"device, {SMALL_TRAIN_SIZE} with --small); val_fraction {VAL_FRACTION} of them")
+    p.add_argument(
+        "--epochs", help=f"SHORT,LONG (default {EPOCHS} by device, {SMALL_EPOCHS} with --small)"
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        help=f"synthetic images (default {TRAIN_SIZE} by "
+        f"device, {SMALL_TRAIN_SIZE} with --small); val_fraction {VAL_FRACTION} of them",
+    )
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--num-classes", type=int, default=NUM_CLASSES)
-    p.add_argument("--cpus", type=int, default=1, help="search.resources.cpu = the trial's torch threads")
+    p.add_argument(
+        "--cpus", type=int, default=1, help="search.resources.cpu = the trial's torch threads"
+    )
     p.add_argument("--small", action="store_true", help="CI-sized: tiny epochs, proves it runs")
     p.add_argument("--keep", help="keep the searches (trials/, spaces) in this folder")
     p.add_argument("--json", help="write the figures (and device, versions, command, date) here")

@@ -30,10 +30,26 @@ from _common import environment  # noqa: E402
 
 from searchkd.record import RESULTS_FILE, ResultsTable  # noqa: E402
 
-METRICS = ("val_acc", "val_top5", "best_val_acc", "test_acc", "test_acc_last", "train_loss",
-           "student_params", "objective_params", "student_macs", "images_per_second",
-           "epoch_seconds", "lr", "start_epoch", "loss_ce", "loss_kd", "loss_msd", "score",
-           "score_val_acc")
+METRICS = (
+    "val_acc",
+    "val_top5",
+    "best_val_acc",
+    "test_acc",
+    "test_acc_last",
+    "train_loss",
+    "student_params",
+    "objective_params",
+    "student_macs",
+    "images_per_second",
+    "epoch_seconds",
+    "lr",
+    "start_epoch",
+    "loss_ce",
+    "loss_kd",
+    "loss_msd",
+    "score",
+    "score_val_acc",
+)
 OLD_EVERY_S = 2.0  # the rule this replaces: rewrite whole when 2 s have passed since the last
 
 
@@ -46,8 +62,15 @@ class Clock:
 
 
 def row(trial: int, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    config = {"trial_number": trial, "objective": "msd", "seed": 1000 + trial, "student.width": 0.5,
-              "loss.tau": 0.1 + trial / 1000, "loss.kd_temperature": 4.0, "loss.scales": "[1, 2]"}
+    config = {
+        "trial_number": trial,
+        "objective": "msd",
+        "seed": 1000 + trial,
+        "student.width": 0.5,
+        "loss.tau": 0.1 + trial / 1000,
+        "loss.kd_temperature": 4.0,
+        "loss.scales": "[1, 2]",
+    }
     result = {m: 0.5 + (trial * 7 + epoch) % 100 / 1000 for m in METRICS}
     result.update(epoch=epoch, start_epoch=0, timestamp=1.7e9 + 10 * epoch + trial)
     return config, result
@@ -85,20 +108,34 @@ def run(trials: int, epochs: int, seconds_per_row: float, directory: Path) -> di
     n = [p[0] for p in points]
     s = [p[1] for p in points]
     mean_n, mean_s = sum(n) / len(n), sum(s) / len(s)
-    slope = sum((a - mean_n) * (b - mean_s) for a, b in zip(n, s, strict=True)) / sum((a - mean_n) ** 2 for a in n)
+    slope = sum((a - mean_n) * (b - mean_s) for a, b in zip(n, s, strict=True)) / sum(
+        (a - mean_n) ** 2 for a in n
+    )
     fixed = mean_s - slope * mean_n
-    old_writes = rows if seconds_per_row >= OLD_EVERY_S else int(rows * seconds_per_row / OLD_EVERY_S) or 1
+    old_writes = (
+        rows if seconds_per_row >= OLD_EVERY_S else int(rows * seconds_per_row / OLD_EVERY_S) or 1
+    )
     step = rows / old_writes
     old_seconds = sum(fixed + slope * step * (i + 1) for i in range(old_writes))
     return {
-        "trials": trials, "epochs": epochs, "rows": rows, "seconds_per_row": seconds_per_row,
+        "trials": trials,
+        "epochs": epochs,
+        "rows": rows,
+        "seconds_per_row": seconds_per_row,
         "search_seconds_simulated": clock.now,
-        "new": {"rewrites": len(sizes), "rows_written": sum(sizes), "rewrite_seconds": sum(seconds),
-                "record_and_rewrite_seconds": total,
-                "rows_written_per_row": sum(sizes) / rows},
-        "old": {"rewrites": old_writes, "rows_written": int(sum(step * (i + 1) for i in range(old_writes))),
-                "rewrite_seconds_estimated": old_seconds,
-                "one_rewrite_seconds": dict((str(a), b) for a, b in points)},
+        "new": {
+            "rewrites": len(sizes),
+            "rows_written": sum(sizes),
+            "rewrite_seconds": sum(seconds),
+            "record_and_rewrite_seconds": total,
+            "rows_written_per_row": sum(sizes) / rows,
+        },
+        "old": {
+            "rewrites": old_writes,
+            "rows_written": int(sum(step * (i + 1) for i in range(old_writes))),
+            "rewrite_seconds_estimated": old_seconds,
+            "one_rewrite_seconds": dict((str(a), b) for a, b in points),
+        },
         "parquet_mb": (directory / RESULTS_FILE).stat().st_size / 1e6,
     }
 
@@ -107,20 +144,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--epochs", type=int, default=240)
-    p.add_argument("--seconds-per-row", type=float, default=2.0,
-                   help="simulated time between rows (96 trials on 8 GPUs: about 2 s)")
-    p.add_argument("--small", action="store_true", help="(a smoke test's size; no effect on the rule)")
+    p.add_argument(
+        "--seconds-per-row",
+        type=float,
+        default=2.0,
+        help="simulated time between rows (96 trials on 8 GPUs: about 2 s)",
+    )
+    p.add_argument(
+        "--small", action="store_true", help="(a smoke test's size; no effect on the rule)"
+    )
     p.add_argument("--json", type=Path, help="write the figures and the environment here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="searchkd-results-") as tmp:
         r = run(args.trials, args.epochs, args.seconds_per_row, Path(tmp))
     new, old = r["new"], r["old"]
-    print(f"{r['rows']} rows ({r['trials']} trials × {r['epochs']} epochs), a row every "
-          f"{r['seconds_per_row']} s: results.parquet {r['parquet_mb']:.1f} MB")
-    print(f"  now:    {new['rewrites']:>6} rewrites, {new['rows_written']:>11,} rows written, "
-          f"{new['rewrite_seconds']:8.1f} s of rewrites")
-    print(f"  before: {old['rewrites']:>6} rewrites, {old['rows_written']:>11,} rows written, "
-          f"{old['rewrite_seconds_estimated']:8.1f} s of rewrites (estimated from one rewrite's cost)")
+    print(
+        f"{r['rows']} rows ({r['trials']} trials × {r['epochs']} epochs), a row every "
+        f"{r['seconds_per_row']} s: results.parquet {r['parquet_mb']:.1f} MB"
+    )
+    print(
+        f"  now:    {new['rewrites']:>6} rewrites, {new['rows_written']:>11,} rows written, "
+        f"{new['rewrite_seconds']:8.1f} s of rewrites"
+    )
+    print(
+        f"  before: {old['rewrites']:>6} rewrites, {old['rows_written']:>11,} rows written, "
+        f"{old['rewrite_seconds_estimated']:8.1f} s of rewrites (estimated from one rewrite's cost)"
+    )
     env = environment(torch.device("cpu"))
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "result": r}, indent=2) + "\n")

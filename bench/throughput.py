@@ -102,10 +102,19 @@ class Indexed(Dataset):
 class EngineLoop:
     """searchkd's Engine for one pair, timed through its own train_epoch."""
 
-    def __init__(self, pair: Pair, teacher: Path, device: torch.device, batch_size: int,
-                 num_classes: int, train_size: int, compile: bool) -> None:
-        spec = engine_spec(pair, teacher, synthetic_data(train_size, num_classes), batch_size,
-                           compile=compile)
+    def __init__(
+        self,
+        pair: Pair,
+        teacher: Path,
+        device: torch.device,
+        batch_size: int,
+        num_classes: int,
+        train_size: int,
+        compile: bool,
+    ) -> None:
+        spec = engine_spec(
+            pair, teacher, synthetic_data(train_size, num_classes), batch_size, compile=compile
+        )
         self.device = device
         self.engine = Engine(spec, seed=0, teacher_checkpoint=teacher, device=device)
 
@@ -126,23 +135,39 @@ class EngineLoop:
 class ReferenceLoop:
     """The classic KD training loop for one pair (see the module docstring)."""
 
-    def __init__(self, pair: Pair, teacher_path: Path, device: torch.device, batch_size: int,
-                 num_classes: int, train_size: int, workers: int, root: Path) -> None:
+    def __init__(
+        self,
+        pair: Pair,
+        teacher_path: Path,
+        device: torch.device,
+        batch_size: int,
+        num_classes: int,
+        train_size: int,
+        workers: int,
+        root: Path,
+    ) -> None:
         from torchvision import transforms
 
         self.device = device
         files = write_cifar(root, train_size, num_classes)
-        transform = transforms.Compose([
-            transforms.RandomCrop(32, padding=CROP_PADDING),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ])
+        transform = transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=CROP_PADDING),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        )
         with files.accepted():
             dataset = files.cls(str(root), train=True, download=False, transform=transform)
-        self.loader = DataLoader(Indexed(dataset), batch_size=batch_size, shuffle=True,
-                                 num_workers=workers, pin_memory=device.type == "cuda",
-                                 drop_last=True)
+        self.loader = DataLoader(
+            Indexed(dataset),
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+        )
         self.workers = workers
         shape = {"num_classes": num_classes, "image_size": 32}
         self.teacher = build_model(pair.teacher, **shape)
@@ -155,11 +180,17 @@ class ReferenceLoop:
             t_feats = self.teacher.forward_features(example)
             s_feats = self.student.forward_features(example)
             self.student.train()
-        self.objective = get_objective(pair.objective)(
-            {}, t_feats, s_feats, ObjectiveContext(num_classes, len(dataset))
-        ).to(device).train()
+        self.objective = (
+            get_objective(pair.objective)(
+                {}, t_feats, s_feats, ObjectiveContext(num_classes, len(dataset))
+            )
+            .to(device)
+            .train()
+        )
         params = [*self.student.parameters(), *self.objective.parameters()]
-        self.optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        self.optimizer = torch.optim.SGD(
+            params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+        )
 
     def measure(self, warmup: int, steps: int) -> dict[str, Any]:
         """Images per second over `steps` batches after `warmup` batches of a fresh epoch
@@ -171,8 +202,10 @@ class ReferenceLoop:
         torch.backends.cudnn.allow_tf32 = True
         warmup = max(warmup, 1)  # the first batch waits for the workers to start
         if len(self.loader) < warmup + steps:
-            raise SystemExit(f"--train-size holds {len(self.loader)} batches; the reference needs "
-                             f"{warmup + steps} (warm-up + measured)")
+            raise SystemExit(
+                f"--train-size holds {len(self.loader)} batches; the reference needs "
+                f"{warmup + steps} (warm-up + measured)"
+            )
         dev = self.device
         start = 0.0
         loss_sum = 0.0
@@ -185,9 +218,13 @@ class ReferenceLoop:
             loss_sum += self._step(x, y, idx)
         _sync(dev)
         seconds = time.perf_counter() - start
-        return {"img_s": steps * self.loader.batch_size / seconds, "steps": steps,
-                "seconds": seconds, "loss": loss_sum / (warmup + steps), "workers": self.workers}
-
+        return {
+            "img_s": steps * self.loader.batch_size / seconds,
+            "steps": steps,
+            "seconds": seconds,
+            "loss": loss_sum / (warmup + steps),
+            "workers": self.workers,
+        }
 
     def _step(self, x: Tensor, y: Tensor, idx: Tensor) -> float:
         dev = self.device
@@ -209,23 +246,41 @@ class ReferenceLoop:
 
 
 def measure_pair(
-    pair: Pair, teacher: Path, device: torch.device, args: argparse.Namespace, steps: int,
-    warmup: int, root: Path,
+    pair: Pair,
+    teacher: Path,
+    device: torch.device,
+    args: argparse.Namespace,
+    steps: int,
+    warmup: int,
+    root: Path,
 ) -> dict[str, Any]:
     """Engine and reference, alternately `repeats` times; the figure of each is its median.
 
     Alternating spreads any drift of the machine's load (a shared CPU) over both loops alike.
     """
-    engine = EngineLoop(pair, teacher, device, args.batch_size, args.num_classes, args.train_size,
-                        args.compile)
-    reference = ReferenceLoop(pair, teacher, device, args.batch_size, args.num_classes,
-                              args.train_size, args.workers, root)
+    engine = EngineLoop(
+        pair, teacher, device, args.batch_size, args.num_classes, args.train_size, args.compile
+    )
+    reference = ReferenceLoop(
+        pair,
+        teacher,
+        device,
+        args.batch_size,
+        args.num_classes,
+        args.train_size,
+        args.workers,
+        root,
+    )
     runs: dict[str, list[dict[str, Any]]] = {"engine": [], "reference": []}
     for r in range(args.repeats):
         runs["engine"].append(engine.measure(warmup if r == 0 else 0, steps))
         runs["reference"].append(reference.measure(warmup, steps))
-    out: dict[str, Any] = {"pair": pair.label, "objective": pair.objective,
-                           "batch_size": args.batch_size, "repeats": args.repeats}
+    out: dict[str, Any] = {
+        "pair": pair.label,
+        "objective": pair.objective,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+    }
     for name, rows in runs.items():
         ordered = sorted(rows, key=lambda row: row["img_s"])
         out[name] = {**ordered[len(ordered) // 2], "all_img_s": [row["img_s"] for row in rows]}
@@ -263,39 +318,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="searchkd-bench-") as tmp:
         for pair in parse_pairs(args.pairs):
             teacher = random_teacher(pair.teacher, args.num_classes, Path(tmp))
-            results.append(measure_pair(pair, teacher, device, args, steps, warmup,
-                                        Path(tmp) / f"cifar-{pair.objective}"))
+            results.append(
+                measure_pair(
+                    pair,
+                    teacher,
+                    device,
+                    args,
+                    steps,
+                    warmup,
+                    Path(tmp) / f"cifar-{pair.objective}",
+                )
+            )
             _print_row(results[-1], first=len(results) == 1)
     return {**environment(device), "compile": args.compile, "results": results}
 
 
 def _print_row(r: dict[str, Any], first: bool) -> None:
     if first:
-        print(f"{'pair':<26} {'objective':<9} {'batch':>5} {'engine img/s':>13} "
-              f"{'reference img/s':>16} {'ratio':>7} {'aten ops/step (engine, ref)':>28}")
+        print(
+            f"{'pair':<26} {'objective':<9} {'batch':>5} {'engine img/s':>13} "
+            f"{'reference img/s':>16} {'ratio':>7} {'aten ops/step (engine, ref)':>28}"
+        )
     e, ref = r["engine"], r["reference"]
-    print(f"{r['pair']:<26} {r['objective']:<9} {r['batch_size']:>5} {e['img_s']:>13.1f} "
-          f"{ref['img_s']:>16.1f} {r['ratio']:>6.2f}x "
-          f"{str(e['ops_per_step']) + ', ' + str(ref['ops_per_step']):>28}", flush=True)
+    print(
+        f"{r['pair']:<26} {r['objective']:<9} {r['batch_size']:>5} {e['img_s']:>13.1f} "
+        f"{ref['img_s']:>16.1f} {r['ratio']:>6.2f}x "
+        f"{str(e['ops_per_step']) + ', ' + str(ref['ops_per_step']):>28}",
+        flush=True,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible, else cpu")
-    p.add_argument("--pairs", default="msd,crd", help="comma-separated: msd (resnet32x4 -> "
-                   "resnet8x4), crd (wrn_40_2 -> wrn_16_2)")
+    p.add_argument(
+        "--pairs",
+        default="msd,crd",
+        help="comma-separated: msd (resnet32x4 -> resnet8x4), crd (wrn_40_2 -> wrn_16_2)",
+    )
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--steps", type=int, help=f"measured steps (default {STEPS} by device, "
-                   f"{SMALL_STEPS} with --small)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"measured steps (default {STEPS} by device, {SMALL_STEPS} with --small)",
+    )
     p.add_argument("--small", action="store_true", help="CI-sized: a few steps, proves it runs")
-    p.add_argument("--num-classes", type=int, default=NUM_CLASSES, choices=[10, 100],
-                   help="100: CIFAR-100 files (default); 10: CIFAR-10 (smaller smoke tests)")
-    p.add_argument("--train-size", type=int, default=TRAIN_SIZE,
-                   help="training images (default CIFAR's 50,000; smaller only for smoke tests)")
-    p.add_argument("--threads", type=int, help="torch threads of this process (default: torch's); "
-                   "1 is steadier on a CPU shared with other work")
-    p.add_argument("--repeats", type=int, help="alternate engine and reference this many times "
-                   f"and report each one's median (default {REPEATS} by device)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=NUM_CLASSES,
+        choices=[10, 100],
+        help="100: CIFAR-100 files (default); 10: CIFAR-10 (smaller smoke tests)",
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=TRAIN_SIZE,
+        help="training images (default CIFAR's 50,000; smaller only for smoke tests)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads of this process (default: torch's); "
+        "1 is steadier on a CPU shared with other work",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="alternate engine and reference this many times "
+        f"and report each one's median (default {REPEATS} by device)",
+    )
     p.add_argument("--workers", type=int, default=WORKERS, help="reference DataLoader workers")
     p.add_argument("--compile", action="store_true", help="engine with train.compile: true")
     p.add_argument("--json", help="write the figures (and device, versions, command, date) here")

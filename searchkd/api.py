@@ -87,8 +87,11 @@ def lookups() -> dict[str, Any]:
     }
 
 
-def load_space(space: str | Path | Mapping[str, Any] | Spec, storage: str | None = None,
-               check_files: bool = True) -> Spec:
+def load_space(
+    space: str | Path | Mapping[str, Any] | Spec,
+    storage: str | None = None,
+    check_files: bool = True,
+) -> Spec:
     """A validated space from a file, a dict or a Spec; `storage` replaces search.storage.
     Paths in it become absolute (a resume from anywhere finds the same files). Without
     `check_files` a missing teacher checkpoint is left to the preflight to report."""
@@ -124,7 +127,8 @@ def trials_root(where: str | Path | None = None) -> Path:
     if "://" in where:
         raise SearchkdError(
             f"trials directory {where}: the driver's files (journal, results, MLflow map) live on "
-            f"its own disk; put what trials write on {where} with --storage")
+            f"its own disk; put what trials write on {where} with --storage"
+        )
     return Path(where).expanduser().resolve()
 
 
@@ -164,8 +168,10 @@ def take_lock(search_dir: Path) -> Any:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise SearchkdError(f"{os.path.relpath(search_dir)} is being run by another searchkd process "
-                            f"(lock {os.path.relpath(lock_path)})") from None
+        raise SearchkdError(
+            f"{os.path.relpath(search_dir)} is being run by another searchkd process "
+            f"(lock {os.path.relpath(lock_path)})"
+        ) from None
     return lock
 
 
@@ -180,8 +186,12 @@ def local_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def teacher(space: str | Path | Mapping[str, Any] | Spec, trials_dir: str | Path | None = None,
-            spec: Spec | None = None, say: Say = print) -> TeacherInfo:
+def teacher(
+    space: str | Path | Mapping[str, Any] | Spec,
+    trials_dir: str | Path | None = None,
+    spec: Spec | None = None,
+    say: Say = print,
+) -> TeacherInfo:
     """Train once and cache (or measure) the space's teacher under `<trials_dir>/teachers`."""
     from .data import DatasetNotFound
     from .engine import CheckpointMismatch
@@ -196,39 +206,86 @@ def teacher(space: str | Path | Mapping[str, Any] | Spec, trials_dir: str | Path
         raise SearchkdError(f"teacher.checkpoint: {exc}") from None
 
 
-def tune(space: str | Path | Mapping[str, Any] | Spec, *, trials_dir: str | Path | None = None,
-         resume: bool = False, address: str | None = None, num_cpus: int | None = None,
-         tracking_uri: str | None = None, storage: str | None = None, report: bool = True,
-         say: Say = print) -> SearchRun:
+def tune(
+    space: str | Path | Mapping[str, Any] | Spec,
+    *,
+    trials_dir: str | Path | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    report: bool = True,
+    say: Say = print,
+) -> SearchRun:
     """Run a search (or continue it with `resume=True`) and return how it ended."""
     spec = load_space(space, storage, check_files=False)
     source = str(space) if isinstance(space, str | Path) else None
-    return _run(spec, trials_root(trials_dir), resume, source, address=address, num_cpus=num_cpus,
-                tracking_uri=tracking_uri, report=report, say=say)
+    return _run(
+        spec,
+        trials_root(trials_dir),
+        resume,
+        source,
+        address=address,
+        num_cpus=num_cpus,
+        tracking_uri=tracking_uri,
+        report=report,
+        say=say,
+    )
 
 
-def resume(directory: str | Path, *, address: str | None = None, num_cpus: int | None = None,
-           tracking_uri: str | None = None, storage: str | None = None, report: bool = True,
-           say: Say = print) -> SearchRun:
+def resume(
+    directory: str | Path,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    report: bool = True,
+    say: Say = print,
+) -> SearchRun:
     """Continue the search in `directory` with the space it was started with."""
     search_dir = search_dir_of(directory)
     space = search_dir / SPACE_FILE
     spec = load_space(space, storage, check_files=False)
-    return _run(spec, search_dir.parent, True, str(space), address=address, num_cpus=num_cpus,
-                tracking_uri=tracking_uri, report=report, say=say)
+    return _run(
+        spec,
+        search_dir.parent,
+        True,
+        str(space),
+        address=address,
+        num_cpus=num_cpus,
+        tracking_uri=tracking_uri,
+        report=report,
+        say=say,
+    )
 
 
-def _run(spec: Spec, root: Path, resume: bool, source: str | None, *, address: str | None,
-         num_cpus: int | None, tracking_uri: str | None, report: bool, say: Say) -> SearchRun:
+def _run(
+    spec: Spec,
+    root: Path,
+    resume: bool,
+    source: str | None,
+    *,
+    address: str | None,
+    num_cpus: int | None,
+    tracking_uri: str | None,
+    report: bool,
+    say: Say,
+) -> SearchRun:
     if address and num_cpus is not None:
-        raise SearchkdError("--num-cpus sets the CPUs of a local Ray; a cluster (--address) has its own")
+        raise SearchkdError(
+            "--num-cpus sets the CPUs of a local Ray; a cluster (--address) has its own"
+        )
     search_dir = root / spec.name
     source = source or str(search_dir / SPACE_FILE)
     shown = os.path.relpath(search_dir)
     space_file = search_dir / SPACE_FILE
     if space_file.exists() and not resume:
-        raise SearchkdError(f"{shown} already exists: add --resume to continue that search, or "
-                            f"remove it to start over")
+        raise SearchkdError(
+            f"{shown} already exists: add --resume to continue that search, or "
+            f"remove it to start over"
+        )
     if resume and not space_file.is_file():
         # Killed before the search wrote anything (e.g. while its teacher trained): start it.
         say(f"searchkd: {shown} holds no search yet; starting it")
@@ -237,19 +294,26 @@ def _run(spec: Spec, root: Path, resume: bool, source: str | None, *, address: s
         import yaml
 
         stored = Spec.model_validate(yaml.safe_load(space_file.read_text()))
-        diff = space_diff(stored.model_dump(mode="json", by_alias=True),
-                          spec.model_dump(mode="json", by_alias=True))
+        diff = space_diff(
+            stored.model_dump(mode="json", by_alias=True),
+            spec.model_dump(mode="json", by_alias=True),
+        )
         if diff:
-            raise SearchkdError(f"{source} differs from the space {shown} was started with: "
-                                f"{'; '.join(diff[:3])}")
+            raise SearchkdError(
+                f"{source} differs from the space {shown} was started with: {'; '.join(diff[:3])}"
+            )
         if status_of(search_dir) == "finished":
-            say(f"searchkd: {shown} is already finished; nothing to resume. "
-                f"Compare its trials with: searchkd ui")
+            say(
+                f"searchkd: {shown} is already finished; nothing to resume. "
+                f"Compare its trials with: searchkd ui"
+            )
             from .report import read_final
 
             stage = read_final(search_dir)
             if spec.final is not None and (stage is None or not stage.get("complete")):
-                say(f"searchkd: its final stage is not finished; continue it with: searchkd final {shown}")
+                say(
+                    f"searchkd: its final stage is not finished; continue it with: searchkd final {shown}"
+                )
             return SearchRun(spec, search_dir, "finished", None, source)
     from .preflight import check
 
@@ -275,8 +339,16 @@ def _run(spec: Spec, root: Path, resume: bool, source: str | None, *, address: s
         if not resume:
             replace_atomically(space_file, lambda p: p.write_text(spec.to_yaml()))
         summary, status = run_search(
-            spec, search_dir, root, lookups()["objectives"], info, resume=resume,
-            tracking_uri=tracking_uri, address=address, num_cpus=num_cpus, log=say,
+            spec,
+            search_dir,
+            root,
+            lookups()["objectives"],
+            info,
+            resume=resume,
+            tracking_uri=tracking_uri,
+            address=address,
+            num_cpus=num_cpus,
+            log=say,
         )
         final_status = None
         if status == "finished" and spec.final is not None and summary is not None:
@@ -303,7 +375,9 @@ def summary_lines(run: SearchRun, root: Path) -> list[str]:
     s, spec = run.summary, run.spec
     assert s is not None
     rel = os.path.relpath(s.search_dir)
-    ui = "searchkd ui" + ("" if root == trials_root(None) else f" --trials-dir {os.path.relpath(root)}")
+    ui = "searchkd ui" + (
+        "" if root == trials_root(None) else f" --trials-dir {os.path.relpath(root)}"
+    )
     return [
         "",
         f"search {spec.name}: {s.trials} trials ({s.finished} finished, {s.stopped} stopped early "
@@ -326,21 +400,37 @@ def final_summary_lines(search_dir: Path) -> list[str]:
     summary = read_final(search_dir)
     if summary is None:
         return []
-    return [*final_lines(summary), f"final stage:      {os.path.relpath(search_dir / FINAL_FILE)}  "
-            f"(one row per config and seed)"]
+    return [
+        *final_lines(summary),
+        f"final stage:      {os.path.relpath(search_dir / FINAL_FILE)}  "
+        f"(one row per config and seed)",
+    ]
 
 
-def final(search: str | Path, *, top: int | None = None, seeds: int | None = None,
-          trials_dir: str | Path | None = None, address: str | None = None,
-          num_cpus: int | None = None, say: Say = print) -> FinalRun:
+def final(
+    search: str | Path,
+    *,
+    top: int | None = None,
+    seeds: int | None = None,
+    trials_dir: str | Path | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    say: Say = print,
+) -> FinalRun:
     """Retrain the search's top `top` configs and its objective's default on train + val with
     `seeds` seeds each, and say whether the winner really beats the default on test. Runs on
     Ray Tune and resumes like a search: finished runs are never trained again."""
     search_dir = Path(search).expanduser()
-    if not (search_dir / SPACE_FILE).is_file() and os.sep not in str(search) and not search_dir.exists():
+    if (
+        not (search_dir / SPACE_FILE).is_file()
+        and os.sep not in str(search)
+        and not search_dir.exists()
+    ):
         search_dir = trials_root(trials_dir) / str(search)  # a search's name
     if not (search_dir / SPACE_FILE).is_file():
-        raise SearchkdError(f"{search}: no such search (no {SPACE_FILE} in {os.path.relpath(search_dir)})")
+        raise SearchkdError(
+            f"{search}: no such search (no {SPACE_FILE} in {os.path.relpath(search_dir)})"
+        )
     search_dir = search_dir.resolve()
     if address is None:
         local_ray_env()
@@ -352,7 +442,9 @@ def final(search: str | Path, *, top: int | None = None, seeds: int | None = Non
     try:
         stage = prepare(search_dir, top, seeds)
         # The teacher is read from its cache only when something is left to train.
-        info = teacher(stage.spec, search_dir.parent, spec=stage.spec, say=say) if stage.todo else None
+        info = (
+            teacher(stage.spec, search_dir.parent, spec=stage.spec, say=say) if stage.todo else None
+        )
         summary, status = run_final(stage, info, address, num_cpus, log=say)
     except (SearchError, ReportError) as exc:
         raise SearchkdError(str(exc)) from None
@@ -361,8 +453,13 @@ def final(search: str | Path, *, top: int | None = None, seeds: int | None = Non
     return FinalRun(search_dir, status, summary)
 
 
-def write_report(directory: str | Path, out: str | Path | None = None, mlflow: bool = True,
-                 after_search: bool = False, say: Say = print) -> bool:
+def write_report(
+    directory: str | Path,
+    out: str | Path | None = None,
+    mlflow: bool = True,
+    after_search: bool = False,
+    say: Say = print,
+) -> bool:
     """Write the search's report and log it to its parent MLflow run. A report that cannot be
     written, or a tracking store that is away, is one warning line: the search stands. A search
     that just ended without its tracking store is not made to wait for it a second time."""
@@ -375,16 +472,20 @@ def write_report(directory: str | Path, out: str | Path | None = None, mlflow: b
         report = write(search_dir, out)
     except Exception as exc:  # noqa: BLE001 - the report is a view: it never fails its search
         text = str(exc).strip()
-        say(f"searchkd: warning: the report of {shown} was not written: "
-            f"{text.splitlines()[0] if text else type(exc).__name__}")
+        say(
+            f"searchkd: warning: the report of {shown} was not written: "
+            f"{text.splitlines()[0] if text else type(exc).__name__}"
+        )
         return False
     for line in report_lines(report, final=not after_search):  # the search's summary showed it
         say(line)
     state = search_dir / STATE_FILE
     pending = json.loads(state.read_text()).get("tracking_pending") if state.exists() else False
     if mlflow and report.analysis.mlflow and pending and after_search:
-        say(f"  not logged to MLflow: the tracking store was away when the search ended; the "
-            f"resume logs it (or `searchkd report {shown}` once the store is back)")
+        say(
+            f"  not logged to MLflow: the tracking store was away when the search ended; the "
+            f"resume logs it (or `searchkd report {shown}` once the store is back)"
+        )
     elif mlflow and report.analysis.mlflow:
         from .tracking import log_report, one_line
 
@@ -392,8 +493,10 @@ def write_report(directory: str | Path, out: str | Path | None = None, mlflow: b
             run = log_report(search_dir, report.directory)
             say(f"  logged to MLflow: artifacts report/ of the search's run {run}")
         except Exception as exc:  # noqa: BLE001 - a tracking store that is away: one line
-            say(f"searchkd: warning: the report was not logged to MLflow "
-                f"({report.analysis.mlflow['tracking_uri']}): {one_line(exc)}")
+            say(
+                f"searchkd: warning: the report was not logged to MLflow "
+                f"({report.analysis.mlflow['tracking_uri']}): {one_line(exc)}"
+            )
     return True
 
 
@@ -409,7 +512,9 @@ def results(directory: str | Path) -> pd.DataFrame:
     try:
         rows = read_rows(search_dir)
     except (OSError, ValueError) as exc:  # a damaged results.parquet of a search without its record
-        raise SearchkdError(f"{search_dir}: results cannot be read: {str(exc).strip().splitlines()[0]}") from None
+        raise SearchkdError(
+            f"{search_dir}: results cannot be read: {str(exc).strip().splitlines()[0]}"
+        ) from None
     frame = pd.DataFrame(rows)
     if not frame.empty:
         frame = frame.sort_values(["trial_number", "epoch"], kind="stable").reset_index(drop=True)

@@ -30,27 +30,37 @@ def fail(message: str) -> NoReturn:
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"address": args.address, "num_cpus": args.num_cpus, "tracking_uri": args.tracking_uri,
-            "storage": args.storage}
+    return {
+        "address": args.address,
+        "num_cpus": args.num_cpus,
+        "tracking_uri": args.tracking_uri,
+        "storage": args.storage,
+    }
 
 
 def exit_code(run: api.SearchRun) -> int:
     """0 when the search (and its final stage) finished; else the command that continues it,
     and 130 after Ctrl-C."""
     if run.status != "finished":
-        print(f"searchkd: search {run.spec.name} is not finished; continue with: "
-              f"searchkd tune {run.source} --resume")
+        print(
+            f"searchkd: search {run.spec.name} is not finished; continue with: "
+            f"searchkd tune {run.source} --resume"
+        )
         return EXIT_INTERRUPTED if run.status == "interrupted" else 1
     if run.final_status not in (None, "finished"):
-        print(f"searchkd: the final stage of {run.spec.name} is not finished; continue with: "
-              f"searchkd final {os.path.relpath(run.search_dir)}")
+        print(
+            f"searchkd: the final stage of {run.spec.name} is not finished; continue with: "
+            f"searchkd final {os.path.relpath(run.search_dir)}"
+        )
         return EXIT_INTERRUPTED if run.final_status == "interrupted" else 1
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     with RayLines.installed():
-        run = api.tune(args.space, trials_dir=args.trials_dir, resume=args.resume, **run_options(args))
+        run = api.tune(
+            args.space, trials_dir=args.trials_dir, resume=args.resume, **run_options(args)
+        )
     return exit_code(run)
 
 
@@ -128,14 +138,21 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 def cmd_final(args: argparse.Namespace) -> int:
     with RayLines.installed():
-        run = api.final(args.search, top=args.top, seeds=args.seeds, trials_dir=args.trials_dir,
-                        address=args.address)
+        run = api.final(
+            args.search,
+            top=args.top,
+            seeds=args.seeds,
+            trials_dir=args.trials_dir,
+            address=args.address,
+        )
     print()
     for line in api.final_summary_lines(run.search_dir):
         print(line)
     if run.status != "finished":
-        print(f"searchkd: the final stage of {run.search_dir.name} is not finished; continue with: "
-              f"searchkd final {os.path.relpath(run.search_dir)}")
+        print(
+            f"searchkd: the final stage of {run.search_dir.name} is not finished; continue with: "
+            f"searchkd final {os.path.relpath(run.search_dir)}"
+        )
         return EXIT_INTERRUPTED if run.status == "interrupted" else 1
     return 0
 
@@ -165,13 +182,17 @@ def cmd_best(args: argparse.Namespace) -> int:
     except DatasetNotFound as exc:  # the input shape comes from the dataset
         fail(f"data.dataset: {exc}")
     except OSError as exc:  # storage that cannot be read (credentials, a lost mount)
-        fail(f"{args.directory}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+        fail(
+            f"{args.directory}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        )
     t = done.trial
     scores = ", ".join(f"{m} {fmt(v, m)}" for m, v in t.scores.items())
     print(f"trial {t.number} ({t.status}, {t.epochs} epochs): {scores}, test_acc {fmt(t.test_acc)}")
     print(f"written to {os.path.relpath(done.directory)}: " + ", ".join(p.name for p in done.files))
-    print("load it:  model = build_model(**json.load(open('model.json'))); "
-          "model.load_state_dict(torch.load('student.pt', weights_only=True)['model'])")
+    print(
+        "load it:  model = build_model(**json.load(open('model.json'))); "
+        "model.load_state_dict(torch.load('student.pt', weights_only=True)['model'])"
+    )
     return 0
 
 
@@ -179,14 +200,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .objectives import get_objective
 
     spec = api.load_space(args.space)
-    print(f"{args.space}: ok — search {spec.name!r}, objective {'/'.join(spec.objectives)}, "
-          f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} searched params")
+    print(
+        f"{args.space}: ok — search {spec.name!r}, objective {'/'.join(spec.objectives)}, "
+        f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} searched params"
+    )
     for name in spec.objectives:
-        resolved = get_objective(name).resolve(spec.loss if len(spec.objectives) == 1 else
-                                               {k: v for k, v in spec.loss.items() if k in get_objective(name).tunables})
+        resolved = get_objective(name).resolve(
+            spec.loss
+            if len(spec.objectives) == 1
+            else {k: v for k, v in spec.loss.items() if k in get_objective(name).tunables}
+        )
         print(f"  {name}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in resolved.items()))
     for key, p in spec.params.items():
-        print(f"  search {key}: {json.dumps(p.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True))}")
+        print(
+            f"  search {key}: {json.dumps(p.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True))}"
+        )
     return 0
 
 
@@ -199,7 +227,9 @@ def cmd_objectives(args: argparse.Namespace) -> int:
         print(f"{name}: {doc}")
         for key, t in cls.tunables.items():
             rng = json.dumps(dict(t.search)) if t.search else "-"
-            print(f"  loss.{key:<16} {t.kind:<6} default {json.dumps(t.default):<12} search {rng:<40} {t.help}")
+            print(
+                f"  loss.{key:<16} {t.kind:<6} default {json.dumps(t.default):<12} search {rng:<40} {t.help}"
+            )
         print()
     return 0
 
@@ -207,16 +237,32 @@ def cmd_objectives(args: argparse.Namespace) -> int:
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def ui_command(uri: str, host: str, port: int, extra_hosts: list[str]) -> tuple[list[str], list[str]]:
+def ui_command(
+    uri: str, host: str, port: int, extra_hosts: list[str]
+) -> tuple[list[str], list[str]]:
     """The `mlflow ui` command line, and the host names it answers for when bound beyond
     loopback (MLflow refuses requests whose Host header it does not know: this machine's
     names, the bound address, private networks and `extra_hosts` are passed on)."""
     import socket
 
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if host in LOOPBACK:
         return cmd, []
-    names = {host, socket.gethostname(), socket.getfqdn(), *LOOPBACK, *extra_hosts} - {"0.0.0.0", "::"}
+    names = {host, socket.gethostname(), socket.getfqdn(), *LOOPBACK, *extra_hosts} - {
+        "0.0.0.0",
+        "::",
+    }
     allowed = sorted(names | {f"{n}:*" for n in names} | {"10.*", "172.*", "192.168.*"})
     return [*cmd, "--allowed-hosts", ",".join(allowed)], sorted(names)
 
@@ -237,12 +283,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
             probe.bind((args.host, args.port))
     except OSError as exc:
-        fail(f"cannot serve on {args.host}:{args.port} ({exc.strerror}); choose another with --port")
+        fail(
+            f"cannot serve on {args.host}:{args.port} ({exc.strerror}); choose another with --port"
+        )
     cmd, names = ui_command(uri, args.host, args.port, args.allowed_hosts)
     if names:
-        print(f"searchkd: warning: the MLflow UI listens on {args.host}: anyone who reaches this machine on "
-              f"port {args.port} can read and change every search's runs (it answers for: "
-              f"{', '.join(names)}; add names with --allowed-hosts)", file=sys.stderr)
+        print(
+            f"searchkd: warning: the MLflow UI listens on {args.host}: anyone who reaches this machine on "
+            f"port {args.port} can read and change every search's runs (it answers for: "
+            f"{', '.join(names)}; add names with --allowed-hosts)",
+            file=sys.stderr,
+        )
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
     server = subprocess.Popen(cmd, start_new_session=True)
 
@@ -273,12 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def run_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store trials/mlflow.db)")
-        sp.add_argument("--address", help="join a Ray cluster: auto (the one `ray start` made on this "
-                        "machine) or HOST:PORT; default: a private local Ray on 127.0.0.1")
+        sp.add_argument(
+            "--tracking-uri", help="MLflow tracking URI (default: sqlite store trials/mlflow.db)"
+        )
+        sp.add_argument(
+            "--address",
+            help="join a Ray cluster: auto (the one `ray start` made on this "
+            "machine) or HOST:PORT; default: a private local Ray on 127.0.0.1",
+        )
         sp.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
-        sp.add_argument("--storage", help="where trials write checkpoints and best students: a path "
-                        "every node sees or s3://bucket/prefix (overrides search.storage)")
+        sp.add_argument(
+            "--storage",
+            help="where trials write checkpoints and best students: a path "
+            "every node sees or s3://bucket/prefix (overrides search.storage)",
+        )
 
     t = sub.add_parser("tune", help="run a search (or --resume one)")
     t.add_argument("space", help="space file, e.g. spaces/quickstart.yaml")
@@ -292,9 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_opts(r)
     r.set_defaults(func=cmd_resume, trials_dir=None)
 
-    te = sub.add_parser("teacher", help="train (once) and cache the space's teacher; show its accuracy")
+    te = sub.add_parser(
+        "teacher", help="train (once) and cache the space's teacher; show its accuracy"
+    )
     te.add_argument("space")
-    te.add_argument("--trials-dir", help="where searches and the teacher cache live (default: ./trials)")
+    te.add_argument(
+        "--trials-dir", help="where searches and the teacher cache live (default: ./trials)"
+    )
     te.set_defaults(func=cmd_teacher)
 
     v = sub.add_parser("validate", help="check a space file and show what it resolves to")
@@ -304,35 +367,61 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("objectives", help="list objectives and their tunables")
     o.set_defaults(func=cmd_objectives)
 
-    f = sub.add_parser("final", help="retrain the top configs and the default on train + val with "
-                       "several seeds: is the winner really better on test?")
+    f = sub.add_parser(
+        "final",
+        help="retrain the top configs and the default on train + val with "
+        "several seeds: is the winner really better on test?",
+    )
     f.add_argument("search", help="the search's directory (trials/NAME) or its name")
-    f.add_argument("--top", type=_positive, help="how many of the best configs (default: the space's "
-                   "final.top, else 3)")
-    f.add_argument("--seeds", type=_positive, help="seeds per config (default: the space's final.seeds, else 3)")
-    f.add_argument("--trials-dir", help="where searches live, for a search given by name (default: ./trials)")
-    f.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT; default: a private local Ray")
+    f.add_argument(
+        "--top",
+        type=_positive,
+        help="how many of the best configs (default: the space's final.top, else 3)",
+    )
+    f.add_argument(
+        "--seeds",
+        type=_positive,
+        help="seeds per config (default: the space's final.seeds, else 3)",
+    )
+    f.add_argument(
+        "--trials-dir", help="where searches live, for a search given by name (default: ./trials)"
+    )
+    f.add_argument(
+        "--address", help="join a Ray cluster: auto or HOST:PORT; default: a private local Ray"
+    )
     f.set_defaults(func=cmd_final)
 
-    rp = sub.add_parser("report", help="write a search's report (plots, top trials) to trials/NAME/report/")
+    rp = sub.add_parser(
+        "report", help="write a search's report (plots, top trials) to trials/NAME/report/"
+    )
     rp.add_argument("directory", help="e.g. trials/quickstart (running, interrupted or finished)")
     rp.add_argument("--out", help="where to write it (default: DIRECTORY/report)")
-    rp.add_argument("--no-mlflow", action="store_true", help="do not log it to the search's MLflow run")
+    rp.add_argument(
+        "--no-mlflow", action="store_true", help="do not log it to the search's MLflow run"
+    )
     rp.set_defaults(func=cmd_report)
 
     b = sub.add_parser("best", help="export the best trial's student, its config and a model card")
     b.add_argument("directory", help="e.g. trials/quickstart")
     b.add_argument("--out", help="where to write it (default: DIRECTORY/best)")
-    b.add_argument("--trial", type=int, help="export this trial instead (e.g. a point of a Pareto front)")
+    b.add_argument(
+        "--trial", type=int, help="export this trial instead (e.g. a point of a Pareto front)"
+    )
     b.set_defaults(func=cmd_best)
 
     u = sub.add_parser("ui", help="open the MLflow UI on the searches' store")
     u.add_argument("--trials-dir")
     u.add_argument("--tracking-uri")
-    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    u.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
+    )
     u.add_argument("--port", type=int, default=5000)
-    u.add_argument("--allowed-hosts", nargs="*", default=[],
-                   help="host names the UI answers for besides this machine's (with a non-loopback --host)")
+    u.add_argument(
+        "--allowed-hosts",
+        nargs="*",
+        default=[],
+        help="host names the UI answers for besides this machine's (with a non-loopback --host)",
+    )
     u.set_defaults(func=cmd_ui)
     return p
 
@@ -353,8 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         if not disk_full(exc):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
-        fail(f"no space left on device{where}; free space, then run the same command (with --resume "
-             f"if the search had started)")
+        fail(
+            f"no space left on device{where}; free space, then run the same command (with --resume "
+            f"if the search had started)"
+        )
     except KeyboardInterrupt:
         print("\nsearchkd: interrupted; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED

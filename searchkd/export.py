@@ -63,8 +63,11 @@ def input_shape(spec: Any) -> dict[str, int]:
     d = spec.data
     ds = load_dataset(d.dataset, root=d.root, download=False, **d.options)
     if isinstance(ds, ArrayDataset):
-        return {"num_classes": int(ds.num_classes), "in_channels": int(ds.train_x.shape[1]),
-                "image_size": int(ds.train_x.shape[-1])}
+        return {
+            "num_classes": int(ds.num_classes),
+            "in_channels": int(ds.train_x.shape[1]),
+            "image_size": int(ds.train_x.shape[-1]),
+        }
     return {"num_classes": len(ds.classes), "in_channels": 3, "image_size": int(ds.image_size)}
 
 
@@ -92,16 +95,22 @@ def best_student(search_dir: str | Path, trial: int | None = None) -> Student:
     a = analyze(search_dir)
     chosen = a.best if trial is None else a.by_number.get(trial)
     if chosen is None:
-        raise ExportError(f"{search_dir}: no trial {trial} in results.parquet" if trial is not None
-                          else f"{search_dir}: no trial has a {a.metric} yet")
+        raise ExportError(
+            f"{search_dir}: no trial {trial} in results.parquet"
+            if trial is not None
+            else f"{search_dir}: no trial has a {a.metric} yet"
+        )
     files = trial_storage(search_dir).child(trial_key(chosen.number))
     blob = files.read_bytes(STUDENT_FILE)
     if blob is None:
         raise ExportError(f"trial {chosen.number}: no {STUDENT_FILE} in {files.display}")
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     spec = trial_spec(a.spec.model_dump(mode="json", by_alias=True), chosen.config)
-    model_args: dict[str, Any] = {"arch": spec.student.arch, "width": spec.student.width,
-                                  **input_shape(spec)}
+    model_args: dict[str, Any] = {
+        "arch": spec.student.arch,
+        "width": spec.student.width,
+        **input_shape(spec),
+    }
     if spec.student.depth:
         model_args["depth"] = spec.student.depth
     model = build_model(**model_args)
@@ -109,7 +118,9 @@ def best_student(search_dir: str | Path, trial: int | None = None) -> Student:
     return Student(a, chosen, spec, model_args, state, model.eval())
 
 
-def export_best(search_dir: str | Path, out: str | Path | None = None, trial: int | None = None) -> Exported:
+def export_best(
+    search_dir: str | Path, out: str | Path | None = None, trial: int | None = None
+) -> Exported:
     """Write the best trial's student (or trial `trial`'s) to `out` (default `<search>/best/`)."""
     import torch
     import yaml
@@ -127,9 +138,11 @@ def export_best(search_dir: str | Path, out: str | Path | None = None, trial: in
     files = [out / STUDENT_OUT, out / MODEL_OUT, out / CONFIG_OUT, out / CARD_OUT]
     replace_atomically(out / STUDENT_OUT, lambda p: torch.save({"model": st.state}, p))
     (out / MODEL_OUT).write_text(json.dumps(model_args, indent=1) + "\n")
-    header = (f"# searchkd: trial {chosen.number} of search {a.spec.name} ({a.metric} "
-              f"{fmt(chosen.scores[a.metric])}, test_acc {fmt(chosen.test_acc)}); "
-              f"seed {chosen.config.get('seed')}\n")
+    header = (
+        f"# searchkd: trial {chosen.number} of search {a.spec.name} ({a.metric} "
+        f"{fmt(chosen.scores[a.metric])}, test_acc {fmt(chosen.test_acc)}); "
+        f"seed {chosen.config.get('seed')}\n"
+    )
     (out / CONFIG_OUT).write_text(header + yaml.safe_dump(raw, sort_keys=False))
     (out / CARD_OUT).write_text(model_card(a, chosen, spec, model_args))
     return Exported(out, chosen, model_args, files)
@@ -138,7 +151,11 @@ def export_best(search_dir: str | Path, out: str | Path | None = None, trial: in
 def model_card(a: Analysis, t: TrialView, spec: Any, model_args: dict[str, Any]) -> str:
     teacher = a.teacher or {}
     metrics = ", ".join(f"{m} {fmt(t.scores[m], m)}" for m in a.spec.metrics)
-    rank = "the best trial" if a.best is not None and a.best.number == t.number else f"trial {t.number}"
+    rank = (
+        "the best trial"
+        if a.best is not None and a.best.number == t.number
+        else f"trial {t.number}"
+    )
     lines = [
         f"# {spec.student.arch} (width {spec.student.width:g}) distilled from {spec.teacher.arch}",
         "",

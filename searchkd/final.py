@@ -111,7 +111,9 @@ class FinalConfig:
         return f"rank {self.rank}" + (" = default" if self.is_default else "")
 
 
-def default_params(spec: Spec, defaults: Mapping[str, Mapping[str, Any]], objective: str) -> dict[str, Any]:
+def default_params(
+    spec: Spec, defaults: Mapping[str, Mapping[str, Any]], objective: str
+) -> dict[str, Any]:
     """The default config over the search's keys: each searched loss tunable at `objective`'s
     default, each other searched key (student.width, train.*, data.*) at the space's own value.
     What the space fixes stays fixed, as in every trial."""
@@ -132,11 +134,14 @@ def default_params(spec: Spec, defaults: Mapping[str, Mapping[str, Any]], object
 def trial_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """A search trial's config as the final stage retrains it: its values without its seed
     (the final stage has its own seeds) or its val_fraction (it holds nothing out)."""
-    return {k: v for k, v in config.items() if k not in ("seed", "trial_number", "data.val_fraction")}
+    return {
+        k: v for k, v in config.items() if k not in ("seed", "trial_number", "data.val_fraction")
+    }
 
 
-def select_configs(ranked: Sequence[tuple[int, float, Mapping[str, Any]]], default: Mapping[str, Any],
-                   top: int) -> list[FinalConfig]:
+def select_configs(
+    ranked: Sequence[tuple[int, float, Mapping[str, Any]]], default: Mapping[str, Any], top: int
+) -> list[FinalConfig]:
     """The `top` distinct configs of `ranked` ((trial number, score, params), best first; a
     config equal to a better-ranked one is skipped), then the default config unless one of them
     is it (it is then marked as the default)."""
@@ -149,7 +154,11 @@ def select_configs(ranked: Sequence[tuple[int, float, Mapping[str, Any]]], defau
         if key in seen:
             continue
         seen.add(key)
-        out.append(FinalConfig(len(out) + 1, number, dict(params), key == config_key(default), float(score)))
+        out.append(
+            FinalConfig(
+                len(out) + 1, number, dict(params), key == config_key(default), float(score)
+            )
+        )
     if not any(c.is_default for c in out):
         out.append(FinalConfig(None, None, dict(default), True))
     return out
@@ -191,7 +200,9 @@ def t_quantile(p: float, dof: int) -> float:
     return float(t.ppf(p, dof))
 
 
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = LEVEL) -> Difference:
+def paired_difference(
+    a: Mapping[int, float], b: Mapping[int, float], level: float = LEVEL
+) -> Difference:
     """The mean of a[s] - b[s] over the seeds both hold, and its two-sided t-interval at
     `level` (n - 1 degrees of freedom); no interval (NaN) below two pairs."""
     diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
@@ -203,9 +214,17 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: flo
     return Difference(mean, mean - half, mean + half, n)
 
 
-def summarize(configs: Sequence[FinalConfig], seeds: Sequence[int], accs: Mapping[tuple[str, int], float],
-              *, search: str = "", metric: str = "", epochs: int = 0, top: int = DEFAULT_TOP,
-              planned: int | None = None) -> dict[str, Any]:
+def summarize(
+    configs: Sequence[FinalConfig],
+    seeds: Sequence[int],
+    accs: Mapping[tuple[str, int], float],
+    *,
+    search: str = "",
+    metric: str = "",
+    epochs: int = 0,
+    top: int = DEFAULT_TOP,
+    planned: int | None = None,
+) -> dict[str, Any]:
     """The final stage's summary (JSON-ready): per config its test accuracies by seed, mean ±
     std, and (but for the default) its paired difference to the default and the verdict.
     `accs` maps (config key, seed) to test accuracy for the finished runs."""
@@ -216,20 +235,40 @@ def summarize(configs: Sequence[FinalConfig], seeds: Sequence[int], accs: Mappin
         mine = {s: accs[(c.key, s)] for s in seeds if (c.key, s) in accs}
         mean, std = mean_std(list(mine.values()))
         entry: dict[str, Any] = {
-            "label": c.label, "rank": c.rank, "tag": c.tag, "trial_number": c.trial_number,
-            "is_default": c.is_default, "params": c.params, "score": c.score,
-            "test_acc": {str(s): v for s, v in mine.items()}, "n": len(mine), "mean": mean, "std": std,
+            "label": c.label,
+            "rank": c.rank,
+            "tag": c.tag,
+            "trial_number": c.trial_number,
+            "is_default": c.is_default,
+            "params": c.params,
+            "score": c.score,
+            "test_acc": {str(s): v for s, v in mine.items()},
+            "n": len(mine),
+            "mean": mean,
+            "std": std,
         }
         if not c.is_default or c.rank is not None:
-            d = paired_difference(mine, base) if not c.is_default else Difference(0.0, 0.0, 0.0, len(mine))
+            d = (
+                paired_difference(mine, base)
+                if not c.is_default
+                else Difference(0.0, 0.0, 0.0, len(mine))
+            )
             entry["diff"] = {"mean": d.mean, "low": d.low, "high": d.high, "n": d.n}
             entry["verdict"] = d.verdict if not c.is_default else "is the default"
         rows.append(entry)
     done = sum(len(r["test_acc"]) for r in rows)
-    return {"search": search, "metric": metric, "epochs": epochs, "top": top, "seeds": list(seeds),
-            "level": LEVEL, "configs": rows, "runs_done": done,
-            "runs_planned": planned if planned is not None else len(configs) * len(seeds),
-            "complete": done == (planned if planned is not None else len(configs) * len(seeds))}
+    return {
+        "search": search,
+        "metric": metric,
+        "epochs": epochs,
+        "top": top,
+        "seeds": list(seeds),
+        "level": LEVEL,
+        "configs": rows,
+        "runs_done": done,
+        "runs_planned": planned if planned is not None else len(configs) * len(seeds),
+        "complete": done == (planned if planned is not None else len(configs) * len(seeds)),
+    }
 
 
 # -- the plan: which (config, seed) runs exist, under stable numbers ------------------------------
@@ -253,7 +292,9 @@ class FinalRun:
         return f"{self.config.tag if self.config.rank is None else 'rank' + str(self.config.rank)}-seed{self.seed}"
 
 
-def plan_runs(final_dir: Path, configs: Sequence[FinalConfig], seeds: Sequence[int]) -> list[FinalRun]:
+def plan_runs(
+    final_dir: Path, configs: Sequence[FinalConfig], seeds: Sequence[int]
+) -> list[FinalRun]:
     """One run per (config, seed), numbered once and for all in `plan.json`: a rerun (with
     other --top or --seeds too) finds each (config, seed) it had under the same number, with
     its saved state and MLflow run."""
@@ -299,7 +340,11 @@ class FinalStage:
 
 def finished_rows(results: ResultsTable, epochs: int) -> dict[int, dict[str, Any]]:
     """The last row of each run that trained all its epochs."""
-    return {n: rows[-1] for n, rows in results.by_trial().items() if rows and int(rows[-1]["epoch"]) >= epochs}
+    return {
+        n: rows[-1]
+        for n, rows in results.by_trial().items()
+        if rows and int(rows[-1]["epoch"]) >= epochs
+    }
 
 
 def prepare(search_dir: Path, top: int | None = None, seeds: int | None = None) -> FinalStage:
@@ -313,30 +358,52 @@ def prepare(search_dir: Path, top: int | None = None, seeds: int | None = None) 
     seeds = seeds or (spec.final.seeds if spec.final else DEFAULT_SEEDS)
     a = analyze(search_dir)
     metric = spec.metrics[0]
-    ranked = [t for t in rank_trials(a.trials, metric, spec.modes[0]) if t.status in ("finished", "stopped")]
+    ranked = [
+        t
+        for t in rank_trials(a.trials, metric, spec.modes[0])
+        if t.status in ("finished", "stopped")
+    ]
     if not ranked:
-        raise FinalError(f"{os.path.relpath(search_dir)}: the search has no completed trial yet; run or "
-                         f"resume it first")
+        raise FinalError(
+            f"{os.path.relpath(search_dir)}: the search has no completed trial yet; run or "
+            f"resume it first"
+        )
     objective = str(ranked[0].config.get("objective") or spec.objectives[0])
-    defaults = {o: {k: t.default for k, t in get_objective(o).tunables.items()} for o in spec.objectives}
+    defaults = {
+        o: {k: t.default for k, t in get_objective(o).tunables.items()} for o in spec.objectives
+    }
     default = default_params(spec, defaults, objective)
-    configs = select_configs([(t.number, t.scores[metric], trial_params(t.config)) for t in ranked], default, top)
+    configs = select_configs(
+        [(t.number, t.scores[metric], trial_params(t.config)) for t in ranked], default, top
+    )
     notes = []
     picked = [c for c in configs if c.rank is not None]
     if len(picked) < top:
-        notes.append(f"{len(picked)} distinct config{'s' if len(picked) != 1 else ''} among the search's "
-                     f"{len(ranked)} completed trial{'s' if len(ranked) != 1 else ''} (asked for {top})")
+        notes.append(
+            f"{len(picked)} distinct config{'s' if len(picked) != 1 else ''} among the search's "
+            f"{len(ranked)} completed trial{'s' if len(ranked) != 1 else ''} (asked for {top})"
+        )
     if any(c.is_default and c.rank is not None for c in configs):
         rank = next(c.rank for c in configs if c.is_default and c.rank is not None)
-        notes.append(f"rank {rank} is the default config" + (
-            ": the search's best is the default, there is nothing to beat" if rank == 1 else ""))
+        notes.append(
+            f"rank {rank} is the default config"
+            + (": the search's best is the default, there is nothing to beat" if rank == 1 else "")
+        )
     seed_list = [final_seed(spec.search.seed, i) for i in range(seeds)]
     final_dir = search_dir / FINAL_DIR
     runs = plan_runs(final_dir, configs, seed_list)
     results = ResultsTable(final_dir / "results.parquet")
     done = finished_rows(results, spec.train.epochs) if results.log_path.exists() else {}
-    return FinalStage(search_dir, spec, configs, seed_list, top, runs,
-                      {n: r for n, r in done.items() if n in {x.number for x in runs}}, notes)
+    return FinalStage(
+        search_dir,
+        spec,
+        configs,
+        seed_list,
+        top,
+        runs,
+        {n: r for n, r in done.items() if n in {x.number for x in runs}},
+        notes,
+    )
 
 
 class ListSearcher(Searcher):
@@ -349,15 +416,24 @@ class ListSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         return self.configs.pop(0) if self.configs else Searcher.FINISHED
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         pass
 
 
 class FinalProgress:
     """One line per run that ends (and a heartbeat); nothing is "best" here: test chooses nothing."""
 
-    def __init__(self, runs: dict[int, FinalRun], total: int, done_before: int, epochs: int,
-                 heartbeat_s: float = 15.0, log: Log = say) -> None:
+    def __init__(
+        self,
+        runs: dict[int, FinalRun],
+        total: int,
+        done_before: int,
+        epochs: int,
+        heartbeat_s: float = 15.0,
+        log: Log = say,
+    ) -> None:
         self.runs, self.total, self.done_before, self.epochs = runs, total, done_before, epochs
         self.heartbeat_s, self.log = heartbeat_s, log
         self.start, self.last_beat = time.time(), 0.0
@@ -369,7 +445,9 @@ class FinalProgress:
     def _line(self, text: str, trials: list) -> None:
         done = self.done_before + sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
-        self.log(f"[{time.time() - self.start:6.0f}s] {text:<56} | {done}/{self.total} done, {running} running")
+        self.log(
+            f"[{time.time() - self.start:6.0f}s] {text:<56} | {done}/{self.total} done, {running} running"
+        )
         self.last_beat = time.time()
 
     def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
@@ -386,8 +464,10 @@ class FinalProgress:
         self.log(f"  {self._name(trial)}: {tracking.error_reason(trial)}")
 
     def on_trial_recover(self, trial: Any, trials: list) -> None:
-        self.log(f"  {self._name(trial)} failed and is retried from its last saved epoch: "
-                 f"{tracking.error_reason(trial)}")
+        self.log(
+            f"  {self._name(trial)} failed and is retried from its last saved epoch: "
+            f"{tracking.error_reason(trial)}"
+        )
 
 
 def final_base(spec: Spec) -> Spec:
@@ -395,8 +475,13 @@ def final_base(spec: Spec) -> Spec:
     return spec.resolved({"data.val_fraction": 0.0})
 
 
-def run_final(stage: FinalStage, teacher: TeacherInfo | None, address: str | None = None,
-              num_cpus: int | None = None, log: Log = say) -> tuple[dict[str, Any], str]:
+def run_final(
+    stage: FinalStage,
+    teacher: TeacherInfo | None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    log: Log = say,
+) -> tuple[dict[str, Any], str]:
     """Train the stage's runs that are not finished (none: no Ray is started), bring MLflow in
     line, write final.parquet. Returns the summary and how it ended: finished, interrupted
     (Ctrl-C) or unfinished (a run failed, a tracking store that stayed away, a full disk)."""
@@ -404,21 +489,40 @@ def run_final(stage: FinalStage, teacher: TeacherInfo | None, address: str | Non
     spec, search_dir, final_dir = stage.spec, stage.search_dir, stage.final_dir
     state = search_dir / tracking.TRACKING_FILE
     if not state.exists():
-        raise FinalError(f"{os.path.relpath(search_dir)}: the search has no MLflow run ({tracking.TRACKING_FILE} "
-                         f"is missing); resume the search first")
+        raise FinalError(
+            f"{os.path.relpath(search_dir)}: the search has no MLflow run ({tracking.TRACKING_FILE} "
+            f"is missing); resume the search first"
+        )
     search_runs = tracking.SearchRuns(**json.loads(state.read_text()))
-    base_tags = {"teacher": spec.teacher.arch, "student": spec.student.arch, "search": spec.name,
-                 "dataset": spec.data.dataset, "stage": "final"}
+    base_tags = {
+        "teacher": spec.teacher.arch,
+        "student": spec.student.arch,
+        "search": spec.name,
+        "dataset": spec.data.dataset,
+        "stage": "final",
+    }
     if isinstance(spec.objective, str):
         base_tags["objective"] = spec.objective
     try:
-        runs = tracking.open_nested(search_runs, final_dir / tracking.TRACKING_FILE, "final", base_tags,
-                                    params={"top": stage.top, "seeds": len(stage.seeds), "val_fraction": 0.0,
-                                            "epochs": spec.train.epochs, "metric": "test_acc"})
+        runs = tracking.open_nested(
+            search_runs,
+            final_dir / tracking.TRACKING_FILE,
+            "final",
+            base_tags,
+            params={
+                "top": stage.top,
+                "seeds": len(stage.seeds),
+                "val_fraction": 0.0,
+                "epochs": spec.train.epochs,
+                "metric": "test_acc",
+            },
+        )
     except Exception as exc:  # noqa: BLE001 - a store that does not answer is one line
         if not tracking.is_transient(exc):
             raise
-        raise FinalError(f"tracking store {search_runs.tracking_uri} unreachable: {tracking.one_line(exc)}") from None
+        raise FinalError(
+            f"tracking store {search_runs.tracking_uri} unreachable: {tracking.one_line(exc)}"
+        ) from None
     storage = trial_storage(search_dir, spec).child(FINAL_DIR)
     by_number = {r.number: r for r in stage.runs}
 
@@ -427,19 +531,36 @@ def run_final(stage: FinalStage, teacher: TeacherInfo | None, address: str | Non
         if run is None:
             return {}
         source = run.config.trial_number
-        return {"rank": run.config.tag, "seed": str(run.seed),
-                "trial_number": "" if source is None else str(source), "config": run.config.label}
+        return {
+            "rank": run.config.tag,
+            "seed": str(run.seed),
+            "trial_number": "" if source is None else str(source),
+            "config": run.config.label,
+        }
 
     def name(rec: tracking.TrialRecord) -> str:
         run = by_number.get(rec.number)
         return f"final-{run.name}" if run else f"final-{rec.number:03d}"
 
-    writer = tracking.MlflowWriter(runs, final_dir, storage, "test_acc", "max", base_tags, spec.train.epochs,
-                                   log=log, key_tag="final_run", run_tags=tags, run_name=name, track_best=False)
+    writer = tracking.MlflowWriter(
+        runs,
+        final_dir,
+        storage,
+        "test_acc",
+        "max",
+        base_tags,
+        spec.train.epochs,
+        log=log,
+        key_tag="final_run",
+        run_tags=tags,
+        run_name=name,
+        track_best=False,
+    )
     results = ResultsTable(final_dir / "results.parquet", log)
     results.flush()
-    progress = FinalProgress(by_number, len(stage.runs), len(stage.runs) - len(stage.todo), spec.train.epochs,
-                             log=log)
+    progress = FinalProgress(
+        by_number, len(stage.runs), len(stage.runs) - len(stage.todo), spec.train.epochs, log=log
+    )
     session = Session(results, tracking.MlflowRecorder(writer), progress)  # type: ignore[arg-type]
     key = str(final_dir)
     todo = stage.todo
@@ -449,23 +570,38 @@ def run_final(stage: FinalStage, teacher: TeacherInfo | None, address: str | Non
         log(f"final stage of {spec.name}: all {len(stage.runs)} runs are done; nothing left to do")
     else:
         top = sum(c.rank is not None for c in stage.configs)
-        default = "and the default" if any(c.rank is None for c in stage.configs) else "(the default among them)"
-        log(f"final stage of {spec.name}: {top} top config{'s' if top != 1 else ''} {default}, "
+        default = (
+            "and the default"
+            if any(c.rank is None for c in stage.configs)
+            else "(the default among them)"
+        )
+        log(
+            f"final stage of {spec.name}: {top} top config{'s' if top != 1 else ''} {default}, "
             f"{len(stage.seeds)} seed{'s' if len(stage.seeds) != 1 else ''} each, {spec.train.epochs} epochs on "
-            f"train + val: {len(todo)} of {len(stage.runs)} runs to train, in {shown}/{FINAL_DIR}")
+            f"train + val: {len(todo)} of {len(stage.runs)} runs to train, in {shown}/{FINAL_DIR}"
+        )
         connect(spec, address, num_cpus, storage=base_storage(spec, search_dir.parent))
         ray_dir = final_dir / RAY_DIR
         count = len(list(ray_dir.glob("run-*"))) if ray_dir.is_dir() else 0
         tuner = tune.Tuner(
             make_trainable(final_base(spec), teacher, storage),
             tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(ListSearcher([r.tune_config() for r in todo]),
-                                              max_concurrent=concurrency(spec, len(todo))),
-                scheduler=FIFOScheduler(), num_samples=len(todo), reuse_actors=True),
+                search_alg=ConcurrencyLimiter(
+                    ListSearcher([r.tune_config() for r in todo]),
+                    max_concurrent=concurrency(spec, len(todo)),
+                ),
+                scheduler=FIFOScheduler(),
+                num_samples=len(todo),
+                reuse_actors=True,
+            ),
             run_config=tune.RunConfig(
-                name=f"run-{count + 1:03d}", storage_path=str(ray_dir), verbose=0,
-                callbacks=[SearchCallback(key)], stop=SessionStopper(key),
-                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)),
+                name=f"run-{count + 1:03d}",
+                storage_path=str(ray_dir),
+                verbose=0,
+                callbacks=[SearchCallback(key)],
+                stop=SessionStopper(key),
+                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+            ),
         )
         interrupted = fit(tuner, key, session)
     done = finished_rows(results, spec.train.epochs)
@@ -475,19 +611,28 @@ def run_final(stage: FinalStage, teacher: TeacherInfo | None, address: str | Non
         if run.number in done:
             outcomes.status[run.number] = "finished"
         elif run.number in session.failed:
-            outcomes.status[run.number], outcomes.errors[run.number] = "failed", session.failed[run.number]
+            outcomes.status[run.number], outcomes.errors[run.number] = (
+                "failed",
+                session.failed[run.number],
+            )
         else:
             outcomes.status[run.number] = "unfinished"
     rows = {n: r for n, r in results.by_trial().items() if n in by_number}
     session.mlflow.resync(rows, outcomes)
     summary = write_final(stage, done)
-    synced = Deadline(writer, runs.tracking_uri, log, 5.0 if session.stop_reason else TRACKING_WAIT_S).drain()
+    synced = Deadline(
+        writer, runs.tracking_uri, log, 5.0 if session.stop_reason else TRACKING_WAIT_S
+    ).drain()
     complete = summary["complete"] and session.stop_reason is None
     if synced:
         try:
-            log_summary(runs, search_dir / FINAL_FILE, summary, "FINISHED" if complete else "KILLED")
+            log_summary(
+                runs, search_dir / FINAL_FILE, summary, "FINISHED" if complete else "KILLED"
+            )
         except Exception as exc:  # noqa: BLE001 - the summary is in final.parquet too
-            log(f"searchkd: warning: the final stage's summary was not logged to MLflow: {tracking.one_line(exc)}")
+            log(
+                f"searchkd: warning: the final stage's summary was not logged to MLflow: {tracking.one_line(exc)}"
+            )
     if session.stop_reason:
         log(f"searchkd: error: {session.stop_reason}; free space, then run the final stage again")
     status = "finished" if complete and synced else "interrupted" if interrupted else "unfinished"
@@ -495,8 +640,22 @@ def run_final(stage: FinalStage, teacher: TeacherInfo | None, address: str | Non
 
 
 # final.parquet's columns before the config's own values (one column per dotted key).
-ROW_KEYS = ("rank", "config", "is_default", "trial_number", "search_score", "seed", "seed_index", "final_run",
-            "test_acc", "test_acc_last", "epochs", "student_params", "student_macs", "params")
+ROW_KEYS = (
+    "rank",
+    "config",
+    "is_default",
+    "trial_number",
+    "search_score",
+    "seed",
+    "seed_index",
+    "final_run",
+    "test_acc",
+    "test_acc_last",
+    "epochs",
+    "student_params",
+    "student_macs",
+    "params",
+)
 
 
 def write_final(stage: FinalStage, done: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
@@ -511,29 +670,54 @@ def write_final(stage: FinalStage, done: Mapping[int, Mapping[str, Any]]) -> dic
         acc = float(last["test_acc"])
         accs[(run.config.key, run.seed)] = acc
         c = run.config
-        rows.append({
-            "rank": c.tag, "config": c.label, "is_default": c.is_default, "trial_number": c.trial_number,
-            "search_score": c.score if math.isfinite(c.score) else None, "seed": run.seed,
-            "seed_index": stage.seeds.index(run.seed), "final_run": run.number, "test_acc": acc,
-            "test_acc_last": float(last.get("test_acc_last", acc)), "epochs": int(last["epoch"]),
-            "student_params": last.get("student_params"), "student_macs": last.get("student_macs"),
-            "params": json.dumps(c.params, sort_keys=True),
-            **{k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in c.params.items()},
-        })
+        rows.append(
+            {
+                "rank": c.tag,
+                "config": c.label,
+                "is_default": c.is_default,
+                "trial_number": c.trial_number,
+                "search_score": c.score if math.isfinite(c.score) else None,
+                "seed": run.seed,
+                "seed_index": stage.seeds.index(run.seed),
+                "final_run": run.number,
+                "test_acc": acc,
+                "test_acc_last": float(last.get("test_acc_last", acc)),
+                "epochs": int(last["epoch"]),
+                "student_params": last.get("student_params"),
+                "student_macs": last.get("student_macs"),
+                "params": json.dumps(c.params, sort_keys=True),
+                **{
+                    k: json.dumps(v) if isinstance(v, list | dict) else v
+                    for k, v in c.params.items()
+                },
+            }
+        )
     spec = stage.spec
-    summary = summarize(stage.configs, stage.seeds, accs, search=spec.name, metric=spec.metrics[0],
-                        epochs=spec.train.epochs, top=stage.top, planned=len(stage.runs))
+    summary = summarize(
+        stage.configs,
+        stage.seeds,
+        accs,
+        search=spec.name,
+        metric=spec.metrics[0],
+        epochs=spec.train.epochs,
+        top=stage.top,
+        planned=len(stage.runs),
+    )
     summary["notes"] = stage.notes
     params = sorted({k for c in stage.configs for k in c.params})
     keys = [*ROW_KEYS, *params]
-    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]) if rows else pa.table({})
+    table = (
+        pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]) if rows else pa.table({})
+    )
     table = table.replace_schema_metadata({FINAL_KEY: json.dumps(json_safe(summary)).encode()})
     path = stage.search_dir / FINAL_FILE
     replace_atomically(path, lambda p: pq.write_table(table, p))
     return summary
 
 
-def log_summary(runs: tracking.SearchRuns, final_file: Path, summary: dict[str, Any], status: str) -> None:
+def log_summary(
+    runs: tracking.SearchRuns, final_file: Path, summary: dict[str, Any], status: str
+) -> None:
     """The summary on the `final` run: per config its mean, std and difference to the default
     as metrics, its verdict as a tag, final.parquet as an artifact; then its status."""
     from mlflow.entities import Metric, RunTag
@@ -544,10 +728,13 @@ def log_summary(runs: tracking.SearchRuns, final_file: Path, summary: dict[str, 
     metrics, tags = [], []
     for c in summary["configs"]:
         prefix = "default" if c["rank"] is None else f"rank{c['rank']}"
-        for name, value in (("test_acc_mean", c["mean"]), ("test_acc_std", c["std"]),
-                            ("diff_mean", (c.get("diff") or {}).get("mean")),
-                            ("diff_low", (c.get("diff") or {}).get("low")),
-                            ("diff_high", (c.get("diff") or {}).get("high"))):
+        for name, value in (
+            ("test_acc_mean", c["mean"]),
+            ("test_acc_std", c["std"]),
+            ("diff_mean", (c.get("diff") or {}).get("mean")),
+            ("diff_low", (c.get("diff") or {}).get("low")),
+            ("diff_high", (c.get("diff") or {}).get("high")),
+        ):
             if isinstance(value, float) and math.isfinite(value):
                 metrics.append(Metric(f"{prefix}_{name}", value, now, 0))
         if c.get("verdict"):

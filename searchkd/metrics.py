@@ -15,8 +15,14 @@ from typing import Any
 VAL_METRICS = ("val_acc", "val_top5", "best_val_acc")
 TEST_METRICS = ("test_acc", "test_acc_last")
 REPORTED_METRICS = (
-    *VAL_METRICS, *TEST_METRICS, "train_loss",
-    "student_params", "objective_params", "student_macs", "images_per_second", "epoch_seconds",
+    *VAL_METRICS,
+    *TEST_METRICS,
+    "train_loss",
+    "student_params",
+    "objective_params",
+    "student_macs",
+    "images_per_second",
+    "epoch_seconds",
 )
 # Bookkeeping beside them: `start_epoch` > 0 proves a resumed trial did not restart at 0.
 BOOKKEEPING = ("epoch", "lr", "start_epoch")
@@ -87,8 +93,9 @@ def better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
-def pick_best(scores: Mapping[int, float], mode: str,
-              failed: set[int] | frozenset[int] = frozenset()) -> int | None:
+def pick_best(
+    scores: Mapping[int, float], mode: str, failed: set[int] | frozenset[int] = frozenset()
+) -> int | None:
     """The best trial number: the best finite score in `mode` among trials that did not fail;
     ties go to the lowest trial number (never to test accuracy, which chooses nothing)."""
     best: int | None = None

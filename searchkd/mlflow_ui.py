@@ -34,21 +34,39 @@ def ui_tags(space: dict[str, Any]) -> dict[str, str]:
     metrics = metrics if isinstance(metrics, list) else [metrics]
     modes = modes if isinstance(modes, list) else [modes]
     sort = "best_val_acc" if metrics[0] == "val_acc" else metrics[0]  # the kept student's value
-    shown = dict.fromkeys([*metrics, "best_val_acc", "test_acc", "student_params", "student_macs", "epoch"])
-    searched = (["objective"] if isinstance(space.get("objective"), dict) else []) + list(space.get("params") or {})
+    shown = dict.fromkeys(
+        [*metrics, "best_val_acc", "test_acc", "student_params", "student_macs", "epoch"]
+    )
+    searched = (["objective"] if isinstance(space.get("objective"), dict) else []) + list(
+        space.get("params") or {}
+    )
     state = {
         "searchFilter": "tags.trial_number LIKE '%'",  # the trials' runs, not the search's own
-        "orderByKey": f"metrics.`{sort}`", "orderByAsc": modes[0] == "min",
-        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-        "selectedColumns": [f"metrics.`{m}`" for m in shown] + [f"params.`{p}`" for p in searched]
-                           + ["tags.`stopped_early`"],
-        "runsHiddenMode": "SHOW_ALL", "columnOrder": [], "columnWidths": {},
+        "orderByKey": f"metrics.`{sort}`",
+        "orderByAsc": modes[0] == "min",
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": [f"metrics.`{m}`" for m in shown]
+        + [f"params.`{p}`" for p in searched]
+        + ["tags.`stopped_early`"],
+        "runsHiddenMode": "SHOW_ALL",
+        "columnOrder": [],
+        "columnWidths": {},
     }
-    return {"mlflow.experimentKind": UI_KIND, f"mlflow.sharedViewState.{UI_VIEW}": json.dumps(state)}
+    return {
+        "mlflow.experimentKind": UI_KIND,
+        f"mlflow.sharedViewState.{UI_VIEW}": json.dumps(state),
+    }
 
 
 def ui_link(tracking_uri: str, experiment_id: str, local_ui: str = "http://127.0.0.1:5000") -> str:
     """The search's trials in the MLflow UI: the server itself, or where `searchkd ui` serves."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else local_ui
-    return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={UI_VIEW}"
-            f"&workflowType=machine_learning")
+    base = (
+        tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else local_ui
+    )
+    return (
+        f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={UI_VIEW}"
+        f"&workflowType=machine_learning"
+    )

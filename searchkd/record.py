@@ -93,7 +93,9 @@ class ResultsTable:
     FRESH_S = 30.0  # ... or, once this long has passed, FRESH_GROWTH more
     FRESH_GROWTH = 0.02
 
-    def __init__(self, path: Path, log: Log | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, path: Path, log: Log | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.path = Path(path)
         self.log_path = self.path.with_name(RESULTS_LOG)
         self.say = log
@@ -123,8 +125,10 @@ class ResultsTable:
                         continue  # not a whole record: nothing was acted on from it
                     rows.setdefault((int(r["trial_number"]), int(r["epoch"])), r)
             if self.path.exists() and not readable(self.path) and self.say:
-                self.say(f"searchkd: {self.path.name} could not be read (cut short?); it is rebuilt "
-                         f"from {self.log_path.name}")
+                self.say(
+                    f"searchkd: {self.path.name} could not be read (cut short?); it is rebuilt "
+                    f"from {self.log_path.name}"
+                )
                 self.dirty = True
         elif self.path.exists():  # a search recorded before results.jsonl existed
             try:
@@ -134,24 +138,32 @@ class ResultsTable:
                 raise ResultsError(
                     f"{self.path} is damaged ({first}) and there is no {self.log_path.name} to rebuild "
                     f"it from; move it aside to go on (the study and MLflow keep every trial's "
-                    f"result)") from None
+                    f"result)"
+                ) from None
             for r in table:
                 rows[(int(r["trial_number"]), int(r["epoch"]))] = r
             with self.log_path.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows.values())
         return rows
 
-    def add(self, number: int, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+    def add(
+        self, number: int, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any]
+    ) -> None:
         """Record one reported epoch of trial `number` (a re-report of a recorded one is dropped)."""
         key = (number, int(result["epoch"]))
         if key in self.rows:
             return
-        row = {k: v for k, v in result.items()
-               if (is_number(v) and is_logged(k)) or (k in TEXT_KEYS and isinstance(v, str))}
+        row = {
+            k: v
+            for k, v in result.items()
+            if (is_number(v) and is_logged(k)) or (k in TEXT_KEYS and isinstance(v, str))
+        }
         row["trial_id"] = trial_id
         row["trial_number"] = number
         row["objective"] = str(config.get("objective", ""))
-        row["config"] = json.dumps({k: v for k, v in config.items() if k != "trial_number"}, sort_keys=True)
+        row["config"] = json.dumps(
+            {k: v for k, v in config.items() if k != "trial_number"}, sort_keys=True
+        )
         row["timestamp"] = float(result.get("timestamp", time.time()))
         with self.log_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -164,7 +176,10 @@ class ResultsTable:
         new = len(self.rows) - self.written_rows
         if new >= max(1.0, self.GROWTH * self.written_rows):
             return True
-        return self.clock() - self.written_at >= self.FRESH_S and new >= self.FRESH_GROWTH * self.written_rows
+        return (
+            self.clock() - self.written_at >= self.FRESH_S
+            and new >= self.FRESH_GROWTH * self.written_rows
+        )
 
     def by_trial(self) -> dict[int, list[dict[str, Any]]]:
         out: dict[int, list[dict[str, Any]]] = {}
@@ -174,7 +189,9 @@ class ResultsTable:
 
     def in_order(self) -> list[dict[str, Any]]:
         """Every row, in the order the search recorded them."""
-        return sorted(self.rows.values(), key=lambda r: (r["timestamp"], r["trial_number"], r["epoch"]))
+        return sorted(
+            self.rows.values(), key=lambda r: (r["timestamp"], r["trial_number"], r["epoch"])
+        )
 
     def flush(self) -> None:
         """Write results.parquet if rows arrived since it was last written."""

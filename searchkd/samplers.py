@@ -35,8 +35,9 @@ def tpe(spec: Spec, seed: int) -> optuna.samplers.BaseSampler:
     # A quarter of the budget (2 to 10 trials) random first; multivariate+group handle the
     # conditional (per-objective) parameters; constant_liar keeps concurrent trials apart.
     startup = max(2, min(10, spec.search.num_samples // 4))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                      group=True, constant_liar=True)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
+    )
 
 
 @SAMPLERS.register("random")

@@ -75,8 +75,15 @@ class Rungs:
 class ResumableASHA(FIFOScheduler):
     """Tune's scheduler face of `Rungs`: trials are known by their Optuna trial number."""
 
-    def __init__(self, metric: str, mode: str, time_attr: str, grace_period: int, max_t: int,
-                 reduction_factor: float) -> None:
+    def __init__(
+        self,
+        metric: str,
+        mode: str,
+        time_attr: str,
+        grace_period: int,
+        max_t: int,
+        reduction_factor: float,
+    ) -> None:
         super().__init__()
         self.set_search_properties(metric, mode)
         self.time_attr = time_attr
@@ -98,5 +105,8 @@ class ResumableASHA(FIFOScheduler):
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         if result and self.time_attr in result and self.metric in result:
-            self.rungs.record(int(trial.config.get("trial_number", -1)), result[self.time_attr],
-                              self._value(result))
+            self.rungs.record(
+                int(trial.config.get("trial_number", -1)),
+                result[self.time_attr],
+                self._value(result),
+            )

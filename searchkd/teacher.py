@@ -54,7 +54,9 @@ def _bytes(obj: object) -> bytes:
     return buf.getvalue()
 
 
-def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log = print) -> TeacherInfo:
+def ensure_teacher(
+    spec: Spec, cache: Path, device: str | None = None, log: Log = print
+) -> TeacherInfo:
     """Return the spec's teacher, training and caching it first if needed."""
     ckpt = Path(spec.teacher.checkpoint).expanduser().resolve() if spec.teacher.checkpoint else None
     digest = teacher_digest(spec)
@@ -78,23 +80,38 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
             partial = home / "partial.pt"  # per-epoch state: a killed teacher run goes on, not over
             if partial.exists():
                 engine.load(partial)
-                log(f"resuming teacher {spec.teacher.arch} at epoch {engine.epoch}/{tspec.train.epochs}")
+                log(
+                    f"resuming teacher {spec.teacher.arch} at epoch {engine.epoch}/{tspec.train.epochs}"
+                )
             else:
-                log(f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})")
+                log(
+                    f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})"
+                )
             while not engine.finished:
                 row = engine.run_epoch()
                 replace_atomically(partial, lambda p: p.write_bytes(engine.to_bytes()))
-                log(f"  teacher epoch {engine.epoch}/{tspec.train.epochs}: train_loss {row['train_loss']:.4f}, "
-                    f"val_acc {row['val_acc']:.4f}")
+                log(
+                    f"  teacher epoch {engine.epoch}/{tspec.train.epochs}: train_loss {row['train_loss']:.4f}, "
+                    f"val_acc {row['val_acc']:.4f}"
+                )
             engine.student.load_state_dict(engine.best_student)
-            replace_atomically(path, lambda p: p.write_bytes(_bytes({"model": engine.student.state_dict()})))
+            replace_atomically(
+                path, lambda p: p.write_bytes(_bytes({"model": engine.student.state_dict()}))
+            )
         else:
             path = ckpt
         val, test = engine.evaluate("val").top1, engine.evaluate("test").top1
         # A trained teacher is stored relative to its cache entry, so a moved trials/ still finds it.
         stored = path.name if ckpt is None else str(path)
-        meta = {"path": stored, "test_acc": test, "val_acc": val, "arch": spec.teacher.arch,
-                "trained": ckpt is None, "key": teacher_key(spec), "seconds": time.perf_counter() - start}
+        meta = {
+            "path": stored,
+            "test_acc": test,
+            "val_acc": val,
+            "arch": spec.teacher.arch,
+            "trained": ckpt is None,
+            "key": teacher_key(spec),
+            "seconds": time.perf_counter() - start,
+        }
         replace_atomically(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
         (home / "partial.pt").unlink(missing_ok=True)
         log(f"teacher {spec.teacher.arch}: test_acc {test:.4f} (val {val:.4f})")
@@ -103,5 +120,11 @@ def ensure_teacher(spec: Spec, cache: Path, device: str | None = None, log: Log 
 
 def _read_meta(path: Path, digest: str) -> TeacherInfo:
     meta = json.loads(path.read_text())
-    return TeacherInfo(path.parent / meta["path"], digest, meta["test_acc"], meta["val_acc"], meta["arch"],
-                       meta["trained"])
+    return TeacherInfo(
+        path.parent / meta["path"],
+        digest,
+        meta["test_acc"],
+        meta["val_acc"],
+        meta["arch"],
+        meta["trained"],
+    )

@@ -27,16 +27,26 @@ def tiny_space(name: str = "tiny", **overrides: Any) -> dict[str, Any]:
         "name": name,
         "objective": "msd",
         "data": {"dataset": "digits", "val_fraction": 0.15},
-        "teacher": {"arch": "resnet8", "width": 0.5,
-                    "train": {"epochs": 3, "batch_size": 64, "lr": 0.1, "lr_schedule": "cosine"}},
+        "teacher": {
+            "arch": "resnet8",
+            "width": 0.5,
+            "train": {"epochs": 3, "batch_size": 64, "lr": 0.1, "lr_schedule": "cosine"},
+        },
         "student": {"arch": "resnet8", "width": 0.25},
         "train": {"epochs": 2, "batch_size": 128, "lr": 0.1, "lr_schedule": "cosine"},
         "loss": {"layers": 1, "scales": [1, 2], "dim": 16},
-        "search": {"num_samples": 2, "scheduler": "none", "max_concurrent": 2, "seed": 0,
-                   "resources": {"cpu": 1, "gpu": 0}},
-        "params": {"student.width": {"choice": [0.25, 0.5]},
-                   "loss.tau": {"float": [0.05, 0.5], "log": True},
-                   "loss.scales": {"choice": [[1], [1, 2]]}},
+        "search": {
+            "num_samples": 2,
+            "scheduler": "none",
+            "max_concurrent": 2,
+            "seed": 0,
+            "resources": {"cpu": 1, "gpu": 0},
+        },
+        "params": {
+            "student.width": {"choice": [0.25, 0.5]},
+            "loss.tau": {"float": [0.05, 0.5], "log": True},
+            "loss.scales": {"choice": [[1], [1, 2]]},
+        },
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(space.get(key), dict):
@@ -143,8 +153,12 @@ def stop_group(proc) -> None:
             proc.wait()
 
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 @pytest.fixture(scope="session")
@@ -158,8 +172,12 @@ def s3_server():
     os.environ.update(S3_ENV)
     port = free_port()
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: port_answers(port), "moto S3 server answering", proc)
         import pyarrow.fs as pafs
@@ -178,10 +196,25 @@ def start_mlflow(port: int, root: Path):
     import sys
 
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-           str(root / "artifacts"), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     wait_until(lambda: port_answers(port), "mlflow server answering", proc)
     return proc
 
@@ -204,8 +237,9 @@ def rows(trials: Path, name: str) -> list[dict]:
     return out
 
 
-def assert_consistent(trials: Path, name: str, num_samples: int, epochs: int,
-                      tracking_uri: str | None = None) -> list[dict]:
+def assert_consistent(
+    trials: Path, name: str, num_samples: int, epochs: int, tracking_uri: str | None = None
+) -> list[dict]:
     """Every store holds exactly the study's trials, once each, with epochs in order, and the
     same score: Optuna's value, the last Parquet row's `score`, MLflow's `score` curve."""
     import optuna
@@ -215,8 +249,11 @@ def assert_consistent(trials: Path, name: str, num_samples: int, epochs: int,
 
     study = load_study(trials / name, name)
     assert len(study.trials) == num_samples
-    open_or_failed = {t.number: (t.state.name, t.user_attrs) for t in study.trials
-                      if t.state != optuna.trial.TrialState.COMPLETE}
+    open_or_failed = {
+        t.number: (t.state.name, t.user_attrs)
+        for t in study.trials
+        if t.state != optuna.trial.TrialState.COMPLETE
+    }
     assert not open_or_failed, f"trials not complete: {open_or_failed}"
 
     table = rows(trials, name)
@@ -228,7 +265,9 @@ def assert_consistent(trials: Path, name: str, num_samples: int, epochs: int,
         mine = sorted((r for r in table if r["trial_number"] == t.number), key=lambda r: r["epoch"])
         assert [r["epoch"] for r in mine] == list(range(1, len(mine) + 1))
         last[t.number] = mine[-1]
-        assert t.value == pytest.approx(mine[-1]["score"]), f"trial {t.number}: Optuna and Parquet differ"
+        assert t.value == pytest.approx(mine[-1]["score"]), (
+            f"trial {t.number}: Optuna and Parquet differ"
+        )
         assert t.user_attrs["epochs"] == mine[-1]["epoch"] <= epochs
 
     client = MlflowClient(tracking_uri or f"sqlite:///{trials / 'mlflow.db'}")

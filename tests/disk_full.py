@@ -23,12 +23,28 @@ def main() -> None:
     space, trials, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     trials.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(trials)], check=True)
-    cmd = [sys.executable, "-m", "searchkd.cli", "tune", space, "--trials-dir", str(trials), "--num-cpus", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "searchkd.cli",
+        "tune",
+        space,
+        "--trials-dir",
+        str(trials),
+        "--num-cpus",
+        "2",
+    ]
     report: dict[str, dict] = {}
 
-    def step(name: str, proc: subprocess.CompletedProcess | subprocess.Popen, stdout: str, stderr: str) -> None:
-        report[name] = {"rc": proc.returncode, "stdout": stdout, "stderr": stderr,
-                        "files": sorted(str(p.relative_to(trials)) for p in trials.rglob("*"))}
+    def step(
+        name: str, proc: subprocess.CompletedProcess | subprocess.Popen, stdout: str, stderr: str
+    ) -> None:
+        report[name] = {
+            "rc": proc.returncode,
+            "stdout": stdout,
+            "stderr": stderr,
+            "files": sorted(str(p.relative_to(trials)) for p in trials.rglob("*")),
+        }
 
     # 1. Full from the start: the teacher's first epoch does not fit.
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -36,7 +52,9 @@ def main() -> None:
 
     # 2. Room to start; mid-search a file takes what is left.
     subprocess.run(["mount", "-o", "remount,size=96m", "tmpfs", str(trials)], check=True)
-    proc = subprocess.Popen([*cmd, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     record = next(iter(trials.glob("*/results.jsonl")), None)
     while proc.poll() is None and (record is None or len(record.read_text().splitlines()) < 4):
         time.sleep(0.2)

@@ -28,18 +28,29 @@ import ray._private.services  # noqa: E402
 def main() -> None:
     role, cpus = sys.argv[1], int(sys.argv[2])
     params = ray._private.parameter.RayParams(
-        node_ip_address="127.0.0.1", num_cpus=cpus, num_gpus=0, include_dashboard=False,
-        object_store_memory=200 * 1024 * 1024, min_worker_port=0, max_worker_port=0,
+        node_ip_address="127.0.0.1",
+        num_cpus=cpus,
+        num_gpus=0,
+        include_dashboard=False,
+        object_store_memory=200 * 1024 * 1024,
+        min_worker_port=0,
+        max_worker_port=0,
     )
     if role == "worker":
-        params.update_if_absent(gcs_address=sys.argv[3], include_log_monitor=False, node_manager_port=0)
+        params.update_if_absent(
+            gcs_address=sys.argv[3], include_log_monitor=False, node_manager_port=0
+        )
         params.dashboard_agent_listen_port = None
-    node = ray._private.node.Node(params, head=role == "head", shutdown_at_exit=True, spawn_reaper=True)
+    node = ray._private.node.Node(
+        params, head=role == "head", shutdown_at_exit=True, spawn_reaper=True
+    )
     # As ray.cluster_utils does: announce the node only once the cluster lists it (a driver
     # started earlier would size its search on the nodes it sees).
     ray._private.services.wait_for_node(node.gcs_address, node.plasma_store_socket_name, 120)
     print(json.dumps({"gcs": node.gcs_address, "node_id": node.node_id}), flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs Node's exit hook: its processes stop
+    signal.signal(
+        signal.SIGTERM, lambda *_: sys.exit(0)
+    )  # runs Node's exit hook: its processes stop
     while True:
         signal.pause()
 

@@ -23,7 +23,10 @@ def test_the_package_exposes_the_api_lazily() -> None:
 def test_a_space_diff_names_each_changed_leaf() -> None:
     old = {"train": {"epochs": 2, "lr": 0.1}, "name": "a", "params": {"x": {"float": [0, 1]}}}
     new = {"train": {"epochs": 3, "lr": 0.1}, "name": "a", "params": {}}
-    assert api.space_diff(old, new) == ["params.x: {\"float\": [0, 1]} -> null", "train.epochs: 2 -> 3"]
+    assert api.space_diff(old, new) == [
+        'params.x: {"float": [0, 1]} -> null',
+        "train.epochs: 2 -> 3",
+    ]
     assert api.space_diff(old, old) == []
 
 
@@ -57,9 +60,17 @@ def test_results_are_the_records_rows_ordered_by_trial_and_epoch(tmp_path: Path)
     search.mkdir()
     (search / "space.yaml").write_text("name: s\n")
     assert api.results(search).empty
-    rows = [{"trial_number": n, "epoch": e, "val_acc": n + e / 10, "timestamp": 10.0 * e + n}
-            for e in (1, 2) for n in (1, 0)]
+    rows = [
+        {"trial_number": n, "epoch": e, "val_acc": n + e / 10, "timestamp": 10.0 * e + n}
+        for e in (1, 2)
+        for n in (1, 0)
+    ]
     (search / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     frame = api.results(search)
-    assert list(zip(frame.trial_number, frame.epoch, strict=True)) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert list(zip(frame.trial_number, frame.epoch, strict=True)) == [
+        (0, 1),
+        (0, 2),
+        (1, 1),
+        (1, 2),
+    ]
     assert frame.val_acc.tolist() == [0.1, 0.2, 1.1, 1.2]

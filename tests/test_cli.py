@@ -29,7 +29,10 @@ def test_validate_shows_resolved_tunables(capsys, space_file) -> None:
     resolved = get_objective("msd").resolve(yaml.safe_load(path.read_text())["loss"])
     assert resolved["scales"] == [1, 2] and resolved["tau"] != 0  # the space's, then defaults
     line = next(x for x in out.splitlines() if x.strip().startswith("msd: "))
-    assert f"tau={json.dumps(resolved['tau'])}" in line and f"scales={json.dumps(resolved['scales'])}" in line
+    assert (
+        f"tau={json.dumps(resolved['tau'])}" in line
+        and f"scales={json.dumps(resolved['scales'])}" in line
+    )
     assert any(x.strip().startswith("search loss.tau: ") for x in out.splitlines())
 
 
@@ -46,7 +49,9 @@ def test_objectives_lists_tunables_with_ranges(capsys) -> None:
     assert ["loss.tau", tau.kind, "default", json.dumps(tau.default)] in [x[:4] for x in msd_tau]
 
 
-def test_bad_space_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path: Path, space_file) -> None:
+def test_bad_space_is_one_line_exit_2_and_writes_nothing(
+    capsys, tmp_path: Path, space_file
+) -> None:
     path = space_file(student={"arch": "resnet8", "width": -1})
     trials = tmp_path / "trials"
     code, out, err = run(capsys, "tune", str(path), "--trials-dir", str(trials))
@@ -88,9 +93,17 @@ def test_help_and_version(argv: list[str]) -> None:
 
 
 @pytest.mark.integration
-def test_missing_dataset_is_one_line_and_writes_nothing(ray_session, capsys, tmp_path: Path, space_file) -> None:
-    path = space_file(data={"dataset": "cifar100", "root": str(tmp_path / "data"), "download": False,
-                            "val_fraction": 0.1})
+def test_missing_dataset_is_one_line_and_writes_nothing(
+    ray_session, capsys, tmp_path: Path, space_file
+) -> None:
+    path = space_file(
+        data={
+            "dataset": "cifar100",
+            "root": str(tmp_path / "data"),
+            "download": False,
+            "val_fraction": 0.1,
+        }
+    )
     trials = tmp_path / "trials"
     code, _, err = run(capsys, "tune", str(path), "--trials-dir", str(trials))
     assert code == 2 and err.count("\n") == 1
@@ -99,7 +112,9 @@ def test_missing_dataset_is_one_line_and_writes_nothing(ray_session, capsys, tmp
 
 
 @pytest.mark.integration
-def test_mismatched_teacher_checkpoint_is_one_line(ray_session, capsys, tmp_path: Path, space_file) -> None:
+def test_mismatched_teacher_checkpoint_is_one_line(
+    ray_session, capsys, tmp_path: Path, space_file
+) -> None:
     import torch
 
     from searchkd.models import build_model
@@ -113,19 +128,26 @@ def test_mismatched_teacher_checkpoint_is_one_line(ray_session, capsys, tmp_path
     assert not (tmp_path / "trials" / "tiny").exists()
 
 
-def test_teacher_command_trains_once_then_reads_the_cache(capsys, tmp_path: Path, space_file) -> None:
+def test_teacher_command_trains_once_then_reads_the_cache(
+    capsys, tmp_path: Path, space_file
+) -> None:
     path = str(space_file())
     code, out, _ = run(capsys, "teacher", path, "--trials-dir", str(tmp_path / "t"))
     assert code == 0 and "trained from the recipe" in out and "test_acc" in out
-    assert [line.split(":")[0].strip() for line in out.splitlines() if "teacher epoch" in line] == \
-        ["teacher epoch 1/3", "teacher epoch 2/3", "teacher epoch 3/3"]  # progress, one line an epoch
+    assert [line.split(":")[0].strip() for line in out.splitlines() if "teacher epoch" in line] == [
+        "teacher epoch 1/3",
+        "teacher epoch 2/3",
+        "teacher epoch 3/3",
+    ]  # progress, one line an epoch
     code, again, _ = run(capsys, "teacher", path, "--trials-dir", str(tmp_path / "t"))
     assert code == 0 and "training teacher" not in again
     assert again.splitlines()[-3:] == out.splitlines()[-3:]
 
 
 @pytest.mark.integration
-def test_resources_beyond_the_cluster_are_refused(ray_session, capsys, tmp_path: Path, space_file) -> None:
+def test_resources_beyond_the_cluster_are_refused(
+    ray_session, capsys, tmp_path: Path, space_file
+) -> None:
     path = space_file(search={"num_samples": 2, "resources": {"cpu": 4, "gpu": 0}})
     trials = tmp_path / "trials"
     code, _, err = run(capsys, "tune", str(path), "--trials-dir", str(trials))
@@ -142,7 +164,9 @@ def test_unwritable_trials_dir_is_refused(capsys, tmp_path: Path, space_file) ->
 
 
 @pytest.mark.integration
-def test_second_tune_of_a_running_search_is_refused(ray_session, capsys, tmp_path: Path, space_file) -> None:
+def test_second_tune_of_a_running_search_is_refused(
+    ray_session, capsys, tmp_path: Path, space_file
+) -> None:
     from filelock import FileLock
 
     trials = tmp_path / "trials"
@@ -157,7 +181,9 @@ def test_second_tune_of_a_running_search_is_refused(ray_session, capsys, tmp_pat
     assert code == 0
 
 
-def test_resume_with_a_different_space_names_the_difference(capsys, tmp_path: Path, space_file) -> None:
+def test_resume_with_a_different_space_names_the_difference(
+    capsys, tmp_path: Path, space_file
+) -> None:
     import yaml
 
     from searchkd.api import load_space
@@ -181,8 +207,10 @@ def test_resume_of_a_finished_search_does_nothing(capsys, tmp_path: Path, space_
     stored.mkdir(parents=True)
     (stored / "space.yaml").write_text(load_space(path).to_yaml())
     (stored / "state.json").write_text('{"status": "finished"}')
-    for argv in (["tune", str(path), "--resume", "--trials-dir", str(tmp_path / "t")],
-                 ["resume", str(stored)]):
+    for argv in (
+        ["tune", str(path), "--resume", "--trials-dir", str(tmp_path / "t")],
+        ["resume", str(stored)],
+    ):
         code, out, _ = run(capsys, *argv)
         assert code == 0 and "already finished" in out
 
@@ -201,13 +229,17 @@ def test_ray_messages_become_one_line_each() -> None:
     out = io.StringIO()
     lines = RayLines(out)
     lines.write("[     9s] trial 1 epoch 3/8 | 1/4 done\n")
-    lines.write("\x1b[33m(raylet)\x1b[0m The node with node id: ef0813caca5b71d753032b9b78cb8945387ef7f09bd726dd "
-                "and address: 127.0.0.1 and node name: 127.0.0.1 has been marked dead because the detector "
-                "has missed too many heartbeats from it. This can happen when a \t(1) raylet crashes "
-                "unexpectedly (OOM, etc.) \n\t(2) raylet has lagging heartbeats due to slow network or busy "
-                "workload.\n")
-    lines.write("\x1b[33m(raylet)\x1b[0m Task was killed due to the node running low on memory. Memory on "
-                "the node was 23 GB.\n  details follow\n")
+    lines.write(
+        "\x1b[33m(raylet)\x1b[0m The node with node id: ef0813caca5b71d753032b9b78cb8945387ef7f09bd726dd "
+        "and address: 127.0.0.1 and node name: 127.0.0.1 has been marked dead because the detector "
+        "has missed too many heartbeats from it. This can happen when a \t(1) raylet crashes "
+        "unexpectedly (OOM, etc.) \n\t(2) raylet has lagging heartbeats due to slow network or busy "
+        "workload.\n"
+    )
+    lines.write(
+        "\x1b[33m(raylet)\x1b[0m Task was killed due to the node running low on memory. Memory on "
+        "the node was 23 GB.\n  details follow\n"
+    )
     lines.write("searchkd: tracking server is back\n")
     lines.flush()
     assert out.getvalue().splitlines() == [
@@ -224,19 +256,41 @@ def test_cluster_options_that_cannot_work_are_one_line(capsys, tmp_path: Path, s
     from conftest import free_port
 
     trials = tmp_path / "trials"
-    code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", str(trials),
-                       "--address", "127.0.0.1:6379", "--num-cpus", "2")
+    code, _, err = run(
+        capsys,
+        "tune",
+        str(space_file()),
+        "--trials-dir",
+        str(trials),
+        "--address",
+        "127.0.0.1:6379",
+        "--num-cpus",
+        "2",
+    )
     assert code == 2 and err.count("\n") == 1 and "--num-cpus sets the CPUs of a local Ray" in err
     code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", "s3://bucket/trials")
     assert code == 2 and err.count("\n") == 1 and "with --storage" in err
-    code, _, err = run(capsys, "tune", str(space_file()), "--trials-dir", str(trials),
-                       "--tracking-uri", f"http://127.0.0.1:{free_port()}")
+    code, _, err = run(
+        capsys,
+        "tune",
+        str(space_file()),
+        "--trials-dir",
+        str(trials),
+        "--tracking-uri",
+        f"http://127.0.0.1:{free_port()}",
+    )
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("searchkd: error: ") and ": --tracking-uri http://127.0.0.1:" in err and "not reachable" in err
+    assert (
+        err.startswith("searchkd: error: ")
+        and ": --tracking-uri http://127.0.0.1:" in err
+        and "not reachable" in err
+    )
     assert not trials.exists()
 
 
-def test_storage_option_is_part_of_the_resolved_space(tmp_path: Path, space_file, monkeypatch) -> None:
+def test_storage_option_is_part_of_the_resolved_space(
+    tmp_path: Path, space_file, monkeypatch
+) -> None:
     from searchkd.api import load_space
 
     monkeypatch.chdir(tmp_path)
@@ -247,7 +301,9 @@ def test_storage_option_is_part_of_the_resolved_space(tmp_path: Path, space_file
 
 
 @pytest.mark.parametrize("kind", ["empty", "garbage", "plain pickle", "payload"])
-def test_a_teacher_checkpoint_torch_will_not_load_is_one_line(capsys, tmp_path: Path, space_file, kind) -> None:
+def test_a_teacher_checkpoint_torch_will_not_load_is_one_line(
+    capsys, tmp_path: Path, space_file, kind
+) -> None:
     """Checked before the lock, Ray or anything else: one line, no lock file, nothing written."""
     import os
     import pickle
@@ -262,32 +318,53 @@ def test_a_teacher_checkpoint_torch_will_not_load_is_one_line(capsys, tmp_path: 
     elif kind == "plain pickle":
         ckpt.write_bytes(pickle.dumps({"model": {"conv1.weight": [[1.0]]}}))
     else:
+
         class Payload:
             def __reduce__(self):
                 return (os.system, ("echo would-run",))
 
         torch.save({"model": Payload()}, ckpt)
     trials = tmp_path / "trials"
-    code, out, err = run(capsys, "tune", str(space_file(teacher={"arch": "resnet8", "checkpoint": str(ckpt)})),
-                         "--trials-dir", str(trials))
+    code, out, err = run(
+        capsys,
+        "tune",
+        str(space_file(teacher={"arch": "resnet8", "checkpoint": str(ckpt)})),
+        "--trials-dir",
+        str(trials),
+    )
     assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith("searchkd: error: ") and "teacher.checkpoint: " in err and str(ckpt) in err
+    assert (
+        err.startswith("searchkd: error: ") and "teacher.checkpoint: " in err and str(ckpt) in err
+    )
     assert "would-run" not in out + err
     assert not trials.exists()
 
 
-def test_every_problem_known_before_ray_is_reported_at_once(capsys, tmp_path: Path, space_file) -> None:
-    path = space_file(teacher={"arch": "resnet8", "checkpoint": str(tmp_path / "none.pth")},
-                      data={"dataset": "cifar100", "root": str(tmp_path / "data"), "download": False,
-                            "val_fraction": 0.1},
-                      search={"resources": {"cpu": 64, "gpu": 0.5}})
+def test_every_problem_known_before_ray_is_reported_at_once(
+    capsys, tmp_path: Path, space_file
+) -> None:
+    path = space_file(
+        teacher={"arch": "resnet8", "checkpoint": str(tmp_path / "none.pth")},
+        data={
+            "dataset": "cifar100",
+            "root": str(tmp_path / "data"),
+            "download": False,
+            "val_fraction": 0.1,
+        },
+        search={"resources": {"cpu": 64, "gpu": 0.5}},
+    )
     trials = tmp_path / "trials"
     code, _, err = run(capsys, "tune", str(path), "--trials-dir", str(trials))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 4, err
     assert all(line.startswith(f"searchkd: error: {path}: ") for line in lines)
     keys = [line.split(": ")[3] for line in lines]
-    assert keys == ["data.dataset", "teacher.checkpoint", "search.resources.cpu", "search.resources.gpu"]
+    assert keys == [
+        "data.dataset",
+        "teacher.checkpoint",
+        "search.resources.cpu",
+        "search.resources.gpu",
+    ]
     assert not trials.exists()
 
 
@@ -296,8 +373,12 @@ def test_a_batch_as_large_as_the_split_is_warned_about(capsys, tmp_path: Path, s
     from searchkd.api import load_space
     from searchkd.spec import Spec
 
-    spec = load_space(space_file(train={"epochs": 1, "batch_size": 4096}, data={"dataset": "digits",
-                                                                                "val_fraction": 0.95}))
+    spec = load_space(
+        space_file(
+            train={"epochs": 1, "batch_size": 4096},
+            data={"dataset": "digits", "val_fraction": 0.95},
+        )
+    )
     problems, warnings = preflight.check(spec, tmp_path / "t", None, True, None)
     assert problems == []
     assert [w.split(":")[0] for w in warnings] == ["data.val_fraction", "train.batch_size"]
@@ -324,18 +405,33 @@ def test_ui_stops_with_its_server_and_refuses_a_busy_port(capsys, tmp_path: Path
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        code, _, err = run(capsys, "ui", "--trials-dir", str(trials), "--port", str(busy.getsockname()[1]))
+        code, _, err = run(
+            capsys, "ui", "--trials-dir", str(trials), "--port", str(busy.getsockname()[1])
+        )
     assert code == 2 and err.count("\n") == 1 and "choose another with --port" in err
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "searchkd.cli", "ui", "--trials-dir", str(trials),
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "searchkd.cli",
+            "ui",
+            "--trials-dir",
+            str(trials),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until(lambda: port_answers(port), "the MLflow UI answering", proc)
         below = descendants(proc.pid)
         assert below, "the MLflow server runs below searchkd"
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
         def alive(pid: int) -> bool:
             try:
                 return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
@@ -358,7 +454,12 @@ def test_ui_beyond_loopback_answers_for_this_machines_names() -> None:
     assert "--allowed-hosts" not in cmd and names == []
     cmd, names = ui_command("sqlite:///x.db", "0.0.0.0", 5000, ["ml.lab.example"])
     allowed = cmd[cmd.index("--allowed-hosts") + 1].split(",")
-    assert {socket.gethostname(), f"{socket.gethostname()}:*", "ml.lab.example:*", "127.0.0.1:*"} <= set(allowed)
+    assert {
+        socket.gethostname(),
+        f"{socket.gethostname()}:*",
+        "ml.lab.example:*",
+        "127.0.0.1:*",
+    } <= set(allowed)
     assert "0.0.0.0" not in names and "*" not in allowed
 
 
@@ -367,6 +468,8 @@ def test_a_wrong_argument_is_one_line_exit_2(capsys) -> None:
     assert code == 2 and out == ""
     assert err == "searchkd: error: final: argument --seeds: must be at least 1, got 0\n"
     code, _, err = run(capsys, "tune")
-    assert code == 2 and err.count("\n") == 1 and "the following arguments are required: space" in err
+    assert (
+        code == 2 and err.count("\n") == 1 and "the following arguments are required: space" in err
+    )
     code, _, err = run(capsys, "nosuch")
     assert code == 2 and err.count("\n") == 1 and "invalid choice: 'nosuch'" in err

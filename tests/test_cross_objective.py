@@ -35,15 +35,21 @@ CIFAR = ("kd", "crd", "msd", "stkd", "cktf", "lfcc", "cross")
 
 # ----------------------------------------------------------------- the shipped space files
 
+
 def test_the_expected_spaces_are_shipped() -> None:
     names = {p.stem for p in SPACES.glob("*.yaml")}
-    assert {*CIFAR, "quickstart", *(f"digits-{o}" for o in SHIPPED),
-            *(f"repro-{o}" for o in ("ce", "kd", "crd", "cktf"))} <= names
+    assert {
+        *CIFAR,
+        "quickstart",
+        *(f"digits-{o}" for o in SHIPPED),
+        *(f"repro-{o}" for o in ("ce", "kd", "crd", "cktf")),
+    } <= names
 
 
 @pytest.mark.parametrize("path", sorted(SPACES.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_space_validates(path: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_space_validates(
+    path: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A teacher checkpoint named under ~ (the reproduction spaces') must exist to validate.
     monkeypatch.setenv("HOME", str(tmp_path))
     checkpoint = Spec.model_validate(yaml.safe_load(path.read_text())).teacher.checkpoint
@@ -63,7 +69,11 @@ def test_cifar_spaces_share_one_teacher_and_the_published_recipe() -> None:
     for name, s in specs.items():
         assert s.train.epochs == 240 and s.train.batch_size == 64, name
         if name != "lfcc":  # the ViT student trains with AdamW; its teacher has the CNN recipe
-            assert (s.train.lr, s.train.lr_milestones, s.train.weight_decay) == (0.05, [150, 180, 210], 5.0e-4)
+            assert (s.train.lr, s.train.lr_milestones, s.train.weight_decay) == (
+                0.05,
+                [150, 180, 210],
+                5.0e-4,
+            )
         assert "student.width" in s.params, name
     assert specs["lfcc"].student.arch == "vit_tiny"
     assert specs["cross"].objectives == ["msd", "lfcc", "cktf"]
@@ -100,18 +110,21 @@ def test_fixed_loss_key_of_one_objective_does_not_reach_the_others() -> None:
 
 CROSS_PARAMS: dict[str, Any] = {
     "student.width": {"choice": [0.25, 0.5]},
-    "loss.kd_temperature": {"float": [2.0, 6.0]},            # kd, msd, cktf
-    "loss.tau": {"float": [0.05, 0.5], "log": True},          # msd, cktf
-    "loss.scales": {"choice": [[1], [1, 2]]},                 # msd
+    "loss.kd_temperature": {"float": [2.0, 6.0]},  # kd, msd, cktf
+    "loss.tau": {"float": [0.05, 0.5], "log": True},  # msd, cktf
+    "loss.scales": {"choice": [[1], [1, 2]]},  # msd
     "loss.inter_weight": {"float": [0.05, 0.5], "log": True},  # cktf
 }
 
 
 @pytest.mark.integration
-def test_cross_objective_runs_carry_only_their_own_params(ray_session: None, tmp_path: Path) -> None:
+def test_cross_objective_runs_carry_only_their_own_params(
+    ray_session: None, tmp_path: Path
+) -> None:
     trials = tmp_path / "trials"
-    raw = tiny_space("cross", objective={"choice": ["msd", "kd", "cktf"]},
-                     train={"epochs": 1, "batch_size": 128})
+    raw = tiny_space(
+        "cross", objective={"choice": ["msd", "kd", "cktf"]}, train={"epochs": 1, "batch_size": 128}
+    )
     # A fixed key all three declare; keys of only some objectives are covered by the test above.
     raw["loss"] = {"kd_weight": 0.5}
     raw["params"] = CROSS_PARAMS
@@ -121,7 +134,9 @@ def test_cross_objective_runs_carry_only_their_own_params(ray_session: None, tmp
 
     client = MlflowClient(f"sqlite:///{trials / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cross")
-    children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    children = [
+        r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags
+    ]
     assert len(children) == 4
     seen = set()
     for run in children:
@@ -129,8 +144,12 @@ def test_cross_objective_runs_carry_only_their_own_params(ray_session: None, tmp
         assert run.info.status == "FINISHED", run.data.tags.get("error")
         assert run.data.params["objective"] == objective
         seen.add(objective)
-        own = {k for k in CROSS_PARAMS if k.startswith("loss.")
-               and k.removeprefix("loss.") in get_objective(objective).tunables}
+        own = {
+            k
+            for k in CROSS_PARAMS
+            if k.startswith("loss.")
+            and k.removeprefix("loss.") in get_objective(objective).tunables
+        }
         loss_params = {k for k in run.data.params if k.startswith("loss.")}
         assert loss_params == own, (objective, loss_params)
         assert {"student.width", "seed"} <= set(run.data.params)

@@ -61,8 +61,9 @@ def _dump(path: Path, obj: dict) -> None:
         pickle.dump(obj, f, protocol=2)
 
 
-def write_cifar10(root: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int = 20,
-                  n_test: int = 100) -> dict[str, np.ndarray]:
+def write_cifar10(
+    root: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int = 20, n_test: int = 100
+) -> dict[str, np.ndarray]:
     """cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}, md5s registered."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -72,21 +73,43 @@ def write_cifar10(root: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int = 
     test_y = _balanced(n_test, 10, seed=4)
     for b in range(5):
         sl = slice(b * per_batch, (b + 1) * per_batch)
-        _dump(folder / f"data_batch_{b + 1}", {
-            "batch_label": f"training batch {b + 1} of 5",
-            "labels": train_y[sl].tolist(),
-            "data": train_x[sl].reshape(per_batch, 3072),  # rows: 1024 R, 1024 G, 1024 B
-            "filenames": [f"img_{i}.png" for i in range(sl.start, sl.stop)],
-        })
-    _dump(folder / "test_batch", {
-        "batch_label": "testing batch 1 of 1", "labels": test_y.tolist(),
-        "data": test_x.reshape(n_test, 3072), "filenames": [f"t_{i}.png" for i in range(n_test)],
-    })
-    _dump(folder / "batches.meta", {
-        "num_cases_per_batch": per_batch, "num_vis": 3072,
-        "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                        "ship", "truck"],
-    })
+        _dump(
+            folder / f"data_batch_{b + 1}",
+            {
+                "batch_label": f"training batch {b + 1} of 5",
+                "labels": train_y[sl].tolist(),
+                "data": train_x[sl].reshape(per_batch, 3072),  # rows: 1024 R, 1024 G, 1024 B
+                "filenames": [f"img_{i}.png" for i in range(sl.start, sl.stop)],
+            },
+        )
+    _dump(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": test_y.tolist(),
+            "data": test_x.reshape(n_test, 3072),
+            "filenames": [f"t_{i}.png" for i in range(n_test)],
+        },
+    )
+    _dump(
+        folder / "batches.meta",
+        {
+            "num_cases_per_batch": per_batch,
+            "num_vis": 3072,
+            "label_names": [
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            ],
+        },
+    )
     batches = [f"data_batch_{b}" for b in range(1, 6)]
     monkeypatch.setattr(CIFAR10, "train_list", [[f, _md5(folder / f)] for f in batches])
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
@@ -94,8 +117,9 @@ def write_cifar10(root: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int = 
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
-def write_cifar100(root: Path, monkeypatch: pytest.MonkeyPatch, n_train: int = 500,
-                   n_test: int = 100) -> dict[str, np.ndarray]:
+def write_cifar100(
+    root: Path, monkeypatch: pytest.MonkeyPatch, n_train: int = 500, n_test: int = 100
+) -> dict[str, np.ndarray]:
     """cifar-100-python/{train, test, meta}, md5s registered."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
@@ -107,14 +131,23 @@ def write_cifar100(root: Path, monkeypatch: pytest.MonkeyPatch, n_train: int = 5
     }
     for name in ("train", "test"):
         x, y = data[f"{name}_x"], data[f"{name}_y"]
-        _dump(folder / name, {
-            "filenames": [f"{name}_{i}.png" for i in range(len(y))],
-            "batch_label": f"{name}ing batch 1 of 1",
-            "fine_labels": y.tolist(), "coarse_labels": (y // 5).tolist(),
-            "data": x.reshape(len(y), 3072),
-        })
-    _dump(folder / "meta", {"fine_label_names": [f"fine_{i}" for i in range(100)],
-                            "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
+        _dump(
+            folder / name,
+            {
+                "filenames": [f"{name}_{i}.png" for i in range(len(y))],
+                "batch_label": f"{name}ing batch 1 of 1",
+                "fine_labels": y.tolist(),
+                "coarse_labels": (y // 5).tolist(),
+                "data": x.reshape(len(y), 3072),
+            },
+        )
+    _dump(
+        folder / "meta",
+        {
+            "fine_label_names": [f"fine_{i}" for i in range(100)],
+            "coarse_label_names": [f"coarse_{i}" for i in range(20)],
+        },
+    )
     monkeypatch.setattr(CIFAR100, "train_list", [["train", _md5(folder / "train")]])
     monkeypatch.setattr(CIFAR100, "test_list", [["test", _md5(folder / "test")]])
     monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": _md5(folder / "meta")})
@@ -128,9 +161,13 @@ def _rows(x: torch.Tensor) -> set[bytes]:
 # ---------------------------------------------------------------- CIFAR
 
 
-@pytest.mark.parametrize("name, writer, classes", [
-    ("cifar10", write_cifar10, 10), ("cifar100", write_cifar100, 100),
-])
+@pytest.mark.parametrize(
+    "name, writer, classes",
+    [
+        ("cifar10", write_cifar10, 10),
+        ("cifar100", write_cifar100, 100),
+    ],
+)
 def test_cifar_round_trips_images_and_labels(tmp_path, monkeypatch, name, writer, classes):
     want = writer(tmp_path, monkeypatch)
     ds = load_dataset(name, root=tmp_path)
@@ -154,8 +191,9 @@ def test_cifar_root_expands_home_and_defaults_to_cache(tmp_path, monkeypatch):
     assert load_dataset("cifar10", root="~/.cache/searchkd/data").test_x.shape[0] == 100
 
 
-@pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"),
-                                          ("cifar100", "cifar-100-python")])
+@pytest.mark.parametrize(
+    "name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")]
+)
 def test_missing_cifar_is_one_line_naming_the_place(tmp_path, name, folder):
     with pytest.raises(DatasetNotFound) as e:
         build_loaders(name, root=tmp_path / "nowhere", download=False)
@@ -207,8 +245,9 @@ def test_cifar_split_sizes_and_disjointness(tmp_path, monkeypatch):
 
 def test_cifar_loaders_normalise_augment_and_are_deterministic(tmp_path, monkeypatch):
     want = write_cifar10(tmp_path, monkeypatch)
-    L = build_loaders("cifar10", root=tmp_path, val_fraction=0.1, batch_size=16, device="cpu",
-                      seed=3)
+    L = build_loaders(
+        "cifar10", root=tmp_path, val_fraction=0.1, batch_size=16, device="cpu", seed=3
+    )
     xs, ys, idxs = zip(*L.test, strict=True)  # evaluation: in order, unaugmented
     x = torch.cat(xs)
     assert torch.equal(torch.cat(ys), torch.from_numpy(want["test_y"]))
@@ -254,8 +293,15 @@ def test_synthetic_is_deterministic_and_shaped():
 
 
 def test_synthetic_is_learnable_and_normalises_to_zero_mean():
-    L = build_loaders("synthetic", val_fraction=0.1, batch_size=64, seed=0, num_classes=10,
-                      train_size=1000, test_size=200)
+    L = build_loaders(
+        "synthetic",
+        val_fraction=0.1,
+        batch_size=64,
+        seed=0,
+        num_classes=10,
+        train_size=1000,
+        test_size=200,
+    )
     feats, labels = zip(*((x.mean(dim=(2, 3)), y) for x, y, _ in L.val), strict=True)
     f, y = torch.cat(feats), torch.cat(labels)
     centroids = torch.stack([f[y == c].mean(0) for c in range(10)])
@@ -275,12 +321,18 @@ CLASSES = {"cat": (200, 40, 40), "dog": (40, 200, 40), "eel": (40, 40, 200)}
 SIZES = [(40, 30), (30, 44), (36, 36)]  # (width, height): crops and resizes really happen
 
 
-def write_imagefolder(root: Path, train_per_class: int = 6, val_per_class: int = 2,
-                      val_classes: tuple[str, ...] = tuple(CLASSES)) -> None:
+def write_imagefolder(
+    root: Path,
+    train_per_class: int = 6,
+    val_per_class: int = 2,
+    val_classes: tuple[str, ...] = tuple(CLASSES),
+) -> None:
     """root/train/<class>/*.png and root/val/<class>/*.png: class colour plus noise."""
     rng = np.random.default_rng(0)
-    for split_name, per, classes in (("train", train_per_class, tuple(CLASSES)),
-                                     ("val", val_per_class, val_classes)):
+    for split_name, per, classes in (
+        ("train", train_per_class, tuple(CLASSES)),
+        ("val", val_per_class, val_classes),
+    ):
         for cls in classes:
             d = root / split_name / cls
             d.mkdir(parents=True)
@@ -300,8 +352,16 @@ def _colours(x: torch.Tensor) -> torch.Tensor:
 
 def test_imagefolder_splits_labels_and_shapes(tmp_path):
     write_imagefolder(tmp_path)
-    L = build_loaders("imagefolder", root=tmp_path, val_fraction=1 / 3, batch_size=4,
-                      device=CPU, seed=0, image_size=16, num_workers=0)
+    L = build_loaders(
+        "imagefolder",
+        root=tmp_path,
+        val_fraction=1 / 3,
+        batch_size=4,
+        device=CPU,
+        seed=0,
+        image_size=16,
+        num_workers=0,
+    )
     assert (L.num_classes, L.channels, L.image_size) == (3, 3, 16)
     assert (L.train.num_samples, L.val.num_samples, L.test.num_samples) == (12, 6, 6)
     assert len(L.train) == 3 and len(L.test) == 2  # train drops partial batches, eval keeps them
@@ -329,8 +389,15 @@ def test_imagefolder_augmentation_is_deterministic_per_seed_and_epoch(tmp_path):
     write_imagefolder(tmp_path)
 
     def epoch_batches(seed: int, epoch: int, workers: int) -> list[tuple[torch.Tensor, ...]]:
-        L = build_loaders("imagefolder", root=tmp_path, val_fraction=0.0, batch_size=6,
-                          seed=seed, image_size=16, num_workers=workers)
+        L = build_loaders(
+            "imagefolder",
+            root=tmp_path,
+            val_fraction=0.0,
+            batch_size=6,
+            seed=seed,
+            image_size=16,
+            num_workers=workers,
+        )
         L.train.set_epoch(epoch)
         return list(L.train)
 
@@ -354,16 +421,18 @@ def test_imagefolder_augmentation_is_deterministic_per_seed_and_epoch(tmp_path):
 
 def test_imagefolder_eval_is_resize_and_centre_crop(tmp_path):
     write_imagefolder(tmp_path)
-    L = build_loaders("imagefolder", root=tmp_path, val_fraction=0.0, batch_size=8,
-                      image_size=16, num_workers=0)
+    L = build_loaders(
+        "imagefolder", root=tmp_path, val_fraction=0.0, batch_size=8, image_size=16, num_workers=0
+    )
     first = torch.cat([x for x, _, _ in L.test])
     assert torch.equal(first, torch.cat([x for x, _, _ in L.test]))  # no randomness
 
 
 def test_imagefolder_val_with_fewer_classes_keeps_train_labels(tmp_path):
     write_imagefolder(tmp_path, val_classes=("dog", "eel"))
-    L = build_loaders("imagefolder", root=tmp_path, val_fraction=0.0, batch_size=8,
-                      image_size=16, num_workers=0)
+    L = build_loaders(
+        "imagefolder", root=tmp_path, val_fraction=0.0, batch_size=8, image_size=16, num_workers=0
+    )
     assert torch.equal(torch.cat([y for _, y, _ in L.test]), torch.tensor([1, 1, 2, 2]))
 
 
@@ -414,8 +483,12 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
     padded = torch.nn.functional.pad(x, (p, p, p, p))
     offsets = set()
     for i in range(len(x)):
-        hits = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
-                if torch.equal(out[i], padded[i, :, dy:dy + 6, dx:dx + 5])]
+        hits = [
+            (dy, dx)
+            for dy in range(2 * p + 1)
+            for dx in range(2 * p + 1)
+            if torch.equal(out[i], padded[i, :, dy : dy + 6, dx : dx + 5])
+        ]
         assert len(hits) == 1
         offsets.add(hits[0])
     assert len(offsets) > 5  # offsets really vary per sample
@@ -424,8 +497,9 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
 
 
 def test_random_flip_really_flips():
-    x = torch.randint(0, 256, (64, 3, 4, 5), generator=torch.Generator().manual_seed(0),
-                      dtype=torch.uint8)
+    x = torch.randint(
+        0, 256, (64, 3, 4, 5), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     out = random_crop_flip(x, 0, True, torch.Generator().manual_seed(2))
     mirrored = x[..., [4, 3, 2, 1, 0]]
     same = [torch.equal(out[i], x[i]) for i in range(64)]

@@ -30,12 +30,29 @@ def engine(teacher: Path, seed: int = 0, **train) -> Engine:
 def test_epoch_reports_the_metrics_a_trial_needs(teacher: Path) -> None:
     e = engine(teacher)
     row = e.run_epoch()
-    for key in ("epoch", "train_loss", "loss_ce", "loss_kd", "loss_msd", "val_acc", "val_top5",
-                "best_val_acc", "test_acc", "test_acc_last", "lr", "epoch_seconds",
-                "images_per_second", "student_params", "objective_params", "student_macs"):
+    for key in (
+        "epoch",
+        "train_loss",
+        "loss_ce",
+        "loss_kd",
+        "loss_msd",
+        "val_acc",
+        "val_top5",
+        "best_val_acc",
+        "test_acc",
+        "test_acc_last",
+        "lr",
+        "epoch_seconds",
+        "images_per_second",
+        "student_params",
+        "objective_params",
+        "student_macs",
+    ):
         assert key in row, key
     assert row["epoch"] == 1
-    assert row["train_loss"] == pytest.approx(row["loss_ce"] + row["loss_kd"] + row["loss_msd"], rel=1e-4)
+    assert row["train_loss"] == pytest.approx(
+        row["loss_ce"] + row["loss_kd"] + row["loss_msd"], rel=1e-4
+    )
     assert 0.0 <= row["val_acc"] <= row["val_top5"] <= 1.0
     assert row["student_params"] > 0 and row["student_macs"] > 0
     heads = [*e.objective.student_heads.parameters(), *e.objective.teacher_heads.parameters()]
@@ -49,7 +66,9 @@ def test_training_learns_digits(teacher: Path) -> None:
     assert rows[-1]["best_val_acc"] > 0.5  # 10 classes: chance is 0.1
 
 
-def test_test_acc_is_the_best_on_val_students_and_test_acc_last_the_last_epochs(teacher: Path) -> None:
+def test_test_acc_is_the_best_on_val_students_and_test_acc_last_the_last_epochs(
+    teacher: Path,
+) -> None:
     e = engine(teacher, epochs=4)
     rows = [e.run_epoch() for _ in range(4)]
     for row in rows:
@@ -64,8 +83,10 @@ def test_without_a_val_split_every_image_trains_and_the_last_epoch_is_kept(teach
     """val_fraction 0 (the published tables' protocol): no image is held out, nothing is
     measured on val (NaN, not a made-up 0), and the kept student is the last epoch's."""
     with_val = engine(teacher)
-    space = tiny_space(data={"dataset": "digits", "val_fraction": 0.0},
-                       search={**tiny_space()["search"], "num_samples": 1, "metric": "test_acc_last"})
+    space = tiny_space(
+        data={"dataset": "digits", "val_fraction": 0.0},
+        search={**tiny_space()["search"], "num_samples": 1, "metric": "test_acc_last"},
+    )
     e = Engine(Spec.model_validate(space), seed=0, teacher_checkpoint=teacher, device="cpu")
     assert e.loaders.val.num_samples == 0
     assert e.loaders.num_train == with_val.loaders.num_train + with_val.loaders.val.num_samples
@@ -162,7 +183,10 @@ def test_public_zoo_checkpoint_format_loads(tmp_path: Path) -> None:
 
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path: Path) -> None:
-    torch.save({"model": build_model("resnet8", 10, width=0.5, in_channels=1).state_dict()}, tmp_path / "t.pth")
+    torch.save(
+        {"model": build_model("resnet8", 10, width=0.5, in_channels=1).state_dict()},
+        tmp_path / "t.pth",
+    )
     with pytest.raises(CheckpointMismatch, match=r"wrong shape keys: bn1\.bias, .*\(\+\d+ more\)"):
         load_weights(build_model("resnet8", 10, width=0.25, in_channels=1), tmp_path / "t.pth")
     with pytest.raises(CheckpointMismatch, match=r"missing keys: layer1\.1\..*\(\+\d+ more\)"):
@@ -187,8 +211,12 @@ def test_trial_resumes_from_its_own_saved_state(teacher: Path, tmp_path: Path) -
     again = engine(teacher)
     assert resume(again, files) and again.epoch == 2
     assert again.best_val_acc == e.best_val_acc and again.last_row == e.last_row
-    assert all(torch.equal(a, b) for a, b in zip(again.student.state_dict().values(),
-                                                  e.student.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            again.student.state_dict().values(), e.student.state_dict().values(), strict=True
+        )
+    )
 
     blob = e.to_bytes()
     files.write_bytes(STATE_FILE, blob[: len(blob) // 2])

@@ -33,15 +33,26 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
 
 def command(space: Path, trials: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "searchkd.cli", "tune", str(space), "--trials-dir", str(trials),
-            "--num-cpus", "2", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "searchkd.cli",
+        "tune",
+        str(space),
+        "--trials-dir",
+        str(trials),
+        "--num-cpus",
+        "2",
+        *extra,
+    ]
 
 
 def run_until(cmd: list[str], ready: Callable[[], bool]) -> None:
     """Start the search and SIGKILL its whole process group (driver, Ray, trials) once `ready()`:
     an event (rows recorded, a file present), however long a loaded machine takes to reach it."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         wait_until(ready, "the kill point", proc, timeout=1800)
     finally:
@@ -65,8 +76,13 @@ def test_sigkill_at_several_points_then_resume(tmp_path: Path) -> None:
     name, num_samples, epochs = "faults", 4, 5
     raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
     raw["teacher"]["train"]["epochs"] = 20  # long enough to be killed while it trains
-    raw["search"].update(num_samples=num_samples, max_concurrent=2, scheduler="asha",
-                         grace_period=2, reduction_factor=2)
+    raw["search"].update(
+        num_samples=num_samples,
+        max_concurrent=2,
+        scheduler="asha",
+        grace_period=2,
+        reduction_factor=2,
+    )
     space = write_space(tmp_path / f"{name}.yaml", raw)
     trials = tmp_path / "trials"
 
@@ -79,13 +95,16 @@ def test_sigkill_at_several_points_then_resume(tmp_path: Path) -> None:
     before = len(rows(trials, name))
     run_until(command(space, trials, "--resume"), lambda: len(rows(trials, name)) >= before + 6)
 
-    done = subprocess.run(command(space, trials, "--resume"), env=ENV, capture_output=True,
-                          text=True, timeout=400)
+    done = subprocess.run(
+        command(space, trials, "--resume"), env=ENV, capture_output=True, text=True, timeout=400
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = assert_consistent(trials, name, num_samples, epochs)
     assert max(r["start_epoch"] for r in table) >= 1, "no trial resumed from a checkpoint"
 
-    again = subprocess.run(command(space, trials, "--resume"), env=ENV, capture_output=True, text=True)
+    again = subprocess.run(
+        command(space, trials, "--resume"), env=ENV, capture_output=True, text=True
+    )
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
@@ -104,7 +123,11 @@ def test_nan_trial_fails_alone_and_the_search_goes_on(ray_session, tmp_path: Pat
     assert len(status) == 3
     assert {lr for s, lr in status.values() if s == "FAIL"} == {1.0e12}
     assert {lr for s, lr in status.values() if s == "COMPLETE"} == {0.1}
-    assert all("non-finite loss" in t.user_attrs["searchkd"] for t in study.trials if t.state.name == "FAIL")
+    assert all(
+        "non-finite loss" in t.user_attrs["searchkd"]
+        for t in study.trials
+        if t.state.name == "FAIL"
+    )
 
     client = MlflowClient(f"sqlite:///{trials / 'mlflow.db'}")
     exp = client.get_experiment_by_name("nan")
@@ -126,10 +149,21 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path: Path) -> No
     raw["search"].update(num_samples=2, max_concurrent=2, max_failures=2)
     space = write_space(tmp_path / f"{name}.yaml", raw)
     trials = tmp_path / "trials"
-    proc = subprocess.Popen(command(space, trials), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        command(space, trials),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        wait_until(lambda: any(r["epoch"] >= 2 for r in rows(trials, name)), "a trial at epoch 2", proc, 1800)
+        wait_until(
+            lambda: any(r["epoch"] >= 2 for r in rows(trials, name)),
+            "a trial at epoch 2",
+            proc,
+            1800,
+        )
         pids = trial_workers(proc)
         assert pids, "no trial worker found"
         os.kill(pids[0], signal.SIGKILL)
@@ -139,8 +173,10 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path: Path) -> No
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-3000:]
     table = assert_consistent(trials, name, 2, epochs)
-    assert all(max(r["epoch"] for r in table if r["trial_number"] == n) == epochs
-               for n in {r["trial_number"] for r in table})
+    assert all(
+        max(r["epoch"] for r in table if r["trial_number"] == n) == epochs
+        for n in {r["trial_number"] for r in table}
+    )
     assert max(r["start_epoch"] for r in table) >= 1, "the retried trial restarted from epoch 0"
 
 
@@ -167,19 +203,36 @@ def test_a_failed_trial_run_again_on_resume_ends_complete_everywhere(tmp_path: P
     space = write_space(tmp_path / f"{name}.yaml", raw)
     trials = tmp_path / "trials"
     client = MlflowClient(f"sqlite:///{trials / 'mlflow.db'}")
-    proc = subprocess.Popen(command(space, trials), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        command(space, trials),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     out = _reader(proc)
     try:
-        wait_until(lambda: any(r["epoch"] >= 2 for r in rows(trials, name)), "a trial at epoch 2", proc, 1800)
+        wait_until(
+            lambda: any(r["epoch"] >= 2 for r in rows(trials, name)),
+            "a trial at epoch 2",
+            proc,
+            1800,
+        )
         victim = trial_workers(proc)
         assert victim, "no trial worker found"
         os.kill(victim[0], signal.SIGKILL)
-        wait_until(lambda: any("FAILED" in line for line in out), "the trial reported failed", proc, 1800)
+        wait_until(
+            lambda: any("FAILED" in line for line in out), "the trial reported failed", proc, 1800
+        )
 
         def failed_runs() -> list:
             exp = client.get_experiment_by_name(name)
-            return client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'") if exp else []
+            return (
+                client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
+                if exp
+                else []
+            )
 
         wait_until(lambda: failed_runs(), "its MLflow run marked FAILED", proc, 1800)
         failed = failed_runs()[0]
@@ -194,10 +247,13 @@ def test_a_failed_trial_run_again_on_resume_ends_complete_everywhere(tmp_path: P
     assert proc.returncode == 130, "\n".join(out)  # Ctrl-C
     assert any("continue with: searchkd tune" in line for line in out)
     study = load_study(trials / name, name)
-    assert study.trials[number].state == optuna.trial.TrialState.RUNNING  # not FAIL: it may run again
+    assert (
+        study.trials[number].state == optuna.trial.TrialState.RUNNING
+    )  # not FAIL: it may run again
 
-    done = subprocess.run(command(space, trials, "--resume"), env=ENV, capture_output=True, text=True,
-                          timeout=1800)
+    done = subprocess.run(
+        command(space, trials, "--resume"), env=ENV, capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = assert_consistent(trials, name, 3, epochs)
     mine = sorted((r for r in table if r["trial_number"] == number), key=lambda r: r["epoch"])
@@ -209,7 +265,9 @@ def test_a_failed_trial_run_again_on_resume_ends_complete_everywhere(tmp_path: P
     assert trial.value == pytest.approx(mine[-1]["val_acc"])
 
 
-def test_tracking_store_away_at_the_end_stops_in_one_line_and_resume_sends_the_rest(tmp_path: Path) -> None:
+def test_tracking_store_away_at_the_end_stops_in_one_line_and_resume_sends_the_rest(
+    tmp_path: Path,
+) -> None:
     """The server goes away and stays away past the end of the search: the search ends
     with one line and the resume command, state interrupted; the resume sends the rest."""
     name, epochs = "away", 4
@@ -221,8 +279,14 @@ def test_tracking_store_away_at_the_end_stops_in_one_line_and_resume_sends_the_r
     server = start_mlflow(port, tmp_path / "server")
     try:
         env = {**ENV, "SEARCHKD_TRACKING_WAIT": "3"}
-        proc = subprocess.Popen(command(space, trials, "--tracking-uri", uri), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            command(space, trials, "--tracking-uri", uri),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         out = _reader(proc)
         try:
             wait_until(lambda: rows(trials, name), "a first epoch", proc, 1800)
@@ -243,8 +307,13 @@ def test_tracking_store_away_at_the_end_stops_in_one_line_and_resume_sends_the_r
         assert len(rows(trials, name)) == 2 * epochs  # training finished regardless
 
         server = start_mlflow(port, tmp_path / "server")
-        done = subprocess.run(command(space, trials, "--resume", "--tracking-uri", uri), env=ENV,
-                              capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(
+            command(space, trials, "--resume", "--tracking-uri", uri),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert json.loads((trials / name / "state.json").read_text())["status"] == "finished"
         assert_consistent(trials, name, 2, epochs, tracking_uri=uri)
@@ -258,30 +327,50 @@ def test_an_interrupted_search_decides_as_an_uninterrupted_one(tmp_path: Path) -
     the same values, stopped by ASHA at the same epochs, with the same Optuna values."""
     name, num_samples, epochs = "same", 5, 5
     raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
-    raw["search"].update(num_samples=num_samples, max_concurrent=1, scheduler="asha", grace_period=1,
-                         reduction_factor=2, seed=3)
+    raw["search"].update(
+        num_samples=num_samples,
+        max_concurrent=1,
+        scheduler="asha",
+        grace_period=1,
+        reduction_factor=2,
+        seed=3,
+    )
     space = write_space(tmp_path / f"{name}.yaml", raw)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = subprocess.run(command(space, straight), env=ENV, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        command(space, straight), env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     run_until(command(space, killed), lambda: len(rows(killed, name)) >= 3)
     for more in (5,):
         before = len(rows(killed, name))
-        run_until(command(space, killed, "--resume"), lambda n=before + more: len(rows(killed, name)) >= n)
-    done = subprocess.run(command(space, killed, "--resume"), env=ENV, capture_output=True, text=True,
-                          timeout=900)
+        run_until(
+            command(space, killed, "--resume"), lambda n=before + more: len(rows(killed, name)) >= n
+        )
+    done = subprocess.run(
+        command(space, killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     def outcome(trials: Path) -> dict[int, tuple]:
         table = rows(trials, name)
         study = load_study(trials / name, name)
-        return {t.number: (t.params, max(r["epoch"] for r in table if r["trial_number"] == t.number),
-                           t.user_attrs["stopped_early"], t.value) for t in study.trials}
+        return {
+            t.number: (
+                t.params,
+                max(r["epoch"] for r in table if r["trial_number"] == t.number),
+                t.user_attrs["stopped_early"],
+                t.value,
+            )
+            for t in study.trials
+        }
 
     a, b = outcome(straight), outcome(killed)
     assert b == a
-    assert any(stopped for _, _, stopped, _ in a.values()), "ASHA stopped no trial: the test shows nothing"
+    assert any(stopped for _, _, stopped, _ in a.values()), (
+        "ASHA stopped no trial: the test shows nothing"
+    )
     assert max(r["start_epoch"] for r in rows(killed, name)) >= 1, "no trial resumed mid-way"
     assert_consistent(killed, name, num_samples, epochs)
 
@@ -294,7 +383,9 @@ def _can_unshare() -> bool:
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="unshare --mount is not permitted here (needs root)")
-def test_a_full_disk_stops_the_search_in_one_line_and_a_resume_after_freeing_space_ends_it(tmp_path: Path) -> None:
+def test_a_full_disk_stops_the_search_in_one_line_and_a_resume_after_freeing_space_ends_it(
+    tmp_path: Path,
+) -> None:
     """The trials directory is a small tmpfs: full at the start (one line, exit 2), filled up
     in the middle (one line, exit 1, state interrupted, trials left open), then freed: the
     resume ends with every store exact."""
@@ -305,9 +396,23 @@ def test_a_full_disk_stops_the_search_in_one_line_and_a_resume_after_freeing_spa
     out = tmp_path / "out"
     out.mkdir()
     script = Path(__file__).with_name("disk_full.py")
-    done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, str(script),
-                           str(space), str(tmp_path / "trials"), str(out)], env=ENV, capture_output=True,
-                          text=True, timeout=2400)
+    done = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            sys.executable,
+            str(script),
+            str(space),
+            str(tmp_path / "trials"),
+            str(out),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
 
@@ -319,7 +424,13 @@ def test_a_full_disk_stops_the_search_in_one_line_and_a_resume_after_freeing_spa
     middle = report["middle"]
     text = middle["stdout"] + middle["stderr"]
     assert middle["rc"] == 1, text[-3000:]
-    assert sum("searchkd: error: " in line and "no space left on device" in line for line in text.splitlines()) == 1, text
+    assert (
+        sum(
+            "searchkd: error: " in line and "no space left on device" in line
+            for line in text.splitlines()
+        )
+        == 1
+    ), text
     assert "Traceback" not in text, text[-3000:]
     assert "continue with: searchkd tune" in text
 

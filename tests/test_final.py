@@ -51,18 +51,30 @@ def test_paired_interval_and_verdicts() -> None:
     one = fs.paired_difference({1: 0.99, 7: 0.5}, base)
     assert one.n == 1 and math.isnan(one.low) and one.verdict == "not distinguishable"
     same = fs.paired_difference(base, base)
-    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0) and same.verdict == "not distinguishable"
+    assert (same.mean, same.low, same.high) == (
+        0.0,
+        0.0,
+        0.0,
+    ) and same.verdict == "not distinguishable"
 
 
 def test_summary_pairs_each_config_with_the_default_by_seed() -> None:
     configs = fs.select_configs([(4, 0.99, {"loss.tau": 0.2})], {"loss.tau": 0.1}, top=3)
     top, default = configs
-    accs = {(top.key, 1): 0.95, (top.key, 2): 0.96, (top.key, 3): 0.97,
-            (default.key, 1): 0.93, (default.key, 2): 0.95, (default.key, 3): 0.94}
+    accs = {
+        (top.key, 1): 0.95,
+        (top.key, 2): 0.96,
+        (top.key, 3): 0.97,
+        (default.key, 1): 0.93,
+        (default.key, 2): 0.95,
+        (default.key, 3): 0.94,
+    }
     summary = fs.summarize(configs, [1, 2, 3], accs)
     first, base = summary["configs"]
     assert first["mean"] == pytest.approx(0.96) and first["std"] == pytest.approx(0.01)
-    assert first["diff"]["mean"] == pytest.approx(0.02) and first["verdict"] == "not distinguishable"
+    assert (
+        first["diff"]["mean"] == pytest.approx(0.02) and first["verdict"] == "not distinguishable"
+    )
     assert base["label"] == "default" and "diff" not in base and base["mean"] == pytest.approx(0.94)
     assert summary["complete"] and summary["runs_done"] == 6
     lines = rp.final_lines(json.loads(json.dumps(json_safe(summary))))
@@ -77,7 +89,10 @@ def test_top_configs_by_score_collapse_duplicates_and_add_the_default() -> None:
     ranked = [(5, 0.99, {"w": 1}), (2, 0.98, {"w": 1}), (7, 0.97, {"w": 2}), (1, 0.96, {"w": 3})]
     configs = fs.select_configs(ranked, {"w": 9}, top=2)
     assert [(c.rank, c.trial_number, c.params, c.is_default) for c in configs] == [
-        (1, 5, {"w": 1}, False), (2, 7, {"w": 2}, False), (None, None, {"w": 9}, True)]
+        (1, 5, {"w": 1}, False),
+        (2, 7, {"w": 2}, False),
+        (None, None, {"w": 9}, True),
+    ]
     assert [c.tag for c in configs] == ["1", "2", "default"]
     # A top config equal to the default is the default: it is trained once.
     both = fs.select_configs(ranked, {"w": 2}, top=3)
@@ -88,21 +103,40 @@ def test_top_configs_by_score_collapse_duplicates_and_add_the_default() -> None:
 
 
 def test_default_config_is_every_searched_tunable_at_its_objective_default() -> None:
-    spec = Spec.model_validate(tiny_space(params={
-        **tiny_space()["params"], "train.lr": {"float": [0.01, 0.5]}, "data.val_fraction": {"choice": [0.1, 0.2]}}))
+    spec = Spec.model_validate(
+        tiny_space(
+            params={
+                **tiny_space()["params"],
+                "train.lr": {"float": [0.01, 0.5]},
+                "data.val_fraction": {"choice": [0.1, 0.2]},
+            }
+        )
+    )
     msd = get_objective("msd").tunables
     defaults = {"msd": {k: t.default for k, t in msd.items()}}
     got = fs.default_params(spec, defaults, "msd")
     # loss keys at msd's defaults (even loss.scales, which the space also fixes), the student's
     # width and the recipe at the space's own values, nothing held out.
-    assert got == {"student.width": 0.25, "loss.tau": msd["tau"].default, "loss.scales": msd["scales"].default,
-                   "train.lr": 0.1}
-    choice = Spec.model_validate(tiny_space(objective={"choice": ["msd", "kd"]}, loss={},
-                                            params={"loss.kd_weight": {"float": [0.0, 2.0]}}))
+    assert got == {
+        "student.width": 0.25,
+        "loss.tau": msd["tau"].default,
+        "loss.scales": msd["scales"].default,
+        "train.lr": 0.1,
+    }
+    choice = Spec.model_validate(
+        tiny_space(
+            objective={"choice": ["msd", "kd"]},
+            loss={},
+            params={"loss.kd_weight": {"float": [0.0, 2.0]}},
+        )
+    )
     defaults["kd"] = {k: t.default for k, t in get_objective("kd").tunables.items()}
     # (tiny_space merges params: student.width is still searched)
-    assert fs.default_params(choice, defaults, "kd") == {"objective": "kd", "student.width": 0.25,
-                                                        "loss.kd_weight": defaults["kd"]["kd_weight"]}
+    assert fs.default_params(choice, defaults, "kd") == {
+        "objective": "kd",
+        "student.width": 0.25,
+        "loss.kd_weight": defaults["kd"]["kd_weight"],
+    }
 
 
 def test_prepare_ranks_as_the_report_does_and_plans_stable_runs(tmp_path: Path) -> None:
@@ -119,7 +153,9 @@ def test_prepare_ranks_as_the_report_does_and_plans_stable_runs(tmp_path: Path) 
     # Again with more seeds: the runs it had keep their numbers, the new ones come after.
     more = fs.prepare(search, top=3, seeds=3)
     old = {(r.config.key, r.seed): r.number for r in stage.runs}
-    assert all(old[(r.config.key, r.seed)] == r.number for r in more.runs if (r.config.key, r.seed) in old)
+    assert all(
+        old[(r.config.key, r.seed)] == r.number for r in more.runs if (r.config.key, r.seed) in old
+    )
     assert sorted(r.number for r in more.runs) == list(range(12))
 
 
@@ -161,7 +197,9 @@ def test_final_stage_after_a_tiny_search(ray_session, tmp_path: Path, capsys) ->
     out = capsys.readouterr().out
     search = trials / "tiny"
     assert "final stage: 1 top config and the default" in out and "2 of 2 runs to train" in out
-    assert "verdict: the search's best config" in out and "not distinguishable" in out  # 1 seed: no interval
+    assert (
+        "verdict: the search's best config" in out and "not distinguishable" in out
+    )  # 1 seed: no interval
     assert len(pq.read_table(search / "final.parquet")) == 2
 
     assert main(["final", str(search), "--seeds", "2"]) == 0  # --top from the space's final:
@@ -177,12 +215,17 @@ def test_final_stage_after_a_tiny_search(ray_session, tmp_path: Path, capsys) ->
     seeds = {r["seed"] for r in rows if r["rank"] == "1"}
     assert seeds == {r["seed"] for r in rows if r["rank"] == "default"} and len(seeds) == 2
     for r in rows:
-        assert r["epochs"] == 2 and 0.0 <= r["test_acc"] <= 1.0 and r["test_acc"] == r["test_acc_last"]
+        assert (
+            r["epochs"] == 2 and 0.0 <= r["test_acc"] <= 1.0 and r["test_acc"] == r["test_acc_last"]
+        )
         if r["rank"] == "1":
             assert r["trial_number"] == best.number and r["loss.tau"] == best.config["loss.tau"]
         else:
             assert r["trial_number"] is None
-            assert r["loss.tau"] == get_objective("msd").tunables["tau"].default and r["student.width"] == 0.25
+            assert (
+                r["loss.tau"] == get_objective("msd").tunables["tau"].default
+                and r["student.width"] == 0.25
+            )
     summary = rp.read_final(search)
     assert summary["complete"] and summary["configs"][0]["verdict"] in fs.VERDICTS
 
@@ -195,9 +238,13 @@ def test_final_stage_after_a_tiny_search(ray_session, tmp_path: Path, capsys) ->
     assert stage[0].info.status == "FINISHED" and "rank1_diff_mean" in stage[0].data.metrics
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage[0].info.run_id]
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
-    tags = sorted((c.data.tags["rank"], c.data.tags["seed"], c.data.tags["trial_number"]) for c in children)
-    assert tags == sorted((r["rank"], str(r["seed"]), "" if r["trial_number"] is None else str(r["trial_number"]))
-                          for r in rows)
+    tags = sorted(
+        (c.data.tags["rank"], c.data.tags["seed"], c.data.tags["trial_number"]) for c in children
+    )
+    assert tags == sorted(
+        (r["rank"], str(r["seed"]), "" if r["trial_number"] is None else str(r["trial_number"]))
+        for r in rows
+    )
     for c in children:
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "test_acc")]
         assert steps == [1, 2]
@@ -228,14 +275,42 @@ def test_a_killed_final_stage_goes_on_where_it_stopped(tmp_path: Path) -> None:
     from conftest import kill_tree, rows, wait_until
 
     trials = tmp_path / "trials"
-    space = write_space(tmp_path / "kt.yaml", tiny_space("kt", train={**tiny_space()["train"], "epochs": 5,
-                                                                        "batch_size": 32}))
+    space = write_space(
+        tmp_path / "kt.yaml",
+        tiny_space("kt", train={**tiny_space()["train"], "epochs": 5, "batch_size": 32}),
+    )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([sys.executable, "-m", "searchkd.cli", "tune", str(space), "--trials-dir", str(trials),
-                    "--num-cpus", "2"], env=env, check=True, stdout=subprocess.DEVNULL, timeout=900)
-    cmd = [sys.executable, "-m", "searchkd.cli", "final", str(trials / "kt"), "--top", "1", "--seeds", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "searchkd.cli",
+            "tune",
+            str(space),
+            "--trials-dir",
+            str(trials),
+            "--num-cpus",
+            "2",
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=900,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "searchkd.cli",
+        "final",
+        str(trials / "kt"),
+        "--top",
+        "1",
+        "--seeds",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
     def last_epochs() -> dict[int, int]:
         out: dict[int, int] = {}

@@ -80,10 +80,20 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path: Path) -> None:
     raw["search"].update(num_samples=3, max_concurrent=2)
     space = write_space(tmp_path / "kill.yaml", raw)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "searchkd.cli", "tune", str(space), "--trials-dir", str(trials),
-           "--num-cpus", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "searchkd.cli",
+        "tune",
+        str(space),
+        "--trials-dir",
+        str(trials),
+        "--num-cpus",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     results = trials / "kill" / RESULTS_FILE
 
     def mid_trial() -> bool:
@@ -106,7 +116,9 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path: Path) -> None:
     assert {r["trial_number"] for r in rows} == {0, 1, 2}
     for n in (0, 1, 2):
         last = max(r["epoch"] for r in rows if r["trial_number"] == n)
-        assert last == 6, f"trial {n} ended at epoch {last}; before kill {sorted(before)}\n{done.stdout}"
+        assert last == 6, (
+            f"trial {n} ended at epoch {last}; before kill {sorted(before)}\n{done.stdout}"
+        )
     assert before <= {(r["trial_number"], r["epoch"]) for r in rows}
     # At least one trial went on from a checkpoint instead of epoch 0.
     assert max(r["start_epoch"] for r in rows) >= 1

@@ -16,17 +16,45 @@ PACKAGE = Path(__file__).resolve().parents[1] / "searchkd"
 
 # Lower ranks never import higher ones. Packages (data, models, objectives) count as one module.
 LAYERS = {
-    "__version__": -1, "registry": -1, "metrics": -1, "spec": 0, "storage": 0, "mlflow_ui": 0,
+    "__version__": -1,
+    "registry": -1,
+    "metrics": -1,
+    "spec": 0,
+    "storage": 0,
+    "mlflow_ui": 0,
     "record": 1,
-    "compat": 0, "data": 1, "models": 1, "objectives": 2, "engine": 3,
-    "teacher": 4, "trial": 4, "tracking": 4, "scheduler": 4, "samplers": 4,
-    "preflight": 5, "search": 5, "report": 5,
-    "export": 6, "final": 6, "api": 7, "cli": 8,
+    "compat": 0,
+    "data": 1,
+    "models": 1,
+    "objectives": 2,
+    "engine": 3,
+    "teacher": 4,
+    "trial": 4,
+    "tracking": 4,
+    "scheduler": 4,
+    "samplers": 4,
+    "preflight": 5,
+    "search": 5,
+    "report": 5,
+    "export": 6,
+    "final": 6,
+    "api": 7,
+    "cli": 8,
     "__init__": 9,  # the package's facade: `searchkd.tune` etc., imported from api on first use
 }
 # Up to the engine, plain PyTorch: benchmarks and GPU profiling drive it without Ray.
-PLAIN = {"spec", "storage", "registry", "metrics", "record", "data", "models", "objectives", "engine",
-         "teacher"}
+PLAIN = {
+    "spec",
+    "storage",
+    "registry",
+    "metrics",
+    "record",
+    "data",
+    "models",
+    "objectives",
+    "engine",
+    "teacher",
+}
 FRAMEWORKS = ("ray", "optuna", "mlflow")
 # namedtuple's public API, spelt with an underscore so as not to clash with field names.
 NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}
@@ -82,28 +110,48 @@ def private_uses(path: Path, root: Path = PACKAGE) -> list[str]:
     tree = ast.parse(path.read_text())
     found = []
     for line, name in imports(path, root):
-        if not name.startswith("searchkd") and any(p.startswith("_") and not p.startswith("__")
-                                                     for p in name.split(".")):
+        if not name.startswith("searchkd") and any(
+            p.startswith("_") and not p.startswith("__") for p in name.split(".")
+        ):
             found.append(f"{path.name}:{line} import {name}")
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
-                and not node.attr.startswith("__") and node.attr not in NAMEDTUPLE
-                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and node.attr not in NAMEDTUPLE
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        ):
             found.append(f"{path.name}:{node.lineno} ._{node.attr[1:]}")
         if isinstance(node, ast.ClassDef) and node.bases:
-            own = {t.attr for n in ast.walk(node) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
-                   for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
-                   if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
-            own |= {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            own = {
+                t.attr
+                for n in ast.walk(node)
+                if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute)
+                and isinstance(t.value, ast.Name)
+                and t.value.id == "self"
+            }
+            own |= {
+                n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            }
             for n in ast.walk(node):
-                if (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
-                        and n.attr.startswith("_") and not n.attr.startswith("__") and n.attr not in own):
+                if (
+                    isinstance(n, ast.Attribute)
+                    and isinstance(n.value, ast.Name)
+                    and n.value.id == "self"
+                    and n.attr.startswith("_")
+                    and not n.attr.startswith("__")
+                    and n.attr not in own
+                ):
                     found.append(f"{path.name}:{n.lineno} self.{n.attr} (a base class's private)")
     return found
 
 
-@pytest.mark.parametrize("path", [p for p in modules() if p.stem != "compat"],
-                         ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize(
+    "path", [p for p in modules() if p.stem != "compat"], ids=lambda p: str(p.relative_to(PACKAGE))
+)
 def test_no_private_names_outside_compat(path: Path) -> None:
     assert private_uses(path) == []
 
@@ -119,6 +167,11 @@ def test_the_private_check_catches_what_it_should(tmp_path: Path) -> None:
         "        return self._metric, self._own, trial._trial_id, p._replace(a=1)\n"
     )
     found = private_uses(probe, root=tmp_path)
-    assert sorted(f.split(" ", 1)[1] for f in found) == sorted([
-        "import ray._private.services", "import optuna.trial._frozen",
-        "._trial_id", "self._metric (a base class's private)"])
+    assert sorted(f.split(" ", 1)[1] for f in found) == sorted(
+        [
+            "import ray._private.services",
+            "import optuna.trial._frozen",
+            "._trial_id",
+            "self._metric (a base class's private)",
+        ]
+    )

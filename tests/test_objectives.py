@@ -97,22 +97,35 @@ def features(model: TappedModel, x: Tensor) -> Features:
     return out
 
 
-def build(name: str, teacher: TappedModel, student: TappedModel, x: Tensor, seed: int = 0,
-          **overrides: object) -> Objective:
+def build(
+    name: str,
+    teacher: TappedModel,
+    student: TappedModel,
+    x: Tensor,
+    seed: int = 0,
+    **overrides: object,
+) -> Objective:
     torch.manual_seed(seed)
-    return get_objective(name)(hp_for(name, **overrides), features(teacher, x), features(student, x), CTX)
+    return get_objective(name)(
+        hp_for(name, **overrides), features(teacher, x), features(student, x), CTX
+    )
 
 
-def run(obj: Objective, student: TappedModel, teacher: TappedModel, batch, seed: int = 0
-        ) -> dict[str, Tensor]:
+def run(
+    obj: Objective, student: TappedModel, teacher: TappedModel, batch, seed: int = 0
+) -> dict[str, Tensor]:
     x, y, index = batch
     torch.manual_seed(seed)
     return obj(student, teacher, x, y, index)[1]
 
 
 def permuted(f: Features, perm: Tensor) -> Features:
-    return Features(stem=f.stem[perm], stages=[m[perm] for m in f.stages], pool=f.pool[perm],
-                    logits=f.logits[perm])
+    return Features(
+        stem=f.stem[perm],
+        stages=[m[perm] for m in f.stages],
+        pool=f.pool[perm],
+        logits=f.logits[perm],
+    )
 
 
 def own_loss(obj: Objective, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:
@@ -220,8 +233,9 @@ def test_loss_is_invariant_to_batch_order(name, pair, batch, monkeypatch) -> Non
         torch.testing.assert_close(value, other.state_dict()[key])
 
 
-def aligned_and_shuffled(obj: Objective, t: Features, y: Tensor, index: Tensor,
-                         warmup: int = 8) -> tuple[float, float]:
+def aligned_and_shuffled(
+    obj: Objective, t: Features, y: Tensor, index: Tensor, warmup: int = 8
+) -> tuple[float, float]:
     """L_obj with student features equal to the teacher's vs the same features shuffled
     across the batch, heads shared; memory banks first filled with the aligned features."""
     tie_heads(obj)
@@ -233,7 +247,9 @@ def aligned_and_shuffled(obj: Objective, t: Features, y: Tensor, index: Tensor,
         torch.manual_seed(0)
         aligned = own_loss(obj, t, t, y, index).item()
         torch.manual_seed(0)
-        shuffled = own_loss(obj, permuted(t, torch.roll(torch.arange(len(y)), 1)), t, y, index).item()
+        shuffled = own_loss(
+            obj, permuted(t, torch.roll(torch.arange(len(y)), 1)), t, y, index
+        ).item()
     return aligned, shuffled
 
 
@@ -253,19 +269,24 @@ def test_each_weight_scales_its_own_term(name, pair, batch) -> None:
     teacher, student = pair
     student.eval()
     cls = get_objective(name)
-    term_of = {"ce_weight": "ce", "kd_weight": "kd",
-               **{weight: term for term, weight in cls.own_term_weights().items()}}
+    term_of = {
+        "ce_weight": "ce",
+        "kd_weight": "kd",
+        **{weight: term for term, weight in cls.own_term_weights().items()},
+    }
     keys = [k for k in term_of if k in cls.tunables]
     ones = {k: 1.0 for k in keys}
     base = run(build(name, teacher, student, batch[0], **ones), student, teacher, batch)
     for key in keys:
-        doubled = run(build(name, teacher, student, batch[0], **{**ones, key: 2.0}),
-                      student, teacher, batch)
+        doubled = run(
+            build(name, teacher, student, batch[0], **{**ones, key: 2.0}), student, teacher, batch
+        )
         torch.testing.assert_close(doubled[term_of[key]], 2 * base[term_of[key]])
         for other in base.keys() - {term_of[key]}:
             torch.testing.assert_close(doubled[other], base[other])
-        zero = run(build(name, teacher, student, batch[0], **{**ones, key: 0.0}),
-                   student, teacher, batch)
+        zero = run(
+            build(name, teacher, student, batch[0], **{**ones, key: 0.0}), student, teacher, batch
+        )
         dropped = zero[term_of[key]].item() if term_of[key] in zero else 0.0
         assert dropped == 0.0  # a zero weight zeroes (or drops) the term
 
@@ -278,12 +299,17 @@ def random_features(like: Features, seed: int = 0) -> Features:
     def rand(t: Tensor) -> Tensor:
         return torch.randn(t.shape, generator=g)
 
-    return Features(stem=rand(like.stem), stages=[rand(m) for m in like.stages],
-                    pool=rand(like.pool), logits=rand(like.logits))
+    return Features(
+        stem=rand(like.stem),
+        stages=[rand(m) for m in like.stages],
+        pool=rand(like.pool),
+        logits=rand(like.logits),
+    )
 
 
-def aligned_and_shuffled_at(name: str, t: Features, y: Tensor, index: Tensor, taus: tuple[float, ...],
-                            **hp: object) -> list[tuple[float, float]]:
+def aligned_and_shuffled_at(
+    name: str, t: Features, y: Tensor, index: Tensor, taus: tuple[float, ...], **hp: object
+) -> list[tuple[float, float]]:
     out = []
     for tau in taus:
         torch.manual_seed(0)
@@ -306,7 +332,9 @@ def test_sharper_temperature_penalises_misalignment_more(name, pair, batch) -> N
 
 
 @pytest.mark.parametrize(("name", "hp"), [("msd", {}), ("lfcc", {}), ("cktf", {"memory": "batch"})])
-def test_sharper_temperature_lowers_in_batch_info_nce_of_aligned_features(name, hp, pair, batch) -> None:
+def test_sharper_temperature_lowers_in_batch_info_nce_of_aligned_features(
+    name, hp, pair, batch
+) -> None:
     """In-batch InfoNCE with the positive the most similar key, log(1 + Σ exp((s_j − 1)/τ)),
     grows with τ."""
     teacher, _ = pair
@@ -320,10 +348,18 @@ def test_sharper_temperature_lowers_in_batch_info_nce_of_aligned_features(name, 
 def test_kd_temperature_changes_the_value(name, pair, batch) -> None:
     teacher, student = pair
     student.eval()
-    a = run(build(name, teacher, student, batch[0], kd_weight=1.0, kd_temperature=1.0),
-            student, teacher, batch)
-    b = run(build(name, teacher, student, batch[0], kd_weight=1.0, kd_temperature=8.0),
-            student, teacher, batch)
+    a = run(
+        build(name, teacher, student, batch[0], kd_weight=1.0, kd_temperature=1.0),
+        student,
+        teacher,
+        batch,
+    )
+    b = run(
+        build(name, teacher, student, batch[0], kd_weight=1.0, kd_temperature=8.0),
+        student,
+        teacher,
+        batch,
+    )
     assert not torch.isclose(a["kd"], b["kd"])
 
 
@@ -376,7 +412,9 @@ def test_ce_and_kd_known_values() -> None:
     assert terms["ce"].item() == pytest.approx(expected, rel=1e-6)
 
     temp = 2.0
-    kd = get_objective("kd")({"kd_temperature": temp, "ce_weight": 0.0, "kd_weight": 1.0}, f_t, f_s, CTX)
+    kd = get_objective("kd")(
+        {"kd_temperature": temp, "ce_weight": 0.0, "kd_weight": 1.0}, f_t, f_s, CTX
+    )
     _, terms = kd(Fixed(f_s), Fixed(f_t), zs, y, None)
 
     def softmax(row: list[float]) -> list[float]:
@@ -396,8 +434,9 @@ def test_msd_known_value() -> None:
     ms = torch.rand(3, 2, 2, 2, generator=g)
     mt = torch.rand(3, 2, 2, 2, generator=g)
     v = torch.zeros(3, 2)
-    obj = get_objective("msd")({"dim": 2, "scales": [1], "layers": 1}, fake(mt, [mt], v, v),
-                               fake(ms, [ms], v, v), CTX)
+    obj = get_objective("msd")(
+        {"dim": 2, "scales": [1], "layers": 1}, fake(mt, [mt], v, v), fake(ms, [ms], v, v), CTX
+    )
     for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
         identity_(head)
     got = obj.distill(fake(ms, [ms], v, v), fake(mt, [mt], v, v), torch.zeros(3).long(), None)
@@ -420,12 +459,21 @@ def window_means(m: Tensor, scale: int, pooling: str) -> list[list[list[float]]]
     cells_ = []
     for y0 in starts:
         for x0 in starts:
-            cells_.append([[sum(x[bi][ci][y0 + i][x0 + j] for i in range(k) for j in range(k)) / (k * k)
-                            for ci in range(c)] for bi in range(b)])
+            cells_.append(
+                [
+                    [
+                        sum(x[bi][ci][y0 + i][x0 + j] for i in range(k) for j in range(k)) / (k * k)
+                        for ci in range(c)
+                    ]
+                    for bi in range(b)
+                ]
+            )
     return cells_  # R × B × C
 
 
-def ref_info_nce_pos(q: list[list[float]], k: list[list[float]], tau: float, labels: list[int]) -> float:
+def ref_info_nce_pos(
+    q: list[list[float]], k: list[list[float]], tau: float, labels: list[int]
+) -> float:
     """InfoNCE where every key of the anchor's label is a positive (mean −log p over them)."""
     total = 0.0
     for i, qi in enumerate(q):
@@ -436,9 +484,17 @@ def ref_info_nce_pos(q: list[list[float]], k: list[list[float]], tau: float, lab
     return total / len(q)
 
 
-def ref_msd(ms: Tensor, mt: Tensor, scales: list[int], pooling: str, tau: float,
-            feature_weight: float, labels: list[int] | None = None) -> float:
+def ref_msd(
+    ms: Tensor,
+    mt: Tensor,
+    scales: list[int],
+    pooling: str,
+    tau: float,
+    feature_weight: float,
+    labels: list[int] | None = None,
+) -> float:
     """msd with identity heads on one tap of equal-size maps, from the definition."""
+
     def sym(a: list[list[float]], b: list[list[float]]) -> float:
         if labels is None:
             return ref_sym(a, b, tau)
@@ -451,8 +507,10 @@ def ref_msd(ms: Tensor, mt: Tensor, scales: list[int], pooling: str, tau: float,
         # sample-wise: per cell, across the batch
         sample_terms.append(sum(sym(a, b) for a, b in zip(cs, ct, strict=True)) / len(cs))
         if len(cs) > 1:  # feature-wise: per sample, across its cells (instance positives only)
-            per_sample = [ref_sym([cell[bi] for cell in cs], [cell[bi] for cell in ct], tau)
-                          for bi in range(ms.shape[0])]
+            per_sample = [
+                ref_sym([cell[bi] for cell in cs], [cell[bi] for cell in ct], tau)
+                for bi in range(ms.shape[0])
+            ]
             feature_terms.append(sum(per_sample) / len(per_sample))
     loss = sum(sample_terms) / len(sample_terms)
     if feature_terms:
@@ -478,8 +536,9 @@ def test_msd_known_value_with_several_cells(pooling: str, feature_weight: float)
     g = torch.Generator().manual_seed(0)
     ms = torch.randn(4, 3, 4, 4, generator=g)
     mt = torch.randn(4, 3, 4, 4, generator=g)
-    obj, fs, ft = msd_identity(ms, mt, scales=[1, 2], pooling=pooling, tau=0.2,
-                               feature_weight=feature_weight)
+    obj, fs, ft = msd_identity(
+        ms, mt, scales=[1, 2], pooling=pooling, tau=0.2, feature_weight=feature_weight
+    )
     got = obj.distill(fs, ft, torch.arange(4), None)
     expected = ref_msd(ms, mt, [1, 2], pooling, 0.2, feature_weight)
     assert got.item() == pytest.approx(expected, rel=1e-5)
@@ -511,7 +570,8 @@ def test_msd_class_positives_known_value() -> None:
     assert got.item() == pytest.approx(ref_msd(ms, mt, [1, 2], "grid", 0.3, 1.0, labels), rel=1e-5)
     instance, _, _ = msd_identity(ms, mt, scales=[1, 2], positives="instance", tau=0.3)
     assert instance.distill(fs, ft, torch.tensor(labels), None).item() == pytest.approx(
-        ref_msd(ms, mt, [1, 2], "grid", 0.3, 1.0), rel=1e-5)
+        ref_msd(ms, mt, [1, 2], "grid", 0.3, 1.0), rel=1e-5
+    )
     assert got.item() != pytest.approx(instance.distill(fs, ft, torch.tensor(labels), None).item())
 
 
@@ -533,8 +593,10 @@ def test_stkd_similarity_transfer_known_value() -> None:
         return out
 
     qs, qt = row_dists(zs), row_dists(zt)
-    expected = sum(sum(b * math.log(b / a) for a, b in zip(rs, rt, strict=True))
-                   for rs, rt in zip(qs, qt, strict=True)) / len(zs)
+    expected = sum(
+        sum(b * math.log(b / a) for a, b in zip(rs, rt, strict=True))
+        for rs, rt in zip(qs, qt, strict=True)
+    ) / len(zs)
     got = similarity_transfer(torch.tensor(zs), torch.tensor(zt), temp, sigma)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -560,8 +622,10 @@ def test_stkd_mixup_and_mixed_label_ce() -> None:
 def test_stkd_temperatures_move_the_value_the_expected_way(pair, batch) -> None:
     teacher, student = pair
     s, t = features(student, batch[0]), features(teacher, batch[0])
-    values = [similarity_transfer(s.logits, t.logits, 4.0, sigma).item()
-              for sigma in (0.05, 0.5, 5.0, 50.0)]
+    values = [
+        similarity_transfer(s.logits, t.logits, 4.0, sigma).item()
+        for sigma in (0.05, 0.5, 5.0, 50.0)
+    ]
     assert values == sorted(values, reverse=True)  # softer rows, smaller divergence
     assert values[-1] < 1e-3
     # A hot softmax makes every P near-uniform, so the similarities and the loss vanish.
@@ -586,7 +650,9 @@ def test_stkd_similarity_softmax_temperature_is_its_own_knob() -> None:
     assert base == pytest.approx(similarity_transfer(zs, zt, 2.0, 0.2).item(), rel=1e-6)
     # Moving the KD temperature leaves the similarity term alone; its own temperature moves it.
     assert stkd_term(kd_temperature=8.0, sim_softmax_temperature=2.0, sim_temperature=0.2) == base
-    assert stkd_term(kd_temperature=4.0, sim_softmax_temperature=6.0, sim_temperature=0.2) != pytest.approx(base)
+    assert stkd_term(
+        kd_temperature=4.0, sim_softmax_temperature=6.0, sim_temperature=0.2
+    ) != pytest.approx(base)
 
 
 def crd_setup(tau: float = 0.5, momentum: float = 0.5):
@@ -595,8 +661,12 @@ def crd_setup(tau: float = 0.5, momentum: float = 0.5):
     ps = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     pt = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
     z = torch.zeros(2, 2)
-    obj = get_objective("crd")({"dim": 2, "negatives": 2, "tau": tau, "momentum": momentum},
-                               fake(z, [z], pt, z), fake(z, [z], ps, z), ctx)
+    obj = get_objective("crd")(
+        {"dim": 2, "negatives": 2, "tau": tau, "momentum": momentum},
+        fake(z, [z], pt, z),
+        fake(z, [z], ps, z),
+        ctx,
+    )
     identity_(obj.student_heads["pool"])
     identity_(obj.teacher_heads["pool"])
     s_bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
@@ -606,8 +676,14 @@ def crd_setup(tau: float = 0.5, momentum: float = 0.5):
     return obj, ps, pt, s_bank, t_bank
 
 
-def ref_nce(anchors: list[list[float]], bank: list[list[float]], rows: list[list[int]],
-            tau: float, z: float, n: int) -> float:
+def ref_nce(
+    anchors: list[list[float]],
+    bank: list[list[float]],
+    rows: list[list[int]],
+    tau: float,
+    z: float,
+    n: int,
+) -> float:
     k = len(rows[0]) - 1
     c = k / n
     total = 0.0
@@ -628,20 +704,28 @@ def test_crd_known_value_z_and_bank_update(monkeypatch) -> None:
     got = obj.distill(z, fake(z.stem, z.stages, pt, pt), y, index)
 
     def z_of(anchors: Tensor, bank: Tensor) -> float:
-        e = [math.exp(dot(a, bank.tolist()[j]) / tau) for a, r in zip(anchors.tolist(), rows, strict=True)
-             for j in r]
+        e = [
+            math.exp(dot(a, bank.tolist()[j]) / tau)
+            for a, r in zip(anchors.tolist(), rows, strict=True)
+            for j in r
+        ]
         return sum(e) / len(e) * n
 
     zs, zt = z_of(ps, t_bank), z_of(pt, s_bank)
-    expected = (ref_nce(ps.tolist(), t_bank.tolist(), rows, tau, zs, n)
-                + ref_nce(pt.tolist(), s_bank.tolist(), rows, tau, zt, n))
+    expected = ref_nce(ps.tolist(), t_bank.tolist(), rows, tau, zs, n) + ref_nce(
+        pt.tolist(), s_bank.tolist(), rows, tau, zt, n
+    )
     assert got.item() == pytest.approx(expected, rel=1e-5)
     assert obj.memory.log_z.tolist() == pytest.approx([math.log(zs), math.log(zt)], rel=1e-6)
     assert obj.book.labels.tolist() == [0, -1, 1, -1]
     # Momentum update m ← ½m + ½v, renormalised, only at the batch's indices.
     for i, j in enumerate(index.tolist()):
-        torch.testing.assert_close(obj.memory.student_bank[j], F.normalize(s_bank[j] + ps[i], dim=0))
-        torch.testing.assert_close(obj.memory.teacher_bank[j], F.normalize(t_bank[j] + pt[i], dim=0))
+        torch.testing.assert_close(
+            obj.memory.student_bank[j], F.normalize(s_bank[j] + ps[i], dim=0)
+        )
+        torch.testing.assert_close(
+            obj.memory.teacher_bank[j], F.normalize(t_bank[j] + pt[i], dim=0)
+        )
     torch.testing.assert_close(obj.memory.student_bank[[1, 3]], s_bank[[1, 3]])
     # Z stays fixed after the first batch.
     before = obj.memory.log_z.clone()
@@ -666,8 +750,9 @@ def test_crd_scores_whole_bank_matmul_equals_gather() -> None:
     small = torch.randint(0, 10, (3, 2))
     large = torch.randint(0, 10, (3, 5))
     for idx in (small, large):
-        torch.testing.assert_close(ContrastMemory._scores(bank, v, idx),
-                                   torch.einsum("bkd,bd->bk", bank[idx], v))
+        torch.testing.assert_close(
+            ContrastMemory._scores(bank, v, idx), torch.einsum("bkd,bd->bk", bank[idx], v)
+        )
 
 
 @settings(max_examples=40, deadline=None)
@@ -679,9 +764,12 @@ def test_negatives_come_from_other_classes(labels: list[int], data) -> None:
     n = len(labels)
     book = LabelBook(n)
     book.labels.copy_(torch.tensor(labels))
-    index = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n,
-                                            unique=True)))
-    y = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=len(index), max_size=len(index))))
+    index = torch.tensor(
+        data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+    )
+    y = torch.tensor(
+        data.draw(st.lists(st.integers(0, 3), min_size=len(index), max_size=len(index)))
+    )
     book.record(index, y)
     neg = book.sample_negatives(index, y, 20)
     stored = book.labels
@@ -713,7 +801,9 @@ def test_negatives_are_distinct_when_the_pool_holds_k(labels: list[int], data) -
     n = len(labels)
     book = LabelBook(n)
     book.labels.copy_(torch.tensor(labels))
-    index = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True)))
+    index = torch.tensor(
+        data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+    )
     y = torch.tensor(labels)[index]
     pools = [[j for j in range(n) if labels[j] != int(c)] for c in y]
     k = data.draw(st.integers(0, min(len(p) for p in pools)))
@@ -730,7 +820,9 @@ def test_distinct_negatives_are_uniform_over_the_pool() -> None:
     book.labels.copy_(torch.tensor([0, 1, 0, 2, 3, 0, 1]))  # class 0's pool: 1, 3, 4, 6
     torch.manual_seed(0)
     rows = 4000
-    neg = book.sample_negatives(torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long), 2)
+    neg = book.sample_negatives(
+        torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long), 2
+    )
     assert (neg[:, 0] != neg[:, 1]).all()
     counts = torch.bincount(neg.flatten(), minlength=7)
     assert counts[[0, 2, 5]].sum() == 0
@@ -745,8 +837,12 @@ def test_crd_knows_the_labels_before_its_first_batch(pair, batch) -> None:
     labels = torch.arange(NUM_TRAIN) % NUM_CLASSES
     ctx = ObjectiveContext(NUM_CLASSES, NUM_TRAIN, labels)
     for name, hp in (("crd", {}), ("cktf", {"memory": "bank"})):
-        obj = get_objective(name)(hp_for(name, negatives=NUM_TRAIN - NUM_TRAIN // NUM_CLASSES - 1, **hp),
-                                  features(teacher, x), features(student, x), ctx)
+        obj = get_objective(name)(
+            hp_for(name, negatives=NUM_TRAIN - NUM_TRAIN // NUM_CLASSES - 1, **hp),
+            features(teacher, x),
+            features(student, x),
+            ctx,
+        )
         assert torch.equal(obj.book.labels, labels)
         torch.manual_seed(0)
         neg = obj.book.sample_negatives(index, labels[index], obj.negatives)
@@ -756,8 +852,9 @@ def test_crd_knows_the_labels_before_its_first_batch(pair, batch) -> None:
 
 def lfcc_obj(filter_: str, scales: list[int], fs: Features, ft: Features, dim: int = 2):
     """lfcc with identity 1×1 convs (dim = channels × cells keeps every number of the grid)."""
-    obj = get_objective("lfcc")({"dim": dim, "scales": scales, "layers": 1, "filter": filter_,
-                                 "tau": 0.2}, ft, fs, CTX)
+    obj = get_objective("lfcc")(
+        {"dim": dim, "scales": scales, "layers": 1, "filter": filter_, "tau": 0.2}, ft, fs, CTX
+    )
     for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
         identity_(head[0])
     return obj
@@ -773,8 +870,16 @@ def block_means(m: Tensor, c: int) -> list[list[float]]:
     b, ch, h, w = m.shape
     x = m.tolist()
     kh, kw = h // c, w // c
-    return [[sum(x[bi][ci][gy * kh + i][gx * kw + j] for i in range(kh) for j in range(kw)) / (kh * kw)
-             for ci in range(ch) for gy in range(c) for gx in range(c)] for bi in range(b)]
+    return [
+        [
+            sum(x[bi][ci][gy * kh + i][gx * kw + j] for i in range(kh) for j in range(kw))
+            / (kh * kw)
+            for ci in range(ch)
+            for gy in range(c)
+            for gx in range(c)
+        ]
+        for bi in range(b)
+    ]
 
 
 def ref_dct(m: Tensor, c: int) -> list[list[float]]:
@@ -787,12 +892,23 @@ def ref_dct(m: Tensor, c: int) -> list[list[float]]:
         return math.sqrt((1 if k == 0 else 2) / n)
 
     def coef(plane: list[list[float]], u: int, v: int) -> float:
-        return sum(plane[i][j] * math.cos(math.pi * (2 * i + 1) * u / (2 * h))
-                   * math.cos(math.pi * (2 * j + 1) * v / (2 * w))
-                   for i in range(h) for j in range(w)) * alpha(u, h) * alpha(v, w) / math.sqrt(h * w)
+        return (
+            sum(
+                plane[i][j]
+                * math.cos(math.pi * (2 * i + 1) * u / (2 * h))
+                * math.cos(math.pi * (2 * j + 1) * v / (2 * w))
+                for i in range(h)
+                for j in range(w)
+            )
+            * alpha(u, h)
+            * alpha(v, w)
+            / math.sqrt(h * w)
+        )
 
-    return [[coef(x[bi][ci], u, v) for ci in range(ch) for u in range(c) for v in range(c)]
-            for bi in range(b)]
+    return [
+        [coef(x[bi][ci], u, v) for ci in range(ch) for u in range(c) for v in range(c)]
+        for bi in range(b)
+    ]
 
 
 @pytest.mark.parametrize(("filter_", "reference"), [("avgpool", block_means), ("dct", ref_dct)])
@@ -854,8 +970,12 @@ def test_lfcc_default_scales_never_keep_a_whole_map(student_arch: str, filter_: 
     assert kept == 2 * len(obj.taps) * 3  # all three default scales are used on these maps
     # On a 2×2 map, 2 and 4 would keep everything: only the global mean remains.
     small = torch.rand(4, 3, 2, 2)
-    tiny = get_objective("lfcc")({"layers": 1, "dim": 8}, fake(small, [small], small[:, :, 0, 0], small),
-                                 fake(small, [small], small[:, :, 0, 0], small), CTX)
+    tiny = get_objective("lfcc")(
+        {"layers": 1, "dim": 8},
+        fake(small, [small], small[:, :, 0, 0], small),
+        fake(small, [small], small[:, :, 0, 0], small),
+        CTX,
+    )
     assert tiny.scales[-1] == [1]
 
 
@@ -891,18 +1011,31 @@ def test_dct_matches_the_textbook_sum_and_is_orthonormal(h: int, w: int, kh: int
 
     for u in range(kh):
         for v in range(kw):
-            ref = sum(float(x[0, 0, i, j]) * math.cos(math.pi * (2 * i + 1) * u / (2 * h))
-                      * math.cos(math.pi * (2 * j + 1) * v / (2 * w))
-                      for i in range(h) for j in range(w)) * alpha(u, h) * alpha(v, w)
+            ref = (
+                sum(
+                    float(x[0, 0, i, j])
+                    * math.cos(math.pi * (2 * i + 1) * u / (2 * h))
+                    * math.cos(math.pi * (2 * j + 1) * v / (2 * w))
+                    for i in range(h)
+                    for j in range(w)
+                )
+                * alpha(u, h)
+                * alpha(v, w)
+            )
             assert float(got[u, v]) == pytest.approx(ref, abs=1e-9)
     d = dct_matrix(h, dtype=torch.float64)
     torch.testing.assert_close(d @ d.t(), torch.eye(h, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("filter_", ["avgpool", "dct"])
-@pytest.mark.parametrize(("teacher_arch", "student_arch"), [
-    ("resnet14", "vit_tiny"), ("vit_tiny", "resnet8"), ("resnet14", "mixer_tiny"),
-])
+@pytest.mark.parametrize(
+    ("teacher_arch", "student_arch"),
+    [
+        ("resnet14", "vit_tiny"),
+        ("vit_tiny", "resnet8"),
+        ("resnet14", "mixer_tiny"),
+    ],
+)
 def test_lfcc_works_across_heterogeneous_pairs(teacher_arch, student_arch, filter_, batch) -> None:
     def make(arch: str, seed: int) -> TappedModel:
         torch.manual_seed(seed)
@@ -942,8 +1075,11 @@ def ref_grid(m: Tensor, k: int, channels: int, batch_norm: bool) -> list[list[fl
         for ci in range(channels):
             for gy in range(h // k):
                 for gx in range(w // k):
-                    cell = [x[bi][ci][gy * k + i][gx * k + j] if ci < c else 0.0
-                            for i in range(k) for j in range(k)]
+                    cell = [
+                        x[bi][ci][gy * k + i][gx * k + j] if ci < c else 0.0
+                        for i in range(k)
+                        for j in range(k)
+                    ]
                     row.append(sum(cell) / len(cell))
         out.append(row)
     return out
@@ -954,14 +1090,28 @@ def test_cktf_known_value_batch_mode() -> None:
     not 0.8 · 0.1), stage maps normalised over the batch, 2×2 grids, stem not normalised."""
     g = torch.Generator().manual_seed(0)
     b = 3
-    s = fake(torch.rand(b, 1, 4, 4, generator=g), [torch.randn(b, 2, 4, 4, generator=g)],
-             torch.rand(b, 2, generator=g), torch.zeros(b, 2))
-    t = fake(torch.rand(b, 2, 4, 4, generator=g), [torch.randn(b, 2, 4, 4, generator=g)],
-             torch.rand(b, 2, generator=g), torch.zeros(b, 2))
-    obj = get_objective("cktf")({"dim": 8, "memory": "batch", "tau": 0.3, "pool_kernel": 2}, t, s, CTX)
+    s = fake(
+        torch.rand(b, 1, 4, 4, generator=g),
+        [torch.randn(b, 2, 4, 4, generator=g)],
+        torch.rand(b, 2, generator=g),
+        torch.zeros(b, 2),
+    )
+    t = fake(
+        torch.rand(b, 2, 4, 4, generator=g),
+        [torch.randn(b, 2, 4, 4, generator=g)],
+        torch.rand(b, 2, generator=g),
+        torch.zeros(b, 2),
+    )
+    obj = get_objective("cktf")(
+        {"dim": 8, "memory": "batch", "tau": 0.3, "pool_kernel": 2}, t, s, CTX
+    )
     assert not obj.uses_bank and len(obj.memories) == 0
     assert (obj.hp["weight"], obj.hp["inter_weight"]) == (0.8, 0.1)
-    assert {n: h.in_features for n, h in obj.student_heads.items()} == {"stem": 8, "stage0": 8, "final": 2}
+    assert {n: h.in_features for n, h in obj.student_heads.items()} == {
+        "stem": 8,
+        "stage0": 8,
+        "final": 2,
+    }
     for head in [*obj.student_heads.values(), *obj.teacher_heads.values()]:
         identity_(head)
 
@@ -969,7 +1119,9 @@ def test_cktf_known_value_batch_mode() -> None:
         return ref_sym([normalize(r) for r in a], [normalize(r) for r in c], 0.3)
 
     stem = sym(ref_grid(s.stem, 2, 2, batch_norm=False), ref_grid(t.stem, 2, 2, batch_norm=False))
-    stage = sym(ref_grid(s.stages[0], 2, 2, batch_norm=True), ref_grid(t.stages[0], 2, 2, batch_norm=True))
+    stage = sym(
+        ref_grid(s.stages[0], 2, 2, batch_norm=True), ref_grid(t.stages[0], 2, 2, batch_norm=True)
+    )
     final = sym(s.pool.tolist(), t.pool.tolist())
     terms = obj.own_terms(s, t, torch.zeros(b).long(), None)  # batch mode: no index needed
     assert terms.keys() == {"cktf", "cktf_inter"}
@@ -1016,12 +1168,25 @@ def test_cktf_pools_cifar_maps_to_the_authors_grids() -> None:
     x = torch.randn(2, 3, 32, 32)
     teacher = build_model("resnet32x4", NUM_CLASSES, width=0.25).eval()
     student = build_model("resnet8x4", NUM_CLASSES, width=0.25).eval()
-    obj = get_objective("cktf")({"dim": 16, "negatives": 8}, features(teacher, x), features(student, x), CTX)
-    widths = {n: (h.in_features, obj.teacher_heads[n].in_features) for n, h in obj.student_heads.items()}
-    assert widths == {"stem": (8 * 16, 8 * 16), "stage0": (16 * 16, 16 * 16), "stage1": (32 * 4, 32 * 4),
-                      "stage2": (64, 64), "final": (64, 64)}
-    glob = get_objective("cktf")({"dim": 16, "negatives": 8, "pool_kernel": 0},
-                                 features(teacher, x), features(student, x), CTX)
+    obj = get_objective("cktf")(
+        {"dim": 16, "negatives": 8}, features(teacher, x), features(student, x), CTX
+    )
+    widths = {
+        n: (h.in_features, obj.teacher_heads[n].in_features) for n, h in obj.student_heads.items()
+    }
+    assert widths == {
+        "stem": (8 * 16, 8 * 16),
+        "stage0": (16 * 16, 16 * 16),
+        "stage1": (32 * 4, 32 * 4),
+        "stage2": (64, 64),
+        "final": (64, 64),
+    }
+    glob = get_objective("cktf")(
+        {"dim": 16, "negatives": 8, "pool_kernel": 0},
+        features(teacher, x),
+        features(student, x),
+        CTX,
+    )
     assert [h.in_features for h in glob.student_heads.values()] == [8, 16, 32, 64, 64]
 
 
@@ -1043,15 +1208,26 @@ def test_cktf_pairs_stages_by_relative_depth() -> None:
 
 def test_cktf_pairs_a_deeper_teacher_and_pads_the_narrower_side() -> None:
     b = 4
-    t = fake(torch.rand(b, 6, 4, 4), [torch.rand(b, 6 + i, 4, 4) for i in range(4)],
-             torch.rand(b, 9), torch.rand(b, 3))
-    s = fake(torch.rand(b, 2, 4, 4), [torch.rand(b, 3, 4, 4) for _ in range(3)],
-             torch.rand(b, 12), torch.rand(b, 3))
+    t = fake(
+        torch.rand(b, 6, 4, 4),
+        [torch.rand(b, 6 + i, 4, 4) for i in range(4)],
+        torch.rand(b, 9),
+        torch.rand(b, 3),
+    )
+    s = fake(
+        torch.rand(b, 2, 4, 4),
+        [torch.rand(b, 3, 4, 4) for _ in range(3)],
+        torch.rand(b, 12),
+        torch.rand(b, 3),
+    )
     obj = get_objective("cktf")({"dim": 4, "memory": "batch", "pool_kernel": 0}, t, s, CTX)
     assert [obj.student_heads[f"stage{j}"].in_features for j in range(3)] == [7, 8, 9]
     assert obj.student_heads["stem"].in_features == 6
     # The final vectors enter as they are, each side its own width.
-    assert (obj.student_heads["final"].in_features, obj.teacher_heads["final"].in_features) == (12, 9)
+    assert (obj.student_heads["final"].in_features, obj.teacher_heads["final"].in_features) == (
+        12,
+        9,
+    )
     assert all(torch.isfinite(v) for v in obj.own_terms(s, t, torch.zeros(b).long(), None).values())
 
 

@@ -26,24 +26,33 @@ def public_teacher(path: Path, arch: str, num_classes: int, **kw: object) -> Pat
     return path
 
 
-def test_cifar100_resnet32x4_to_resnet8x4_one_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cifar100_resnet32x4_to_resnet8x4_one_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch.set_num_threads(2)
     write_cifar100(tmp_path / "data", monkeypatch, n_train=300, n_test=100)
     teacher = public_teacher(tmp_path / "ckpt_epoch_240.pth", "resnet32x4", 100)
-    space = write_space(tmp_path / "c100.yaml", {
-        "name": "c100",
-        "objective": "msd",
-        "data": {"dataset": "cifar100", "root": str(tmp_path / "data"), "val_fraction": 0.34},
-        "teacher": {"arch": "resnet32x4", "checkpoint": str(teacher)},
-        "student": {"arch": "resnet8x4", "width": 1.0},
-        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "lr_milestones": [150, 180, 210]},
-        "loss": {"scales": [1, 2], "dim": 32},
-        "params": {"student.width": {"choice": [0.5, 1.0]}, "loss.tau": {"float": [0.05, 0.2]}},
-    })
+    space = write_space(
+        tmp_path / "c100.yaml",
+        {
+            "name": "c100",
+            "objective": "msd",
+            "data": {"dataset": "cifar100", "root": str(tmp_path / "data"), "val_fraction": 0.34},
+            "teacher": {"arch": "resnet32x4", "checkpoint": str(teacher)},
+            "student": {"arch": "resnet8x4", "width": 1.0},
+            "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "lr_milestones": [150, 180, 210]},
+            "loss": {"scales": [1, 2], "dim": 32},
+            "params": {"student.width": {"choice": [0.5, 1.0]}, "loss.tau": {"float": [0.05, 0.2]}},
+        },
+    )
     spec = load_space(space)
     config = {"student.width": 0.5, "loss.tau": 0.1, "seed": 3, "trial_number": 0}
-    engine = Engine(trial_spec(spec.model_dump(mode="json", by_alias=True), config), seed=3,
-                    teacher_checkpoint=spec.teacher.checkpoint, device="cpu")
+    engine = Engine(
+        trial_spec(spec.model_dump(mode="json", by_alias=True), config),
+        seed=3,
+        teacher_checkpoint=spec.teacher.checkpoint,
+        device="cpu",
+    )
     assert engine.loaders.num_classes == 100 and engine.loaders.image_size == 32
     assert engine.loaders.num_train == 200  # 300 minus one val image per class
     row = engine.run_epoch()
@@ -53,21 +62,30 @@ def test_cifar100_resnet32x4_to_resnet8x4_one_epoch(tmp_path: Path, monkeypatch:
 
 
 @pytest.mark.integration
-def test_imagefolder_resnet34_to_resnet18_through_the_search(ray_session, tmp_path: Path, capsys) -> None:
+def test_imagefolder_resnet34_to_resnet18_through_the_search(
+    ray_session, tmp_path: Path, capsys
+) -> None:
     write_imagefolder(tmp_path / "imagenet", train_per_class=8, val_per_class=2)
     classes = len(list((tmp_path / "imagenet" / "train").iterdir()))
     teacher = public_teacher(tmp_path / "resnet34.pth", "resnet34", classes)
-    space = write_space(tmp_path / "inet.yaml", {
-        "name": "inet",
-        "objective": "kd",
-        "data": {"dataset": "imagefolder", "root": str(tmp_path / "imagenet"), "val_fraction": 0.25,
-                 "options": {"image_size": 64, "num_workers": 0}},
-        "teacher": {"arch": "resnet34", "checkpoint": str(teacher)},
-        "student": {"arch": "resnet18", "width": 0.25},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 0.05},
-        "search": {"num_samples": 1, "scheduler": "none", "resources": {"cpu": 1, "gpu": 0}},
-        "params": {"loss.kd_temperature": {"float": [2.0, 6.0]}},
-    })
+    space = write_space(
+        tmp_path / "inet.yaml",
+        {
+            "name": "inet",
+            "objective": "kd",
+            "data": {
+                "dataset": "imagefolder",
+                "root": str(tmp_path / "imagenet"),
+                "val_fraction": 0.25,
+                "options": {"image_size": 64, "num_workers": 0},
+            },
+            "teacher": {"arch": "resnet34", "checkpoint": str(teacher)},
+            "student": {"arch": "resnet18", "width": 0.25},
+            "train": {"epochs": 1, "batch_size": 8, "lr": 0.05},
+            "search": {"num_samples": 1, "scheduler": "none", "resources": {"cpu": 1, "gpu": 0}},
+            "params": {"loss.kd_temperature": {"float": [2.0, 6.0]}},
+        },
+    )
     trials = tmp_path / "trials"
     assert main(["tune", str(space), "--trials-dir", str(trials)]) == 0
     rows = pq.read_table(trials / "inet" / RESULTS_FILE).to_pylist()

@@ -24,7 +24,9 @@ from searchkd.teacher import ensure_teacher
 def test_a_name_registers_once_and_an_unknown_one_is_one_line() -> None:
     reg: Registry[int] = Registry("widget")
     reg.register("a", "b")(1)
-    assert reg.names() == ["a", "b"] and reg.get("b") == 1 and "a" in reg and list(reg) == ["a", "b"]
+    assert (
+        reg.names() == ["a", "b"] and reg.get("b") == 1 and "a" in reg and list(reg) == ["a", "b"]
+    )
     with pytest.raises(ValueError, match="widget 'a' registered twice"):
         reg.add("a", 2)
     assert reg.get("a") == 1
@@ -34,7 +36,9 @@ def test_a_name_registers_once_and_an_unknown_one_is_one_line() -> None:
 
 def test_the_shipped_parts_are_registered() -> None:
     assert {"ce", "kd", "crd", "msd", "stkd", "lfcc", "cktf"} <= set(OBJECTIVES.names())
-    assert {"resnet8", "resnet8x4", "resnet32x4", "wrn_40_2", "wrn_16_2", "vit_tiny"} <= set(MODELS.names())
+    assert {"resnet8", "resnet8x4", "resnet32x4", "wrn_40_2", "wrn_16_2", "vit_tiny"} <= set(
+        MODELS.names()
+    )
     assert {"digits", "cifar10", "cifar100", "imagefolder"} <= set(DATASETS.names())
     assert SAMPLERS.names() == ["gp", "nsga2", "random", "tpe"]
 
@@ -71,8 +75,9 @@ def toy_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         del sys.modules[name]
 
 
-def test_a_new_objective_file_is_listed_validated_and_trained(toy_package, capsys,
-                                                                 tmp_path: Path) -> None:
+def test_a_new_objective_file_is_listed_validated_and_trained(
+    toy_package, capsys, tmp_path: Path
+) -> None:
     assert "toy" in OBJECTIVES
     assert main(["objectives"]) == 0
     out = capsys.readouterr().out
@@ -101,4 +106,7 @@ def test_an_unknown_sampler_is_one_line_naming_the_registered_ones(tmp_path: Pat
         main(["validate", str(path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"searchkd: error: {path}: search.sampler: unknown sampler 'cmaes2'; known: gp, nsga2, random, tpe"
+    assert (
+        err
+        == f"searchkd: error: {path}: search.sampler: unknown sampler 'cmaes2'; known: gp, nsga2, random, tpe"
+    )

@@ -34,8 +34,12 @@ def by_trial(rows: list[dict]) -> dict[int, list[dict]]:
 
 
 def failed_in_journal(search: Path, name: str) -> set[int]:
-    study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(search / "optuna.journal"))))
+    study = optuna.load_study(
+        study_name=name,
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(search / "optuna.journal"))
+        ),
+    )
     return {t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL}
 
 
@@ -53,9 +57,14 @@ def ranking(rows: list[dict], metric: str, mode: str, failed: set[int]) -> list[
     return sorted(scores, key=lambda n: ((-scores[n]) if mode == "max" else scores[n], n))
 
 
-def non_dominated(rows: list[dict], metrics: list[str], modes: list[str], failed: set[int]) -> set[int]:
-    vec = {n: [kept_value(v, m, md) for m, md in zip(metrics, modes, strict=True)]
-           for n, v in by_trial(rows).items() if n not in failed}
+def non_dominated(
+    rows: list[dict], metrics: list[str], modes: list[str], failed: set[int]
+) -> set[int]:
+    vec = {
+        n: [kept_value(v, m, md) for m, md in zip(metrics, modes, strict=True)]
+        for n, v in by_trial(rows).items()
+        if n not in failed
+    }
     sign = [1 if md == "max" else -1 for md in modes]
     out = set()
     for n, p in vec.items():
@@ -134,14 +143,22 @@ def by_gid(fig, gid: str):
 
 # -- the definition of best ---------------------------------------------------------------------
 def test_a_trials_score_is_its_kept_students_value() -> None:
-    rows = [{"epoch": 1, "val_acc": 0.5, "best_val_acc": 0.5, "train_loss": 2.0},
-            {"epoch": 3, "val_acc": 0.7, "best_val_acc": 0.9, "train_loss": 0.5},
-            {"epoch": 2, "val_acc": 0.9, "best_val_acc": 0.9, "train_loss": 1.0}]
-    assert rp.trial_score(rows, "val_acc", "max") == 0.9  # the last epoch's best_val_acc, not its val_acc
+    rows = [
+        {"epoch": 1, "val_acc": 0.5, "best_val_acc": 0.5, "train_loss": 2.0},
+        {"epoch": 3, "val_acc": 0.7, "best_val_acc": 0.9, "train_loss": 0.5},
+        {"epoch": 2, "val_acc": 0.9, "best_val_acc": 0.9, "train_loss": 1.0},
+    ]
+    assert (
+        rp.trial_score(rows, "val_acc", "max") == 0.9
+    )  # the last epoch's best_val_acc, not its val_acc
     assert rp.trial_score(rows, "train_loss", "min") == 0.5
     assert rp.trial_score(rows, "train_loss", "max") == 2.0
     assert math.isnan(rp.trial_score([], "val_acc", "max"))
-    assert math.isnan(rp.trial_score([{"epoch": 1, "val_acc": math.nan, "best_val_acc": math.nan}], "val_acc", "max"))
+    assert math.isnan(
+        rp.trial_score(
+            [{"epoch": 1, "val_acc": math.nan, "best_val_acc": math.nan}], "val_acc", "max"
+        )
+    )
 
 
 def test_the_best_trial_never_failed_and_ties_go_to_the_lowest_number() -> None:
@@ -157,17 +174,30 @@ def test_pareto_set_is_the_non_dominated_set() -> None:
 
     rng = random.Random(3)
     for _ in range(30):
-        pts = {n: [rng.choice([0.5, 0.6, 0.7, 0.8]), rng.choice([1.0, 2.0, 3.0])] for n in range(25)}
-        rows = [{"trial_number": n, "epoch": 1, "val_acc": p[0], "best_val_acc": p[0], "student_macs": p[1]}
-                for n, p in pts.items()]
-        assert set(rp.pareto_set(pts, ["max", "min"])) == non_dominated(rows, ["val_acc", "student_macs"],
-                                                                        ["max", "min"], set())
+        pts = {
+            n: [rng.choice([0.5, 0.6, 0.7, 0.8]), rng.choice([1.0, 2.0, 3.0])] for n in range(25)
+        }
+        rows = [
+            {
+                "trial_number": n,
+                "epoch": 1,
+                "val_acc": p[0],
+                "best_val_acc": p[0],
+                "student_macs": p[1],
+            }
+            for n, p in pts.items()
+        ]
+        assert set(rp.pareto_set(pts, ["max", "min"])) == non_dominated(
+            rows, ["val_acc", "student_macs"], ["max", "min"], set()
+        )
 
 
 # -- a generated search ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def asha_search(tmp_path_factory) -> Path:
-    search = make_search(tmp_path_factory.mktemp("trials"), "gen", trials=24, epochs=12, failed=(5,), seed=1)
+    search = make_search(
+        tmp_path_factory.mktemp("trials"), "gen", trials=24, epochs=12, failed=(5,), seed=1
+    )
     rp.write_report(search)
     return search
 
@@ -178,11 +208,17 @@ def test_history_ends_at_the_best_trials_score(asha_search: Path) -> None:
     best = ranking(rows, "val_acc", "max", failed)[0]
     best_score = kept_value(by_trial(rows)[best], "val_acc", "max")
     data = json.loads((asha_search / "report" / "data.json").read_text())
-    assert data["best"]["trial"] == best and data["best"]["scores"]["val_acc"] == pytest.approx(best_score)
+    assert data["best"]["trial"] == best and data["best"]["scores"]["val_acc"] == pytest.approx(
+        best_score
+    )
     assert data["history"]["best"][-1] == pytest.approx(best_score)
-    assert data["history"]["trial_epochs"] == list(range(1, len(rows) + 1))  # one per row: the cost axis
+    assert data["history"]["trial_epochs"] == list(
+        range(1, len(rows) + 1)
+    )  # one per row: the cost axis
     ys = data["history"]["best"]
-    assert all(b >= a for a, b in zip(ys, ys[1:], strict=False) if a is not None)  # best so far never drops
+    assert all(
+        b >= a for a, b in zip(ys, ys[1:], strict=False) if a is not None
+    )  # best so far never drops
     # What the plot draws is that series.
     a = rp.analyze(asha_search)
     fig = figure_of(rp.plot_history, a)
@@ -212,7 +248,8 @@ def test_learning_curves_show_every_trial_and_the_rungs(asha_search: Path) -> No
         assert by_gid(fig, f"rung-{r}").get_xdata()[0] == r
     statuses = {t.number: t.status for t in a.trials}
     assert {n for n, s in statuses.items() if s == "stopped"} == {
-        n for n, v in rows.items() if v[-1]["epoch"] < 12 and n != 5}
+        n for n, v in rows.items() if v[-1]["epoch"] < 12 and n != 5
+    }
     assert statuses[5] == "failed"
 
 
@@ -234,8 +271,11 @@ def test_the_top_10_table_matches_the_parquet(asha_search: Path) -> None:
         assert r["MLflow run"] == runs[str(n)]
         assert r["params"] == rp.fmt(last["student_params"], "student_params")
         assert r["MACs"] == rp.fmt(last["student_macs"], "student_macs")
-        assert r["config"] == ", ".join(f"{k}={rp.short(v)}" for k, v in sorted(config.items())
-                                        if k not in ("seed", "objective"))
+        assert r["config"] == ", ".join(
+            f"{k}={rp.short(v)}"
+            for k, v in sorted(config.items())
+            if k not in ("seed", "objective")
+        )
     data = json.loads((asha_search / "report" / "data.json").read_text())
     assert [t["trial"] for t in data["top"]] == order
     # Every trial is listed once in the full table.
@@ -245,18 +285,29 @@ def test_the_top_10_table_matches_the_parquet(asha_search: Path) -> None:
 def test_importances_are_optunas_on_the_trials_scores(asha_search: Path) -> None:
     rows = load_rows(asha_search)
     trials = by_trial(rows)
-    study = optuna.load_study(study_name="gen", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(asha_search / "optuna.journal"))))
+    study = optuna.load_study(
+        study_name="gen",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(asha_search / "optuna.journal"))
+        ),
+    )
     copy = optuna.create_study(direction="maximize")
     for t in study.trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
-            copy.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
-                                                     value=kept_value(trials[t.number], "val_acc", "max")))
+            copy.add_trial(
+                optuna.trial.create_trial(
+                    params=t.params,
+                    distributions=t.distributions,
+                    value=kept_value(trials[t.number], "val_acc", "max"),
+                )
+            )
     expected = optuna.importance.get_param_importances(copy)
     data = json.loads((asha_search / "report" / "data.json").read_text())
     assert list(data["importances"]) == list(expected)
     assert list(data["importances"].values()) == pytest.approx(list(expected.values()))
-    assert (asha_search / "report" / "importances.png").exists() and (asha_search / "report" / "slices.png").exists()
+    assert (asha_search / "report" / "importances.png").exists() and (
+        asha_search / "report" / "slices.png"
+    ).exists()
 
 
 def test_the_page_opens_offline(asha_search: Path) -> None:
@@ -270,14 +321,25 @@ def test_the_page_opens_offline(asha_search: Path) -> None:
         img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         assert img.width >= 900 and img.height >= 300  # written at the size it is read
     assert not re.search(r"<script|<link|@import|src=\"http", text)  # nothing to fetch
-    assert all(not link.startswith("http") or link.startswith("http://127.0.0.1") for link in page.links)
+    assert all(
+        not link.startswith("http") or link.startswith("http://127.0.0.1") for link in page.links
+    )
     for name in ("history", "curves", "importances", "slices"):
         assert Image.open(asha_search / "report" / f"{name}.png").format == "PNG"
 
 
 def test_multi_objective_report_has_the_pareto_front(tmp_path: Path) -> None:
-    search = make_search(tmp_path, "mo", trials=30, epochs=6, metric=["val_acc", "student_macs"],
-                         mode=["max", "min"], scheduler="none", failed=(4,), seed=2)
+    search = make_search(
+        tmp_path,
+        "mo",
+        trials=30,
+        epochs=6,
+        metric=["val_acc", "student_macs"],
+        mode=["max", "min"],
+        scheduler="none",
+        failed=(4,),
+        seed=2,
+    )
     rp.write_report(search)
     rows = load_rows(search)
     expected = non_dominated(rows, ["val_acc", "student_macs"], ["max", "min"], {4})
@@ -289,8 +351,13 @@ def test_multi_objective_report_has_the_pareto_front(tmp_path: Path) -> None:
     fig = figure_of(rp.plot_pareto, a)
     drawn = {(round(x, 6), round(y, 6)) for x, y in by_gid(fig, "pareto").get_offsets()}
     trials = by_trial(rows)
-    assert drawn == {(round(trials[n][-1]["student_macs"] / 1e3, 6), round(max(r["val_acc"] for r in trials[n]), 6))
-                     for n in expected}
+    assert drawn == {
+        (
+            round(trials[n][-1]["student_macs"] / 1e3, 6),
+            round(max(r["val_acc"] for r in trials[n]), 6),
+        )
+        for n in expected
+    }
     assert len(by_gid(fig, "dominated").get_offsets()) == 29 - len(expected)
 
 
@@ -302,24 +369,35 @@ def test_a_choice_of_objectives_is_compared_side_by_side(tmp_path: Path) -> None
     fig = figure_of(rp.plot_objectives, report.analysis)
     for objective in ("kd", "msd"):
         for status, full in (("finished", True), ("stopped", False)):
-            mine = sorted(max(r["val_acc"] for r in v) for v in trials.values()
-                          if v[-1]["objective"] == objective and (v[-1]["epoch"] == 9) == full)
+            mine = sorted(
+                max(r["val_acc"] for r in v)
+                for v in trials.values()
+                if v[-1]["objective"] == objective and (v[-1]["epoch"] == 9) == full
+            )
             if mine:
-                drawn = sorted(y for _, y in by_gid(fig, f"objective-{objective}-{status}").get_offsets())
+                drawn = sorted(
+                    y for _, y in by_gid(fig, f"objective-{objective}-{status}").get_offsets()
+                )
                 assert drawn == pytest.approx(mine)
 
 
-def test_report_of_a_running_search_takes_no_lock_and_changes_nothing(tmp_path: Path, capsys) -> None:
+def test_report_of_a_running_search_takes_no_lock_and_changes_nothing(
+    tmp_path: Path, capsys
+) -> None:
     from filelock import FileLock
 
-    search = make_search(tmp_path, "live", trials=10, epochs=12, running=(7, 8, 9), state="running", seed=5)
+    search = make_search(
+        tmp_path, "live", trials=10, epochs=12, running=(7, 8, 9), state="running", seed=5
+    )
     before = {p: p.stat().st_mtime_ns for p in search.rglob("*")}
     lock = FileLock(str(tmp_path / ".live.lock"))  # what `searchkd tune` holds while it runs
     lock.acquire(timeout=0)
     try:
         start = time.perf_counter()
         assert main(["report", str(search)]) == 0
-        assert time.perf_counter() - start < 120  # it did not wait for the lock (generous: loaded CI)
+        assert (
+            time.perf_counter() - start < 120
+        )  # it did not wait for the lock (generous: loaded CI)
     finally:
         lock.release()
     out = capsys.readouterr().out
@@ -333,12 +411,16 @@ def test_report_of_a_running_search_takes_no_lock_and_changes_nothing(tmp_path: 
 
 def test_report_of_200_trials_of_50_epochs_takes_seconds(tmp_path: Path, record_property) -> None:
     """Measured, not asserted against a budget: the number is printed (pytest -s) and recorded."""
-    search = make_search(tmp_path, "big", trials=200, epochs=50, failed=(7, 70), stop_fraction=0.6, seed=6)
+    search = make_search(
+        tmp_path, "big", trials=200, epochs=50, failed=(7, 70), stop_fraction=0.6, seed=6
+    )
     start = time.perf_counter()
     report = rp.write_report(search)
     seconds = time.perf_counter() - start
     record_property("report_seconds", seconds)
-    print(f"\nreport of 200 trials x 50 epochs ({report.analysis.trial_epochs} rows): {seconds:.2f}s")
+    print(
+        f"\nreport of 200 trials x 50 epochs ({report.analysis.trial_epochs} rows): {seconds:.2f}s"
+    )
     rows = load_rows(search)
     data = json.loads((search / "report" / "data.json").read_text())
     assert len(data["trials"]) == 200 and len(data["history"]["best"]) == len(rows)
@@ -357,7 +439,9 @@ def test_optuna_dashboard_opens_the_journal(tmp_path: Path, state: str) -> None:
     assert summary.study_name == "dash" and summary.n_trials == 6
     states = [t.state.name for t in optuna.load_study(study_name="dash", storage=storage).trials]
     assert states.count("RUNNING") == len(running)
-    dashboard = pytest.importorskip("optuna_dashboard", reason="optional extra: pip install 'searchkd[dashboard]'")
+    dashboard = pytest.importorskip(
+        "optuna_dashboard", reason="optional extra: pip install 'searchkd[dashboard]'"
+    )
     from optuna_dashboard._storage_url import get_storage
 
     app = dashboard.wsgi(get_storage(path))
@@ -384,43 +468,75 @@ def _wsgi_get(app, path: str) -> dict:
 def test_the_experiment_opens_on_a_table_of_the_trials() -> None:
     from searchkd.mlflow_ui import ui_link, ui_tags
 
-    raw = {"objective": {"choice": ["kd", "msd"]}, "search": {"metric": ["val_acc", "student_macs"],
-                                                              "mode": ["max", "min"]},
-           "params": {"student.width": {"choice": [0.5, 1.0]}, "loss.tau": {"float": [0.05, 0.5]}}}
+    raw = {
+        "objective": {"choice": ["kd", "msd"]},
+        "search": {"metric": ["val_acc", "student_macs"], "mode": ["max", "min"]},
+        "params": {"student.width": {"choice": [0.5, 1.0]}, "loss.tau": {"float": [0.05, 0.5]}},
+    }
     tags = ui_tags(raw)
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags["mlflow.sharedViewState.searchkd"])
     assert view["orderByKey"] == "metrics.`best_val_acc`" and view["orderByAsc"] is False
-    for column in ("metrics.`val_acc`", "metrics.`student_macs`", "params.`objective`",
-                   "params.`student.width`", "params.`loss.tau`"):
+    for column in (
+        "metrics.`val_acc`",
+        "metrics.`student_macs`",
+        "params.`objective`",
+        "params.`student.width`",
+        "params.`loss.tau`",
+    ):
         assert column in view["selectedColumns"]
     assert ui_link("sqlite:////x/mlflow.db", "7") == (
-        "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=searchkd&workflowType=machine_learning")
-    assert ui_link("http://mlflow.lan:5000/", "7").startswith("http://mlflow.lan:5000/#/experiments/7/runs?")
+        "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=searchkd&workflowType=machine_learning"
+    )
+    assert ui_link("http://mlflow.lan:5000/", "7").startswith(
+        "http://mlflow.lan:5000/#/experiments/7/runs?"
+    )
 
 
 def test_a_tracking_store_that_is_away_is_one_warning(tmp_path: Path, capsys) -> None:
     search = make_search(tmp_path, "away", trials=4, epochs=3, seed=8)
-    (search / "tracking.json").write_text(json.dumps({
-        "tracking_uri": f"http://127.0.0.1:{free_port()}", "experiment_id": "3", "parent_run_id": "abc"}))
+    (search / "tracking.json").write_text(
+        json.dumps(
+            {
+                "tracking_uri": f"http://127.0.0.1:{free_port()}",
+                "experiment_id": "3",
+                "parent_run_id": "abc",
+            }
+        )
+    )
     assert main(["report", str(search)]) == 0
     out, err = capsys.readouterr()
     warnings = [line for line in out.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "not logged to MLflow" in warnings[0], out
     assert "Traceback" not in out + err
-    assert "http://127.0.0.1:" in out and "#/experiments/3/runs" in out  # the link is printed anyway
+    assert (
+        "http://127.0.0.1:" in out and "#/experiments/3/runs" in out
+    )  # the link is printed anyway
     assert (search / "report" / "index.html").exists()
 
 
-def test_a_search_the_store_missed_at_its_end_is_not_made_to_wait_again(tmp_path: Path, capsys) -> None:
+def test_a_search_the_store_missed_at_its_end_is_not_made_to_wait_again(
+    tmp_path: Path, capsys
+) -> None:
     search = make_search(tmp_path, "pending", trials=3, epochs=2, seed=11)
     state = json.loads((search / "state.json").read_text())
-    (search / "state.json").write_text(json.dumps({**state, "status": "interrupted", "tracking_pending": True}))
-    (search / "tracking.json").write_text(json.dumps({
-        "tracking_uri": f"http://127.0.0.1:{free_port()}", "experiment_id": "3", "parent_run_id": "abc"}))
+    (search / "state.json").write_text(
+        json.dumps({**state, "status": "interrupted", "tracking_pending": True})
+    )
+    (search / "tracking.json").write_text(
+        json.dumps(
+            {
+                "tracking_uri": f"http://127.0.0.1:{free_port()}",
+                "experiment_id": "3",
+                "parent_run_id": "abc",
+            }
+        )
+    )
     from searchkd.api import write_report
 
-    assert write_report(search, after_search=True)  # what `searchkd tune` calls when the search ends
+    assert write_report(
+        search, after_search=True
+    )  # what `searchkd tune` calls when the search ends
     out = capsys.readouterr().out
     assert "not logged to MLflow: the tracking store was away" in out and "warning" not in out
 
@@ -455,7 +571,10 @@ def test_the_teacher_digest_is_the_caches(tmp_path: Path) -> None:
 
     spec = Spec.model_validate(tiny_space())
     info = ensure_teacher(spec, tmp_path / "teachers", log=lambda _: None)
-    assert info.digest == teacher_digest(spec) and rp.teacher_meta(spec, tmp_path)["test_acc"] == info.test_acc
+    assert (
+        info.digest == teacher_digest(spec)
+        and rp.teacher_meta(spec, tmp_path)["test_acc"] == info.test_acc
+    )
     reseeded = Spec.model_validate(tiny_space(search={**tiny_space()["search"], "seed": 1}))
     assert teacher_digest(reseeded) != info.digest  # another seed trains another teacher
 
@@ -467,7 +586,9 @@ def test_the_teacher_digest_is_the_caches(tmp_path: Path) -> None:
     copy = tmp_path / "elsewhere" / "t.pt"
     copy.parent.mkdir()
     shutil.copy(info.path, copy)
-    assert teacher_digest(from_file(copy)) == teacher_digest(from_file(info.path))  # content, not path
+    assert teacher_digest(from_file(copy)) == teacher_digest(
+        from_file(info.path)
+    )  # content, not path
     measured = ensure_teacher(from_file(copy), tmp_path / "teachers", log=lambda _: None)
     assert measured.digest == teacher_digest(from_file(copy)) and measured.test_acc == info.test_acc
     copy.write_bytes(copy.read_bytes() + b"\0")
@@ -484,7 +605,9 @@ def test_best_exports_a_student_that_loads_with_weights_only(tmp_path: Path, cap
     best = rp.analyze(search).best
     width = best.config["student.width"]
     # What the trial would have written: its best-on-val student in the search's storage.
-    weights = build_model("resnet8", num_classes=10, width=width, in_channels=1, image_size=8).state_dict()
+    weights = build_model(
+        "resnet8", num_classes=10, width=width, in_channels=1, image_size=8
+    ).state_dict()
     folder = search / "checkpoints" / f"trial-{best.number:04d}"
     folder.mkdir(parents=True)
     torch.save(weights, folder / "student_best.pt")
@@ -493,13 +616,28 @@ def test_best_exports_a_student_that_loads_with_weights_only(tmp_path: Path, cap
     printed = capsys.readouterr().out
     assert f"trial {best.number}" in printed and "student.pt" in printed
     spec_args = json.loads((out / "model.json").read_text())
-    assert spec_args == {"arch": "resnet8", "width": width, "num_classes": 10, "in_channels": 1, "image_size": 8}
+    assert spec_args == {
+        "arch": "resnet8",
+        "width": width,
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 8,
+    }
     # The README's three lines.
     model = build_model(**json.loads((out / "model.json").read_text()))
     model.load_state_dict(torch.load(out / "student.pt", weights_only=True)["model"])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     card = (out / "model_card.md").read_text()
-    for needle in ("resnet8", "teacher", "digits", "msd", "val_acc", "test accuracy", "MACs", "parameters"):
+    for needle in (
+        "resnet8",
+        "teacher",
+        "digits",
+        "msd",
+        "val_acc",
+        "test accuracy",
+        "MACs",
+        "parameters",
+    ):
         assert needle in card
     import yaml
 
@@ -508,7 +646,16 @@ def test_best_exports_a_student_that_loads_with_weights_only(tmp_path: Path, cap
     assert config["loss"]["kd_weight"] == pytest.approx(best.config["loss.kd_weight"])
     # Another trial on request (a point of a Pareto front, say); a trial without weights is one line.
     with pytest.raises(SystemExit):
-        main(["best", str(search), "--trial", str((best.number + 1) % 6), "--out", str(tmp_path / "other")])
+        main(
+            [
+                "best",
+                str(search),
+                "--trial",
+                str((best.number + 1) % 6),
+                "--out",
+                str(tmp_path / "other"),
+            ]
+        )
     assert "no student_best.pt" in capsys.readouterr().err
 
 
@@ -516,18 +663,41 @@ def test_best_exports_a_student_that_loads_with_weights_only(tmp_path: Path, cap
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (apt-get install chromium); the README has the command")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium here (apt-get install chromium); the README has the command",
+)
 def test_the_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     from PIL import Image, ImageStat
 
-    search = make_search(tmp_path, "shot", trials=20, epochs=6, metric=["val_acc", "student_macs"],
-                         mode=["max", "min"], scheduler="none", seed=10)
+    search = make_search(
+        tmp_path,
+        "shot",
+        trials=20,
+        epochs=6,
+        metric=["val_acc", "student_macs"],
+        mode=["max", "min"],
+        scheduler="none",
+        seed=10,
+    )
     rp.write_report(search)
     shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,3000",
-           f"--screenshot={shot}", (search / "report" / "index.html").as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--hide-scrollbars",
+        "--window-size=1280,3000",
+        f"--screenshot={shot}",
+        (search / "report" / "index.html").as_uri(),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
     img = Image.open(shot).convert("L")
     assert img.size == (1280, 3000)
@@ -537,7 +707,9 @@ def test_the_report_renders_in_headless_chromium(tmp_path: Path) -> None:
 
 # -- real searches on digits ------------------------------------------------------------------------
 @pytest.mark.integration
-def test_a_search_ends_with_its_report_and_its_best_student_reproduces(ray_session, tmp_path: Path, capsys) -> None:
+def test_a_search_ends_with_its_report_and_its_best_student_reproduces(
+    ray_session, tmp_path: Path, capsys
+) -> None:
     import torch
     import yaml
     from mlflow.tracking import MlflowClient
@@ -564,7 +736,12 @@ def test_a_search_ends_with_its_report_and_its_best_student_reproduces(ray_sessi
     tracking = json.loads((search / "tracking.json").read_text())
     client = MlflowClient(tracking["tracking_uri"])
     logged = {a.path for a in client.list_artifacts(tracking["parent_run_id"], "report")}
-    assert {"report/index.html", "report/history.png", "report/curves.png", "report/data.json"} <= logged
+    assert {
+        "report/index.html",
+        "report/history.png",
+        "report/curves.png",
+        "report/data.json",
+    } <= logged
     tags = client.get_experiment(tracking["experiment_id"]).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags["mlflow.sharedViewState.searchkd"])
@@ -602,10 +779,21 @@ def test_a_search_ends_with_its_report_and_its_best_student_reproduces(ray_sessi
 
 
 @pytest.mark.integration
-def test_a_multi_objective_digits_search_has_its_pareto_front(ray_session, tmp_path: Path, capsys) -> None:
+def test_a_multi_objective_digits_search_has_its_pareto_front(
+    ray_session, tmp_path: Path, capsys
+) -> None:
     trials = tmp_path / "trials"
-    raw = tiny_space("mo", search={**tiny_space()["search"], "num_samples": 4, "metric": ["val_acc", "student_macs"],
-                                   "mode": ["max", "min"], "sampler": "nsga2", "scheduler": "none"})
+    raw = tiny_space(
+        "mo",
+        search={
+            **tiny_space()["search"],
+            "num_samples": 4,
+            "metric": ["val_acc", "student_macs"],
+            "mode": ["max", "min"],
+            "sampler": "nsga2",
+            "scheduler": "none",
+        },
+    )
     raw["params"]["student.width"] = {"choice": [0.25, 0.5, 1.0]}
     space = write_space(tmp_path / "mo.yaml", raw)
     assert main(["tune", str(space), "--trials-dir", str(trials)]) == 0
@@ -613,7 +801,10 @@ def test_a_multi_objective_digits_search_has_its_pareto_front(ray_session, tmp_p
     search = trials / "mo"
     rows = load_rows(search)
     expected = non_dominated(rows, ["val_acc", "student_macs"], ["max", "min"], set())
-    assert f"Pareto front (val_acc vs student_macs): trials {', '.join(map(str, sorted(expected)))}" in out
+    assert (
+        f"Pareto front (val_acc vs student_macs): trials {', '.join(map(str, sorted(expected)))}"
+        in out
+    )
     data = json.loads((search / "report" / "data.json").read_text())
     assert set(data["pareto"]) == expected
     page = Tables((search / "report" / "index.html").read_text())

@@ -45,19 +45,46 @@ def test_one_reproduction_space_per_published_row() -> None:
 
 
 @pytest.mark.parametrize("objective", sorted(PUBLISHED))
-def test_reproduction_space_is_the_published_recipe(objective: str, home: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_reproduction_space_is_the_published_recipe(
+    objective: str, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = SPACES / f"repro-{objective}.yaml"
     assert main(["validate", str(path)]) == 0 and f"{path}: ok" in capsys.readouterr().out
     spec = load_space(path)
     assert spec.objective == objective
     assert (spec.data.dataset, spec.data.val_fraction) == ("cifar100", 0.0)  # all 50k images
-    assert spec.teacher.arch == "resnet32x4" and spec.teacher.checkpoint == str((home / TEACHER).resolve())
+    assert spec.teacher.arch == "resnet32x4" and spec.teacher.checkpoint == str(
+        (home / TEACHER).resolve()
+    )
     assert (spec.student.arch, spec.student.width, spec.student.depth) == ("resnet8x4", 1.0, None)
     t = spec.train
-    assert (t.epochs, t.batch_size, t.optimizer, t.lr, t.momentum, t.nesterov, t.weight_decay,
-            t.lr_schedule, t.lr_milestones, t.lr_gamma, t.precision, t.compile) == (
-        240, 64, "sgd", 0.05, 0.9, False, 5.0e-4, "multistep", [150, 180, 210], 0.1, "fp32", False)
+    assert (
+        t.epochs,
+        t.batch_size,
+        t.optimizer,
+        t.lr,
+        t.momentum,
+        t.nesterov,
+        t.weight_decay,
+        t.lr_schedule,
+        t.lr_milestones,
+        t.lr_gamma,
+        t.precision,
+        t.compile,
+    ) == (
+        240,
+        64,
+        "sgd",
+        0.05,
+        0.9,
+        False,
+        5.0e-4,
+        "multistep",
+        [150, 180, 210],
+        0.1,
+        "fp32",
+        False,
+    )
     # One trial, nothing searched: the metric chooses nothing, it is only reported.
     assert spec.search.num_samples == 1 and not spec.params and spec.search.scheduler == "none"
     assert spec.metrics == ["test_acc_last"]
@@ -78,8 +105,12 @@ def test_reproduction_space_trains_on_every_image_and_reports_the_last_epoch(
     raw["data"].update(root=str(tmp_path / "data"), download=False)
     raw["train"]["epochs"] = 1
     spec = load_space(write_space(tmp_path / "repro.yaml", raw))
-    engine = Engine(trial_spec(spec.model_dump(mode="json", by_alias=True), {"seed": 0, "trial_number": 0}),
-                    seed=0, teacher_checkpoint=spec.teacher.checkpoint, device="cpu")
+    engine = Engine(
+        trial_spec(spec.model_dump(mode="json", by_alias=True), {"seed": 0, "trial_number": 0}),
+        seed=0,
+        teacher_checkpoint=spec.teacher.checkpoint,
+        device="cpu",
+    )
     assert engine.loaders.num_train == 200 and engine.loaders.val.num_samples == 0
     row = engine.run_epoch()
     assert math.isnan(row["val_acc"]) and math.isnan(row["best_val_acc"])

@@ -11,9 +11,18 @@ from searchkd.record import RESULTS_FILE, RESULTS_LOG, ResultsError, ResultsTabl
 
 
 def _report(table: ResultsTable, number: int, epoch: int, **extra: float) -> None:
-    table.add(number, f"t{number}", {"trial_number": number, "loss.tau": 0.1},
-              {"epoch": epoch, "val_acc": 0.5 + epoch / 100, "score": 0.5,
-               "timestamp": 1000.0 + 10 * number + epoch, **extra})
+    table.add(
+        number,
+        f"t{number}",
+        {"trial_number": number, "loss.tau": 0.1},
+        {
+            "epoch": epoch,
+            "val_acc": 0.5 + epoch / 100,
+            "score": 0.5,
+            "timestamp": 1000.0 + 10 * number + epoch,
+            **extra,
+        },
+    )
 
 
 def _table(path: Path) -> list[tuple[int, int]]:
@@ -37,11 +46,17 @@ def test_a_parquet_cut_short_is_rebuilt_from_the_record(tmp_path: Path) -> None:
     again = ResultsTable(tmp_path / RESULTS_FILE, said.append)
     assert sorted(again.rows) == [(n, e) for n in (0, 1) for e in (1, 2, 3)]
     assert again.rows[(1, 3)]["val_acc"] == pytest.approx(0.53)
-    assert said == [f"searchkd: {RESULTS_FILE} could not be read (cut short?); it is rebuilt from {RESULTS_LOG}"]
+    assert said == [
+        f"searchkd: {RESULTS_FILE} could not be read (cut short?); it is rebuilt from {RESULTS_LOG}"
+    ]
     again.flush()
     assert _table(tmp_path / RESULTS_FILE) == [(n, e) for n in (0, 1) for e in (1, 2, 3)]
     assert (tmp_path / RESULTS_LOG).read_text().endswith("}\n")  # the torn line is gone
-    assert [(r["trial_number"], r["epoch"]) for r in again.in_order()][:3] == [(0, 1), (0, 2), (0, 3)]
+    assert [(r["trial_number"], r["epoch"]) for r in again.in_order()][:3] == [
+        (0, 1),
+        (0, 2),
+        (0, 3),
+    ]
 
 
 def test_a_damaged_parquet_without_its_record_is_one_line(tmp_path: Path) -> None:
@@ -69,8 +84,9 @@ class Clock:
 
 
 @pytest.mark.parametrize("seconds_per_row", [0.0, 3.0])
-def test_rewrites_write_o_n_rows_in_all_and_the_table_ends_whole(tmp_path: Path, seconds_per_row: float,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rewrites_write_o_n_rows_in_all_and_the_table_ends_whole(
+    tmp_path: Path, seconds_per_row: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 40-trial × 60-epoch search, its rows arriving at once or every 3 s: the rows written
     to Parquet over the search are at most rows × (2 + 1/FRESH_GROWTH) (a rewrite per row
     writes ~rows²/2), a slow search's table lags by at most FRESH_S or 2% of its rows, and the
@@ -95,12 +111,16 @@ def test_rewrites_write_o_n_rows_in_all_and_the_table_ends_whole(tmp_path: Path,
     assert sum(sizes) <= rows * (2 + 1 / table.FRESH_GROWTH)  # geometric sizes, and the last flush
     assert sum(sizes) < rows * rows / 2 / 20  # against one rewrite per row
     if not seconds_per_row:
-        assert sum(sizes) <= rows * (2 + 1 / table.GROWTH) and len(sizes) <= 50  # ~log(rows)/log(1.25)
+        assert (
+            sum(sizes) <= rows * (2 + 1 / table.GROWTH) and len(sizes) <= 50
+        )  # ~log(rows)/log(1.25)
     else:
         for a, b in zip(sizes, sizes[1:], strict=False):
             lag = b - a - 1  # rows recorded before the rewrite that waited for it
             assert lag * seconds_per_row <= table.FRESH_S or lag <= table.FRESH_GROWTH * a + 1
-    assert _table(tmp_path / RESULTS_FILE) == sorted((t, e) for t in range(n) for e in range(1, epochs + 1))
+    assert _table(tmp_path / RESULTS_FILE) == sorted(
+        (t, e) for t in range(n) for e in range(1, epochs + 1)
+    )
 
 
 def test_a_reader_sees_whole_rows_and_writes_nothing(tmp_path: Path) -> None:

@@ -12,14 +12,19 @@ from ray.tune.schedulers.async_hyperband import _Bracket
 from searchkd.scheduler import Rungs
 
 trials_st = st.lists(
-    st.tuples(st.integers(1, 12), st.lists(st.floats(0, 1, allow_nan=False), min_size=12, max_size=12)),
-    min_size=1, max_size=8,
+    st.tuples(
+        st.integers(1, 12), st.lists(st.floats(0, 1, allow_nan=False), min_size=12, max_size=12)
+    ),
+    min_size=1,
+    max_size=8,
 )
 
 
 def _interleave(trials: list, order: list[int]) -> list[tuple[int, int, float]]:
     """Each trial reports epochs 1..its length in order; trials interleave as `order` says."""
-    pending = {n: list(enumerate(vals[:length], start=1)) for n, (length, vals) in enumerate(trials)}
+    pending = {
+        n: list(enumerate(vals[:length], start=1)) for n, (length, vals) in enumerate(trials)
+    }
     out = []
     for pick in order:
         alive = [n for n in sorted(pending) if pending[n]]
@@ -34,8 +39,13 @@ def _interleave(trials: list, order: list[int]) -> list[tuple[int, int, float]]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(trials=trials_st, order=st.lists(st.integers(0, 7), max_size=120), rf=st.sampled_from([2.0, 3.0, 4.0]),
-       grace=st.integers(1, 3), mode=st.sampled_from(["max", "min"]))
+@given(
+    trials=trials_st,
+    order=st.lists(st.integers(0, 7), max_size=120),
+    rf=st.sampled_from([2.0, 3.0, 4.0]),
+    grace=st.integers(1, 3),
+    mode=st.sampled_from(["max", "min"]),
+)
 def test_decisions_are_rays(trials, order, rf, grace, mode) -> None:
     max_t = 12
     ours, theirs = Rungs(grace, max_t, rf, mode), _Bracket(grace, max_t, rf, 0)
@@ -45,7 +55,10 @@ def test_decisions_are_rays(trials, order, rf, grace, mode) -> None:
         if n in stopped:
             continue
         mine = ours.on_result(n, epoch, value)
-        ray_stop = epoch >= max_t or theirs.on_result(SimpleNamespace(trial_id=n), epoch, sign * value) == "STOP"
+        ray_stop = (
+            epoch >= max_t
+            or theirs.on_result(SimpleNamespace(trial_id=n), epoch, sign * value) == "STOP"
+        )
         assert mine == ray_stop
         if mine:
             stopped.add(n)

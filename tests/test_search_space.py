@@ -19,7 +19,9 @@ from searchkd.trial import trial_spec
 def space_of(raw: dict) -> SearchSpace:
     spec = Spec.model_validate(raw)
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
-    return SearchSpace(params, spec.objectives, tunable_owners(spec, lookups()["objectives"]), seed=7)
+    return SearchSpace(
+        params, spec.objectives, tunable_owners(spec, lookups()["objectives"]), seed=7
+    )
 
 
 def sample(space: SearchSpace, n: int = 12) -> list[dict]:
@@ -78,13 +80,20 @@ def test_space_pickles_for_tuner_restore() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    low=st.floats(1e-4, 10.0), span=st.floats(0.0, 100.0), log=st.booleans(),
-    ilow=st.integers(-50, 50), ispan=st.integers(0, 50),
+    low=st.floats(1e-4, 10.0),
+    span=st.floats(0.0, 100.0),
+    log=st.booleans(),
+    ilow=st.integers(-50, 50),
+    ispan=st.integers(0, 50),
 )
-def test_any_valid_range_samples_inside_it(low: float, span: float, log: bool, ilow: int, ispan: int) -> None:
+def test_any_valid_range_samples_inside_it(
+    low: float, span: float, log: bool, ilow: int, ispan: int
+) -> None:
     raw = tiny_space()
-    raw["params"] = {"loss.tau": {"float": [low, low + span], "log": log},
-                     "train.epochs": {"int": [max(1, ilow), max(1, ilow) + ispan]}}
+    raw["params"] = {
+        "loss.tau": {"float": [low, low + span], "log": log},
+        "train.epochs": {"int": [max(1, ilow), max(1, ilow) + ispan]},
+    }
     spec = Spec.model_validate(raw)
     for cfg in sample(space_of(raw), 3):
         assert low <= cfg["loss.tau"] <= low + span
@@ -114,8 +123,12 @@ def test_a_search_over_weight_leaves_kd_trials_their_kd_term() -> None:
     teacher = build_model("resnet8", 10, width=0.5, in_channels=1, image_size=8).eval()
     x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
     cls = get_objective(spec.objective)
-    obj = cls(cls.resolve(spec.loss), teacher.forward_features(x), student.forward_features(x),
-              ObjectiveContext(10, 4))
+    obj = cls(
+        cls.resolve(spec.loss),
+        teacher.forward_features(x),
+        student.forward_features(x),
+        ObjectiveContext(10, 4),
+    )
     _, terms = obj(student, teacher, x, y, None)
     expected = 0.9 * kd_loss(student(x), teacher(x), 4.0)
     assert terms["kd"].item() == expected.item() > 0

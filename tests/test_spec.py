@@ -30,8 +30,14 @@ def test_quickstart_space_is_valid() -> None:
     spec = load_space(Path(__file__).parents[1] / "spaces" / "quickstart.yaml")
     assert spec.search.num_samples >= 8 and spec.search.scheduler == "asha"
     searched = set(spec.params)
-    assert {"student.width", "loss.kd_weight", "loss.kd_temperature", "loss.weight", "loss.tau",
-            "loss.scales"} <= searched
+    assert {
+        "student.width",
+        "loss.kd_weight",
+        "loss.kd_temperature",
+        "loss.weight",
+        "loss.tau",
+        "loss.scales",
+    } <= searched
 
 
 BAD = [
@@ -41,31 +47,79 @@ BAD = [
     (lambda s: s.update(objective="nope"), "objective: unknown objective 'nope'"),
     (lambda s: s["student"].update(arch="resnet9000"), "student.arch: unknown arch 'resnet9000'"),
     (lambda s: s["data"].update(dataset="mnist"), "data.dataset: unknown dataset 'mnist'"),
-    (lambda s: s["params"].update({"loss.tau": {"float": [0.5, 0.1]}}), "params.loss.tau: range low 0.5 > high 0.1"),
-    (lambda s: s["params"].update({"loss.tau": {"float": [0.0, 0.1], "log": True}}), "log range must be > 0"),
-    (lambda s: s["params"].update({"loss.tau": {"choice": []}}), "choice must list at least one value"),
-    (lambda s: s["params"].update({"loss.bogus": {"choice": [1]}}), "params.loss.bogus: unknown loss key 'bogus'; valid:"),
-    (lambda s: s["params"].update({"loss.pooling": {"choice": ["grid", "max"]}}), "params.loss.pooling: loss.pooling must be one of"),
-    (lambda s: s["params"].update({"teacher.arch": {"choice": ["a"]}}), "params.teacher.arch: not a searchable key"),
-    (lambda s: s["params"].update({"train.lr": {"float": [-1.0, 0.1]}}), "params.train.lr: value -1.0"),
+    (
+        lambda s: s["params"].update({"loss.tau": {"float": [0.5, 0.1]}}),
+        "params.loss.tau: range low 0.5 > high 0.1",
+    ),
+    (
+        lambda s: s["params"].update({"loss.tau": {"float": [0.0, 0.1], "log": True}}),
+        "log range must be > 0",
+    ),
+    (
+        lambda s: s["params"].update({"loss.tau": {"choice": []}}),
+        "choice must list at least one value",
+    ),
+    (
+        lambda s: s["params"].update({"loss.bogus": {"choice": [1]}}),
+        "params.loss.bogus: unknown loss key 'bogus'; valid:",
+    ),
+    (
+        lambda s: s["params"].update({"loss.pooling": {"choice": ["grid", "max"]}}),
+        "params.loss.pooling: loss.pooling must be one of",
+    ),
+    (
+        lambda s: s["params"].update({"teacher.arch": {"choice": ["a"]}}),
+        "params.teacher.arch: not a searchable key",
+    ),
+    (
+        lambda s: s["params"].update({"train.lr": {"float": [-1.0, 0.1]}}),
+        "params.train.lr: value -1.0",
+    ),
     (lambda s: s["loss"].update(bogus=1), "loss.bogus: unknown key"),
-    (lambda s: s["search"].update(metric=["val_acc", "student_macs"], mode=["max", "min"], scheduler="asha"), "ASHA stops trials on one metric"),
+    (
+        lambda s: s["search"].update(
+            metric=["val_acc", "student_macs"], mode=["max", "min"], scheduler="asha"
+        ),
+        "ASHA stops trials on one metric",
+    ),
     (lambda s: s["search"].update(metric="accuracy"), "search.metric: 'accuracy' is not reported"),
     (lambda s: s["search"].update(num_samples=0), "search.num_samples"),
     (lambda s: s.update(name="../escape"), "name: must be letters"),
     (lambda s: s["teacher"].pop("train"), "teacher: give teacher.checkpoint or teacher.train"),
     (lambda s: s.pop("student"), "student: required key is missing"),
     (lambda s: s["train"].update(epochs="ten"), "train.epochs: Input should be a valid integer"),
-    (lambda s: s["train"].update(precision="fp8"), "train.precision: Input should be 'fp32' or 'bf16'"),
-    (lambda s: s["data"].update(val_fraction=1.5), "data.val_fraction: Input should be less than 1"),
-    (lambda s: s["data"].update(val_fraction=-0.1), "data.val_fraction: Input should be greater than or equal to 0"),
-    (lambda s: s["data"].update(val_fraction=0.0),
-     "search.metric: 'val_acc' is measured on the validation split, but data.val_fraction can be 0"),
-    (lambda s: s["params"].update({"data.val_fraction": {"float": [0.0, 0.2]}}),
-     "search.metric: 'val_acc' is measured on the validation split"),
-    (lambda s: s["search"].update(metric="test_acc"), "search.metric: 'test_acc' is measured on the test split"),
-    (lambda s: s["train"].update(nesterov=True, momentum=0.0), "train: nesterov applies to optimizer sgd with momentum > 0"),
-    (lambda s: s["train"].update(nesterov=True, optimizer="adamw"), "train: nesterov applies to optimizer sgd"),
+    (
+        lambda s: s["train"].update(precision="fp8"),
+        "train.precision: Input should be 'fp32' or 'bf16'",
+    ),
+    (
+        lambda s: s["data"].update(val_fraction=1.5),
+        "data.val_fraction: Input should be less than 1",
+    ),
+    (
+        lambda s: s["data"].update(val_fraction=-0.1),
+        "data.val_fraction: Input should be greater than or equal to 0",
+    ),
+    (
+        lambda s: s["data"].update(val_fraction=0.0),
+        "search.metric: 'val_acc' is measured on the validation split, but data.val_fraction can be 0",
+    ),
+    (
+        lambda s: s["params"].update({"data.val_fraction": {"float": [0.0, 0.2]}}),
+        "search.metric: 'val_acc' is measured on the validation split",
+    ),
+    (
+        lambda s: s["search"].update(metric="test_acc"),
+        "search.metric: 'test_acc' is measured on the test split",
+    ),
+    (
+        lambda s: s["train"].update(nesterov=True, momentum=0.0),
+        "train: nesterov applies to optimizer sgd with momentum > 0",
+    ),
+    (
+        lambda s: s["train"].update(nesterov=True, optimizer="adamw"),
+        "train: nesterov applies to optimizer sgd",
+    ),
 ]
 
 
@@ -119,8 +173,10 @@ def test_to_yaml_round_trips(tmp_path: Path) -> None:
 def test_a_run_without_val_split_that_selects_nothing_is_valid(tmp_path: Path) -> None:
     """A reproduction: every training image trained on, one trial, no params, last-epoch test
     accuracy reported as its metric (nothing is chosen on it)."""
-    space = tiny_space(data={"dataset": "digits", "val_fraction": 0.0},
-                       search={**tiny_space()["search"], "num_samples": 1, "metric": "test_acc_last"})
+    space = tiny_space(
+        data={"dataset": "digits", "val_fraction": 0.0},
+        search={**tiny_space()["search"], "num_samples": 1, "metric": "test_acc_last"},
+    )
     space["params"] = {}
     spec = check(space, tmp_path)
     assert spec.data.val_fraction == 0.0 and spec.metrics == ["test_acc_last"]
@@ -140,7 +196,9 @@ def test_yaml_aliases_and_huge_files_are_refused_before_they_expand(tmp_path) ->
         prev = chr(ord("a") + i - 1)
         cur = chr(ord("a") + i)
         laughs += f"{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"
-    with pytest.raises(SpecError, match=r"^x\.yaml: YAML alias \*a \(line 2\): aliases are not allowed") as err:
+    with pytest.raises(
+        SpecError, match=r"^x\.yaml: YAML alias \*a \(line 2\): aliases are not allowed"
+    ) as err:
         parse(laughs, "x.yaml")
     assert len(str(err.value)) < 200
     inside = "name: t\ndata: {dataset: synthetic, options: {x: &x [1, 2], y: *x}}\n"
@@ -162,9 +220,16 @@ def test_values_quoted_in_messages_are_cut_short(space_file) -> None:
 def test_dataset_options_are_checked_when_the_space_is_validated(space_file) -> None:
     from searchkd.api import load_space
 
-    path = space_file(data={"dataset": "imagefolder", "root": "/nowhere", "options": {"image_sise": 64}})
-    with pytest.raises(S.SpecError, match=r"data\.options\.image_sise: not an option of dataset imagefolder; "
-                                        r"valid: image_size, num_workers, resize_size"):
+    path = space_file(
+        data={"dataset": "imagefolder", "root": "/nowhere", "options": {"image_sise": 64}}
+    )
+    with pytest.raises(
+        S.SpecError,
+        match=r"data\.options\.image_sise: not an option of dataset imagefolder; "
+        r"valid: image_size, num_workers, resize_size",
+    ):
         load_space(path)
-    with pytest.raises(S.SpecError, match=r"data\.options\.size: not an option of dataset digits; valid: none"):
+    with pytest.raises(
+        S.SpecError, match=r"data\.options\.size: not an option of dataset digits; valid: none"
+    ):
         load_space(space_file(data={"dataset": "digits", "options": {"size": 1}}))

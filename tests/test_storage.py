@@ -31,10 +31,14 @@ def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_uri_children_keep_options_and_secrets_are_masked() -> None:
-    store = Storage("s3://bucket/pre?endpoint_override=10.0.0.1:9000&secret_key=hunter2&scheme=http")
+    store = Storage(
+        "s3://bucket/pre?endpoint_override=10.0.0.1:9000&secret_key=hunter2&scheme=http"
+    )
     child = store.child("search-1a2b", "trial-0003")
-    assert child.uri == ("s3://bucket/pre/search-1a2b/trial-0003?endpoint_override=10.0.0.1:9000"
-                         "&secret_key=hunter2&scheme=http")
+    assert child.uri == (
+        "s3://bucket/pre/search-1a2b/trial-0003?endpoint_override=10.0.0.1:9000"
+        "&secret_key=hunter2&scheme=http"
+    )
     assert "hunter2" not in child.display and "secret_key=***" in child.display
     assert "endpoint_override=10.0.0.1:9000" in child.display
 

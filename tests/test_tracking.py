@@ -21,24 +21,45 @@ from searchkd.tracking import (
 )
 
 
-def _setup(tmp_path: Path, uri: str, log: list[str]) -> tuple[MlflowWriter, MlflowRecorder, MlflowClient]:
+def _setup(
+    tmp_path: Path, uri: str, log: list[str]
+) -> tuple[MlflowWriter, MlflowRecorder, MlflowClient]:
     client = MlflowClient(uri)
     exp = client.create_experiment(f"s{time.time_ns()}")
     parent = client.create_run(exp).info.run_id
     storage = Storage(str(tmp_path / "checkpoints"))
-    writer = MlflowWriter(SearchRuns(uri, exp, parent), tmp_path, storage, "val_acc", "max",
-                          {"teacher": "t", "student": "s"}, epochs=3, log=log.append)
+    writer = MlflowWriter(
+        SearchRuns(uri, exp, parent),
+        tmp_path,
+        storage,
+        "val_acc",
+        "max",
+        {"teacher": "t", "student": "s"},
+        epochs=3,
+        log=log.append,
+    )
     return writer, MlflowRecorder(writer), client
 
 
 def _trial(number: int, trial_id: str = "abc", epoch: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(trial_id=trial_id, config={"trial_number": number, "loss.tau": 0.1, "seed": 7},
-                           last_result={"epoch": epoch}, error_file=None, error_msg="")
+    return SimpleNamespace(
+        trial_id=trial_id,
+        config={"trial_number": number, "loss.tau": 0.1, "seed": 7},
+        last_result={"epoch": epoch},
+        error_file=None,
+        error_msg="",
+    )
 
 
 def _row(epoch: int) -> dict:
-    return {"epoch": epoch, "val_acc": 0.5 + epoch / 10, "train_loss": 1.0 / epoch, "loss_msd": 0.3,
-            "node_id": "n1", "timestamp": time.time()}
+    return {
+        "epoch": epoch,
+        "val_acc": 0.5 + epoch / 10,
+        "train_loss": 1.0 / epoch,
+        "loss_msd": 0.3,
+        "node_id": "n1",
+        "timestamp": time.time(),
+    }
 
 
 def _history(client: MlflowClient, rid: str, key: str = "val_acc") -> list[int]:
@@ -61,7 +82,9 @@ def test_writer_keeps_one_run_per_trial_and_each_step_once(tmp_path: Path) -> No
     assert _history(client, rid) == [1, 2]
 
     # The trial fails; then (a resumed search) runs again from its epoch 2, re-reporting it.
-    rec.on_trial_error(SimpleNamespace(**{**vars(t), "error_msg": "Traceback ...\nNonFiniteLoss: loss nan"}))
+    rec.on_trial_error(
+        SimpleNamespace(**{**vars(t), "error_msg": "Traceback ...\nNonFiniteLoss: loss nan"})
+    )
     assert writer.drain(60)
     run = client.get_run(rid)
     assert run.info.status == "FAILED" and run.data.tags["error"] == "NonFiniteLoss: loss nan"
@@ -82,10 +105,15 @@ def test_writer_keeps_one_run_per_trial_and_each_step_once(tmp_path: Path) -> No
     (tmp_path / RUNS_FILE).write_text("{not json")
     writer2, rec2, _ = _setup(tmp_path, writer.runs.tracking_uri, log)
     writer2.runs = writer.runs
-    outcomes = SimpleNamespace(status={4: "finished"}, errors={}, trial_ids={4: "abc"},
-                               configs={4: t.config})
-    rows = {4: [{**_row(e), "trial_id": "abc", "config": json.dumps({"loss.tau": 0.1, "seed": 7})}
-                for e in (1, 2, 3)]}
+    outcomes = SimpleNamespace(
+        status={4: "finished"}, errors={}, trial_ids={4: "abc"}, configs={4: t.config}
+    )
+    rows = {
+        4: [
+            {**_row(e), "trial_id": "abc", "config": json.dumps({"loss.tau": 0.1, "seed": 7})}
+            for e in (1, 2, 3)
+        ]
+    }
     rec2.resync(rows, outcomes)
     assert writer2.drain(60)
     children = client.search_runs([writer.runs.experiment_id], "tags.trial_number = '4'")
@@ -97,9 +125,13 @@ def test_writer_keeps_one_run_per_trial_and_each_step_once(tmp_path: Path) -> No
 def test_permanent_and_transient_failures_are_told_apart() -> None:
     from mlflow.exceptions import MlflowException, RestException
 
-    assert is_transient(MlflowException("API request to http://x failed with exception ConnectionError"))
+    assert is_transient(
+        MlflowException("API request to http://x failed with exception ConnectionError")
+    )
     assert is_transient(ConnectionRefusedError())
-    assert not is_transient(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "changed"}))
+    assert not is_transient(
+        RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "changed"})
+    )
     assert not is_transient(ValueError("bug"))
 
 

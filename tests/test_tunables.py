@@ -39,20 +39,36 @@ def test_every_default_lies_inside_its_own_search_range(name: str) -> None:
     """A search that never samples the default cannot find the published setting again."""
     for key, tunable in get_objective(name).tunables.items():
         assert inside(dict(tunable.search), tunable.default), (
-            f"{name}.{key}: default {tunable.default!r} outside {dict(tunable.search)}")
+            f"{name}.{key}: default {tunable.default!r} outside {dict(tunable.search)}"
+        )
 
 
 PUBLISHED = {
     # Tian et al. 2020 (CRD): 16384 negatives, τ 0.07, 128-d heads, bank momentum 0.5,
     # weight 0.8 on the NCE term beside CE at 1 and no KD.
-    "crd": {"negatives": 16384, "tau": 0.07, "dim": 128, "momentum": 0.5, "weight": 0.8,
-            "ce_weight": 1.0, "kd_weight": 0.0},
+    "crd": {
+        "negatives": 16384,
+        "tau": 0.07,
+        "dim": 128,
+        "momentum": 0.5,
+        "weight": 0.8,
+        "ce_weight": 1.0,
+        "kd_weight": 0.0,
+    },
     # Hinton et al. 2015 as the CRD paper's KD baseline runs it: T 4, 0.1 CE + 0.9 KD.
     "kd": {"kd_temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
     # CKTF's CIFAR-100 scripts: τ 0.1, final term 0.8, intermediate terms 0.1, CE 1, no KD,
     # 128-d heads and 16384 negatives of memory banks.
-    "cktf": {"tau": 0.1, "weight": 0.8, "inter_weight": 0.1, "ce_weight": 1.0, "kd_weight": 0.0,
-             "dim": 128, "negatives": 16384, "memory": "bank"},
+    "cktf": {
+        "tau": 0.1,
+        "weight": 0.8,
+        "inter_weight": 0.1,
+        "ce_weight": 1.0,
+        "kd_weight": 0.0,
+        "dim": 128,
+        "negatives": 16384,
+        "memory": "bank",
+    },
 }
 
 
@@ -104,7 +120,10 @@ def test_the_kd_term_is_kd_whatever_the_objectives_own_weights(name: str) -> Non
     x = torch.randn(8, 3, SIZE, SIZE, generator=g)
     y = torch.arange(8) % NUM_CLASSES
     index = torch.arange(8)
-    top = {w: cls.tunables[w].search.get("float", [None, 1.0])[1] for w in cls.own_term_weights().values()}
+    top = {
+        w: cls.tunables[w].search.get("float", [None, 1.0])[1]
+        for w in cls.own_term_weights().values()
+    }
     hp = hp_for(name, kd_weight=0.7, kd_temperature=3.0, mix_alpha=0.0, **top)
     obj = cls(hp, features(teacher, x), features(student, x), CTX)
     _, terms = obj(student, teacher, x, y, index)

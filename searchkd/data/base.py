@@ -74,8 +74,16 @@ class Splits:
 
     def to(self, device: torch.device | str) -> Splits:
         move = lambda xy: (xy[0].to(device), xy[1].to(device))  # noqa: E731
-        return Splits(move(self.train), move(self.val), move(self.test), self.num_classes,
-                      self.mean, self.std, self.crop_padding, self.flip)
+        return Splits(
+            move(self.train),
+            move(self.val),
+            move(self.test),
+            self.num_classes,
+            self.mean,
+            self.std,
+            self.crop_padding,
+            self.flip,
+        )
 
 
 def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -101,8 +109,11 @@ def split(ds: ArrayDataset, val_fraction: float, seed: int = SPLIT_SEED) -> Spli
         train=(ds.train_x[keep], ds.train_y[keep]),
         val=(ds.train_x[held], ds.train_y[held]),
         test=(ds.test_x, ds.test_y),
-        num_classes=ds.num_classes, mean=ds.mean, std=ds.std,
-        crop_padding=ds.crop_padding, flip=ds.flip,
+        num_classes=ds.num_classes,
+        mean=ds.mean,
+        std=ds.std,
+        crop_padding=ds.crop_padding,
+        flip=ds.flip,
     )
 
 
@@ -117,8 +128,12 @@ def random_crop_flip(x: Tensor, padding: int, flip: bool, generator: torch.Gener
         dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
         rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        x = padded[torch.arange(b, device=dev)[:, None, None, None],
-                   torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+        x = padded[
+            torch.arange(b, device=dev)[:, None, None, None],
+            torch.arange(c, device=dev)[None, :, None, None],
+            rows,
+            cols,
+        ]
     if flip:
         mask = torch.rand(b, generator=generator, device=dev) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
@@ -128,7 +143,9 @@ def random_crop_flip(x: Tensor, padding: int, flip: bool, generator: torch.Gener
 class Normalize:
     """uint8 batch → normalised float batch in channels_last."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+    def __init__(
+        self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+    ) -> None:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
 
@@ -172,7 +189,11 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         n = self.num_samples
-        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+        return (
+            n // self.batch_size
+            if self.train and n >= self.batch_size
+            else -(-n // self.batch_size)
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -240,11 +261,20 @@ def make_loaders(
     splits = splits.to(device)
     norm = Normalize(splits.mean, splits.std, device)
     return Loaders(
-        train=DeviceLoader(*splits.train, batch_size, norm, train=True,
-                           crop_padding=splits.crop_padding, flip=splits.flip, seed=seed),
+        train=DeviceLoader(
+            *splits.train,
+            batch_size,
+            norm,
+            train=True,
+            crop_padding=splits.crop_padding,
+            flip=splits.flip,
+            seed=seed,
+        ),
         val=DeviceLoader(*splits.val, eval_batch_size, norm, train=False),
         test=DeviceLoader(*splits.test, eval_batch_size, norm, train=False),
-        num_classes=splits.num_classes, channels=splits.channels, image_size=splits.image_size,
+        num_classes=splits.num_classes,
+        channels=splits.channels,
+        image_size=splits.image_size,
         train_labels=splits.train[1],
     )
 

@@ -29,13 +29,19 @@ FLIP = True  # natural photos are mirror-symmetric, so horizontal flips are labe
 
 
 def _load(
-    name: str, cls: type[CIFAR10], root: str | Path | None, download: bool,
-    mean: tuple[float, ...], std: tuple[float, ...],
+    name: str,
+    cls: type[CIFAR10],
+    root: str | Path | None,
+    download: bool,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
 ) -> ArrayDataset:
     where = resolve_root(root)
     folder = where / cls.base_folder
-    how = (f"set data.download: true or download it with "
-           f"torchvision.datasets.{cls.__name__}(root, download=True)")
+    how = (
+        f"set data.download: true or download it with "
+        f"torchvision.datasets.{cls.__name__}(root, download=True)"
+    )
     try:
         if download:
             # Trials of one search start together and would all download into one folder;
@@ -74,8 +80,15 @@ def _load(
     train_x, train_y = tensors(train)
     test_x, test_y = tensors(test)
     return ArrayDataset(
-        train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-        num_classes=len(train.classes), mean=mean, std=std, crop_padding=CROP_PADDING, flip=FLIP,
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=len(train.classes),
+        mean=mean,
+        std=std,
+        crop_padding=CROP_PADDING,
+        flip=FLIP,
     )
 
 

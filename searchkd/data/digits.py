@@ -29,6 +29,13 @@ def digits(root: str | None = None, download: bool = False) -> ArrayDataset:
     mean = float(x[train].float().mean() / 255.0)  # statistics of the training images only
     std = float(x[train].float().std() / 255.0)
     return ArrayDataset(
-        train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test], num_classes=10,
-        mean=(mean,), std=(std,), crop_padding=CROP_PADDING, flip=False,
+        train_x=x[train],
+        train_y=y[train],
+        test_x=x[test],
+        test_y=y[test],
+        num_classes=10,
+        mean=(mean,),
+        std=(std,),
+        crop_padding=CROP_PADDING,
+        flip=False,
     )

@@ -130,7 +130,10 @@ class StreamingLoader:
         self.normalize, self.device, self.train = normalize, device, train
         self.sampler = _EpochSampler(len(dataset), shuffle=train, seed=seed)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
             pin_memory=device.type == "cuda",
             drop_last=train and len(dataset) >= batch_size,  # DeviceLoader's rule
             # its own generator: DataLoader draws worker seeds from it each epoch, which would
@@ -151,8 +154,11 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[Batch]:
         dev = self.device
         for x, y, idx in self.loader:
-            yield (self.normalize(x.to(dev, non_blocking=True)),
-                   y.to(dev, non_blocking=True), idx.to(dev, non_blocking=True))
+            yield (
+                self.normalize(x.to(dev, non_blocking=True)),
+                y.to(dev, non_blocking=True),
+                idx.to(dev, non_blocking=True),
+            )
 
 
 @dataclass
@@ -172,30 +178,43 @@ class ImageFolderData:
     ) -> Loaders:
         labels = torch.tensor([label for _, label in self.train_samples], dtype=torch.int64)
         keep, held = stratified_split(labels, val_fraction, SPLIT_SEED)
-        train_tf = T.Compose([
-            T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), T.PILToTensor(),
-        ])
-        eval_tf = T.Compose([
-            T.Resize(self.resize_size), T.CenterCrop(self.image_size), T.PILToTensor(),
-        ])
+        train_tf = T.Compose(
+            [
+                T.RandomResizedCrop(self.image_size),
+                T.RandomHorizontalFlip(),
+                T.PILToTensor(),
+            ]
+        )
+        eval_tf = T.Compose(
+            [
+                T.Resize(self.resize_size),
+                T.CenterCrop(self.image_size),
+                T.PILToTensor(),
+            ]
+        )
         norm = Normalize(IMAGENET_MEAN, IMAGENET_STD, device)
 
         def make(samples: list[tuple[str, int]], train: bool) -> StreamingLoader:
             ds = _Images(samples, self.loader, train_tf if train else eval_tf)
-            return StreamingLoader(ds, batch_size, norm, device, train=train, seed=seed,
-                                   num_workers=self.num_workers)
+            return StreamingLoader(
+                ds, batch_size, norm, device, train=train, seed=seed, num_workers=self.num_workers
+            )
 
         return Loaders(
             train=make([self.train_samples[i] for i in keep.tolist()], train=True),
             val=make([self.train_samples[i] for i in held.tolist()], train=False),
             test=make(self.test_samples, train=False),
-            num_classes=len(self.classes), channels=3, image_size=self.image_size,
+            num_classes=len(self.classes),
+            channels=3,
+            image_size=self.image_size,
             train_labels=labels[keep],
         )
 
 
-LAYOUT = ("expected the ImageNet layout <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg, "
-          "and imagefolder cannot be downloaded")
+LAYOUT = (
+    "expected the ImageNet layout <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg, "
+    "and imagefolder cannot be downloaded"
+)
 
 
 @register_dataset("imagefolder")
@@ -234,8 +253,11 @@ def imagefolder(
     # Label val images by class *name*, so a val/ with fewer class folders is still right.
     test_samples = [(p, train.class_to_idx[val.classes[t]]) for p, t in val.samples]
     return ImageFolderData(
-        train_samples=list(train.samples), test_samples=test_samples, classes=list(train.classes),
-        loader=train.loader, image_size=image_size,
+        train_samples=list(train.samples),
+        test_samples=test_samples,
+        classes=list(train.classes),
+        loader=train.loader,
+        image_size=image_size,
         resize_size=resize_size if resize_size is not None else round(image_size * RESIZE_RATIO),
         num_workers=default_workers() if num_workers is None else num_workers,
     )

@@ -52,8 +52,10 @@ def synthetic(
 ) -> ArrayDataset:
     """`root` and `download` are accepted (the registry passes them) and ignored."""
     if num_classes < 1 or train_size < 1 or test_size < 1 or image_size < 1 or channels < 1:
-        raise ValueError("synthetic: num_classes, train_size, test_size, image_size and "
-                         "channels must all be positive")
+        raise ValueError(
+            "synthetic: num_classes, train_size, test_size, image_size and "
+            "channels must all be positive"
+        )
     # Three independent streams, so changing train_size leaves the colours and test set alone.
     g_colours, g_train, g_test = (torch.Generator().manual_seed(seed * 3 + k) for k in range(3))
     colours = COLOUR_LOW + (COLOUR_HIGH - COLOUR_LOW) * torch.rand(
@@ -67,8 +69,13 @@ def synthetic(
     mean = tuple(float(v) for v in sample.mean(dim=(0, 2, 3)))
     std = tuple(float(v) for v in sample.std(dim=(0, 2, 3)))
     return ArrayDataset(
-        train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=num_classes,
-        mean=mean, std=std,
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
         crop_padding=image_size // 8,  # CIFAR's 4 px of 32, so augmentation costs the same
         flip=True,
     )

@@ -79,7 +79,10 @@ def build_model(
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
     return builder(
-        num_classes=num_classes, width=width, in_channels=in_channels, image_size=image_size,
+        num_classes=num_classes,
+        width=width,
+        in_channels=in_channels,
+        image_size=image_size,
         **kwargs,
     )
 

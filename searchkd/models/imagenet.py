@@ -33,8 +33,9 @@ _RESNET_LAYOUTS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int,
 
 
 class ImageNetResNet(TappedModel):
-    def __init__(self, depth: int, num_classes: int, width: float = 1.0,
-                 in_channels: int = 3) -> None:
+    def __init__(
+        self, depth: int, num_classes: int, width: float = 1.0, in_channels: int = 3
+    ) -> None:
         super().__init__()
         if depth not in _RESNET_LAYOUTS:
             raise ValueError(f"resnet depth must be one of {sorted(_RESNET_LAYOUTS)}, got {depth}")
@@ -78,8 +79,13 @@ class ImageNetResNet(TappedModel):
 
 
 def _resnet(default_depth: int):
-    def build(num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 224,
-              depth: int | None = None) -> ImageNetResNet:
+    def build(
+        num_classes: int,
+        width: float = 1.0,
+        in_channels: int = 3,
+        image_size: int = 224,
+        depth: int | None = None,
+    ) -> ImageNetResNet:
         return ImageNetResNet(depth or default_depth, num_classes, width, in_channels)
 
     return build
@@ -101,15 +107,22 @@ class ImageNetMobileNetV3(TappedModel):
     have four stages like the ResNets. The penultimate vector is the classifier's hidden layer
     (input of the last Linear), the same position `pool` has in every other model."""
 
-    def __init__(self, large: bool, num_classes: int, width: float = 1.0,
-                 in_channels: int = 3) -> None:
+    def __init__(
+        self, large: bool, num_classes: int, width: float = 1.0, in_channels: int = 3
+    ) -> None:
         super().__init__()
         factory = mobilenet_v3_large if large else mobilenet_v3_small
         net = factory(weights=None, num_classes=num_classes, width_mult=width)
         first = net.features[0][0]
         if in_channels != first.in_channels:
-            conv = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride,
-                             first.padding, bias=False)
+            conv = nn.Conv2d(
+                in_channels,
+                first.out_channels,
+                first.kernel_size,
+                first.stride,
+                first.padding,
+                bias=False,
+            )
             nn.init.kaiming_normal_(conv.weight, mode="fan_out")  # torchvision's init
             net.features[0][0] = conv
         self.features = net.features
@@ -120,7 +133,9 @@ class ImageNetMobileNetV3(TappedModel):
         bounds = [0] + [i for i in range(1, len(self.features)) if _downsamples(self.features[i])]
         bounds.append(len(self.features))
         self.segments = list(zip(bounds[:-1], bounds[1:], strict=True))
-        self.stage_channels = [_out_channels(self.features[end - 1]) for _, end in self.segments[1:]]
+        self.stage_channels = [
+            _out_channels(self.features[end - 1]) for _, end in self.segments[1:]
+        ]
         self.feature_dim = self.classifier[0].out_features
 
     def forward_features(self, x: Tensor) -> Features:
@@ -142,12 +157,14 @@ def _out_channels(module: nn.Module) -> int:
 
 
 @register_model("mobilenet_v3_small")
-def mobilenet_v3_small_tapped(num_classes: int, width: float = 1.0, in_channels: int = 3,
-                              image_size: int = 224) -> ImageNetMobileNetV3:
+def mobilenet_v3_small_tapped(
+    num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 224
+) -> ImageNetMobileNetV3:
     return ImageNetMobileNetV3(False, num_classes, width, in_channels)
 
 
 @register_model("mobilenet_v3_large")
-def mobilenet_v3_large_tapped(num_classes: int, width: float = 1.0, in_channels: int = 3,
-                              image_size: int = 224) -> ImageNetMobileNetV3:
+def mobilenet_v3_large_tapped(
+    num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 224
+) -> ImageNetMobileNetV3:
     return ImageNetMobileNetV3(True, num_classes, width, in_channels)

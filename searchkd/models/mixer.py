@@ -94,6 +94,12 @@ class MLPMixer(TappedModel):
 
 
 @register_model("mixer_tiny")
-def mixer_tiny(num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32,
-               depth: int = _DEPTH, patch: int = _PATCH) -> MLPMixer:
+def mixer_tiny(
+    num_classes: int,
+    width: float = 1.0,
+    in_channels: int = 3,
+    image_size: int = 32,
+    depth: int = _DEPTH,
+    patch: int = _PATCH,
+) -> MLPMixer:
     return MLPMixer(num_classes, width, in_channels, image_size, depth, patch)

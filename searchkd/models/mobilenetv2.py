@@ -79,7 +79,9 @@ class MobileNetV2(TappedModel):
             c_out = scaled(c, mult)
             layers = []
             for i in range(n):
-                layers.append(InvertedResidual(c_in, c_out, s if i == 0 else 1, expand or _EXPANSION))
+                layers.append(
+                    InvertedResidual(c_in, c_out, s if i == 0 else 1, expand or _EXPANSION)
+                )
                 c_in = c_out
             self.blocks.append(nn.Sequential(*layers))
             group_out.append(c_out)
@@ -109,6 +111,7 @@ class MobileNetV2(TappedModel):
 
 
 @register_model("MobileNetV2", "mobilenetv2")
-def mobilenetv2(num_classes: int, width: float = 1.0, in_channels: int = 3,
-                image_size: int = 32) -> MobileNetV2:
+def mobilenetv2(
+    num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32
+) -> MobileNetV2:
     return MobileNetV2(num_classes, width, in_channels)

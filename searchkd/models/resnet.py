@@ -57,7 +57,9 @@ class CifarResNet(TappedModel):
         layers = []
         inplanes = stem_c
         for i, (c, stride) in enumerate(zip(chans, (1, 2, 2), strict=True)):
-            blocks = [BasicBlock(inplanes if j == 0 else c, c, stride if j == 0 else 1) for j in range(n)]
+            blocks = [
+                BasicBlock(inplanes if j == 0 else c, c, stride if j == 0 else 1) for j in range(n)
+            ]
             layers.append(nn.Sequential(*blocks))
             inplanes = c
             setattr(self, f"layer{i + 1}", layers[-1])
@@ -77,8 +79,13 @@ class CifarResNet(TappedModel):
 
 
 def _resnet(default_depth: int, stem: int, stages: tuple[int, int, int]):
-    def build(num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32,
-              depth: int | None = None) -> CifarResNet:
+    def build(
+        num_classes: int,
+        width: float = 1.0,
+        in_channels: int = 3,
+        image_size: int = 32,
+        depth: int | None = None,
+    ) -> CifarResNet:
         return CifarResNet(depth or default_depth, stem, stages, num_classes, width, in_channels)
 
     return build

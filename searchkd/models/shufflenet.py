@@ -41,8 +41,9 @@ class V1Bottleneck(nn.Module):
     """Grouped 1×1, shuffle, depthwise 3×3, grouped 1×1. Down-sampling units concatenate an
     average-pooled shortcut instead of adding it, which is why they output in + out channels."""
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int,
-                 first: bool) -> None:
+    def __init__(
+        self, in_planes: int, out_planes: int, stride: int, groups: int, first: bool
+    ) -> None:
         super().__init__()
         self.stride = stride
         mid = out_planes // 4  # bottleneck ratio 1/4 from the paper
@@ -89,8 +90,15 @@ class ShuffleNetV1(TappedModel):
             units = []
             for j in range(n):
                 down = j == 0
-                units.append(V1Bottleneck(in_planes, c - in_planes if down else c,
-                                          2 if down else 1, g, first=(i == 0 and down)))
+                units.append(
+                    V1Bottleneck(
+                        in_planes,
+                        c - in_planes if down else c,
+                        2 if down else 1,
+                        g,
+                        first=(i == 0 and down),
+                    )
+                )
                 in_planes = c
             layers.append(nn.Sequential(*units))
             setattr(self, f"layer{i + 1}", layers[-1])
@@ -189,12 +197,14 @@ class ShuffleNetV2(TappedModel):
 
 
 @register_model("ShuffleV1")
-def shufflev1(num_classes: int, width: float = 1.0, in_channels: int = 3,
-              image_size: int = 32) -> ShuffleNetV1:
+def shufflev1(
+    num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32
+) -> ShuffleNetV1:
     return ShuffleNetV1(num_classes, width, in_channels)
 
 
 @register_model("ShuffleV2")
-def shufflev2(num_classes: int, width: float = 1.0, in_channels: int = 3,
-              image_size: int = 32) -> ShuffleNetV2:
+def shufflev2(
+    num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32
+) -> ShuffleNetV2:
     return ShuffleNetV2(num_classes, width, in_channels)

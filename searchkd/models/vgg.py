@@ -34,7 +34,11 @@ def _block(channels: list[int], in_channels: int) -> nn.Sequential:
     """conv-BN-ReLU per entry, without the last ReLU: forward applies it so the tap stays explicit."""
     layers: list[nn.Module] = []
     for c in channels:
-        layers += [nn.Conv2d(in_channels, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(in_channels, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+        ]
         in_channels = c
     return nn.Sequential(*layers[:-1])
 
@@ -83,8 +87,13 @@ class CifarVGG(TappedModel):
 
 
 def _vgg(default_depth: int):
-    def build(num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32,
-              depth: int | None = None) -> CifarVGG:
+    def build(
+        num_classes: int,
+        width: float = 1.0,
+        in_channels: int = 3,
+        image_size: int = 32,
+        depth: int | None = None,
+    ) -> CifarVGG:
         depth = depth or default_depth
         if depth not in _CFGS:
             raise ValueError(f"vgg depth must be one of {sorted(_CFGS)}, got {depth}")

@@ -129,6 +129,13 @@ class VisionTransformer(TappedModel):
 
 
 @register_model("vit_tiny")
-def vit_tiny(num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32,
-             depth: int = _DEPTH, patch: int = _PATCH, heads: int = _HEADS) -> VisionTransformer:
+def vit_tiny(
+    num_classes: int,
+    width: float = 1.0,
+    in_channels: int = 3,
+    image_size: int = 32,
+    depth: int = _DEPTH,
+    patch: int = _PATCH,
+    heads: int = _HEADS,
+) -> VisionTransformer:
     return VisionTransformer(num_classes, width, in_channels, image_size, depth, patch, heads)

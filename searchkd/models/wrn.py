@@ -49,8 +49,12 @@ class NetworkBlock(nn.Module):
     def __init__(self, n: int, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
         self.layer = nn.Sequential(
-            *[PreActBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
-              for i in range(n)]
+            *[
+                PreActBlock(
+                    in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1
+                )
+                for i in range(n)
+            ]
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,8 +104,13 @@ class WideResNet(TappedModel):
 
 
 def _wrn(default_depth: int, widen: int):
-    def build(num_classes: int, width: float = 1.0, in_channels: int = 3, image_size: int = 32,
-              depth: int | None = None) -> WideResNet:
+    def build(
+        num_classes: int,
+        width: float = 1.0,
+        in_channels: int = 3,
+        image_size: int = 32,
+        depth: int | None = None,
+    ) -> WideResNet:
         return WideResNet(depth or default_depth, widen, num_classes, width, in_channels)
 
     return build

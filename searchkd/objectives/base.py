@@ -59,7 +59,9 @@ class Tunable:
                 or not value
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
             ):
-                raise ValueError(f"{key} must be a non-empty list of positive integers, got {value!r}")
+                raise ValueError(
+                    f"{key} must be a non-empty list of positive integers, got {value!r}"
+                )
             value = [int(v) for v in value]
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"{key} must be one of {list(self.choices)}, got {value!r}")
@@ -81,12 +83,23 @@ def label_tunables(
 ) -> dict[str, Tunable]:
     """The weights of the label terms, shared by every objective with its own defaults."""
     return {
-        "ce_weight": Tunable("float", ce_weight, "weight of cross-entropy on the labels",
-                             {"float": [0.0, 2.0]}, low=0.0),
-        "kd_weight": Tunable("float", kd_weight, "weight of Hinton's KD term",
-                             {"float": [0.0, 2.0]}, low=0.0),
-        "kd_temperature": Tunable("float", kd_temperature, "softmax temperature of the KD term",
-                                  {"float": [1.0, 8.0]}, low=1e-3),
+        "ce_weight": Tunable(
+            "float",
+            ce_weight,
+            "weight of cross-entropy on the labels",
+            {"float": [0.0, 2.0]},
+            low=0.0,
+        ),
+        "kd_weight": Tunable(
+            "float", kd_weight, "weight of Hinton's KD term", {"float": [0.0, 2.0]}, low=0.0
+        ),
+        "kd_temperature": Tunable(
+            "float",
+            kd_temperature,
+            "softmax temperature of the KD term",
+            {"float": [1.0, 8.0]},
+            low=1e-3,
+        ),
     }
 
 
@@ -97,8 +110,13 @@ def common_tunables(
     objectives that have one (kd and ce have none, so they declare no `weight`)."""
     return {
         **label_tunables(ce_weight, kd_weight, kd_temperature),
-        "weight": Tunable("float", weight, "weight of the objective's own term L_obj",
-                          {"float": [0.1, 10.0], "log": True}, low=0.0),
+        "weight": Tunable(
+            "float",
+            weight,
+            "weight of the objective's own term L_obj",
+            {"float": [0.1, 10.0], "log": True},
+            low=0.0,
+        ),
     }
 
 
@@ -180,14 +198,18 @@ class Objective(nn.Module):
         weighs it. By default one term, named after the objective, weighed by `weight`."""
         return {cls.name: "weight"} if "weight" in cls.tunables else {}
 
-    def own_terms(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> dict[str, Tensor]:
+    def own_terms(
+        self, s: Features, t: Features, y: Tensor, index: Tensor | None
+    ) -> dict[str, Tensor]:
         """The objective's own weighted terms; a term whose weight is 0 is not computed."""
         weight = self.hp.get("weight", 0.0)
         if weight <= 0:
             return {}
         return {self.name: weight * self.distill(s, t, y, index)}
 
-    def label_terms(self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def label_terms(
+        self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor
+    ) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         if self.hp["ce_weight"] > 0:
             terms["ce"] = self.hp["ce_weight"] * F.cross_entropy(student_logits.float(), y)
@@ -209,8 +231,10 @@ def with_own_terms(label: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str
     """
     clash = sorted(set(own) & set(LABEL_TERMS))
     if clash:
-        raise ValueError(f"an objective's own term may not be named {clash[0]!r}: "
-                         f"it would replace the {clash[0]} label term")
+        raise ValueError(
+            f"an objective's own term may not be named {clash[0]!r}: "
+            f"it would replace the {clash[0]} label term"
+        )
     return {**label, **own}
 
 
@@ -226,15 +250,18 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     own = cls.own_term_weights()
     clash = sorted(set(own) & set(LABEL_TERMS))
     if clash:
-        raise ValueError(f"objective {cls.name!r}: its own term {clash[0]!r} would overwrite "
-                         f"the {clash[0]} label term; name it otherwise or drop its weight")
+        raise ValueError(
+            f"objective {cls.name!r}: its own term {clash[0]!r} would overwrite "
+            f"the {clash[0]} label term; name it otherwise or drop its weight"
+        )
     missing = sorted(w for w in own.values() if w not in cls.tunables)
     if missing:
-        raise ValueError(f"objective {cls.name!r}: a term is weighed by {missing[0]!r}, "
-                         f"which it does not declare")
+        raise ValueError(
+            f"objective {cls.name!r}: a term is weighed by {missing[0]!r}, "
+            f"which it does not declare"
+        )
     return OBJECTIVES.add(cls.name, cls)
 
 
 objective_names = OBJECTIVES.names
 get_objective = OBJECTIVES.get
-

@@ -20,7 +20,12 @@ class CE(Objective):
     tunables = {"ce_weight": label_tunables()["ce_weight"]}
 
     def forward(
-        self, student: TappedModel, teacher: TappedModel | None, x: Tensor, y: Tensor, index: Tensor | None
+        self,
+        student: TappedModel,
+        teacher: TappedModel | None,
+        x: Tensor,
+        y: Tensor,
+        index: Tensor | None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         logits = student(x)
         return logits, {"ce": self.hp["ce_weight"] * F.cross_entropy(logits.float(), y)}

@@ -91,22 +91,54 @@ class CKTF(Objective):
     name = "cktf"
     tunables = {
         **common_tunables(ce_weight=1.0, kd_weight=0.0, kd_temperature=4.0),
-        "weight": Tunable("float", 0.8, "weight of the final pair's term L_final",
-                          {"float": [0.1, 10.0], "log": True}, low=0.0),
-        "inter_weight": Tunable("float", 0.1, "weight θ of the intermediate layer terms Σ_l L_l "
-                                "(independent of `weight`, which weighs the final pair's)",
-                                {"float": [0.01, 1.0], "log": True}, low=0.0),
-        "tau": Tunable("float", 0.1, "contrastive temperature", {"float": [0.03, 0.5], "log": True},
-                       low=1e-3),
-        "dim": Tunable("int", 128, "embedding dimension of every pair's heads",
-                       {"choice": [64, 128, 256]}, low=1),
-        "negatives": Tunable("int", 16384, "bank negatives per sample, from other classes "
-                             "(clamped to N_train−1)", {"choice": [4096, 8192, 16384]}, low=0),
-        "memory": Tunable("str", "bank", "bank: CRD memory banks per pair; batch: in-batch "
-                          "InfoNCE", {"choice": ["bank", "batch"]}, choices=("bank", "batch")),
-        "pool_kernel": Tunable("int", 8, "average-pool kernel of the stem and stage maps before "
-                               "their heads (8: the authors' grids on 32×32 ResNets/WRNs; 0: "
-                               "global)", {"choice": [0, 4, 8]}, low=0),
+        "weight": Tunable(
+            "float",
+            0.8,
+            "weight of the final pair's term L_final",
+            {"float": [0.1, 10.0], "log": True},
+            low=0.0,
+        ),
+        "inter_weight": Tunable(
+            "float",
+            0.1,
+            "weight θ of the intermediate layer terms Σ_l L_l "
+            "(independent of `weight`, which weighs the final pair's)",
+            {"float": [0.01, 1.0], "log": True},
+            low=0.0,
+        ),
+        "tau": Tunable(
+            "float", 0.1, "contrastive temperature", {"float": [0.03, 0.5], "log": True}, low=1e-3
+        ),
+        "dim": Tunable(
+            "int",
+            128,
+            "embedding dimension of every pair's heads",
+            {"choice": [64, 128, 256]},
+            low=1,
+        ),
+        "negatives": Tunable(
+            "int",
+            16384,
+            "bank negatives per sample, from other classes (clamped to N_train−1)",
+            {"choice": [4096, 8192, 16384]},
+            low=0,
+        ),
+        "memory": Tunable(
+            "str",
+            "bank",
+            "bank: CRD memory banks per pair; batch: in-batch InfoNCE",
+            {"choice": ["bank", "batch"]},
+            choices=("bank", "batch"),
+        ),
+        "pool_kernel": Tunable(
+            "int",
+            8,
+            "average-pool kernel of the stem and stage maps before "
+            "their heads (8: the authors' grids on 32×32 ResNets/WRNs; 0: "
+            "global)",
+            {"choice": [0, 4, 8]},
+            low=0,
+        ),
     }
 
     def __init__(
@@ -132,7 +164,9 @@ class CKTF(Objective):
                 self.student_heads[name] = nn.Linear(vs.shape[1], dim)
                 self.teacher_heads[name] = nn.Linear(vt.shape[1], dim)
                 if self.uses_bank:
-                    self.memories[name] = ContrastMemory(ctx.num_train, dim, self.hp["tau"], CRD_MOMENTUM)
+                    self.memories[name] = ContrastMemory(
+                        ctx.num_train, dim, self.hp["tau"], CRD_MOMENTUM
+                    )
         # One label book for all pairs: the negatives of a sample are shared across layers.
         self.book = LabelBook(ctx.num_train, ctx.train_labels) if self.uses_bank else None
 
@@ -140,17 +174,24 @@ class CKTF(Objective):
     def own_term_weights(cls) -> dict[str, str]:
         return {"cktf": "weight", "cktf_inter": "inter_weight"}
 
-    def pair_loss(self, name: str, fs: Tensor, ft: Tensor, index: Tensor | None,
-                  negatives: Tensor | None) -> Tensor:
+    def pair_loss(
+        self, name: str, fs: Tensor, ft: Tensor, index: Tensor | None, negatives: Tensor | None
+    ) -> Tensor:
         """One layer pair's contrastive loss (CRD's NCE against banks, or in-batch InfoNCE)."""
         kernel, channels = self.hp["pool_kernel"], self.channels[name]
-        v_s = F.normalize(self.student_heads[name](pair_input(name, fs, channels, kernel)).float(), dim=1)
-        v_t = F.normalize(self.teacher_heads[name](pair_input(name, ft, channels, kernel)).float(), dim=1)
+        v_s = F.normalize(
+            self.student_heads[name](pair_input(name, fs, channels, kernel)).float(), dim=1
+        )
+        v_t = F.normalize(
+            self.teacher_heads[name](pair_input(name, ft, channels, kernel)).float(), dim=1
+        )
         if negatives is not None and index is not None:
             return self.memories[name](v_s, v_t, index, negatives)
         return symmetric_info_nce(v_s, v_t, self.hp["tau"])
 
-    def own_terms(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> dict[str, Tensor]:
+    def own_terms(
+        self, s: Features, t: Features, y: Tensor, index: Tensor | None
+    ) -> dict[str, Tensor]:
         weights = {"final": self.hp["weight"], "inter": self.hp["inter_weight"]}
         if all(w <= 0 for w in weights.values()):
             return {}

@@ -141,7 +141,9 @@ class ContrastMemory(nn.Module):
         with torch.no_grad():
             # Z = mean(exp(s/τ)) · N from the first batch, then frozen (no host sync).
             first = torch.stack([s_scores, t_scores]).flatten(1) / self.tau
-            first = torch.logsumexp(first, dim=1) - math.log(first.shape[1]) + math.log(self.num_train)
+            first = (
+                torch.logsumexp(first, dim=1) - math.log(first.shape[1]) + math.log(self.num_train)
+            )
             self.log_z.copy_(torch.where(self.z_ready, self.log_z, first))
             self.z_ready.fill_(True)
         loss = nce_loss(s_scores, self.log_z[0], self.tau, self.num_train)
@@ -176,14 +178,31 @@ class CRD(Objective):
     name = "crd"
     tunables = {
         **common_tunables(ce_weight=1.0, kd_weight=0.0, kd_temperature=4.0, weight=0.8),
-        "tau": Tunable("float", 0.07, "NCE temperature", {"float": [0.03, 0.3], "log": True},
-                       low=1e-3),
-        "dim": Tunable("int", 128, "embedding dimension of both heads and banks",
-                       {"choice": [64, 128, 256]}, low=1),
-        "negatives": Tunable("int", 16384, "negatives per sample, from other classes "
-                             "(clamped to N_train−1)", {"choice": [4096, 8192, 16384]}, low=0),
-        "momentum": Tunable("float", 0.5, "memory bank momentum μ in m ← μm + (1−μ)v",
-                            {"float": [0.0, 0.9]}, low=0.0, high=0.999),
+        "tau": Tunable(
+            "float", 0.07, "NCE temperature", {"float": [0.03, 0.3], "log": True}, low=1e-3
+        ),
+        "dim": Tunable(
+            "int",
+            128,
+            "embedding dimension of both heads and banks",
+            {"choice": [64, 128, 256]},
+            low=1,
+        ),
+        "negatives": Tunable(
+            "int",
+            16384,
+            "negatives per sample, from other classes (clamped to N_train−1)",
+            {"choice": [4096, 8192, 16384]},
+            low=0,
+        ),
+        "momentum": Tunable(
+            "float",
+            0.5,
+            "memory bank momentum μ in m ← μm + (1−μ)v",
+            {"float": [0.0, 0.9]},
+            low=0.0,
+            high=0.999,
+        ),
     }
 
     def __init__(

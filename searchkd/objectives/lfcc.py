@@ -32,7 +32,9 @@ from .base import Objective, ObjectiveContext, Tunable, common_tunables, registe
 from .contrast import symmetric_info_nce
 
 
-def dct_matrix(n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
+def dct_matrix(
+    n: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     """Orthonormal DCT-II as an n×n matrix D (coefficients = D x): plain torch, no scipy."""
     k = torch.arange(n, device=device, dtype=torch.float64).unsqueeze(1)
     i = torch.arange(n, device=device, dtype=torch.float64).unsqueeze(0)
@@ -79,7 +81,9 @@ def projection(channels: int, cells: int, dim: int) -> nn.Sequential:
     """1×1 conv to ⌈dim/cells⌉ channels per cell → flatten (≈ dim numbers, the grid kept) →
     linear to `dim` (normalised by the caller)."""
     per_cell = -(-dim // cells)
-    return nn.Sequential(nn.Conv2d(channels, per_cell, 1), nn.Flatten(), nn.Linear(per_cell * cells, dim))
+    return nn.Sequential(
+        nn.Conv2d(channels, per_cell, 1), nn.Flatten(), nn.Linear(per_cell * cells, dim)
+    )
 
 
 @register_objective
@@ -87,16 +91,26 @@ class LFCC(Objective):
     name = "lfcc"
     tunables = {
         **common_tunables(ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, weight=1.0),
-        "tau": Tunable("float", 0.1, "InfoNCE temperature", {"float": [0.03, 0.5], "log": True},
-                       low=1e-4),
-        "scales": Tunable("ints", [1, 2, 4], "grid sizes c kept of each map (c×c); c at or "
-                          "above a tap's map side is dropped (it would keep everything)",
-                          {"choice": [[1], [1, 2], [1, 2, 4], [2, 4]]}),
-        "filter": Tunable("str", "avgpool", "avgpool: c×c adaptive average pool; dct: lowest "
-                          "c×c DCT coefficients", {"choice": ["avgpool", "dct"]},
-                          choices=tuple(FILTERS)),
-        "layers": Tunable("int", 2, "how many of the last stages are tapped",
-                          {"int": [1, 3]}, low=1),
+        "tau": Tunable(
+            "float", 0.1, "InfoNCE temperature", {"float": [0.03, 0.5], "log": True}, low=1e-4
+        ),
+        "scales": Tunable(
+            "ints",
+            [1, 2, 4],
+            "grid sizes c kept of each map (c×c); c at or "
+            "above a tap's map side is dropped (it would keep everything)",
+            {"choice": [[1], [1, 2], [1, 2, 4], [2, 4]]},
+        ),
+        "filter": Tunable(
+            "str",
+            "avgpool",
+            "avgpool: c×c adaptive average pool; dct: lowest c×c DCT coefficients",
+            {"choice": ["avgpool", "dct"]},
+            choices=tuple(FILTERS),
+        ),
+        "layers": Tunable(
+            "int", 2, "how many of the last stages are tapped", {"int": [1, 3]}, low=1
+        ),
         "dim": Tunable("int", 256, "projection dimension", {"choice": [128, 256, 512]}, low=1),
     }
 
@@ -108,7 +122,9 @@ class LFCC(Objective):
         ctx: ObjectiveContext,
     ) -> None:
         super().__init__(hp, teacher_features, student_features, ctx)
-        n_layers = min(self.hp["layers"], len(teacher_features.stages), len(student_features.stages))
+        n_layers = min(
+            self.hp["layers"], len(teacher_features.stages), len(student_features.stages)
+        )
         self.taps = list(range(-n_layers, 0))
         self.filter = FILTERS[self.hp["filter"]]
         dim = self.hp["dim"]
@@ -128,7 +144,11 @@ class LFCC(Objective):
         for tap in self.taps:
             for c in self.scales[tap]:
                 key = f"tap{tap}_c{c}"
-                zs = F.normalize(self.student_heads[key](self.filter(s.stages[tap], c)).float(), dim=1)
-                zt = F.normalize(self.teacher_heads[key](self.filter(t.stages[tap], c)).float(), dim=1)
+                zs = F.normalize(
+                    self.student_heads[key](self.filter(s.stages[tap], c)).float(), dim=1
+                )
+                zt = F.normalize(
+                    self.teacher_heads[key](self.filter(t.stages[tap], c)).float(), dim=1
+                )
                 terms.append(symmetric_info_nce(zs, zt, self.hp["tau"]))
         return torch.stack(terms).mean()

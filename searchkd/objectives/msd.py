@@ -54,25 +54,53 @@ class MSD(Objective):
     name = "msd"
     tunables = {
         **common_tunables(ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, weight=1.0),
-        "tau": Tunable("float", 0.1, "InfoNCE temperature", {"float": [0.03, 0.5], "log": True},
-                       low=1e-4),
-        "scales": Tunable("ints", [1, 2, 4], "pooling scales s (s×s cells each)",
-                          {"choice": [[1], [1, 2], [1, 2, 4], [2, 4]]}),
-        "pooling": Tunable("str", "grid", "grid: s×s adaptive pool; sliding: overlapping windows",
-                           {"choice": ["grid", "sliding"]}, choices=("grid", "sliding")),
-        "layers": Tunable("int", 1, "how many of the last stages are tapped",
-                          {"int": [1, 3]}, low=1),
-        "dim": Tunable("int", 128, "projection dimension of every local vector",
-                       {"choice": [64, 128, 256]}, low=1),
-        "feature_weight": Tunable("float", 1.0, "weight of the feature-wise (within-sample) term",
-                                  {"float": [0.0, 2.0]}, low=0.0),
-        "positives": Tunable("str", "instance", "instance: same sample; class: same label too",
-                             {"choice": ["instance", "class"]}, choices=("instance", "class")),
+        "tau": Tunable(
+            "float", 0.1, "InfoNCE temperature", {"float": [0.03, 0.5], "log": True}, low=1e-4
+        ),
+        "scales": Tunable(
+            "ints",
+            [1, 2, 4],
+            "pooling scales s (s×s cells each)",
+            {"choice": [[1], [1, 2], [1, 2, 4], [2, 4]]},
+        ),
+        "pooling": Tunable(
+            "str",
+            "grid",
+            "grid: s×s adaptive pool; sliding: overlapping windows",
+            {"choice": ["grid", "sliding"]},
+            choices=("grid", "sliding"),
+        ),
+        "layers": Tunable(
+            "int", 1, "how many of the last stages are tapped", {"int": [1, 3]}, low=1
+        ),
+        "dim": Tunable(
+            "int",
+            128,
+            "projection dimension of every local vector",
+            {"choice": [64, 128, 256]},
+            low=1,
+        ),
+        "feature_weight": Tunable(
+            "float",
+            1.0,
+            "weight of the feature-wise (within-sample) term",
+            {"float": [0.0, 2.0]},
+            low=0.0,
+        ),
+        "positives": Tunable(
+            "str",
+            "instance",
+            "instance: same sample; class: same label too",
+            {"choice": ["instance", "class"]},
+            choices=("instance", "class"),
+        ),
     }
 
     def __init__(self, hp, teacher_features: Features, student_features: Features, ctx) -> None:
         super().__init__(hp, teacher_features, student_features, ctx)
-        n_layers = min(self.hp["layers"], len(teacher_features.stages), len(student_features.stages))
+        n_layers = min(
+            self.hp["layers"], len(teacher_features.stages), len(student_features.stages)
+        )
         self.taps = list(range(-n_layers, 0))
         dim = self.hp["dim"]
         self.student_heads = nn.ModuleDict()
@@ -82,7 +110,9 @@ class MSD(Objective):
         self.tap_scales: dict[int, list[int]] = {}
         for tap in self.taps:
             cs, ct = student_features.stages[tap].shape[1], teacher_features.stages[tap].shape[1]
-            side = min(*student_features.stages[tap].shape[-2:], *teacher_features.stages[tap].shape[-2:])
+            side = min(
+                *student_features.stages[tap].shape[-2:], *teacher_features.stages[tap].shape[-2:]
+            )
             self.tap_scales[tap] = sorted({min(s, side) for s in self.hp["scales"]})
             for s in self.tap_scales[tap]:
                 key = f"tap{tap}_s{s}"

@@ -59,13 +59,27 @@ class STKD(Objective):
     name = "stkd"
     tunables = {
         **common_tunables(ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, weight=1.0),
-        "mix_alpha": Tunable("float", 0.4, "mixup Beta(α, α) concentration; 0 turns mixup off",
-                             {"float": [0.1, 2.0], "log": True}, low=0.0),
-        "sim_softmax_temperature": Tunable("float", 4.0, "T of the softmax P = softmax(z/T) "
-                                           "the similarities are computed on",
-                                           {"float": [1.0, 8.0]}, low=1e-3),
-        "sim_temperature": Tunable("float", 0.1, "σ of the row softmax over similarities",
-                                   {"float": [0.02, 1.0], "log": True}, low=1e-4),
+        "mix_alpha": Tunable(
+            "float",
+            0.4,
+            "mixup Beta(α, α) concentration; 0 turns mixup off",
+            {"float": [0.1, 2.0], "log": True},
+            low=0.0,
+        ),
+        "sim_softmax_temperature": Tunable(
+            "float",
+            4.0,
+            "T of the softmax P = softmax(z/T) the similarities are computed on",
+            {"float": [1.0, 8.0]},
+            low=1e-3,
+        ),
+        "sim_temperature": Tunable(
+            "float",
+            0.1,
+            "σ of the row softmax over similarities",
+            {"float": [0.02, 1.0], "log": True},
+            low=1e-4,
+        ),
     }
 
     def forward(
@@ -82,7 +96,9 @@ class STKD(Objective):
                 ce = ce + (1 - lam) * F.cross_entropy(z, y[perm])
             terms["ce"] = self.hp["ce_weight"] * ce
         if self.hp["kd_weight"] > 0:
-            terms["kd"] = self.hp["kd_weight"] * kd_loss(s.logits, t.logits, self.hp["kd_temperature"])
+            terms["kd"] = self.hp["kd_weight"] * kd_loss(
+                s.logits, t.logits, self.hp["kd_temperature"]
+            )
         return s.logits, with_own_terms(terms, self.own_terms(s, t, y, index))
 
     def distill(self, s: Features, t: Features, y: Tensor, index: Tensor | None) -> Tensor:
