@@ -528,6 +528,66 @@ class Cohort:
         self.load_member_state(i, torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True))
 
 
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def estimate_pack_bytes(cohort: Cohort, k: int | None = None) -> int:
+    """Device memory a cohort of k students needs, estimated (k: the cohort's own size, or its
+    first student replicated k times).
+
+    Per student: weights, gradients and optimizer state of the student and its objective's
+    heads, the objective's buffers (memory banks), and the activations autograd saves for the
+    backward pass, measured on two images and scaled to the batch. Shared: the teacher's
+    weights and its features for a batch, and the device-resident dataset. A quarter more for
+    the allocator's slack and workspaces.
+    """
+    L = cohort.loaders
+    x, y, idx = next(iter(L.train))
+    x, y, idx = x[:2], y[:2], idx[:2]
+    batch = cohort.cfg.batch_size
+    members = cohort.members if k is None else [cohort.members[0]] * k
+    total = 0
+    cache: dict[int, int] = {}
+    for m in members:
+        if id(m) not in cache:
+            saved = 0
+
+            def pack(t: Tensor) -> Tensor:
+                nonlocal saved
+                saved += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cohort._autocast():
+                m.objective(m.student, cohort.teacher, x, y, idx)
+            if cohort.train_teacher is not None:
+                cohort.train_teacher.forget()
+            params = [p for p in [*m.student.parameters(), *m.objective.parameters()] if p.requires_grad]
+            states = 3 if m.cfg.optimizer == "adamw" else 2 if m.cfg.momentum > 0 else 1
+            cache[id(m)] = (saved // 2 * batch + (1 + states) * _bytes(params)
+                            + _bytes(m.objective.buffers()) + _bytes(m.student.buffers()))
+        total += cache[id(m)]
+    if cohort.teacher is not None:
+        with torch.no_grad(), cohort._autocast():
+            feats = cohort.teacher.forward_features(x[:1])
+        per_image = _bytes([feats.stem, *feats.stages, feats.pool, feats.logits])
+        total += _bytes(cohort.teacher.parameters()) + _bytes(cohort.teacher.buffers()) + per_image * batch
+    images = L.num_train + L.val.num_samples + L.test.num_samples
+    total += images * x[0].numel()  # resident as uint8
+    return int(total * 1.25)
+
+
+def pack_memory_problem(estimate: int, k: int, total_bytes: int, fraction: float | None) -> str | None:
+    """Why a pack of k students does not fit its GPU share (None when it fits)."""
+    share = total_bytes * (fraction if fraction and 0 < fraction < 1 else 1.0)
+    if estimate <= share:
+        return None
+    of = f"{fraction:g} of " if fraction and 0 < fraction < 1 else ""
+    return (f"search.pack: {k} students need about {estimate / 2**30:.1f} GiB of GPU memory (estimated), more "
+            f"than a trial's share, {share / 2**30:.1f} GiB (search.resources.gpu {of}a "
+            f"{total_bytes / 2**30:.0f} GiB GPU); lower search.pack or give each trial more GPU")
+
+
 def shared_settings(spec: Spec) -> tuple[Any, ...]:
     """What the students of one cohort must have in common: they train on the same batches
     (data, batch size, the same epoch count) beside one teacher, in one precision."""
@@ -621,4 +681,4 @@ class Engine(Cohort):
         self.load_member_bytes(0, blob)
 
 
-__all__ = ["CheckpointMismatch", "Cohort", "Engine", "Member", "SharedTeacher", "NonFiniteLoss", "load_weights", "pick_device", "uses_tf32"]
+__all__ = ["CheckpointMismatch", "Cohort", "Engine", "Member", "SharedTeacher", "estimate_pack_bytes", "pack_memory_problem", "NonFiniteLoss", "load_weights", "pick_device", "uses_tf32"]

@@ -39,7 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .mlflow_ui import ui_tags
-from .spec import REPORTED_METRICS
+from .spec import REPORTED_METRICS, students_of
 from .storage import STUDENT_FILE, Storage, trial_key
 
 RUNS_FILE = "mlflow_runs.json"
@@ -430,19 +430,22 @@ class MlflowRecorder:
     def __init__(self, writer: MlflowWriter) -> None:
         self.writer = writer
 
-    def _record(self, trial: Any) -> TrialRecord:
-        cfg = trial.config
-        return self.writer.record(int(cfg.get("trial_number", -1)), trial.trial_id, cfg,
+    def _record(self, trial: Any, number: int | None = None) -> TrialRecord:
+        """The record of a trial's student `number` (of an unpacked trial: its only one)."""
+        configs = students_of(trial.config)
+        number = next(iter(configs)) if number is None else number
+        return self.writer.record(number, trial.trial_id, configs.get(number, {}),
                                   str(getattr(trial, "local_path", "") or ""))
 
-    def _set(self, trial: Any, outcome: str | None, error: str | None = None) -> None:
+    def _set(self, trial: Any, outcome: str | None, error: str | None = None, number: int | None = None) -> None:
         def change(r: TrialRecord) -> None:
             r.outcome, r.error = outcome, error
 
-        self.writer.update(self._record(trial).number, change)
+        self.writer.update(self._record(trial, number).number, change)
 
     def on_trial_start(self, trial: Any) -> None:
-        self._set(trial, None)
+        for number in students_of(trial.config):
+            self._set(trial, None, number=number)
 
     def on_trial_result(self, trial: Any, result: dict) -> None:
         row = logged_metrics(result)
@@ -454,14 +457,21 @@ class MlflowRecorder:
             r.rows[int(row["epoch"])] = row
             r.node_id = str(result.get("node_id", r.node_id))
 
-        self.writer.update(self._record(trial).number, add)
+        number = int(result["trial_number"]) if "trial_number" in result else None
+        self.writer.update(self._record(trial, number).number, add)
 
     def on_trial_complete(self, trial: Any) -> None:
         epoch = int((trial.last_result or {}).get("epoch", 0))
         self._set(trial, "finished" if epoch >= self.writer.epochs else "stopped")
 
-    def on_trial_error(self, trial: Any) -> None:
-        self._set(trial, "failed", error_reason(trial))
+    def end(self, trial: Any, number: int, outcome: str) -> None:
+        """A student of a packed trial ended ("finished" or "stopped") while its cohort goes on."""
+        self._set(trial, outcome, number=number)
+
+    def on_trial_error(self, trial: Any, numbers: list[int] | None = None) -> None:
+        reason = error_reason(trial)
+        for number in numbers if numbers is not None else list(students_of(trial.config)):
+            self._set(trial, "failed", reason, number=number)
 
     def resync(self, rows: dict[int, list[dict[str, Any]]], outcomes: Any, numbers: set[int] | None = None) -> None:
         """Mark every trial for a sync from the durable record: its Parquet rows and how it
@@ -514,4 +524,6 @@ def last_line(text: str) -> str:
 
 # The numbers a trial reports each epoch (the metrics a search may target, and the bookkeeping
 # beside them); `loss_*` terms are logged too.
-LOGGED = {*REPORTED_METRICS, "epoch", "lr", "start_epoch"}
+# A packed trial's students add `data_seed` (the seed of the data order and augmentation
+# their cohort shared) and `pack` (how many students that cohort had).
+LOGGED = {*REPORTED_METRICS, "epoch", "lr", "start_epoch", "data_seed", "pack"}

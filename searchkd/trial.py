@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 from typing import Any
 
@@ -22,13 +23,14 @@ import torch
 from ray import tune
 
 from .data import DatasetNotFound
-from .engine import Engine
+from .engine import Cohort, Engine, estimate_pack_bytes, pack_memory_problem
 from .objectives import get_objective
-from .spec import Spec
-from .storage import STATE_FILE, STUDENT_FILE, Storage, disk_full, trial_key
+from .spec import Spec, students_of
+from .storage import STATE_FILE, STOP_FILE, STUDENT_FILE, Storage, disk_full, trial_key
 
 # Keys the search adds to a trial's config beside the sampled dotted parameters.
 META_KEYS = ("trial_number", "seed")
+__all__ = ["students_of", "train_trial"]
 
 
 class TrialSetupError(RuntimeError):
@@ -67,42 +69,96 @@ def checked_teacher(blob: bytes | None, sha256: str | None) -> bytes | None:
     return blob
 
 
+def stop_epoch(files: Storage) -> int | None:
+    """The epoch at which the driver stopped this student (its STOP_FILE), or None."""
+    blob = files.read_bytes(STOP_FILE)
+    try:
+        return int(json.loads(blob)["epoch"]) if blob else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def train_trial(
     config: dict[str, Any], base: dict[str, Any], teacher: bytes | None, storage: Storage,
     teacher_sha256: str | None = None, cpus: float = 1.0, memory_fraction: float | None = None,
 ) -> None:
+    """One Tune trial: one student, or (`students` in the config) a packed cohort of several.
+
+    Each student reports its own rows (with its `trial_number`) and keeps its own files under
+    its own trial number. A packed student the driver stops early (it writes the student's
+    STOP_FILE while it handles the report: Tune's reports are synchronous) leaves the cohort;
+    the trial ends when every student has finished or stopped.
+    """
     torch.set_num_threads(max(1, int(cpus)))
-    spec = trial_spec(base, config)
+    packed = "students" in config
+    configs = list(students_of(config).items())
+    specs = [trial_spec(base, c) for _, c in configs]
     weights = checked_teacher(teacher, teacher_sha256)
     try:
-        engine = Engine(spec, seed=int(config.get("seed", 0)), teacher_checkpoint=weights,
-                        memory_fraction=memory_fraction)
+        cohort = Cohort(specs, [int(c.get("seed", 0)) for _, c in configs], teacher_checkpoint=weights,
+                        memory_fraction=memory_fraction, data_seed=config.get("data_seed"))
     except DatasetNotFound as exc:
         raise TrialSetupError(f"node {node_label()}: data.dataset: {exc}") from None
-    files = storage.child(trial_key(int(config.get("trial_number", 0))))
-    resume(engine, files)
-    start_epoch = engine.epoch
+    if packed:
+        check_memory(cohort, memory_fraction)
+    files = [storage.child(trial_key(number)) for number, _ in configs]
+    for i, f in enumerate(files):
+        resume_member(cohort, i, f)
+    start_epoch = [m.epoch for m in cohort.members]
+    extra = [{"trial_number": number, "data_seed": cohort.data_seed, "pack": len(configs)} if packed else {}
+             for number, _ in configs]
     node = {"node_id": ray.get_runtime_context().get_node_id()}
-    metrics = spec.metrics
-    for past in engine.history:
-        # The saved epochs again: any the driver had not recorded (it died, its disk was full)
-        # are recorded now; the others are recorded once already and kept as they were.
-        tune.report({**past, "start_epoch": start_epoch, **node})
-    while not engine.finished:
-        kept = engine.kept_row
-        row = engine.run_epoch()
-        row["start_epoch"] = start_epoch  # >0 proves a resumed trial did not restart at 0
-        report = {**row, **scores(engine.kept_row, metrics)}
-        engine.history.append(report)
-        try:
-            if engine.kept_row is not kept:  # this epoch's student is the one the trial keeps now
-                files.write_bytes(STUDENT_FILE, _tensor_bytes(engine.best_student))
-            files.write_bytes(STATE_FILE, engine.to_bytes())
-        except OSError as exc:
-            if disk_full(exc):
-                raise TrialSetupError(f"node {node_label()}: no space left on device for {files.display}") from None
-            raise
-        tune.report({**report, **node})
+    metrics = specs[0].metrics
+    for i, m in enumerate(cohort.members):
+        for past in m.history:
+            # The saved epochs again: any the driver had not recorded (it died, its disk was full)
+            # are recorded now; the others are recorded once already and kept as they were.
+            tune.report({**past, "start_epoch": start_epoch[i], **node})
+    if packed:
+        _leave_if_stopped(cohort, files)
+    while not cohort.finished:
+        kept = [m.kept_row for m in cohort.members]
+        rows = cohort.run_epochs()
+        reports = {}
+        for i, row in rows.items():
+            m = cohort.members[i]
+            row["start_epoch"] = start_epoch[i]  # >0 proves a resumed trial did not restart at 0
+            report = {**row, **scores(m.kept_row, metrics), **extra[i]}
+            m.history.append(report)
+            try:
+                if m.kept_row is not kept[i]:  # this epoch's student is the one it keeps now
+                    files[i].write_bytes(STUDENT_FILE, _tensor_bytes(m.best_student))
+                files[i].write_bytes(STATE_FILE, cohort.member_bytes(i))
+            except OSError as exc:
+                if disk_full(exc):
+                    raise TrialSetupError(f"node {node_label()}: no space left on device for "
+                                          f"{files[i].display}") from None
+                raise
+            reports[i] = report
+        for report in reports.values():
+            tune.report({**report, **node})
+        if packed:
+            _leave_if_stopped(cohort, files)
+
+
+def _leave_if_stopped(cohort: Cohort, files: list[Storage]) -> None:
+    """Students the driver stopped early leave the cohort (read from their STOP_FILEs)."""
+    for i, m in enumerate(cohort.members):
+        if m.active:
+            at = stop_epoch(files[i])
+            if at is not None and at <= m.epoch:
+                cohort.stop(i)
+
+
+def check_memory(cohort: Cohort, memory_fraction: float | None) -> None:
+    """A cohort whose estimated memory exceeds its GPU share fails at once, in one line (on
+    a CPU there is nothing to refuse)."""
+    if cohort.device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(cohort.device).total_memory
+    problem = pack_memory_problem(estimate_pack_bytes(cohort), len(cohort.members), total, memory_fraction)
+    if problem:
+        raise TrialSetupError(f"node {node_label()}: {problem}")
 
 
 def scores(kept_row: dict[str, float], metrics: list[str]) -> dict[str, float]:
@@ -113,11 +169,16 @@ def scores(kept_row: dict[str, float], metrics: list[str]) -> dict[str, float]:
 
 def resume(engine: Engine, files: Storage) -> bool:
     """Load the trial's saved state if there is a readable one; otherwise it starts at 0."""
+    return resume_member(engine, 0, files)
+
+
+def resume_member(cohort: Cohort, i: int, files: Storage) -> bool:
+    """Load student i's saved state if there is a readable one; otherwise it starts at 0."""
     blob = files.read_bytes(STATE_FILE)
     if blob is None:
         return False
     try:
-        engine.from_bytes(blob)
+        cohort.load_member_bytes(i, blob)
         return True
     except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError):  # cut short or garbage
         return False
