@@ -9,11 +9,13 @@ builds a `Cohort` of K identical students (seeds 0..K-1), trains a warm-up step,
 measured steps through the cohort's own training loop, and times the teacher's forward alone
 over the same number of batches. Figures:
 
-per_student_img_s   images per second each student of the cohort trains at (all K train on
-                    every batch, so the cohort's own rate)
-separate_img_s      what each of K separate trials gets run one after another on the same
-                    device: the K = 1 figure (a trial is a cohort of one)
-speedup             per_student_img_s / separate_img_s
+student_img_s       student-images per second: images trained per second, counted once per
+                    student (each of the K students trains on every batch, so K x batch per
+                    step); what a search's progress is made of
+separate_img_s      the same for K separate trials run one after another on the same device:
+                    the K = 1 figure (a trial is a cohort of one)
+speedup             student_img_s / separate_img_s: the per-student speed-up of packing
+cohort_img_s        images per second of the cohort's loop (each student advances at this rate)
 teacher_share       the teacher forward's share of a K = 1 step, s
 ideal_speedup       1 / (s/K + (1 - s)): the teacher paid once instead of K times, nothing else
 efficiency          speedup / ideal_speedup (the issue's target: >= 0.9 at K = 4)
@@ -132,8 +134,9 @@ def worker(args: dict[str, Any], results: Any) -> None:
         "k": k, "steps": steps,
         "step_s": use(step) / steps, "step_wall_s": step.wall_s / steps, "step_cpu_s": step.cpu_s / steps,
         "teacher_s": use(teacher) / steps, "teacher_wall_s": teacher.wall_s / steps,
-        "per_student_img_s": steps * batch / use(step),
-        "per_student_img_s_wall": steps * batch / step.wall_s,
+        "student_img_s": k * steps * batch / use(step),
+        "student_img_s_wall": k * steps * batch / step.wall_s,
+        "cohort_img_s": steps * batch / use(step),
         "teacher_calls_per_step": calls / steps,
     }
     if device.type == "cuda":
@@ -160,13 +163,13 @@ def run_config(name: str, packs: list[int], base: dict[str, Any], folder: Path) 
         if not base["in_process"]:
             proc.join()
         rows.append(out)
-        print(f"  {name} K={k}: {out['per_student_img_s']:.1f} img/s per student, step {out['step_s']:.3f}s, "
+        print(f"  {name} K={k}: {out['student_img_s']:.1f} student-img/s, step {out['step_s']:.3f}s, "
               f"teacher {out['teacher_s']:.3f}s, peak {out['peak_memory_mib']:.0f} MiB", flush=True)
     one = next(r for r in rows if r["k"] == 1)
     share = min(1.0, one["teacher_s"] / one["step_s"])
     for r in rows:
-        r["separate_img_s"] = one["per_student_img_s"]
-        r["speedup"] = r["per_student_img_s"] / one["per_student_img_s"]
+        r["separate_img_s"] = one["student_img_s"]
+        r["speedup"] = r["student_img_s"] / one["student_img_s"]
         r["ideal_speedup"] = 1.0 / (share / r["k"] + (1.0 - share))
         r["efficiency"] = r["speedup"] / r["ideal_speedup"]
     return {"config": name, "objective": pair.objective, "teacher": pair.teacher, "student": pair.student,
@@ -174,13 +177,13 @@ def run_config(name: str, packs: list[int], base: dict[str, Any], folder: Path) 
 
 
 def table(payload: dict[str, Any]) -> str:
-    lines = ["| pair | objective | K | per-student img/s | separate img/s | speedup | ideal | efficiency "
+    lines = ["| pair | objective | K | packed student-img/s | separate student-img/s | speedup | ideal | efficiency "
              "| teacher share | teacher calls/step | peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in payload["configs"]:
         for r in c["results"]:
             lines.append(f"| {c['teacher']} -> {c['student']} | {c['objective']} | {r['k']} | "
-                         f"{r['per_student_img_s']:.1f} | {r['separate_img_s']:.1f} | {r['speedup']:.2f}x | "
+                         f"{r['student_img_s']:.1f} | {r['separate_img_s']:.1f} | {r['speedup']:.2f}x | "
                          f"{r['ideal_speedup']:.2f}x | {100 * r['efficiency']:.0f}% | {c['teacher_share']:.2f} | "
                          f"{r['teacher_calls_per_step']:.0f} | {r['peak_memory_mib']:.0f} |")
     return "\n".join(lines)
