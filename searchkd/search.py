@@ -43,7 +43,7 @@ from .scheduler import ResumableASHA, Rungs
 from .spec import Spec, students_of
 from .storage import STOP_FILE, Storage, StorageError, disk_full, trial_key
 from .teacher import TeacherInfo
-from .trial import train_trial
+from .trial import STOPPED_KEY, train_trial
 
 Log = Callable[[str], None]
 
@@ -574,6 +574,10 @@ class PackedStops:
     def decide(self, number: int, result: dict) -> str | None:
         """"finished", "stopped" or None (it goes on), for a student's reported epoch."""
         epoch = int(result["epoch"])
+        if result.get(STOPPED_KEY) and epoch < self.epochs:  # stopped before the driver died
+            if self.rungs is not None:
+                self.rungs.stopped_at.setdefault(number, epoch)
+            return "stopped"
         if self.rungs is None:
             return "finished" if epoch >= self.epochs else None
         value = result.get(self.metric)

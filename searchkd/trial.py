@@ -8,6 +8,10 @@ whichever node it now runs, and goes on from that epoch. Nothing depends on Tune
 of which checkpoint it last saw. The teacher arrives as bytes through Ray's object store,
 checked against its digest, so no node needs the driver's disk. MLflow is not touched here:
 the driver logs (see tracking.py).
+
+A packed trial (`search.pack` > 1, config `students`) trains a cohort of students over one
+teacher forward per batch (engine.Cohort); each student still has its own trial number, rows,
+files and end, and the driver stops it early through its stop file (search.PackedStops).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from .storage import STATE_FILE, STOP_FILE, STUDENT_FILE, Storage, disk_full, tr
 
 # Keys the search adds to a trial's config beside the sampled dotted parameters.
 META_KEYS = ("trial_number", "seed")
+# In a packed student's re-reported last row: the driver had stopped it (its STOP_FILE).
+STOPPED_KEY = "stopped_by_driver"
 __all__ = ["students_of", "train_trial"]
 
 
@@ -109,13 +115,16 @@ def train_trial(
              for number, _ in configs]
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     metrics = specs[0].metrics
-    for i, m in enumerate(cohort.members):
-        for past in m.history:
-            # The saved epochs again: any the driver had not recorded (it died, its disk was full)
-            # are recorded now; the others are recorded once already and kept as they were.
-            tune.report({**past, "start_epoch": start_epoch[i], **node})
     if packed:
         _leave_if_stopped(cohort, files)
+    for i, m in enumerate(cohort.members):
+        for j, past in enumerate(m.history):
+            # The saved epochs again: any the driver had not recorded (it died, its disk was full)
+            # are recorded now; the others are recorded once already and kept as they were. A
+            # student the driver stopped says so with its last row, so the driver ends it even
+            # if it died between writing the stop file and telling the study.
+            said = {STOPPED_KEY: 1} if m.stopped and j == len(m.history) - 1 else {}
+            tune.report({**past, "start_epoch": start_epoch[i], **node, **said})
     while not cohort.finished:
         kept = [m.kept_row for m in cohort.members]
         rows = cohort.run_epochs()

@@ -146,6 +146,9 @@ def test_the_driver_stops_a_student_with_a_file_the_trial_reads(tmp_path: Path) 
     assert stop_epoch(storage.child(trial_key(0))) is None
     assert stops.decide(1, {"epoch": 1, "val_acc": 0.1}) == "stopped"  # reported again: the same
     assert stops.decide(0, {"epoch": 4, "val_acc": 0.95}) == "finished"
+    # A student whose trial found its stop file (the driver died before telling the study)
+    # says so when it reports its last row again: the driver ends it as stopped.
+    assert stops.decide(2, {"epoch": 2, "val_acc": 0.99, "stopped_by_driver": 1}) == "stopped"
 
 
 def test_students_of_reads_packed_and_unpacked_configs() -> None:
@@ -191,3 +194,49 @@ def test_a_packed_search_keeps_every_invariant_per_student(ray_session, tmp_path
     assert main(["tune", str(space), "--resume", "--trials-dir", str(trials)]) == 0
     assert "already finished" in capsys.readouterr().out
     assert_consistent(trials, name, 4, epochs)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: Path) -> None:
+    """SIGKILL the whole packed search early and mid-search, resume: every student ends once
+    everywhere (Optuna, MLflow, Parquet), with steps in order, and some resumed from a save."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import assert_consistent, rows, wait_until, write_space
+
+    name, num_samples, epochs = "packfaults", 4, 5
+    raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
+    raw["search"].update(num_samples=num_samples, pack=2, max_concurrent=1, scheduler="asha",
+                         grace_period=2, reduction_factor=2)
+    space = write_space(tmp_path / f"{name}.yaml", raw)
+    trials = tmp_path / "trials"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    def command(*extra: str) -> list[str]:
+        return [sys.executable, "-m", "searchkd.cli", "tune", str(space), "--trials-dir", str(trials),
+                "--num-cpus", "2", *extra]
+
+    def run_until(cmd: list[str], ready) -> None:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            wait_until(ready, "the kill point", proc, timeout=1800)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    run_until(command(), lambda: len(rows(trials, name)) >= 3)
+    before = len(rows(trials, name))
+    run_until(command("--resume"), lambda: len(rows(trials, name)) >= before + 5)
+    done = subprocess.run(command("--resume"), env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = assert_consistent(trials, name, num_samples, epochs)
+    assert max(r["start_epoch"] for r in table) >= 1, "no student resumed from its saved state"
+    for n in {r["trial_number"] for r in table}:
+        last = max(r["epoch"] for r in table if r["trial_number"] == n)
+        stop = trials / name / "checkpoints" / f"trial-{n:04d}" / "stopped.json"
+        assert (last < epochs) == stop.exists(), f"trial {n}: ended at {last}, stop file {stop.exists()}"
