@@ -240,3 +240,15 @@ def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: 
         last = max(r["epoch"] for r in table if r["trial_number"] == n)
         stop = trials / name / "checkpoints" / f"trial-{n:04d}" / "stopped.json"
         assert (last < epochs) == stop.exists(), f"trial {n}: ended at {last}, stop file {stop.exists()}"
+
+
+def test_preflight_refuses_a_pack_that_cannot_fit_its_gpu_share(tmp_path: Path) -> None:
+    """The estimate runs on the CPU; the GPU's size is given (no GPU here)."""
+    from searchkd.preflight import pack_memory
+
+    raw = tiny_space(search={**tiny_space()["search"], "pack": 4, "resources": {"cpu": 1, "gpu": 0.5}})
+    s = Spec.model_validate(raw)
+    assert pack_memory(s, total_bytes=80 * 2**30) is None
+    problem = pack_memory(s, total_bytes=2**20)
+    assert problem is not None and problem.startswith("search.pack: 4 students need about")
+    assert "search.resources.gpu 0.5 of a" in problem
