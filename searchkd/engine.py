@@ -1,5 +1,7 @@
-"""The engine: one student trained under one objective, in plain PyTorch.
+"""The engine: students trained under their objectives, in plain PyTorch.
 
+`Cohort(specs, seeds, teacher_checkpoint)` trains K students over the same batches with one
+teacher forward per batch (a packed trial); `Engine` is the cohort of one.
 `Engine(spec, seed, teacher_checkpoint)` builds data, teacher, student, objective, optimizer
 and schedule; `run_epoch()` trains one epoch, evaluates, and returns the metrics row a trial
 reports. `state_dict()` / `load_state_dict()` carry everything needed to resume bit-for-bit
@@ -19,12 +21,14 @@ torch.compile of the student.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
 import pickle
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -146,89 +150,70 @@ class EvalResult:
     top5: float
 
 
-class Engine:
-    def __init__(
-        self,
-        spec: Spec,
-        seed: int = 0,
-        teacher_checkpoint: Weights | None = None,
-        device: str | torch.device | None = None,
-        memory_fraction: float | None = None,
-    ) -> None:
-        if not isinstance(spec.objective, str):
-            raise ValueError("the engine trains one objective; resolve the choice first")
-        self.spec = spec
-        self.seed = seed
-        self.device = pick_device(str(device) if device else None)
-        if self.device.type == "cuda":
-            if memory_fraction is not None and 0 < memory_fraction < 1:
-                torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
-            torch.backends.cudnn.benchmark = True
-            tf32 = uses_tf32(spec.train)
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
-        torch.manual_seed(seed)
-        cfg = spec.train
-        self.cfg = cfg
-        d = spec.data
-        self.loaders = data_lib.build_loaders(
-            d.dataset, root=d.root, download=d.download, val_fraction=d.val_fraction,
-            batch_size=cfg.batch_size, device=self.device, seed=seed, **d.options,
-        )
-        L = self.loaders
-        shape = dict(num_classes=L.num_classes, in_channels=L.channels, image_size=L.image_size)
-        self.objective_cls: type[Objective] = get_objective(spec.objective)
-        self.student: TappedModel = build_model(
-            spec.student.arch, width=spec.student.width,
-            **({"depth": spec.student.depth} if spec.student.depth else {}), **shape,
-        ).to(self.device)
-        self.teacher: TappedModel | None = None
-        if self.objective_cls.needs_teacher:
-            if teacher_checkpoint is None:
-                raise ValueError(f"objective {spec.objective!r} needs a teacher checkpoint")
-            self.teacher = build_model(spec.teacher.arch, width=spec.teacher.width, **shape)
-            load_weights(self.teacher, teacher_checkpoint)
-            self.teacher.to(self.device).eval().requires_grad_(False)
-        channels_last = self.device.type == "cuda"
-        if channels_last:
-            self.student.to(memory_format=torch.channels_last)
-            if self.teacher is not None:
-                self.teacher.to(memory_format=torch.channels_last)
+class SharedTeacher(TappedModel):
+    """The frozen teacher, run once per batch however many students ask for it.
 
-        self.has_val = L.val.num_samples > 0
-        shapes_from = L.val if self.has_val else L.test
-        example = next(iter(shapes_from))[0][: min(8, shapes_from.num_samples)]
-        with torch.no_grad():
-            self.student.eval()
-            s_feats = self.student.forward_features(example)
-            t_feats = self.teacher.forward_features(example) if self.teacher is not None else s_feats
-            self.student.train()
-        self.objective: Objective = self.objective_cls(
-            spec.loss, t_feats, s_feats, ObjectiveContext(L.num_classes, L.num_train, L.train_labels)
-        ).to(self.device)
-        self.student_params = count_params(self.student)
+    Objectives call `teacher.forward_features(x)` themselves (some on inputs of their own,
+    e.g. mixup). This wrapper remembers the features of the last batch it was given: a second
+    call with the very same tensor object returns them instead of running the teacher again, so
+    K students of a cohort cost one teacher forward per batch. Any other input runs the teacher
+    as before. The cohort forgets the batch before the next one (nothing writes into a batch in
+    place between its students). `calls` counts the forwards actually run.
+    """
+
+    def __init__(self, teacher: TappedModel) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.calls = 0
+        self._key: Tensor | None = None
+        self._features: Features | None = None
+
+    def forward_features(self, x: Tensor) -> Features:
+        if self._key is x and self._features is not None:
+            return self._features
+        features = self.teacher.forward_features(x)
+        self.calls += 1
+        # Only a graph-free result may be shared: a teacher run with grad belongs to its caller.
+        if not torch.is_grad_enabled():
+            self._key, self._features = x, features
+        return features
+
+    def forget(self) -> None:
+        """Drop the kept batch (its features hold device memory)."""
+        self._key, self._features = None, None
+
+
+def _build_student(spec: Spec, shape: dict[str, int], device: torch.device) -> TappedModel:
+    return build_model(spec.student.arch, width=spec.student.width,
+                       **({"depth": spec.student.depth} if spec.student.depth else {}), **shape).to(device)
+
+
+class Member:
+    """One student of a cohort: its model, objective, optimizer, schedule, random stream and
+    what it keeps (best-on-val student, rows). Everything a trial checkpoints is here."""
+
+    def __init__(self, spec: Spec, seed: int, student: TappedModel, objective: Objective,
+                 example: Tensor, has_val: bool, device: torch.device) -> None:
+        cfg = spec.train
+        self.spec, self.seed, self.cfg = spec, seed, cfg
+        self.student, self.objective = student, objective
+        self.student_params = count_params(student)
         # The objective's own trainable parameters (heads; memory banks are buffers): trained
         # beside the student, dropped after, and worth seeing next to student_params.
-        self.objective_params = sum(p.numel() for p in self.objective.parameters() if p.requires_grad)
-        self.student_macs = count_macs(self.student, example)
-
-        params = [p for p in [*self.student.parameters(), *self.objective.parameters()] if p.requires_grad]
-        self.optimizer = make_optimizer(params, cfg, self.device)
+        self.objective_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+        self.student_macs = count_macs(student, example)
+        params = [p for p in [*student.parameters(), *objective.parameters()] if p.requires_grad]
+        self.optimizer = make_optimizer(params, cfg, device)
         self.scheduler = make_schedule(self.optimizer, cfg)
-        self.autocast = self.device.type == "cuda" and cfg.precision == "bf16"
-        # What the training step calls: the models themselves, or (train.compile) wrappers
-        # whose forward_features is compiled; evaluation always runs the eager student.
-        self.train_student: TappedModel = self.student
-        self.train_teacher: TappedModel | None = self.teacher
-        if cfg.compile:
-            self.train_student = CompiledFeatures(self.student)
-            if self.teacher is not None:
-                self.train_teacher = CompiledFeatures(self.teacher)
-
+        # What the training step calls: the model itself, or (train.compile) a wrapper whose
+        # forward_features is compiled; evaluation always runs the eager student.
+        self.train_student: TappedModel = CompiledFeatures(student) if cfg.compile else student
+        self.has_val = has_val
         self.epoch = 0
-        self.best_val_acc = -math.inf if self.has_val else math.nan
+        self.stopped = False  # left its cohort (stopped early): trains no more
+        self.best_val_acc = -math.inf if has_val else math.nan
         self.test_acc = math.nan  # test accuracy of the kept (best-on-val, or last) student
-        self.best_student: dict[str, Tensor] = copy.deepcopy(self.student.state_dict())
+        self.best_student: dict[str, Tensor] = copy.deepcopy(student.state_dict())
         self.last_row: dict[str, float] = {}  # the metrics of the last epoch, kept in checkpoints
         # The row of the epoch whose student is kept (best on val; the last without a val split):
         # a trial's score is a metric of the student it keeps.
@@ -236,61 +221,228 @@ class Engine:
         # Every row a trial reported, in its state: a trial that runs again reports them again,
         # so a row its driver never recorded (killed, disk full) is not lost.
         self.history: list[dict[str, Any]] = []
+        # Its own random stream (mixup, sampled negatives) when it shares a process with others.
+        self.rng: Tensor | None = None
+        self.rng_cuda: Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.cfg.epochs
+
+    @property
+    def active(self) -> bool:
+        return not self.finished and not self.stopped
+
+
+class Cohort:
+    """K students trained together over the same batches, with one teacher forward per batch.
+
+    `Cohort(specs, seeds, teacher_checkpoint)`: the specs may differ in the student (width,
+    arch), the objective and every loss or optimizer setting; they share the data (and its
+    order and augmentation: common random numbers, from `data_seed`, by default the first
+    seed), the batch size and the precision. Each step, the teacher runs once (shared through
+    `SharedTeacher`), then each active student takes its own forward, backward and step.
+    A student that stops (`stop(i)`) leaves: it costs nothing after. Students may stand at
+    different epochs (one saved an epoch further before a kill): each epoch trains those at
+    the lowest epoch, so the others wait and then go on together.
+    """
+
+    def __init__(
+        self,
+        specs: list[Spec],
+        seeds: list[int],
+        teacher_checkpoint: Weights | None = None,
+        device: str | torch.device | None = None,
+        memory_fraction: float | None = None,
+        data_seed: int | None = None,
+    ) -> None:
+        if not specs or len(specs) != len(seeds):
+            raise ValueError("a cohort needs one seed per student")
+        for spec in specs:
+            if not isinstance(spec.objective, str):
+                raise ValueError("the engine trains one objective; resolve the choice first")
+        first = specs[0]
+        for spec in specs[1:]:
+            if shared_settings(spec) != shared_settings(first):
+                raise ValueError("the students of a cohort share data, teacher, batch size, epochs and "
+                                 "precision")
+        self.device = pick_device(str(device) if device else None)
+        if self.device.type == "cuda":
+            if memory_fraction is not None and 0 < memory_fraction < 1:
+                torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
+            torch.backends.cudnn.benchmark = True
+            tf32 = uses_tf32(first.train)
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+        self.data_seed = seeds[0] if data_seed is None else data_seed
+        torch.manual_seed(seeds[0])
+        cfg = first.train
+        self.cfg = cfg
+        d = first.data
+        self.loaders = data_lib.build_loaders(
+            d.dataset, root=d.root, download=d.download, val_fraction=d.val_fraction,
+            batch_size=cfg.batch_size, device=self.device, seed=self.data_seed, **d.options,
+        )
+        L = self.loaders
+        shape = dict(num_classes=L.num_classes, in_channels=L.channels, image_size=L.image_size)
+        self.has_val = L.val.num_samples > 0
+        shapes_from = L.val if self.has_val else L.test
+        example = next(iter(shapes_from))[0][: min(8, shapes_from.num_samples)]
+        channels_last = self.device.type == "cuda"
+        self.teacher: TappedModel | None = None
+        self.members: list[Member] = []
+        for i, (spec, seed) in enumerate(zip(specs, seeds, strict=True)):
+            if i:
+                torch.manual_seed(seed)
+            objective_cls = get_objective(str(spec.objective))
+            student = _build_student(spec, shape, self.device)
+            if channels_last:
+                student.to(memory_format=torch.channels_last)
+            if objective_cls.needs_teacher and self.teacher is None:
+                if teacher_checkpoint is None:
+                    raise ValueError(f"objective {spec.objective!r} needs a teacher checkpoint")
+                teacher = build_model(first.teacher.arch, width=first.teacher.width, **shape)
+                load_weights(teacher, teacher_checkpoint)
+                teacher.to(self.device).eval().requires_grad_(False)
+                if channels_last:
+                    teacher.to(memory_format=torch.channels_last)
+                self.teacher = teacher
+            needs = objective_cls.needs_teacher
+            with torch.no_grad():
+                student.eval()
+                s_feats = student.forward_features(example)
+                t_feats = self.teacher.forward_features(example) if needs and self.teacher is not None else s_feats
+                student.train()
+            objective = objective_cls(
+                spec.loss, t_feats, s_feats, ObjectiveContext(L.num_classes, L.num_train, L.train_labels)
+            ).to(self.device)
+            member = Member(spec, seed, student, objective, example, self.has_val, self.device)
+            if len(specs) > 1:  # each student draws from its own stream from here on
+                member.rng = torch.get_rng_state()
+                if self.device.type == "cuda":
+                    member.rng_cuda = torch.cuda.get_rng_state(self.device)
+            self.members.append(member)
+        self.bf16 = self.device.type == "cuda" and cfg.precision == "bf16"
+        # What the training step calls: the shared teacher (compiled with train.compile).
+        self.train_teacher: SharedTeacher | None = None
+        if self.teacher is not None:
+            self.train_teacher = SharedTeacher(CompiledFeatures(self.teacher) if cfg.compile else self.teacher)
+
+    # -- which students train -------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The epoch the cohort trains next from: the lowest of its active students'."""
+        active = [m.epoch for m in self.members if m.active]
+        return min(active) if active else max(m.epoch for m in self.members)
+
+    @property
+    def finished(self) -> bool:
+        return not any(m.active for m in self.members)
+
+    def stepping(self) -> list[int]:
+        """The students the next epoch trains: active ones at the cohort's epoch."""
+        epoch = self.epoch
+        return [i for i, m in enumerate(self.members) if m.active and m.epoch == epoch]
+
+    def stop(self, i: int) -> None:
+        """Student i leaves the cohort (stopped early): no more compute for it."""
+        self.members[i].stopped = True
 
     # -- training ---------------------------------------------------------------------------
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def train_epoch(self) -> dict[str, float]:
-        """One pass over the training split; loss terms are averaged on the device and read once."""
-        self.student.train()
-        self.objective.train()
+    @contextlib.contextmanager
+    def _stream(self, m: Member) -> Iterator[None]:
+        """Member m's own random stream, when it has one (a cohort of several)."""
+        if m.rng is None:
+            yield
+            return
+        torch.set_rng_state(m.rng)
+        if m.rng_cuda is not None:
+            torch.cuda.set_rng_state(m.rng_cuda, self.device)
+        try:
+            yield
+        finally:
+            m.rng = torch.get_rng_state()
+            if m.rng_cuda is not None:
+                m.rng_cuda = torch.cuda.get_rng_state(self.device)
+
+    def train_epoch(self) -> dict[int, dict[str, float]]:
+        """One pass over the training split for the students at the cohort's epoch."""
+        return self.train_members()
+
+    def train_members(self) -> dict[int, dict[str, float]]:
+        """One pass over the training split for the students at the cohort's epoch; loss terms
+        are averaged on the device and read once. Returns each trained student's row."""
+        which = self.stepping()
+        if not which:
+            return {}
+        members = [self.members[i] for i in which]
+        for m in members:
+            m.student.train()
+            m.objective.train()
         if self.teacher is not None:
             self.teacher.eval()  # never let BN statistics of the frozen teacher move
         loader = self.loaders.train
-        loader.set_epoch(self.epoch)
-        sums: dict[str, Tensor] = {}
-        total = torch.zeros((), device=self.device)
+        epoch = self.epoch
+        loader.set_epoch(epoch)
+        zero = torch.zeros((), device=self.device)
+        sums: list[dict[str, Tensor]] = [{} for _ in members]
+        totals = [zero.clone() for _ in members]
         steps = 0
         seen = 0
         start = time.perf_counter()
-        for x, y, idx in loader:
-            with self._autocast():
-                _, terms = self.objective(self.train_student, self.train_teacher, x, y, idx)
-            loss = torch.stack([t.float() for t in terms.values()]).sum()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += loss.detach()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.detach().float()
-            steps += 1
-            seen += x.shape[0]
+        try:
+            for x, y, idx in loader:
+                if self.train_teacher is not None:
+                    self.train_teacher.forget()
+                for j, m in enumerate(members):
+                    with self._stream(m), self.autocast():
+                        _, terms = m.objective(m.train_student, self.train_teacher, x, y, idx)
+                    loss = torch.stack([t.float() for t in terms.values()]).sum()
+                    m.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    m.optimizer.step()
+                    totals[j] += loss.detach()
+                    for k, v in terms.items():
+                        sums[j][k] = sums[j].get(k, zero) + v.detach().float()
+                steps += 1
+                seen += x.shape[0]
+        finally:
+            if self.train_teacher is not None:
+                self.train_teacher.forget()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        self.epoch += 1
         steps = max(steps, 1)
-        row = {"train_loss": total.item() / steps}
-        row.update({f"loss_{k}": v.item() / steps for k, v in sums.items()})
-        bad = [k for k, v in row.items() if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLoss(f"non-finite loss at epoch {self.epoch}: {', '.join(bad)}")
-        row.update(lr=lr, epoch_seconds=seconds, images_per_second=seen / seconds if seconds else 0.0)
-        return row
+        rows: dict[int, dict[str, float]] = {}
+        for i, j in zip(which, range(len(members)), strict=True):
+            m = members[j]
+            lr = m.optimizer.param_groups[0]["lr"]
+            m.scheduler.step()
+            m.epoch += 1
+            row = {"train_loss": totals[j].item() / steps}
+            row.update({f"loss_{k}": v.item() / steps for k, v in sums[j].items()})
+            bad = [k for k, v in row.items() if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteLoss(f"non-finite loss at epoch {m.epoch}: {', '.join(bad)}")
+            # Each student's images per second: the images it saw over the cohort's wall time.
+            row.update(lr=lr, epoch_seconds=seconds, images_per_second=seen / seconds if seconds else 0.0)
+            rows[i] = row
+        return rows
 
     @torch.no_grad()
-    def evaluate(self, split: str = "val") -> EvalResult:
-        self.student.eval()
+    def evaluate_member(self, i: int, split: str = "val") -> EvalResult:
+        m = self.members[i]
+        m.student.eval()
         loader = getattr(self.loaders, split)
         correct1 = torch.zeros((), device=self.device)
         correct5 = torch.zeros((), device=self.device)
         n = 0
         for x, y, _ in loader:
-            with self._autocast():
-                logits = self.student(x)
+            with self.autocast():
+                logits = m.student(x)
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             hit = top == y[:, None]
@@ -301,67 +453,222 @@ class Engine:
             return EvalResult(math.nan, math.nan)
         return EvalResult(correct1.item() / n, correct5.item() / n)
 
-    def run_epoch(self) -> dict[str, float]:
-        """Train one epoch and return the row a trial reports for it."""
-        row = self.train_epoch()
-        test_last = self.evaluate("test").top1  # reported, never used to choose
-        val = self.evaluate("val")
-        # Keep the best-on-val student; with no val split nothing is chosen: keep the last.
-        kept = not self.has_val or val.top1 > self.best_val_acc
-        if kept:
-            if self.has_val:
-                self.best_val_acc = val.top1
-            self.best_student = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
-            self.test_acc = test_last
-        row.update(
-            epoch=self.epoch, val_acc=val.top1, val_top5=val.top5, best_val_acc=self.best_val_acc,
-            test_acc=self.test_acc, test_acc_last=test_last, student_params=self.student_params,
-            objective_params=self.objective_params, student_macs=self.student_macs,
-        )
-        if kept or not self.kept_row:
-            self.kept_row = dict(row)
-        self.last_row = dict(row)
-        return row
+    def run_epochs(self) -> dict[int, dict[str, float]]:
+        """Train one epoch of the students at the cohort's epoch; each one's row, by index."""
+        rows = self.train_members()
+        for i, row in rows.items():
+            m = self.members[i]
+            test_last = self.evaluate_member(i, "test").top1  # reported, never used to choose
+            val = self.evaluate_member(i, "val")
+            # Keep the best-on-val student; with no val split nothing is chosen: keep the last.
+            kept = not m.has_val or val.top1 > m.best_val_acc
+            if kept:
+                if m.has_val:
+                    m.best_val_acc = val.top1
+                m.best_student = {k: v.detach().clone() for k, v in m.student.state_dict().items()}
+                m.test_acc = test_last
+            row.update(
+                epoch=m.epoch, val_acc=val.top1, val_top5=val.top5, best_val_acc=m.best_val_acc,
+                test_acc=m.test_acc, test_acc_last=test_last, student_params=m.student_params,
+                objective_params=m.objective_params, student_macs=m.student_macs,
+            )
+            if kept or not m.kept_row:
+                m.kept_row = dict(row)
+            m.last_row = dict(row)
+        return rows
+
+    # -- checkpointing: one state per student -----------------------------------------------
+    def member_state(self, i: int) -> dict[str, Any]:
+        m = self.members[i]
+        state: dict[str, Any] = {
+            "epoch": m.epoch,
+            "student": m.student.state_dict(),
+            "objective": m.objective.state_dict(),
+            "optimizer": m.optimizer.state_dict(),
+            "scheduler": m.scheduler.state_dict(),
+            "best_val_acc": m.best_val_acc,
+            "test_acc": m.test_acc,
+            "best_student": m.best_student,
+            "rng_cpu": m.rng if m.rng is not None else torch.get_rng_state(),
+            "last_row": dict(m.last_row),
+            "kept_row": dict(m.kept_row),
+            "history": [dict(r) for r in m.history],
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = m.rng_cuda if m.rng_cuda is not None else torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_member_state(self, i: int, state: dict[str, Any]) -> None:
+        m = self.members[i]
+        epoch = int(state["epoch"])
+        m.student.load_state_dict(state["student"])
+        m.objective.load_state_dict(state["objective"])
+        m.optimizer.load_state_dict(state["optimizer"])
+        m.scheduler.load_state_dict(state["scheduler"])
+        m.epoch = epoch
+        m.best_val_acc = float(state["best_val_acc"])
+        m.test_acc = float(state["test_acc"])
+        m.best_student = state["best_student"]
+        m.last_row = dict(state.get("last_row", {}))
+        m.kept_row = dict(state.get("kept_row", {}))
+        m.history = [dict(r) for r in state.get("history", [])]
+        if m.rng is None:
+            torch.set_rng_state(state["rng_cpu"])
+            if "rng_cuda" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        else:
+            m.rng = state["rng_cpu"]
+            if "rng_cuda" in state and self.device.type == "cuda":
+                m.rng_cuda = state["rng_cuda"]
+
+    def member_bytes(self, i: int) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.member_state(i), buf)
+        return buf.getvalue()
+
+    def load_member_bytes(self, i: int, blob: bytes) -> None:
+        self.load_member_state(i, torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True))
+
+
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def estimate_pack_bytes(cohort: Cohort, k: int | None = None) -> int:
+    """Device memory a cohort of k students needs, estimated (k: the cohort's own size, or its
+    first student replicated k times).
+
+    Per student: weights, gradients and optimizer state of the student and its objective's
+    heads, the objective's buffers (memory banks), and the activations autograd saves for the
+    backward pass, measured on two images and scaled to the batch. Shared: the teacher's
+    weights and its features for a batch, and the device-resident dataset. A quarter more for
+    the allocator's slack and workspaces.
+    """
+    L = cohort.loaders
+    x, y, idx = next(iter(L.train))
+    x, y, idx = x[:2], y[:2], idx[:2]
+    batch = cohort.cfg.batch_size
+    members = cohort.members if k is None else [cohort.members[0]] * k
+    total = 0
+    cache: dict[int, int] = {}
+    for m in members:
+        if id(m) not in cache:
+            saved = 0
+
+            def pack(t: Tensor) -> Tensor:
+                nonlocal saved
+                saved += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cohort.autocast():
+                m.objective(m.student, cohort.teacher, x, y, idx)
+            if cohort.train_teacher is not None:
+                cohort.train_teacher.forget()
+            params = [p for p in [*m.student.parameters(), *m.objective.parameters()] if p.requires_grad]
+            states = 3 if m.cfg.optimizer == "adamw" else 2 if m.cfg.momentum > 0 else 1
+            cache[id(m)] = (saved // 2 * batch + (1 + states) * _bytes(params)
+                            + _bytes(m.objective.buffers()) + _bytes(m.student.buffers()))
+        total += cache[id(m)]
+    if cohort.teacher is not None:
+        with torch.no_grad(), cohort.autocast():
+            feats = cohort.teacher.forward_features(x[:1])
+        per_image = _bytes([feats.stem, *feats.stages, feats.pool, feats.logits])
+        total += _bytes(cohort.teacher.parameters()) + _bytes(cohort.teacher.buffers()) + per_image * batch
+    images = L.num_train + L.val.num_samples + L.test.num_samples
+    total += images * x[0].numel()  # resident as uint8
+    return int(total * 1.25)
+
+
+def pack_memory_problem(estimate: int, k: int, total_bytes: int, fraction: float | None) -> str | None:
+    """Why a pack of k students does not fit its GPU share (None when it fits)."""
+    share = total_bytes * (fraction if fraction and 0 < fraction < 1 else 1.0)
+    if estimate <= share:
+        return None
+    of = f"{fraction:g} of " if fraction and 0 < fraction < 1 else ""
+    return (f"search.pack: {k} students need about {estimate / 2**30:.1f} GiB of GPU memory (estimated), more "
+            f"than a trial's share, {share / 2**30:.1f} GiB (search.resources.gpu {of}a "
+            f"{total_bytes / 2**30:.0f} GiB GPU); lower search.pack or give each trial more GPU")
+
+
+def shared_settings(spec: Spec) -> tuple[Any, ...]:
+    """What the students of one cohort must have in common: they train on the same batches
+    (data, batch size, the same epoch count) beside one teacher, in one precision."""
+    t = spec.train
+    return (spec.data.model_dump_json(), spec.teacher.model_dump_json(), t.batch_size, t.epochs,
+            t.precision, t.compile)
+
+
+def _member_attr(name: str) -> Any:
+    """An attribute of the engine's one student, read and written through the engine."""
+    return property(lambda self: getattr(self.members[0], name),
+                    lambda self, value: setattr(self.members[0], name, value))
+
+
+class Engine(Cohort):
+    """One student trained under one objective: a cohort of one.
+
+    `Engine(spec, seed, teacher_checkpoint)` builds data, teacher, student, objective,
+    optimizer and schedule; `run_epoch()` trains one epoch, evaluates, and returns the metrics
+    row a trial reports. `state_dict()` / `load_state_dict()` carry everything needed to resume
+    bit-for-bit at an epoch boundary.
+    """
+
+    def __init__(
+        self,
+        spec: Spec,
+        seed: int = 0,
+        teacher_checkpoint: Weights | None = None,
+        device: str | torch.device | None = None,
+        memory_fraction: float | None = None,
+    ) -> None:
+        super().__init__([spec], [seed], teacher_checkpoint, device, memory_fraction)
+        self.spec, self.seed = spec, seed
+        self.objective_cls: type[Objective] = get_objective(str(spec.objective))
+        self.train_student: TappedModel = self.members[0].train_student
+
+    student = _member_attr("student")
+    objective = _member_attr("objective")
+    optimizer = _member_attr("optimizer")
+    scheduler = _member_attr("scheduler")
+    student_params = _member_attr("student_params")
+    objective_params = _member_attr("objective_params")
+    student_macs = _member_attr("student_macs")
+    best_val_acc = _member_attr("best_val_acc")
+    test_acc = _member_attr("test_acc")
+    best_student = _member_attr("best_student")
+    last_row = _member_attr("last_row")
+    kept_row = _member_attr("kept_row")
+    history = _member_attr("history")
+
+    @property
+    def epoch(self) -> int:
+        return self.members[0].epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.members[0].epoch = value
 
     @property
     def finished(self) -> bool:
-        return self.epoch >= self.cfg.epochs
+        return self.members[0].finished
+
+    def train_epoch(self) -> dict[str, float]:  # type: ignore[override]
+        """One pass over the training split; loss terms are averaged on the device and read once."""
+        return self.train_members()[0]
+
+    def evaluate(self, split: str = "val") -> EvalResult:
+        return self.evaluate_member(0, split)
+
+    def run_epoch(self) -> dict[str, float]:
+        """Train one epoch and return the row a trial reports for it."""
+        return self.run_epochs()[0]
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "epoch": self.epoch,
-            "student": self.student.state_dict(),
-            "objective": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "best_val_acc": self.best_val_acc,
-            "test_acc": self.test_acc,
-            "best_student": self.best_student,
-            "rng_cpu": torch.get_rng_state(),
-            "last_row": dict(self.last_row),
-            "kept_row": dict(self.kept_row),
-            "history": [dict(r) for r in self.history],
-        }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
+        return self.member_state(0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.student.load_state_dict(state["student"])
-        self.objective.load_state_dict(state["objective"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.best_val_acc = float(state["best_val_acc"])
-        self.test_acc = float(state["test_acc"])
-        self.best_student = state["best_student"]
-        self.last_row = dict(state.get("last_row", {}))
-        self.kept_row = dict(state.get("kept_row", {}))
-        self.history = [dict(r) for r in state.get("history", [])]
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.load_member_state(0, state)
 
     def save(self, path: str | Path | IO[bytes]) -> None:
         torch.save(self.state_dict(), path)
@@ -370,12 +677,10 @@ class Engine:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        self.save(buf)
-        return buf.getvalue()
+        return self.member_bytes(0)
 
     def from_bytes(self, blob: bytes) -> None:
-        self.load(io.BytesIO(blob))
+        self.load_member_bytes(0, blob)
 
 
-__all__ = ["CheckpointMismatch", "Engine", "NonFiniteLoss", "load_weights", "pick_device", "uses_tf32"]
+__all__ = ["CheckpointMismatch", "Cohort", "Engine", "Member", "SharedTeacher", "estimate_pack_bytes", "pack_memory_problem", "NonFiniteLoss", "load_weights", "pick_device", "uses_tf32"]

@@ -24,8 +24,10 @@ REPORTED_METRICS = (
     "images_per_second",
     "epoch_seconds",
 )
-# Bookkeeping beside them: `start_epoch` > 0 proves a resumed trial did not restart at 0.
-BOOKKEEPING = ("epoch", "lr", "start_epoch")
+# Bookkeeping beside them: `start_epoch` > 0 proves a resumed trial did not restart at 0; a
+# packed trial's students add `data_seed` (the seed of the data order and augmentation their
+# cohort shared) and `pack` (how many students that cohort had).
+BOOKKEEPING = ("epoch", "lr", "start_epoch", "data_seed", "pack")
 # Prefixes of the other numbers kept: each loss term (`loss_kd`, ...) and the scores.
 PREFIXES = ("loss_", "score")
 # Text a row carries: where it ran.

@@ -4,7 +4,8 @@ space file in one pass instead of one problem per Ray start.
 
 Checked: the trials directory is writable, the tracking server answers, the dataset is there
 (or downloadable), the teacher checkpoint is a weights-only checkpoint that fits its arch,
-and, without a cluster, that one trial's resources fit this machine. Warned about: a batch as
+and, without a cluster, that one trial's resources fit this machine (with `search.pack`, that
+its cohort's estimated memory fits its GPU share). Warned about: a batch as
 large as the training split, and a validation split that leaves few training images.
 """
 
@@ -101,3 +102,45 @@ def _resources(spec: Spec, num_cpus: int | None, problems: list[str]) -> None:
     if want.gpu > gpus:
         problems.append(f"search.resources.gpu: {want.gpu:g} per trial but this machine has "
                         + (f"{gpus} GPUs" if gpus else "no GPU; set it to 0 to train on the CPU"))
+    elif spec.search.pack > 1 and want.gpu > 0:
+        problem = pack_memory(spec, torch.cuda.get_device_properties(0).total_memory)
+        if problem:
+            problems.append(problem)
+
+
+def pack_memory(spec: Spec, total_bytes: int) -> str | None:
+    """Why a cohort of `search.pack` students does not fit a trial's GPU share, estimated on
+    this machine's CPU for the widest student the space can sample, under each objective."""
+    import io
+
+    import torch
+
+    from .engine import Cohort, estimate_pack_bytes, pack_memory_problem
+    from .models import build_model
+    from .objectives import get_objective
+
+    widths = spec.params.get("student.width")
+    width = max([spec.student.width, *(widths.values_to_check() if widths else [])])
+    worst = 0
+    for objective in spec.objectives:
+        own = get_objective(objective).tunables
+        raw = spec.model_dump(by_alias=True, exclude_none=True)
+        raw.update(objective=objective, loss={k: v for k, v in spec.loss.items() if k in own})
+        raw["student"]["width"] = width
+        one = Spec.model_validate(raw)
+        weights = None
+        if get_objective(objective).needs_teacher:  # any weights of the right shape will do
+            from . import data as data_lib
+
+            d = spec.data
+            L = data_lib.build_loaders(d.dataset, root=d.root, download=False, val_fraction=d.val_fraction,
+                                       batch_size=spec.train.batch_size, device="cpu", seed=0, **d.options)
+            teacher = build_model(spec.teacher.arch, width=spec.teacher.width, num_classes=L.num_classes,
+                                  in_channels=L.channels, image_size=L.image_size)
+            buf = io.BytesIO()
+            torch.save(teacher.state_dict(), buf)
+            weights = buf.getvalue()
+        cohort = Cohort([one], [0], teacher_checkpoint=weights, device="cpu")
+        worst = max(worst, estimate_pack_bytes(cohort, spec.search.pack))
+    fraction = spec.search.resources.gpu
+    return pack_memory_problem(worst, spec.search.pack, total_bytes, fraction if fraction < 1 else None)

@@ -50,11 +50,11 @@ from .record import (
     cut_tail,
 )
 from .samplers import make_sampler, trial_seed
-from .scheduler import ResumableASHA
-from .spec import Spec
-from .storage import Storage, StorageError, disk_full, replace_atomically
+from .scheduler import ResumableASHA, Rungs
+from .spec import Spec, students_of
+from .storage import STOP_FILE, Storage, StorageError, disk_full, replace_atomically, trial_key
 from .teacher import TeacherInfo
-from .trial import train_trial
+from .trial import STOPPED_KEY, train_trial
 
 Log = Callable[[str], None]
 
@@ -200,22 +200,31 @@ class StudySearcher(Searcher):
 
     def _suggest(self, trial_id: str) -> dict[str, Any] | None:
         study = self.study
-        if self.rerun:
-            number = self.rerun.pop(0)
-            config = self.space.config_of(study.trials[number].params, number)
-        elif len(study.trials) >= self.spec.search.num_samples:
+        pack = self.spec.search.pack
+        configs: list[dict[str, Any]] = []
+        while len(configs) < pack:  # a packed trial: K students, the open ones first
+            if self.rerun:
+                number = self.rerun.pop(0)
+                configs.append(self.space.config_of(study.trials[number].params, number))
+            elif len(study.trials) >= self.spec.search.num_samples:
+                break
+            else:
+                study.sampler = make_sampler(self.spec, len(study.trials))
+                trial = study.ask()
+                configs.append(self.space(trial))
+        if not configs:
             return Searcher.FINISHED
-        else:
-            study.sampler = make_sampler(self.spec, len(study.trials))
-            trial = study.ask()
-            number, config = trial.number, self.space(trial)
-        self._numbers[trial_id] = number
-        return config
+        if pack == 1:
+            self._numbers[trial_id] = configs[0]["trial_number"]
+            return configs[0]
+        # The cohort's data order and augmentation come from its first student's seed.
+        return {"students": configs, "cohort": [c["trial_number"] for c in configs],
+                "data_seed": configs[0]["seed"]}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """The metric per epoch as Optuna's intermediate values, once each (a trial that runs
         again re-reports the epoch it resumes from)."""
-        number = self._numbers.get(trial_id)
+        number = self._numbers.get(trial_id) if "trial_number" not in result else int(result["trial_number"])
         value, epoch = result.get(self.spec.metrics[0]), result.get("epoch")
         if number is None or len(self.spec.metrics) > 1 or value is None or epoch is None:
             return
@@ -224,8 +233,16 @@ class StudySearcher(Searcher):
             open_trial(self.study, number).report(float(value), int(epoch))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """An unpacked trial's end (a packed trial's students are told one by one as each
+        ends, by the driver: `Session.end_student`)."""
         number = self._numbers.pop(trial_id, None)
-        if number is None or error or not result or self.study.trials[number].state.is_finished():
+        if number is None or error or not result:
+            return
+        self.tell(number, result)
+
+    def tell(self, number: int, result: dict) -> None:
+        """Tell trial `number` COMPLETE with its score, `epochs` and `stopped_early`."""
+        if self.study.trials[number].state.is_finished():
             return
         metrics = self.spec.metrics
         values = [float(result["score"])] if len(metrics) == 1 else [float(result[f"score_{m}"]) for m in metrics]
@@ -266,10 +283,16 @@ class Progress:
         self.start = time.time()
         self.last_beat = 0.0
         self.best: tuple[float, int] | None = None
+        self.packed = False  # packed trials: students end one by one (`on_student_end`)
+        self.ended: set[int] = set()  # students that ended in this run (packed trials)
 
     def _line(self, text: str, trials: list) -> None:
-        done = self.done_before + sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        running = sum(t.status == "RUNNING" for t in trials)
+        if self.packed:  # counted per student: a Tune trial is a cohort
+            done = self.done_before + len(self.ended)
+            running = sum(n not in self.ended for t in trials if t.status == "RUNNING" for n in students_of(t.config))
+        else:
+            done = self.done_before + sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            running = sum(t.status == "RUNNING" for t in trials)
         best = f"best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else "best -"
         self.log(f"[{time.time() - self.start:6.0f}s] {text:<48} | {done}/{self.num_samples} done, "
                  f"{running} running | {best}")
@@ -281,9 +304,18 @@ class Progress:
             self.best = (float(value), number)
 
     def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
-        self.improve(_number(trial), result.get("score"))
+        number = result_number(trial, result)
+        self.improve(number, result.get("score"))
         if time.time() - self.last_beat > self.heartbeat_s:
-            self._line(f"trial {trial.config.get('trial_number')} epoch {result.get('epoch')}/{self.epochs}", trials)
+            self._line(f"trial {number} epoch {result.get('epoch')}/{self.epochs}", trials)
+
+    def on_student_end(self, number: int, how: str, result: dict, trials: list) -> None:
+        """A student of a packed trial finished or was stopped (its cohort goes on)."""
+        self.ended.add(number)
+        value = result.get(self.metric)
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        text = "finished" if how == "finished" else "stopped by ASHA"
+        self._line(f"trial {number} {text} at epoch {result.get('epoch')} {self.metric} {shown}", trials)
 
     def on_trial_complete(self, trial: Any, trials: list) -> None:
         r = trial.last_result or {}
@@ -293,14 +325,17 @@ class Progress:
         self._line(f"trial {trial.config.get('trial_number')} {how} at epoch {r.get('epoch')} "
                    f"{self.metric} {shown}", trials)
 
-    def on_trial_error(self, trial: Any, trials: list) -> None:
-        self._line(f"trial {trial.config.get('trial_number')} FAILED", trials)
+    def on_trial_error(self, trial: Any, trials: list, numbers: list[int] | None = None) -> None:
         reason = tracking.error_reason(trial)
-        self.log(f"  trial {trial.config.get('trial_number')}{_where(trial, reason)}: {reason}")
+        for number in numbers if numbers is not None else [_number(trial)]:
+            self.ended.add(number)
+            self._line(f"trial {number} FAILED", trials)
+            self.log(f"  trial {number}{_where(trial, reason)}: {reason}")
 
     def on_trial_recover(self, trial: Any, trials: list) -> None:
         reason = tracking.error_reason(trial)
-        self.log(f"  trial {trial.config.get('trial_number')}{_where(trial, reason)} failed and is retried "
+        names = ", ".join(str(n) for n in students_of(trial.config) if n not in self.ended)
+        self.log(f"  trial {names}{_where(trial, reason)} failed and {'are' if ',' in names else 'is'} retried "
                  f"from its last saved epoch: {reason}")
 
 
@@ -354,9 +389,57 @@ class Session:
         self.failed: dict[int, str] = {}  # trial number -> reason, for trials that errored in this run
         self.trial_ids: dict[int, str] = {}
         self.stop_reason: str | None = None  # set when the search must stop (a full disk)
+        # Packed trials: the driver decides each student's end (`PackedStops`) and tells the
+        # study (`teller`) as each one ends, while its cohort goes on.
+        self.pack: PackedStops | None = None
+        self.teller: StudySearcher | None = None
 
     def stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
+
+    def end_student(self, trial: Any, number: int, result: dict, how: str, trials: list) -> None:
+        """A packed student finished or was stopped: Optuna, MLflow and the progress say so."""
+        if self.teller is not None:
+            self.teller.tell(number, result)
+        self.mlflow.end(trial, number, how)
+        self.progress.on_student_end(number, how, result, trials)
+
+
+class PackedStops:
+    """ASHA for the students of packed trials, decided on the driver.
+
+    Tune's scheduler stops whole Tune trials, and a packed trial is a cohort, so the same
+    rule runs here per student: the same rungs (`Rungs`, keyed by trial number, rebuilt from
+    the recorded rows on resume) and reduction factor as an unpacked search. A stopped
+    student's STOP_FILE ({"epoch": e}) is written to its folder in the search's storage while
+    Tune handles its report; Tune's reports are synchronous, so the trial reads it before it
+    trains another epoch, on whichever node it runs (the storage is what every node reaches),
+    and again if it runs again after a resume.
+    """
+
+    def __init__(self, rungs: Rungs | None, storage: Storage, epochs: int, metric: str) -> None:
+        self.rungs, self.storage, self.epochs, self.metric = rungs, storage, epochs, metric
+
+    def decide(self, number: int, result: dict) -> str | None:
+        """"finished", "stopped" or None (it goes on), for a student's reported epoch."""
+        epoch = int(result["epoch"])
+        if result.get(STOPPED_KEY) and epoch < self.epochs:  # stopped before the driver died
+            if self.rungs is not None:
+                self.rungs.stopped_at.setdefault(number, epoch)
+            return "stopped"
+        if self.rungs is None:
+            return "finished" if epoch >= self.epochs else None
+        value = result.get(self.metric)
+        value = float(value) if isinstance(value, int | float) else None
+        stop = self.rungs.on_result(number, epoch, value)
+        if epoch >= self.epochs:
+            self.rungs.record(number, epoch, value)  # as Tune tells a completing trial's last result
+            return "finished"
+        if not stop:
+            return None
+        self.storage.child(trial_key(number)).write_bytes(
+            STOP_FILE, json.dumps({"epoch": epoch, "by": "ASHA"}).encode())
+        return "stopped"
 
 
 class SessionStopper(tune.Stopper):
@@ -389,14 +472,18 @@ class SearchCallback(Callback):
         return SESSIONS[self.key]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.session.failed.pop(_number(trial), None)
-        self.session.trial_ids[_number(trial)] = trial.trial_id
+        for number in students_of(trial.config):
+            self.session.failed.pop(number, None)
+            self.session.trial_ids[number] = trial.trial_id
         self.session.mlflow.on_trial_start(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         s = self.session
+        number = result_number(trial, result)
+        if s.pack is not None and number in s.progress.ended:
+            return  # a retried cohort reports again what a student that ended had reported
         try:
-            s.results.add(_number(trial), trial.trial_id, trial.config, result)
+            s.results.add(number, trial.trial_id, students_of(trial.config).get(number, {}), result)
         except OSError as exc:
             if not disk_full(exc):
                 raise
@@ -404,18 +491,33 @@ class SearchCallback(Callback):
             return
         s.mlflow.on_trial_result(trial, result)
         s.progress.on_trial_result(trial, result, trials)
+        if s.pack is not None and "epoch" in result:
+            try:
+                how = s.pack.decide(number, result)
+            except OSError as exc:
+                if not disk_full(exc):
+                    raise
+                s.stop(f"no space left on device writing the stop file of trial {number}")
+                return
+            if how:
+                s.end_student(trial, number, result, how, trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.session.pack is not None:
+            return  # its students were told one by one as each ended
         self.session.mlflow.on_trial_complete(trial)
         self.session.progress.on_trial_complete(trial, trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        s = self.session
         reason = tracking.error_reason(trial)
         if disk_full(Exception(reason)):
-            self.session.stop(reason)
-        self.session.failed[_number(trial)] = reason
-        self.session.mlflow.on_trial_error(trial)
-        self.session.progress.on_trial_error(trial, trials)
+            s.stop(reason)
+        numbers = [n for n in students_of(trial.config) if s.pack is None or n not in s.progress.ended]
+        for number in numbers:
+            s.failed[number] = reason
+        s.mlflow.on_trial_error(trial, numbers)
+        s.progress.on_trial_error(trial, trials, numbers)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.session.progress.on_trial_recover(trial, trials)
@@ -423,6 +525,12 @@ class SearchCallback(Callback):
 
 def _number(trial: Any) -> int:
     return int(trial.config.get("trial_number", -1))
+
+
+def result_number(trial: Any, result: dict) -> int:
+    """The Optuna trial number a result belongs to: a packed trial's rows carry their
+    student's; an unpacked trial's is its config's."""
+    return int(result["trial_number"]) if "trial_number" in result else _number(trial)
 
 
 @dataclass
@@ -591,7 +699,7 @@ def concurrency(spec: Spec, count: int | None = None) -> int:
     fit = math.floor(cpus / want.cpu + 1e-9)
     if want.gpu > 0:
         fit = min(fit, math.floor(gpus / want.gpu + 1e-9))
-    count = spec.search.num_samples if count is None else count
+    count = math.ceil(spec.search.num_samples / spec.search.pack) if count is None else count
     return max(1, min(spec.search.max_concurrent or fit, fit, count))
 
 
@@ -599,6 +707,20 @@ def pending(study: optuna.Study, spec: Spec) -> tuple[list[int], int]:
     """The study's open trials (run again first) and how many trials this run has to run."""
     rerun = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     return rerun, len(rerun) + max(0, spec.search.num_samples - len(study.trials))
+
+
+def asha_rungs(spec: Spec, study: optuna.Study, results: ResultsTable) -> Rungs:
+    """ASHA's rungs rebuilt from the rows recorded so far, in the order they arrived."""
+    rungs = Rungs(min(spec.search.grace_period, spec.train.epochs), spec.train.epochs,
+                  spec.search.reduction_factor, spec.modes[0])
+    ended = {t.number for t in study.trials if t.state.is_finished()}
+    rows = results.in_order()
+    last = {int(r["trial_number"]): int(r["epoch"]) for r in rows}
+    rungs.replay(
+        (int(r["trial_number"]), r["epoch"], r.get(spec.metrics[0]),
+         int(r["trial_number"]) in ended and int(r["epoch"]) == last[int(r["trial_number"])])
+        for r in rows)
+    return rungs
 
 
 def make_trainable(spec: Spec, teacher: TeacherInfo | None, storage: Storage) -> Any:
@@ -629,17 +751,12 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, stora
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
     searcher = StudySearcher(search_dir, spec, space, rerun)
     scheduler: FIFOScheduler = FIFOScheduler()
-    if spec.search.scheduler == "asha":
+    if spec.search.scheduler == "asha" and spec.search.pack == 1:
         # ASHA counts epochs, not reports: a trial that runs again re-reports its saved epoch.
+        # (Packed trials are stopped student by student on the driver: `PackedStops`.)
         asha = ResumableASHA(spec.metrics[0], spec.modes[0], "epoch", min(spec.search.grace_period, spec.train.epochs),
                              spec.train.epochs, spec.search.reduction_factor)
-        ended = {t.number for t in study.trials if t.state.is_finished()}
-        rows = results.in_order()
-        last = {int(r["trial_number"]): int(r["epoch"]) for r in rows}
-        asha.rungs.replay(
-            (int(r["trial_number"]), r["epoch"], r.get(spec.metrics[0]),
-             int(r["trial_number"]) in ended and int(r["epoch"]) == last[int(r["trial_number"])])
-            for r in rows)
+        asha.rungs = asha_rungs(spec, study, results)
         scheduler = asha
     runs = search_dir / RAY_DIR
     name = f"run-{len(list(runs.glob('run-*'))) + 1:03d}" if runs.is_dir() else "run-001"
@@ -647,7 +764,7 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, stora
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(spec)),
-            scheduler=scheduler, num_samples=to_run,
+            scheduler=scheduler, num_samples=math.ceil(to_run / spec.search.pack),
             reuse_actors=True,  # a trial's process outlives it: no re-import of torch per trial
         ),
         run_config=tune.RunConfig(
@@ -715,6 +832,11 @@ def run_search(
     for number, score in trial_scores(results.by_trial(), spec).items():
         progress.improve(number, score)
     session = Session(results, tracking.MlflowRecorder(writer), progress)
+    if spec.search.pack > 1:
+        progress.packed = True
+        rungs = asha_rungs(spec, study, results) if spec.search.scheduler == "asha" else None
+        session.pack = PackedStops(rungs, storage, spec.train.epochs, metric)
+        session.teller = StudySearcher(search_dir, spec, SearchSpace({}, spec.objectives, {}, spec.search.seed), [])
     key = str(search_dir)
     to_run = pending(study, spec)[1]
     _write_state(search_dir, "running")

@@ -107,6 +107,9 @@ class SearchSpec(_Strict):
     # Where trials write their state and best students: a path every node sees (default: the
     # local trials directory) or a pyarrow filesystem URI (s3://bucket/prefix?endpoint_override=...).
     storage: str | None = None
+    # Students per Ray Tune trial (a cohort): they train over the same batches with one
+    # teacher forward per batch; each is still its own Optuna trial, MLflow run and rows.
+    pack: int = Field(1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _metrics(self) -> SearchSpec:
@@ -364,6 +367,9 @@ def validate(
                     fail(f"params.{key}", f"value {shown(v)}: {_first_error(exc).split(': ', 1)[-1]}")
         else:
             fail(f"params.{key}", "not a searchable key; use student.*, train.*, data.* or loss.*")
+        if spec.search.pack > 1 and (section == "data" or key in PACK_SHARED):
+            fail(f"params.{key}", f"the students of a packed trial (search.pack: {spec.search.pack}) share the "
+                 "data, batch size, epochs and precision; search it with pack: 1")
 
     for metric in spec.metrics:
         if metric not in REPORTED_METRICS and not metric.startswith("loss_"):
@@ -376,6 +382,10 @@ def validate(
             fail("search.metric", f"{shown(metric)} is measured on the test split, which must never choose: "
                  "select on val_acc (only a single trial with no params may report it as its metric)")
     return spec
+
+
+# Train keys every student of a cohort shares (with data.*): they train over the same batches.
+PACK_SHARED = ("train.batch_size", "train.epochs", "train.precision", "train.compile")
 
 
 def _may_lack_val(spec: Spec) -> bool:
@@ -396,6 +406,14 @@ def _check(fail: Callable, check: TunableCheck, objective: str, where: str, key:
         fail(where, str(exc).strip("'\""))
 
 
+
+
+def students_of(config: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """Each student's trial config by its Optuna trial number: a packed trial's (`students`),
+    or the trial's own config (an unpacked trial is one student)."""
+    if "students" in config:
+        return {int(c["trial_number"]): dict(c) for c in config["students"]}
+    return {int(config.get("trial_number", -1)): dict(config)}
 
 
 def load(path: str | Path, **lookups: Any) -> Spec:

@@ -28,6 +28,9 @@ import pyarrow.fs as pafs
 # across resumes and retries): its engine state for resuming and its best student so far.
 STATE_FILE = "state.pt"
 STUDENT_FILE = "student_best.pt"
+# Written by the driver when it stops a student of a packed trial early ({"epoch": e}): the
+# trial reads it after its reports of an epoch, and again when it runs again after a resume.
+STOP_FILE = "stopped.json"
 
 
 def trial_key(number: int) -> str:

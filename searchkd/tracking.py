@@ -40,6 +40,7 @@ from mlflow.tracking import MlflowClient
 
 from .metrics import logged, stopped_early
 from .mlflow_ui import ui_tags
+from .spec import students_of
 from .storage import STUDENT_FILE, Storage, replace_atomically, trial_key
 
 RUNS_FILE = "mlflow_runs.json"
@@ -448,19 +449,22 @@ class MlflowRecorder:
     def __init__(self, writer: MlflowWriter) -> None:
         self.writer = writer
 
-    def _record(self, trial: Any) -> TrialRecord:
-        cfg = trial.config
-        return self.writer.record(int(cfg.get("trial_number", -1)), trial.trial_id, cfg,
+    def _record(self, trial: Any, number: int | None = None) -> TrialRecord:
+        """The record of a trial's student `number` (of an unpacked trial: its only one)."""
+        configs = students_of(trial.config)
+        number = next(iter(configs)) if number is None else number
+        return self.writer.record(number, trial.trial_id, configs.get(number, {}),
                                   str(getattr(trial, "local_path", "") or ""))
 
-    def _set(self, trial: Any, outcome: str | None, error: str | None = None) -> None:
+    def _set(self, trial: Any, outcome: str | None, error: str | None = None, number: int | None = None) -> None:
         def change(r: TrialRecord) -> None:
             r.outcome, r.error = outcome, error
 
-        self.writer.update(self._record(trial).number, change)
+        self.writer.update(self._record(trial, number).number, change)
 
     def on_trial_start(self, trial: Any) -> None:
-        self._set(trial, None)
+        for number in students_of(trial.config):
+            self._set(trial, None, number=number)
 
     def on_trial_result(self, trial: Any, result: dict) -> None:
         row = logged(result)
@@ -472,14 +476,21 @@ class MlflowRecorder:
             r.rows[int(row["epoch"])] = row
             r.node_id = str(result.get("node_id", r.node_id))
 
-        self.writer.update(self._record(trial).number, add)
+        number = int(result["trial_number"]) if "trial_number" in result else None
+        self.writer.update(self._record(trial, number).number, add)
 
     def on_trial_complete(self, trial: Any) -> None:
         epoch = int((trial.last_result or {}).get("epoch", 0))
         self._set(trial, "stopped" if stopped_early(epoch, self.writer.epochs) else "finished")
 
-    def on_trial_error(self, trial: Any) -> None:
-        self._set(trial, "failed", error_reason(trial))
+    def end(self, trial: Any, number: int, outcome: str) -> None:
+        """A student of a packed trial ended ("finished" or "stopped") while its cohort goes on."""
+        self._set(trial, outcome, number=number)
+
+    def on_trial_error(self, trial: Any, numbers: list[int] | None = None) -> None:
+        reason = error_reason(trial)
+        for number in numbers if numbers is not None else list(students_of(trial.config)):
+            self._set(trial, "failed", reason, number=number)
 
     def resync(self, rows: dict[int, list[dict[str, Any]]], outcomes: Any, numbers: set[int] | None = None) -> None:
         """Mark every trial for a sync from the durable record: its Parquet rows and how it

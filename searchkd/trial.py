@@ -8,12 +8,17 @@ whichever node it now runs, and goes on from that epoch. Nothing depends on Tune
 of which checkpoint it last saw. The teacher arrives as bytes through Ray's object store,
 checked against its digest, so no node needs the driver's disk. MLflow is not touched here:
 the driver logs (see tracking.py).
+
+A packed trial (`search.pack` > 1, config `students`) trains a cohort of students over one
+teacher forward per batch (engine.Cohort); each student still has its own trial number, rows,
+files and end, and the driver stops it early through its stop file (search.PackedStops).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 from typing import Any
 
@@ -22,14 +27,17 @@ import torch
 from ray import tune
 
 from .data import DatasetNotFound
-from .engine import Engine
+from .engine import Cohort, Engine, estimate_pack_bytes, pack_memory_problem
 from .metrics import scores
 from .objectives import get_objective
-from .spec import Spec
-from .storage import STATE_FILE, STUDENT_FILE, Storage, disk_full, trial_key
+from .spec import Spec, students_of
+from .storage import STATE_FILE, STOP_FILE, STUDENT_FILE, Storage, disk_full, trial_key
 
 # Keys the search adds to a trial's config beside the sampled dotted parameters.
 META_KEYS = ("trial_number", "seed")
+# In a packed student's re-reported last row: the driver had stopped it (its STOP_FILE).
+STOPPED_KEY = "stopped_by_driver"
+__all__ = ["students_of", "train_trial"]
 
 
 class TrialSetupError(RuntimeError):
@@ -68,51 +76,113 @@ def checked_teacher(blob: bytes | None, sha256: str | None) -> bytes | None:
     return blob
 
 
+def stop_epoch(files: Storage) -> int | None:
+    """The epoch at which the driver stopped this student (its STOP_FILE), or None."""
+    blob = files.read_bytes(STOP_FILE)
+    try:
+        return int(json.loads(blob)["epoch"]) if blob else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def train_trial(
     config: dict[str, Any], base: dict[str, Any], teacher: bytes | None, storage: Storage,
     teacher_sha256: str | None = None, cpus: float = 1.0, memory_fraction: float | None = None,
 ) -> None:
+    """One Tune trial: one student, or (`students` in the config) a packed cohort of several.
+
+    Each student reports its own rows (with its `trial_number`) and keeps its own files under
+    its own trial number. A packed student the driver stops early (it writes the student's
+    STOP_FILE while it handles the report: Tune's reports are synchronous) leaves the cohort;
+    the trial ends when every student has finished or stopped.
+    """
     torch.set_num_threads(max(1, int(cpus)))
-    spec = trial_spec(base, config)
+    packed = "students" in config
+    configs = list(students_of(config).items())
+    specs = [trial_spec(base, c) for _, c in configs]
     weights = checked_teacher(teacher, teacher_sha256)
     try:
-        engine = Engine(spec, seed=int(config.get("seed", 0)), teacher_checkpoint=weights,
-                        memory_fraction=memory_fraction)
+        cohort = Cohort(specs, [int(c.get("seed", 0)) for _, c in configs], teacher_checkpoint=weights,
+                        memory_fraction=memory_fraction, data_seed=config.get("data_seed"))
     except DatasetNotFound as exc:
         raise TrialSetupError(f"node {node_label()}: data.dataset: {exc}") from None
-    files = storage.child(trial_key(int(config.get("trial_number", 0))))
-    resume(engine, files)
-    start_epoch = engine.epoch
+    if packed:
+        check_memory(cohort, memory_fraction)
+    files = [storage.child(trial_key(number)) for number, _ in configs]
+    for i, f in enumerate(files):
+        resume_member(cohort, i, f)
+    start_epoch = [m.epoch for m in cohort.members]
+    extra = [{"trial_number": number, "data_seed": cohort.data_seed, "pack": len(configs)} if packed else {}
+             for number, _ in configs]
     node = {"node_id": ray.get_runtime_context().get_node_id()}
-    metrics = spec.metrics
-    for past in engine.history:
-        # The saved epochs again: any the driver had not recorded (it died, its disk was full)
-        # are recorded now; the others are recorded once already and kept as they were.
-        tune.report({**past, "start_epoch": start_epoch, **node})
-    while not engine.finished:
-        kept = engine.kept_row
-        row = engine.run_epoch()
-        row["start_epoch"] = start_epoch  # >0 proves a resumed trial did not restart at 0
-        report = {**row, **scores(engine.kept_row, metrics)}
-        engine.history.append(report)
-        try:
-            if engine.kept_row is not kept:  # this epoch's student is the one the trial keeps now
-                files.write_bytes(STUDENT_FILE, _tensor_bytes(engine.best_student))
-            files.write_bytes(STATE_FILE, engine.to_bytes())
-        except OSError as exc:
-            if disk_full(exc):
-                raise TrialSetupError(f"node {node_label()}: no space left on device for {files.display}") from None
-            raise
-        tune.report({**report, **node})
+    metrics = specs[0].metrics
+    if packed:
+        _leave_if_stopped(cohort, files)
+    for i, m in enumerate(cohort.members):
+        for j, past in enumerate(m.history):
+            # The saved epochs again: any the driver had not recorded (it died, its disk was full)
+            # are recorded now; the others are recorded once already and kept as they were. A
+            # student the driver stopped says so with its last row, so the driver ends it even
+            # if it died between writing the stop file and telling the study.
+            said = {STOPPED_KEY: 1} if m.stopped and j == len(m.history) - 1 else {}
+            tune.report({**past, "start_epoch": start_epoch[i], **node, **said})
+    while not cohort.finished:
+        kept = [m.kept_row for m in cohort.members]
+        rows = cohort.run_epochs()
+        reports = {}
+        for i, row in rows.items():
+            m = cohort.members[i]
+            row["start_epoch"] = start_epoch[i]  # >0 proves a resumed trial did not restart at 0
+            report = {**row, **scores(m.kept_row, metrics), **extra[i]}
+            m.history.append(report)
+            try:
+                if m.kept_row is not kept[i]:  # this epoch's student is the one it keeps now
+                    files[i].write_bytes(STUDENT_FILE, _tensor_bytes(m.best_student))
+                files[i].write_bytes(STATE_FILE, cohort.member_bytes(i))
+            except OSError as exc:
+                if disk_full(exc):
+                    raise TrialSetupError(f"node {node_label()}: no space left on device for "
+                                          f"{files[i].display}") from None
+                raise
+            reports[i] = report
+        for report in reports.values():
+            tune.report({**report, **node})
+        if packed:
+            _leave_if_stopped(cohort, files)
+
+
+def _leave_if_stopped(cohort: Cohort, files: list[Storage]) -> None:
+    """Students the driver stopped early leave the cohort (read from their STOP_FILEs)."""
+    for i, m in enumerate(cohort.members):
+        if m.active:
+            at = stop_epoch(files[i])
+            if at is not None and at <= m.epoch:
+                cohort.stop(i)
+
+
+def check_memory(cohort: Cohort, memory_fraction: float | None) -> None:
+    """A cohort whose estimated memory exceeds its GPU share fails at once, in one line (on
+    a CPU there is nothing to refuse)."""
+    if cohort.device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(cohort.device).total_memory
+    problem = pack_memory_problem(estimate_pack_bytes(cohort), len(cohort.members), total, memory_fraction)
+    if problem:
+        raise TrialSetupError(f"node {node_label()}: {problem}")
 
 
 def resume(engine: Engine, files: Storage) -> bool:
     """Load the trial's saved state if there is a readable one; otherwise it starts at 0."""
+    return resume_member(engine, 0, files)
+
+
+def resume_member(cohort: Cohort, i: int, files: Storage) -> bool:
+    """Load student i's saved state if there is a readable one; otherwise it starts at 0."""
     blob = files.read_bytes(STATE_FILE)
     if blob is None:
         return False
     try:
-        engine.from_bytes(blob)
+        cohort.load_member_bytes(i, blob)
         return True
     except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError):  # cut short or garbage
         return False

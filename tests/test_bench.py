@@ -20,6 +20,7 @@ sys.path.insert(0, str(BENCH))
 
 import concurrency  # noqa: E402
 import overhead  # noqa: E402
+import packing  # noqa: E402
 import throughput  # noqa: E402
 
 # CIFAR-10-format files, 10 classes and batch 4: the smallest form of each benchmark.
@@ -91,3 +92,22 @@ def test_overhead_runs_searchkd_tune_and_the_bare_engine(tmp_path: Path) -> None
     for key in ("overhead_long_pct", "per_epoch_overhead_s", "fixed_trial_overhead_s",
                 "projected_240_epoch_overhead_pct", "overhead_lower_bound_long_pct"):
         assert isinstance(data[key], float)
+
+
+def test_packing_measures_packed_cohorts_against_separate_trials(tmp_path: Path) -> None:
+    data = _run(packing, ["--device", "cpu", "--small", "--configs", "msd", "--threads", "1"], tmp_path)
+    assert set(data) >= ENV_KEYS
+    [config] = data["configs"]
+    assert (config["teacher"], config["student"], config["objective"]) == ("resnet32x4", "resnet8x4", "msd")
+    assert 0.0 < config["teacher_share"] <= 1.0
+    assert [r["k"] for r in config["results"]] == [1, 2]
+    for r in config["results"]:
+        assert r["student_img_s"] > 0 and r["separate_img_s"] > 0 and r["peak_memory_mib"] > 0
+        assert r["teacher_calls_per_step"] == 1.0  # one teacher forward per batch, whatever K
+        assert r["ideal_speedup"] == pytest.approx(1 / (config["teacher_share"] / r["k"] + 1 - config["teacher_share"]))
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
+
+
+def test_packing_refuses_an_unknown_configuration() -> None:
+    with pytest.raises(SystemExit, match="unknown configuration 'kd'; known: msd, crd, wrn"):
+        packing.main(["--device", "cpu", "--configs", "kd"])
