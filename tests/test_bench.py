@@ -20,6 +20,7 @@ sys.path.insert(0, str(BENCH))
 
 import concurrency  # noqa: E402
 import overhead  # noqa: E402
+import search_efficiency  # noqa: E402
 import throughput  # noqa: E402
 
 # CIFAR-10-format files, 10 classes and batch 4: the smallest form of each benchmark.
@@ -89,3 +90,35 @@ def test_overhead_runs_searchkd_tune_and_the_bare_engine(tmp_path: Path) -> None
     for key in ("overhead_long_pct", "per_epoch_overhead_s", "fixed_trial_overhead_s",
                 "projected_240_epoch_overhead_pct", "overhead_lower_bound_long_pct"):
         assert isinstance(data[key], float)
+
+
+@pytest.mark.integration
+def test_search_efficiency_counts_trial_epochs_of_both_searches(tmp_path: Path) -> None:
+    """Two real searches (TPE + ASHA, random) of 2 trials × 2 epochs: the curves and the
+    trial-epoch accounting, not which search wins (2 trials decide nothing)."""
+    args = ["--small", "--trials-dir", str(tmp_path / "trials"),
+            "--teacher-trials-dir", str(tmp_path / "teacher")]
+    data = _run(search_efficiency, args, tmp_path)
+    env = data["environment"]
+    assert {"date", "machine", "torch", "ray", "optuna", "mlflow", "python", "command"} <= set(env)
+    assert data["settings"]["budget_trial_epochs"] == 4
+    searches = {s["method"]: s for s in data["searches"]}
+    assert set(searches) == {"tpe-asha", "random"} and len(data["searches"]) == 2
+    rnd, tpe = searches["random"], searches["tpe-asha"]
+    assert rnd["trial_epochs"] == 2 * 2 and rnd["stopped_early"] == 0  # random: trials × epochs
+    assert rnd["epochs_per_trial"] == {"0": 2, "1": 2}
+    assert tpe["trials"] == 2 and 2 < tpe["trial_epochs"] <= 2 * 2  # ASHA: at least the first rung
+    assert tpe["trial_epochs"] == sum(tpe["epochs_per_trial"].values())
+    for s in (rnd, tpe):
+        curve = s["curve"]
+        assert [p["trial_epochs"] for p in curve] == list(range(1, s["trial_epochs"] + 1))
+        vals = [p["val_acc"] for p in curve]
+        assert vals == sorted(vals) and all(0 <= v <= 1 for v in vals)  # a running best
+        assert all(0 <= p["test_acc"] <= 1 and p["trial"] in (0, 1) for p in curve)
+    seed = data["per_seed"][0]
+    assert seed["random_final_val"] == rnd["curve"][-1]["val_acc"]
+    assert seed["random_trial_epochs"] == 4 and data["goal_trial_epochs"] == pytest.approx(4 / 3)
+    k = seed["tpe_reached_random_final_at"]
+    assert k is None or tpe["curve"][k - 1]["val_acc"] >= seed["random_final_val"]
+    assert seed["within_goal"] == (k is not None and k <= 4 / 3)
+    assert len(data["mean_curves"]["random"]) == len(data["mean_curves"]["tpe-asha"]) == 4
