@@ -1,6 +1,6 @@
 """Is the search better than random? TPE + ASHA against random search on the same budget.
 
-    python bench/search_efficiency.py                  # 3 seeds × 2 searches, 24 trials × 9 epochs
+    python bench/search_efficiency.py                  # 3 seeds × 2 searches, 16 trials × 9 epochs
     python bench/search_efficiency.py --small          # smoke: 1 seed, 2 trials × 2 epochs
 
 For every search seed, spaces/digits-efficiency.yaml is run twice through the real search path
@@ -61,7 +61,7 @@ METHODS = ("tpe-asha", "random")  # the first is the space as written, the secon
 GOAL_FRACTION = 1 / 3  # issue 11 §4: random's final best within a third of its trial-epochs
 FRACTIONS = (1 / 9, 1 / 6, 1 / 3, 1 / 2, 2 / 3, 1.0)  # of random's budget, for the table
 EPS = 1e-9  # accuracies closer than this are the same count of val images
-FULL = {"seeds": "0,1,2", "trials": 24, "epochs": 9}
+FULL = {"seeds": "0,1,2", "trials": 16, "epochs": 9}
 SMALL = {"seeds": "0", "trials": 2, "epochs": 2}
 # --small: a teacher that trains in seconds, so a smoke test costs two short searches only.
 SMALL_TEACHER = {"arch": "resnet8", "width": 0.5,
