@@ -26,6 +26,11 @@ random with seed s), over every pair of seeds, and on the mean curves over the s
 that has ended holds its final best). `--json OUT` writes every curve, figure and the
 environment.
 
+`--grace-period N` runs the TPE + ASHA searches with another ASHA grace period (their names
+say it). A search that an earlier run finished in the same `--trials-dir` is read again, not
+rerun, so a second run with another grace period in the same folder runs only the new TPE +
+ASHA searches and compares them with the same random searches.
+
 The teacher is the quickstart's, trained at most once into the cache of `--teacher-trials-dir`
 (default ./trials) and shared with the searches through a `teachers` link, as
 bench/digits_objectives.py does. `--small` swaps it for a 3-epoch half-width resnet8 so that
@@ -166,18 +171,30 @@ def summarize(method: str, seed: int, name: str, rows: list[dict[str, Any]], sec
 
 
 def variant(base: dict[str, Any], method: str, seed: int, trials: int, epochs: int,
-            small: bool) -> dict[str, Any]:
-    """The base space for one search: TPE + ASHA as written, or random search without a
-    scheduler; only the name, seed and budget change besides."""
+            small: bool, grace_period: int | None = None) -> dict[str, Any]:
+    """The base space for one search: TPE + ASHA as written (or with another ASHA grace
+    period, named in the search's name), or random search without a scheduler; only the
+    name, seed and budget change besides."""
     space = copy.deepcopy(base)
-    space["name"] = f"{base['name']}-{method}-s{seed}"
     space.setdefault("search", {}).update(seed=seed, num_samples=trials)
     space.setdefault("train", {})["epochs"] = epochs
+    tag = method
     if method == "random":
         space["search"].update(sampler="random", scheduler="none")
+    elif grace_period is not None:
+        space["search"]["grace_period"] = grace_period
+        tag = f"{method}-g{grace_period}"
+    space["name"] = f"{base['name']}-{tag}-s{seed}"
     if small:
         space["teacher"] = copy.deepcopy(SMALL_TEACHER)
     return space
+
+
+def finished(space_file: Path) -> float | None:
+    """The wall time of a search an earlier run finished in the same --trials-dir, or None.
+    It is written once `searchkd tune` has exited 0, so a search cut short is never read."""
+    marker = space_file.with_suffix(".seconds")
+    return float(marker.read_text()) if marker.exists() else None
 
 
 def compare(searches: list[Search], budget: int) -> dict[str, Any]:
@@ -293,6 +310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials-dir", type=Path, help="where the searches go (default: a temporary folder, removed)")
     p.add_argument("--teacher-trials-dir", type=Path, default=Path("trials"),
                    help="trials directory whose teachers/ cache holds the teacher (default ./trials)")
+    p.add_argument("--grace-period", type=int,
+                   help="ASHA's grace period for the TPE + ASHA searches (default: the space's)")
     p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs of each search's Ray")
     p.add_argument("--json", type=Path, help="also write the curves, figures and environment here")
     args = p.parse_args(argv)
@@ -325,18 +344,30 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(seed, method) for seed in args.seed_list for method in METHODS]
         files = {}
         for seed, method in plan:
-            space = variant(base, method, seed, args.trials, args.epochs, args.small)
+            space = variant(base, method, seed, args.trials, args.epochs, args.small, args.grace_period)
+            path = spaces / f"{space['name']}.yaml"
+            files[(seed, method)] = path
+            if finished(path) is not None:
+                # The same search, finished by an earlier run in this --trials-dir: read it again
+                # (another --grace-period then reruns only the TPE + ASHA searches).
+                if yaml.safe_load(path.read_text()) != space:
+                    raise SystemExit(f"{path} differs from this run's {space['name']}: use another --trials-dir")
+                continue
             if (trials / space["name"]).exists():
                 raise SystemExit(f"{trials / space['name']} exists: use another --trials-dir")
-            files[(seed, method)] = spaces / f"{space['name']}.yaml"
-            files[(seed, method)].write_text(yaml.safe_dump(space, sort_keys=False))
+            path.write_text(yaml.safe_dump(space, sort_keys=False))
         print("teacher: searchkd teacher (trained once, then cached) ...", flush=True)
         share_teacher(files[plan[0]], args.teacher_trials_dir.expanduser(), trials)
         for seed, method in plan:
-            name = files[(seed, method)].stem
+            path = files[(seed, method)]
+            name = path.stem
             print(f"searchkd tune {name} ({args.trials} trials × {args.epochs} epochs) ...", end=" ", flush=True)
-            seconds = searchkd("tune", str(files[(seed, method)]), "--trials-dir", str(trials),
-                               "--num-cpus", str(args.num_cpus))
+            seconds = finished(path)
+            if seconds is None:
+                seconds = searchkd("tune", str(path), "--trials-dir", str(trials), "--num-cpus", str(args.num_cpus))
+                path.with_suffix(".seconds").write_text(f"{seconds}\n")
+            else:
+                print("(finished by an earlier run: read again)", end=" ")
             s = summarize(method, seed, name, read_rows(trials / name), seconds, args.epochs)
             searches.append(s)
             print(f"{s.trial_epochs} trial-epochs, best val {pct(s.final.val_acc)} "
@@ -365,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {"environment": env,
                    "settings": {"space": str(args.space), "seeds": args.seed_list, "trials": args.trials,
-                                "epochs": args.epochs, "budget_trial_epochs": budget, "small": args.small},
+                                "epochs": args.epochs, "budget_trial_epochs": budget, "small": args.small,
+                                "grace_period": args.grace_period},
                    "searches": [asdict(s) for s in searches], **result}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
