@@ -92,6 +92,28 @@ def test_overhead_runs_searchkd_tune_and_the_bare_engine(tmp_path: Path) -> None
         assert isinstance(data[key], float)
 
 
+def test_search_efficiency_curve_and_reach_arithmetic() -> None:
+    """Made-up rows in arrival order: the running best, its test_acc, ties, and the reach."""
+    def row(n: int, epoch: int, val: float, test: float) -> dict[str, Any]:
+        return {"trial_number": n, "epoch": epoch, "best_val_acc": val, "test_acc": test}
+
+    rnd_rows = [row(0, 1, 0.5, 0.4), row(1, 1, 0.6, 0.5), row(0, 2, 0.8, 0.7), row(1, 2, 0.8, 0.9)]
+    tpe_rows = [row(0, 1, 0.5, 0.4), row(1, 1, 0.9, 0.85), row(0, 2, 0.5, 0.45)]
+    rnd = search_efficiency.summarize("random", 0, "r", rnd_rows, 1.0, epochs=2)
+    tpe = search_efficiency.summarize("tpe-asha", 0, "t", tpe_rows, 1.0, epochs=2)
+    assert [(p.val_acc, p.test_acc, p.trial) for p in rnd.curve] == [
+        (0.5, 0.4, 0), (0.6, 0.5, 1), (0.8, 0.7, 0), (0.8, 0.7, 0)]  # a tie keeps the incumbent
+    assert rnd.trial_epochs == 4 and rnd.stopped_early == 0 and rnd.reached(0.8) == 3
+    assert tpe.trial_epochs == 3 and tpe.stopped_early == 1 and tpe.epochs_per_trial == {0: 2, 1: 1}
+    assert tpe.at(10).val_acc == 0.9  # an ended search holds its final best
+    result = search_efficiency.compare([tpe, rnd], budget=4)
+    seed = result["per_seed"][0]
+    assert seed["tpe_reached_random_final_at"] == 2 and seed["tpe_test_when_reached"] == 0.85
+    assert seed["random_reached_own_final_at"] == 3 and not seed["within_goal"]  # 2 > 4 / 3
+    assert result["mean_tpe_reached_mean_random_final_at"] == 2 and result["pairs_within_goal"] == 0
+    assert result["mean_curves"]["random"] == [0.5, 0.6, 0.8, 0.8]
+
+
 @pytest.mark.integration
 def test_search_efficiency_counts_trial_epochs_of_both_searches(tmp_path: Path) -> None:
     """Two real searches (TPE + ASHA, random) of 2 trials × 2 epochs: the curves and the
