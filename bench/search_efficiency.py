@@ -31,9 +31,9 @@ say it). A search that an earlier run finished in the same `--trials-dir` is rea
 rerun, so a second run with another grace period in the same folder runs only the new TPE +
 ASHA searches and compares them with the same random searches.
 
-The teacher is the quickstart's, trained at most once into the cache of `--teacher-trials-dir`
-(default ./trials) and shared with the searches through a `teachers` link, as
-bench/digits_objectives.py does. `--small` swaps it for a 3-epoch half-width resnet8 so that
+The teacher is the quickstart's, trained at most once by `searchkd teacher` into the cache of
+`--teacher-trials-dir` (default ./trials) and shared with the searches through a `teachers`
+link, as bench/digits_objectives.py does. `--small` swaps it for a 3-epoch half-width resnet8 so that
 the smoke test trains no resnet20.
 """
 
@@ -41,11 +41,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,11 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from digits_objectives import environment as base_environment  # noqa: E402
-from digits_objectives import searchkd, share_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = ROOT / "spaces" / "digits-efficiency.yaml"
@@ -109,6 +107,43 @@ class Search:
     def reached(self, val_acc: float) -> int | None:
         """Trial-epochs spent when the best val_acc first reached `val_acc` (None: never)."""
         return next((p.trial_epochs for p in self.curve if p.val_acc >= val_acc - EPS), None)
+
+
+def searchkd_executable() -> list[str]:
+    """The `searchkd` beside this Python (a venv's bin/), else `python -m searchkd.cli`."""
+    exe = Path(sys.executable).with_name("searchkd")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "searchkd.cli"]
+
+
+def searchkd(*args: str) -> float:
+    """Run `searchkd ARGS...` as a user would; its wall time, or exit with its output's tail.
+
+    The command line, not the Python functions behind it: it is the path the question is
+    about, and the one interface this benchmark needs to stay stable.
+    """
+    cmd = [*searchkd_executable(), *args]
+    # Ray 2.60 turns on token authentication; a private local Ray runs without it.
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+           "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise SystemExit(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
+    return seconds
+
+
+def share_teacher(space: Path, teacher_trials: Path, trials: Path) -> None:
+    """Train (once) or find the teacher in `teacher_trials`' cache; link it into `trials`.
+
+    The teacher is trained in its real cache, not through the link: the cache records the
+    absolute path of teacher.pt, which must outlive a temporary trials directory.
+    """
+    searchkd("teacher", str(space), "--trials-dir", str(teacher_trials))
+    link = trials / "teachers"
+    if not link.exists():
+        link.symlink_to((teacher_trials / "teachers").resolve(), target_is_directory=True)
 
 
 def read_rows(search_dir: Path) -> list[dict[str, Any]]:
@@ -287,16 +322,35 @@ def reach_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU model and core count the searches ran on."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores"
+
+
 def environment() -> dict[str, Any]:
-    """Date, machine, versions of everything on the search path, command, load."""
+    """Date, machine, versions of everything on the search path, command, and the load: on a
+    shared machine the wall times depend on it, the accuracies do not."""
     import mlflow
     import optuna
     import ray
+    import torch
 
-    env = base_environment()
-    env.update(ray=ray.__version__, optuna=optuna.__version__, mlflow=mlflow.__version__,
-               python=platform.python_version(), load_average_1m_start=os.getloadavg()[0])
-    return env
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": cpu_name(),
+        "torch": torch.__version__, "ray": ray.__version__, "optuna": optuna.__version__,
+        "mlflow": mlflow.__version__, "python": platform.python_version(),
+        "command": shlex.join(["python", *sys.argv]),
+        "load_average_1m_start": os.getloadavg()[0],
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
