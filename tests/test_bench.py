@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCH))
 import concurrency  # noqa: E402
 import overhead  # noqa: E402
 import packing  # noqa: E402
+import search_efficiency  # noqa: E402
 import throughput  # noqa: E402
 
 # CIFAR-10-format files, 10 classes and batch 4: the smallest form of each benchmark.
@@ -111,3 +112,55 @@ def test_packing_measures_packed_cohorts_against_separate_trials(tmp_path: Path)
 def test_packing_refuses_an_unknown_configuration() -> None:
     with pytest.raises(SystemExit, match="unknown configuration 'kd'; known: msd, crd, wrn"):
         packing.main(["--device", "cpu", "--configs", "kd"])
+def test_search_efficiency_curve_and_reach_arithmetic() -> None:
+    """Made-up rows in arrival order: the running best, its test_acc, ties, and the reach."""
+    def row(n: int, epoch: int, val: float, test: float) -> dict[str, Any]:
+        return {"trial_number": n, "epoch": epoch, "best_val_acc": val, "test_acc": test}
+
+    rnd_rows = [row(0, 1, 0.5, 0.4), row(1, 1, 0.6, 0.5), row(0, 2, 0.8, 0.7), row(1, 2, 0.8, 0.9)]
+    tpe_rows = [row(0, 1, 0.5, 0.4), row(1, 1, 0.9, 0.85), row(0, 2, 0.5, 0.45)]
+    rnd = search_efficiency.summarize("random", 0, "r", rnd_rows, 1.0, epochs=2)
+    tpe = search_efficiency.summarize("tpe-asha", 0, "t", tpe_rows, 1.0, epochs=2)
+    assert [(p.val_acc, p.test_acc, p.trial) for p in rnd.curve] == [
+        (0.5, 0.4, 0), (0.6, 0.5, 1), (0.8, 0.7, 0), (0.8, 0.7, 0)]  # a tie keeps the incumbent
+    assert rnd.trial_epochs == 4 and rnd.stopped_early == 0 and rnd.reached(0.8) == 3
+    assert tpe.trial_epochs == 3 and tpe.stopped_early == 1 and tpe.epochs_per_trial == {0: 2, 1: 1}
+    assert tpe.at(10).val_acc == 0.9  # an ended search holds its final best
+    result = search_efficiency.compare([tpe, rnd], budget=4)
+    seed = result["per_seed"][0]
+    assert seed["tpe_reached_random_final_at"] == 2 and seed["tpe_test_when_reached"] == 0.85
+    assert seed["random_reached_own_final_at"] == 3 and not seed["within_goal"]  # 2 > 4 / 3
+    assert result["mean_tpe_reached_mean_random_final_at"] == 2 and result["pairs_within_goal"] == 0
+    assert result["mean_curves"]["random"] == [0.5, 0.6, 0.8, 0.8]
+
+
+@pytest.mark.integration
+def test_search_efficiency_counts_trial_epochs_of_both_searches(tmp_path: Path) -> None:
+    """Two real searches (TPE + ASHA, random) of 2 trials × 2 epochs: the curves and the
+    trial-epoch accounting, not which search wins (2 trials decide nothing)."""
+    args = ["--small", "--trials-dir", str(tmp_path / "trials"),
+            "--teacher-trials-dir", str(tmp_path / "teacher")]
+    data = _run(search_efficiency, args, tmp_path)
+    env = data["environment"]
+    assert {"date", "machine", "torch", "ray", "optuna", "mlflow", "python", "command"} <= set(env)
+    assert data["settings"]["budget_trial_epochs"] == 4
+    searches = {s["method"]: s for s in data["searches"]}
+    assert set(searches) == {"tpe-asha", "random"} and len(data["searches"]) == 2
+    rnd, tpe = searches["random"], searches["tpe-asha"]
+    assert rnd["trial_epochs"] == 2 * 2 and rnd["stopped_early"] == 0  # random: trials × epochs
+    assert rnd["epochs_per_trial"] == {"0": 2, "1": 2}
+    assert tpe["trials"] == 2 and 2 < tpe["trial_epochs"] <= 2 * 2  # ASHA: at least the first rung
+    assert tpe["trial_epochs"] == sum(tpe["epochs_per_trial"].values())
+    for s in (rnd, tpe):
+        curve = s["curve"]
+        assert [p["trial_epochs"] for p in curve] == list(range(1, s["trial_epochs"] + 1))
+        vals = [p["val_acc"] for p in curve]
+        assert vals == sorted(vals) and all(0 <= v <= 1 for v in vals)  # a running best
+        assert all(0 <= p["test_acc"] <= 1 and p["trial"] in (0, 1) for p in curve)
+    seed = data["per_seed"][0]
+    assert seed["random_final_val"] == rnd["curve"][-1]["val_acc"]
+    assert seed["random_trial_epochs"] == 4 and data["goal_trial_epochs"] == pytest.approx(4 / 3)
+    k = seed["tpe_reached_random_final_at"]
+    assert k is None or tpe["curve"][k - 1]["val_acc"] >= seed["random_final_val"]
+    assert seed["within_goal"] == (k is not None and k <= 4 / 3)
+    assert len(data["mean_curves"]["random"]) == len(data["mean_curves"]["tpe-asha"]) == 4
