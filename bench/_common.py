@@ -57,8 +57,8 @@ NUM_CLASSES = 100
 # training image and it draws 16384 negatives from them (clamped to N − 1 on smaller sets),
 # and the device-resident loader gathers every batch from the whole set.
 TRAIN_SIZE = 50_000
-# The CIFAR-100 KD recipe of the CRD paper (Tian et al., 2020) and its successors: batch 64, SGD lr 0.05,
-# momentum 0.9, wd 5e-4.
+# The CIFAR-100 KD recipe of the CRD paper (Tian et al., 2020) and its successors: batch 64, SGD
+# lr 0.05, momentum 0.9, wd 5e-4.
 BATCH_SIZE = 64
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5.0e-4
 IMAGE_SIZE = 32  # CIFAR

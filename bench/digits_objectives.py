@@ -1,6 +1,7 @@
 """Does each objective beat the student alone? One real search per objective on the bundled digits.
 
-    python bench/digits_objectives.py                      # every registered objective, ~5 min on 2 cores
+    python bench/digits_objectives.py                      # every registered objective,
+                                                           # ~5 min on 2 cores
     python bench/digits_objectives.py --objectives ce,kd   # a subset (ce is always added)
 
 Each objective's space is spaces/digits-ce.yaml with its `objective` (and name) replaced, run

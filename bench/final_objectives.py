@@ -1,4 +1,5 @@
-"""Is a search's winner really better than its objective's defaults? One digits search per objective.
+"""Is a search's winner really better than its objective's defaults? One digits search per
+objective.
 
     python bench/final_objectives.py                        # every registered objective
     python bench/final_objectives.py --objectives msd,kd --trials 6 --json final.json
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = read_final(run.search_dir)
         if run.status != "finished" or run.final_status != "finished" or summary is None:
             raise SystemExit(
-                f"final-{objective}: the search ended {run.status}, its final stage {run.final_status}"
+                f"final-{objective}: the search ended {run.status}, its final stage "
+                f"{run.final_status}"
             )
         best = run.summary.best_value if run.summary else float("nan")
         rows.append(row_of(objective, summary, best, seconds))

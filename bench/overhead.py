@@ -326,11 +326,13 @@ def _print(r: dict[str, Any]) -> None:
     )
     print(f"trial overhead (measured, short run): {r['overhead_short_pct']:6.1f} %")
     print(
-        f"per epoch: {r['per_epoch_overhead_s'] * 1000:.0f} ms = {r['per_epoch_overhead_pct']:.1f} % "
-        f"of a {r['bare_epoch_s']:.2f} s epoch; fixed per trial: {r['fixed_trial_overhead_s']:.1f} s"
+        f"per epoch: {r['per_epoch_overhead_s'] * 1000:.0f} ms = {r['per_epoch_overhead_pct']:.1f} "
+        f"% of a {r['bare_epoch_s']:.2f} s epoch; fixed per trial: "
+        f"{r['fixed_trial_overhead_s']:.1f} s"
     )
     print(
-        f"projection for a {RECIPE_EPOCHS}-epoch trial: {r['projected_240_epoch_overhead_pct']:.1f} %"
+        f"projection for a {RECIPE_EPOCHS}-epoch trial: "
+        f"{r['projected_240_epoch_overhead_pct']:.1f} %"
     )
     print(
         "outside the trial's function (Ray round trips, MLflow logging): "

@@ -312,7 +312,8 @@ def _run(
             stage = read_final(search_dir)
             if spec.final is not None and (stage is None or not stage.get("complete")):
                 say(
-                    f"searchkd: its final stage is not finished; continue it with: searchkd final {shown}"
+                    f"searchkd: its final stage is not finished; continue it with: searchkd final "
+                    f"{shown}"
                 )
             return SearchRun(spec, search_dir, "finished", None, source)
     from .preflight import check

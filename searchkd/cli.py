@@ -183,7 +183,8 @@ def cmd_best(args: argparse.Namespace) -> int:
         fail(f"data.dataset: {exc}")
     except OSError as exc:  # storage that cannot be read (credentials, a lost mount)
         fail(
-            f"{args.directory}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            f"{args.directory}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         )
     t = done.trial
     scores = ", ".join(f"{m} {fmt(v, m)}" for m, v in t.scores.items())
@@ -202,7 +203,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = api.load_space(args.space)
     print(
         f"{args.space}: ok — search {spec.name!r}, objective {'/'.join(spec.objectives)}, "
-        f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} searched params"
+        f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} "
+        f"searched params"
     )
     for name in spec.objectives:
         resolved = get_objective(name).resolve(
@@ -213,7 +215,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  {name}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in resolved.items()))
     for key, p in spec.params.items():
         print(
-            f"  search {key}: {json.dumps(p.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True))}"
+            f"  search {key}: "
+            f"{json.dumps(p.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True))}"
         )
     return 0
 
@@ -228,7 +231,8 @@ def cmd_objectives(args: argparse.Namespace) -> int:
         for key, t in cls.tunables.items():
             rng = json.dumps(dict(t.search)) if t.search else "-"
             print(
-                f"  loss.{key:<16} {t.kind:<6} default {json.dumps(t.default):<12} search {rng:<40} {t.help}"
+                f"  loss.{key:<16} {t.kind:<6} default {json.dumps(t.default):<12} search "
+                f"{rng:<40} {t.help}"
             )
         print()
     return 0
@@ -289,8 +293,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cmd, names = ui_command(uri, args.host, args.port, args.allowed_hosts)
     if names:
         print(
-            f"searchkd: warning: the MLflow UI listens on {args.host}: anyone who reaches this machine on "
-            f"port {args.port} can read and change every search's runs (it answers for: "
+            f"searchkd: warning: the MLflow UI listens on {args.host}: anyone who reaches this "
+            f"machine on port {args.port} can read and change every search's runs (it answers for: "
             f"{', '.join(names)}; add names with --allowed-hosts)",
             file=sys.stderr,
         )

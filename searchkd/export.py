@@ -159,19 +159,23 @@ def model_card(a: Analysis, t: TrialView, spec: Any, model_args: dict[str, Any])
     lines = [
         f"# {spec.student.arch} (width {spec.student.width:g}) distilled from {spec.teacher.arch}",
         "",
-        f"Exported by `searchkd best` from search `{a.spec.name}`: {rank} by {a.metric} ({a.mode}) of "
-        f"{len(a.trials)} trials ({a.state}).",
+        f"Exported by `searchkd best` from search `{a.spec.name}`: {rank} by {a.metric} ({a.mode}) "
+        f"of {len(a.trials)} trials ({a.state}).",
         "",
         "| | |",
         "|---|---|",
-        f"| teacher | {spec.teacher.arch} (width {spec.teacher.width:g}), test_acc {fmt(teacher.get('test_acc'))} |",
-        f"| data | {spec.data.dataset}, val_fraction {spec.data.val_fraction:g} (val chooses, test only reports) |",
+        f"| teacher | {spec.teacher.arch} (width {spec.teacher.width:g}), test_acc "
+        f"{fmt(teacher.get('test_acc'))} |",
+        f"| data | {spec.data.dataset}, val_fraction {spec.data.val_fraction:g} (val chooses, test "
+        f"only reports) |",
         f"| objective | {spec.objective} |",
         f"| search metric | {metrics} |",
         f"| best_val_acc | {fmt(_row(a, t, 'best_val_acc'))} |",
         f"| test accuracy | {fmt(t.test_acc)} (the best-on-val student's; it chose nothing) |",
-        f"| parameters | {fmt(t.student_params, 'student_params')} ({int(t.student_params) if math.isfinite(t.student_params) else '-'}) |",
-        f"| MACs per image | {fmt(t.student_macs, 'student_macs')} ({int(t.student_macs) if math.isfinite(t.student_macs) else '-'}) |",
+        f"| parameters | {fmt(t.student_params, 'student_params')} "
+        f"({int(t.student_params) if math.isfinite(t.student_params) else '-'}) |",
+        f"| MACs per image | {fmt(t.student_macs, 'student_macs')} "
+        f"({int(t.student_macs) if math.isfinite(t.student_macs) else '-'}) |",
         f"| epochs trained | {t.epochs} of {spec.train.epochs} ({t.status}) |",
         f"| trial | {t.number}, MLflow run {t.run_id or '-'} |",
         "",
@@ -183,15 +187,18 @@ def model_card(a: Analysis, t: TrialView, spec: Any, model_args: dict[str, Any])
         'model.load_state_dict(torch.load("student.pt", weights_only=True)["model"]); model.eval()',
         "```",
         "",
-        f"Inputs: {model_args['in_channels']}×{model_args['image_size']}×{model_args['image_size']} images, "
-        f"normalised as searchkd's `{spec.data.dataset}` loader does; {model_args['num_classes']} classes. "
-        "The objective's own heads were trained beside the student and are not part of it.",
+        f"Inputs: "
+        f"{model_args['in_channels']}×{model_args['image_size']}×{model_args['image_size']} "
+        f"images, normalised as searchkd's `{spec.data.dataset}` loader does; "
+        f"{model_args['num_classes']} classes. The objective's own heads were trained beside the "
+        f"student and are not part of it.",
         "",
         "## Configuration",
         "",
-        "`config.yaml` is this trial's resolved space: the search's space with the trial's sampled values "
-        "written in and nothing left to search (`searchkd tune config.yaml` trains the same configuration "
-        "again, under a seed of its own). The trial's values, with the seed it ran under:",
+        "`config.yaml` is this trial's resolved space: the search's space with the trial's sampled "
+        "values written in and nothing left to search (`searchkd tune config.yaml` trains the same "
+        "configuration again, under a seed of its own). The trial's values, with the seed it ran "
+        "under:",
         "",
         *[f"- `{k}`: {short(v)}" for k, v in sorted(t.config.items())],
         "",

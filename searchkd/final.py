@@ -289,7 +289,10 @@ class FinalRun:
 
     @property
     def name(self) -> str:
-        return f"{self.config.tag if self.config.rank is None else 'rank' + str(self.config.rank)}-seed{self.seed}"
+        return (
+            f"{self.config.tag if self.config.rank is None else 'rank' + str(self.config.rank)}"
+            f"-seed{self.seed}"
+        )
 
 
 def plan_runs(
@@ -423,7 +426,8 @@ class ListSearcher(Searcher):
 
 
 class FinalProgress:
-    """One line per run that ends (and a heartbeat); nothing is "best" here: test chooses nothing."""
+    """One line per run that ends (and a heartbeat); nothing is "best" here: test chooses
+    nothing."""
 
     def __init__(
         self,
@@ -446,7 +450,8 @@ class FinalProgress:
         done = self.done_before + sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
         self.log(
-            f"[{time.time() - self.start:6.0f}s] {text:<56} | {done}/{self.total} done, {running} running"
+            f"[{time.time() - self.start:6.0f}s] {text:<56} | {done}/{self.total} done, {running} "
+            f"running"
         )
         self.last_beat = time.time()
 
@@ -490,8 +495,8 @@ def run_final(
     state = search_dir / tracking.TRACKING_FILE
     if not state.exists():
         raise FinalError(
-            f"{os.path.relpath(search_dir)}: the search has no MLflow run ({tracking.TRACKING_FILE} "
-            f"is missing); resume the search first"
+            f"{os.path.relpath(search_dir)}: the search has no MLflow run "
+            f"({tracking.TRACKING_FILE} is missing); resume the search first"
         )
     search_runs = tracking.SearchRuns(**json.loads(state.read_text()))
     base_tags = {
@@ -577,8 +582,9 @@ def run_final(
         )
         log(
             f"final stage of {spec.name}: {top} top config{'s' if top != 1 else ''} {default}, "
-            f"{len(stage.seeds)} seed{'s' if len(stage.seeds) != 1 else ''} each, {spec.train.epochs} epochs on "
-            f"train + val: {len(todo)} of {len(stage.runs)} runs to train, in {shown}/{FINAL_DIR}"
+            f"{len(stage.seeds)} seed{'s' if len(stage.seeds) != 1 else ''} each, "
+            f"{spec.train.epochs} epochs on train + val: {len(todo)} of {len(stage.runs)} runs to "
+            f"train, in {shown}/{FINAL_DIR}"
         )
         connect(spec, address, num_cpus, storage=base_storage(spec, search_dir.parent))
         ray_dir = final_dir / RAY_DIR
@@ -631,7 +637,8 @@ def run_final(
             )
         except Exception as exc:  # noqa: BLE001 - the summary is in final.parquet too
             log(
-                f"searchkd: warning: the final stage's summary was not logged to MLflow: {tracking.one_line(exc)}"
+                f"searchkd: warning: the final stage's summary was not logged to MLflow: "
+                f"{tracking.one_line(exc)}"
             )
     if session.stop_reason:
         log(f"searchkd: error: {session.stop_reason}; free space, then run the final stage again")

@@ -136,9 +136,9 @@ class ResultsTable:
             except (OSError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ResultsError(
-                    f"{self.path} is damaged ({first}) and there is no {self.log_path.name} to rebuild "
-                    f"it from; move it aside to go on (the study and MLflow keep every trial's "
-                    f"result)"
+                    f"{self.path} is damaged ({first}) and there is no {self.log_path.name} to "
+                    f"rebuild it from; move it aside to go on (the study and MLflow keep every "
+                    f"trial's result)"
                 ) from None
             for r in table:
                 rows[(int(r["trial_number"]), int(r["epoch"]))] = r
@@ -149,7 +149,8 @@ class ResultsTable:
     def add(
         self, number: int, trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any]
     ) -> None:
-        """Record one reported epoch of trial `number` (a re-report of a recorded one is dropped)."""
+        """Record one reported epoch of trial `number` (a re-report of a recorded one is
+        dropped)."""
         key = (number, int(result["epoch"]))
         if key in self.rows:
             return

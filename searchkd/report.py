@@ -1,8 +1,8 @@
 """A search at a glance: `trials/<name>/report/`, an offline HTML page and its PNG plots.
 
 The report reads only the search directory: `space.yaml`, `results.jsonl` (the record of the
-rows results.parquet is built from, one per trial per epoch, always current), `optuna.journal`, `state.json`, `storage.json`, `tracking.json`,
-`mlflow_runs.json`, plus the teacher's cache entry
+rows results.parquet is built from, one per trial per epoch, always current), `optuna.journal`,
+`state.json`, `storage.json`, `tracking.json`, `mlflow_runs.json`, plus the teacher's cache entry
 beside it (`trials/teachers/<digest>/meta.json`, for the teacher's accuracy). It takes no
 lock and writes nothing outside `report/`, so it runs on a running or interrupted search as
 well as on a finished one.
@@ -393,8 +393,9 @@ def final_lines(summary: Mapping[str, Any]) -> list[str]:
         "and the default" if any(c["rank"] is None for c in configs) else "(the default among them)"
     )
     head = (
-        f"final stage: {top} top config{'s' if top != 1 else ''} {default} retrained on train + val "
-        f"(val_fraction 0), {len(summary['seeds'])} seeds each; test_acc of the last epoch's student"
+        f"final stage: {top} top config{'s' if top != 1 else ''} {default} retrained on train + "
+        f"val (val_fraction 0), {len(summary['seeds'])} seeds each; test_acc of the last epoch's "
+        f"student"
     )
     if not summary.get("complete"):
         head += f" ({summary['runs_done']} of {summary['runs_planned']} runs done)"
@@ -468,10 +469,11 @@ def final_html(summary: Mapping[str, Any]) -> str:
     )
     return (
         "<h2>Final stage: is the winner really better?</h2>"
-        f"<p>The top configs and the default one (every searched tunable at its objective's default) "
-        f"retrained on train + val (<code>val_fraction: 0</code>) with the same {len(summary['seeds'])} "
-        f"seeds each, measured on test (the last epoch's student). Δ is the paired difference to the "
-        f"default over the seeds, with its {level}% t-interval; a config beats the default when the "
+        f"<p>The top configs and the default one (every searched tunable at its objective's "
+        f"default) retrained on train + val (<code>val_fraction: 0</code>) with the same "
+        f"{len(summary['seeds'])} seeds each, measured on test (the last epoch's student). Δ is "
+        f"the paired difference to the default over the seeds, with its {level}% t-interval; a "
+        f"config beats the default when the "
         f"whole interval is above 0.{done}</p>" + notes + _table(headers, rows, "final")
     )
 
@@ -990,9 +992,10 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
             "history",
             "Optimisation history",
             (
-                f"The black steps are the best {a.metric} any trial had reached after that many trial-epochs "
-                f"(one trial-epoch = one trial trained for one epoch{': the cost ASHA saves' if asha else ''}). "
-                f"Each marker is a trial, placed where its last epoch came, at its score"
+                f"The black steps are the best {a.metric} any trial had reached after that many "
+                f"trial-epochs (one trial-epoch = one trial trained for one "
+                f"epoch{': the cost ASHA saves' if asha else ''}). Each marker is a trial, placed "
+                f"where its last epoch came, at its score"
                 + ("; crosses are trials ASHA stopped early." if asha else ".")
             ),
         )
@@ -1001,12 +1004,13 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
             "curves",
             "Learning curves",
             (
-                f"{a.metric} after every epoch of every trial. Solid: trained all {a.spec.train.epochs} epochs; "
+                f"{a.metric} after every epoch of every trial. Solid: trained all "
+                f"{a.spec.train.epochs} epochs; "
                 + ("dashed ending in a cross: stopped by ASHA; " if asha else "")
                 + "dotted: failed; grey: still running or unfinished."
                 + (
-                    " Dotted verticals are ASHA's rungs, the epochs at which a trial is compared with the others "
-                    "and may be stopped."
+                    " Dotted verticals are ASHA's rungs, the epochs at which a trial is compared "
+                    "with the others and may be stopped."
                     if asha
                     else ""
                 )
@@ -1022,9 +1026,9 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
             "importances",
             "Parameter importance",
             (
-                f"How much of the variation of the trials' {a.metric} each searched parameter explains, by "
-                f"Optuna's PED-ANOVA evaluator over the {len(study.trials)} trials that ended. With few trials "
-                f"this is a hint, not a measurement."
+                f"How much of the variation of the trials' {a.metric} each searched parameter "
+                f"explains, by Optuna's PED-ANOVA evaluator over the {len(study.trials)} trials "
+                f"that ended. With few trials this is a hint, not a measurement."
             ),
             study,
         )
@@ -1033,8 +1037,9 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
             "slices",
             "Score against the top parameters",
             (
-                f"Each dot is an ended trial: its sampled value of the parameter (x) and its {a.metric} (y). "
-                f"Darker dots are later trials, so a sampler converging shows as dark dots gathering."
+                f"Each dot is an ended trial: its sampled value of the parameter (x) and its "
+                f"{a.metric} (y). Darker dots are later trials, so a sampler converging shows as "
+                f"dark dots gathering."
                 + (
                     " Trials ASHA stopped count with the value they had reached, so they sit lower."
                     if asha
@@ -1054,9 +1059,10 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
             "objectives",
             "Objectives side by side",
             (
-                f"Each objective's trials at their {a.metric}: the box spans the middle half of the trials that "
-                f"trained all epochs, the line is their median; crosses are trials ASHA stopped, at the value "
-                f"they had reached (not comparable with a full training)."
+                f"Each objective's trials at their {a.metric}: the box spans the middle half of "
+                f"the trials that trained all epochs, the line is their median; crosses are trials "
+                f"ASHA stopped, at the value they had reached (not comparable with a full "
+                f"training)."
             ),
         )
     if len(a.spec.metrics) > 1 and a.trials:
@@ -1065,8 +1071,9 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
             "pareto",
             "Pareto front",
             (
-                f"Every trial at its {a.spec.metrics[0]} and {a.spec.metrics[1]}. Red: the non-dominated trials, "
-                f"those no other trial beats on both at once; the table below lists them."
+                f"Every trial at its {a.spec.metrics[0]} and {a.spec.metrics[1]}. Red: the "
+                f"non-dominated trials, those no other trial beats on both at once; the table "
+                f"below lists them."
             ),
         )
     data.update(analysis_data(a))
@@ -1130,9 +1137,11 @@ def analysis_data(a: Analysis) -> dict[str, Any]:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;\
+margin:0;color:#1d232a;background:#f6f7f9}
 main{max-width:1180px;margin:0 auto;padding:20px 28px 60px}
-h1{font-size:26px;margin:8px 0 4px} h2{font-size:20px;margin:34px 0 8px;border-bottom:1px solid #d8dde3;padding-bottom:4px}
+h1{font-size:26px;margin:8px 0 4px} h2{font-size:20px;\
+margin:34px 0 8px;border-bottom:1px solid #d8dde3;padding-bottom:4px}
 .sub{color:#56606b;margin:0 0 16px}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(200px,1fr));gap:10px;margin:14px 0}
 .card{background:#fff;border:1px solid #dfe3e8;border-radius:8px;padding:10px 14px}
@@ -1143,9 +1152,12 @@ figure img{max-width:100%;height:auto;display:block;margin:0 auto}
 figcaption{font-size:14px;color:#3b444d;margin-top:8px;line-height:1.45}
 table{border-collapse:collapse;background:#fff;font-size:13px;width:100%}
 th,td{border:1px solid #dfe3e8;padding:5px 7px;text-align:left;vertical-align:top}
-th{background:#eef1f4;font-weight:600} td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.best td{background:#fff8e1} code{background:#eef1f4;padding:1px 4px;border-radius:3px;font-size:13px}
-.how li{margin:4px 0} .note{color:#8a5300} details{margin:10px 0} summary{cursor:pointer;font-weight:600}
+th{background:#eef1f4;font-weight:600} \
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.best td{background:#fff8e1} \
+code{background:#eef1f4;padding:1px 4px;border-radius:3px;font-size:13px}
+.how li{margin:4px 0} .note{color:#8a5300} details{margin:10px 0} \
+summary{cursor:pointer;font-weight:600}
 .wrap{overflow-x:auto}
 """
 
@@ -1161,8 +1173,8 @@ def _cards(a: Analysis) -> str:
 
     def card(k: str, v: str, d: str = "") -> None:
         cards.append(
-            f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{html.escape(v)}</div>'
-            f'<div class="d">{html.escape(d)}</div></div>'
+            f'<div class="card"><div class="k">{html.escape(k)}</div>'
+            f'<div class="v">{html.escape(v)}</div><div class="d">{html.escape(d)}</div></div>'
         )
 
     if best is not None:
@@ -1266,37 +1278,43 @@ def render_html(a: Analysis, figures: list[Figure], out: Path, imp: dict[str, fl
     objective = "/".join(spec.objectives)
     metric_text = ", ".join(f"{m} ({md})" for m, md in zip(spec.metrics, spec.modes, strict=True))
     parts = [
-        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>searchkd report: {name}</title>"
-        f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style></head><body><main>",
+        f"<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>searchkd report: {name}</title>"
+        f"<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<style>{CSS}</style></head><body><main>",
         f"<h1>Search {name}</h1>",
         f'<p class="sub">{html.escape(spec.teacher.arch)} → {html.escape(spec.student.arch)} on '
-        f"{html.escape(spec.data.dataset)}, objective {html.escape(objective)}, metric {html.escape(metric_text)}, "
-        f"sampler {spec.search.sampler}, scheduler {spec.search.scheduler}, "
-        f"{spec.search.num_samples} trials × {spec.train.epochs} epochs. "
+        f"{html.escape(spec.data.dataset)}, objective {html.escape(objective)}, metric "
+        f"{html.escape(metric_text)}, sampler {spec.search.sampler}, scheduler "
+        f"{spec.search.scheduler}, {spec.search.num_samples} trials × {spec.train.epochs} epochs. "
         f"Directory <code>{html.escape(str(a.search_dir))}</code>.</p>",
         _cards(a),
     ]
     if a.best is not None:
         b = a.best
         parts.append(
-            f"<p><b>Best trial {b.number}</b> ({STATUS_TEXT[b.status]}, {b.epochs} epochs): {a.metric} "
-            f"{fmt(b.scores[a.metric], a.metric)}, test_acc {fmt(b.test_acc)}, "
-            f"{fmt(b.student_params, 'student_params')} parameters, {fmt(b.student_macs, 'student_macs')} "
-            f"MACs per image. Config: <code>{html.escape(', '.join(f'{k}={short(v)}' for k, v in sorted(b.config.items())))}"
+            f"<p><b>Best trial {b.number}</b> ({STATUS_TEXT[b.status]}, {b.epochs} epochs): "
+            f"{a.metric} {fmt(b.scores[a.metric], a.metric)}, test_acc {fmt(b.test_acc)}, "
+            f"{fmt(b.student_params, 'student_params')} parameters, "
+            f"{fmt(b.student_macs, 'student_macs')} MACs per image. Config: <code>"
+            f"{html.escape(', '.join(f'{k}={short(v)}' for k, v in sorted(b.config.items())))}"
             f"</code></p>"
         )
     how = [
-        f"<li>Take the best student away: <code>searchkd best {html.escape(str(a.search_dir))} --out best/</code></li>"
+        f"<li>Take the best student away: <code>searchkd best {html.escape(str(a.search_dir))} "
+        f"--out best/</code></li>"
     ]
     if a.mlflow:
         how.append(
-            f'<li>MLflow: <a href="{html.escape(a.mlflow["link"])}">{html.escape(a.mlflow["link"])}</a>'
+            f'<li>MLflow: <a href="{html.escape(a.mlflow["link"])}">'
+            f"{html.escape(a.mlflow['link'])}</a>"
             + (
                 ""
                 if a.mlflow["tracking_uri"].startswith("http")
                 else " (start it with <code>searchkd ui</code>)"
             )
-            + f"; the search's parent run is <code>{html.escape(a.mlflow['parent_run_id'])}</code>.</li>"
+            + f"; the search's parent run is "
+            f"<code>{html.escape(a.mlflow['parent_run_id'])}</code>.</li>"
         )
     if a.journal is not None:
         how.append(
@@ -1373,7 +1391,8 @@ def _figure(f: Figure, out: Path) -> str:
     path = out / f"{f.name}.png"
     return (
         f'<figure id="fig-{f.name}"><img src="{_img(path)}" alt="{html.escape(f.title)}">'
-        f'<figcaption>{html.escape(f.caption)} <a href="{f.name}.png">{f.name}.png</a></figcaption></figure>'
+        f'<figcaption>{html.escape(f.caption)} <a href="{f.name}.png">'
+        f"{f.name}.png</a></figcaption></figure>"
     )
 
 
@@ -1385,12 +1404,14 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
     lines = [f"report: {where}  ({len(report.figures)} plots, {report.seconds:.1f}s)"]
     if a.best is not None:
         lines.append(
-            f"  best trial {a.best.number} by {a.metric}: {fmt(a.best.scores[a.metric], a.metric)}, "
-            f"test_acc {fmt(a.best.test_acc)}  (export: searchkd best {os.path.relpath(a.search_dir)})"
+            f"  best trial {a.best.number} by {a.metric}: "
+            f"{fmt(a.best.scores[a.metric], a.metric)}, test_acc {fmt(a.best.test_acc)}  (export: "
+            f"searchkd best {os.path.relpath(a.search_dir)})"
         )
     if a.pareto:
         lines.append(
-            f"  Pareto front ({' vs '.join(a.spec.metrics[:2])}): trials {', '.join(map(str, a.pareto))}"
+            f"  Pareto front ({' vs '.join(a.spec.metrics[:2])}): trials "
+            f"{', '.join(map(str, a.pareto))}"
         )
     if a.mlflow:
         lines.append(

@@ -81,18 +81,20 @@ def ensure_teacher(
             if partial.exists():
                 engine.load(partial)
                 log(
-                    f"resuming teacher {spec.teacher.arch} at epoch {engine.epoch}/{tspec.train.epochs}"
+                    f"resuming teacher {spec.teacher.arch} at epoch "
+                    f"{engine.epoch}/{tspec.train.epochs}"
                 )
             else:
                 log(
-                    f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; cached in {home})"
+                    f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; "
+                    f"cached in {home})"
                 )
             while not engine.finished:
                 row = engine.run_epoch()
                 replace_atomically(partial, lambda p: p.write_bytes(engine.to_bytes()))
                 log(
-                    f"  teacher epoch {engine.epoch}/{tspec.train.epochs}: train_loss {row['train_loss']:.4f}, "
-                    f"val_acc {row['val_acc']:.4f}"
+                    f"  teacher epoch {engine.epoch}/{tspec.train.epochs}: train_loss "
+                    f"{row['train_loss']:.4f}, val_acc {row['val_acc']:.4f}"
                 )
             engine.student.load_state_dict(engine.best_student)
             replace_atomically(
@@ -101,7 +103,8 @@ def ensure_teacher(
         else:
             path = ckpt
         val, test = engine.evaluate("val").top1, engine.evaluate("test").top1
-        # A trained teacher is stored relative to its cache entry, so a moved trials/ still finds it.
+        # A trained teacher is stored relative to its cache entry, so a moved trials/ still finds
+        # it.
         stored = path.name if ckpt is None else str(path)
         meta = {
             "path": stored,

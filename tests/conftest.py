@@ -22,7 +22,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def tiny_space(name: str = "tiny", **overrides: Any) -> dict[str, Any]:
-    """A digits search small enough to run in seconds: 2 trials × 2 epochs of a 1/4-width resnet8."""
+    """A digits search small enough to run in seconds: 2 trials × 2 epochs of a 1/4-width
+    resnet8."""
     space: dict[str, Any] = {
         "name": name,
         "objective": "msd",

@@ -230,11 +230,11 @@ def test_ray_messages_become_one_line_each() -> None:
     lines = RayLines(out)
     lines.write("[     9s] trial 1 epoch 3/8 | 1/4 done\n")
     lines.write(
-        "\x1b[33m(raylet)\x1b[0m The node with node id: ef0813caca5b71d753032b9b78cb8945387ef7f09bd726dd "
-        "and address: 127.0.0.1 and node name: 127.0.0.1 has been marked dead because the detector "
-        "has missed too many heartbeats from it. This can happen when a \t(1) raylet crashes "
-        "unexpectedly (OOM, etc.) \n\t(2) raylet has lagging heartbeats due to slow network or busy "
-        "workload.\n"
+        "\x1b[33m(raylet)\x1b[0m The node with node id: "
+        "ef0813caca5b71d753032b9b78cb8945387ef7f09bd726dd and address: 127.0.0.1 and node name: "
+        "127.0.0.1 has been marked dead because the detector has missed too many heartbeats from "
+        "it. This can happen when a \t(1) raylet crashes unexpectedly (OOM, etc.) \n\t(2) raylet "
+        "has lagging heartbeats due to slow network or busy workload.\n"
     )
     lines.write(
         "\x1b[33m(raylet)\x1b[0m Task was killed due to the node running low on memory. Memory on "

@@ -365,7 +365,8 @@ def test_search_on_two_nodes_with_object_storage_and_a_tracking_server(
         assert "(raylet)" not in text and lost_lines in (
             [],
             [
-                f"searchkd: ray: lost node 127.0.0.1 (node {worker['node_id'][:8]}): it stopped answering"
+                f"searchkd: ray: lost node 127.0.0.1 (node {worker['node_id'][:8]}): it stopped "
+                f"answering"
             ],
         ), text
         client = MlflowClient(tracking_uri)

@@ -184,7 +184,7 @@ def test_space_final_section() -> None:
         validate(tiny_space(final={"seeds": 0}), "x.yaml")
 
 
-# -- one real final stage ---------------------------------------------------------------------------
+# -- one real final stage --------------------------------------------------------------------------
 @pytest.mark.integration
 def test_final_stage_after_a_tiny_search(ray_session, tmp_path: Path, capsys) -> None:
     """The space's `final:` section runs the stage when the search ends (1 seed); `searchkd

@@ -137,11 +137,14 @@ def test_published_parameter_counts(name: str, millions: float) -> None:
 def test_repdistiller_parameter_names() -> None:
     """Published CIFAR teachers are RepDistiller state dicts: these keys must exist to load them."""
     keys = {
-        "wrn_40_2": ["conv1.weight", "block1.layer.0.convShortcut.weight", "bn1.weight", "fc.weight"],
-        "vgg13": ["block0.0.weight", "block0.1.running_mean", "block4.4.weight", "classifier.weight"],
+        "wrn_40_2": ["conv1.weight", "block1.layer.0.convShortcut.weight", "bn1.weight",
+                     "fc.weight"],
+        "vgg13": ["block0.0.weight", "block0.1.running_mean", "block4.4.weight",
+                  "classifier.weight"],
         "MobileNetV2": ["conv1.0.weight", "blocks.6.0.conv.7.weight", "conv2.0.weight",
                         "classifier.0.weight"],
-        "ShuffleV1": ["conv1.weight", "layer1.0.conv1.weight", "layer3.3.bn3.weight", "linear.weight"],
+        "ShuffleV1": ["conv1.weight", "layer1.0.conv1.weight", "layer3.3.bn3.weight",
+                      "linear.weight"],
         "ShuffleV2": ["layer1.0.conv5.weight", "layer3.3.conv3.weight", "conv2.weight",
                       "linear.weight"],
     }  # fmt: skip

@@ -43,7 +43,8 @@ def test_the_shipped_parts_are_registered() -> None:
     assert SAMPLERS.names() == ["gp", "nsga2", "random", "tpe"]
 
 
-NEW_OBJECTIVE = '''"""toy: the student's logits pulled towards the teacher's (a test's own objective)."""
+NEW_OBJECTIVE = '''\
+"""toy: the student's logits pulled towards the teacher's (a test's own objective)."""
 from searchkd.objectives.base import Objective, Tunable, common_tunables, register_objective
 
 
@@ -108,5 +109,6 @@ def test_an_unknown_sampler_is_one_line_naming_the_registered_ones(tmp_path: Pat
     err = capsys.readouterr().err.strip()
     assert (
         err
-        == f"searchkd: error: {path}: search.sampler: unknown sampler 'cmaes2'; known: gp, nsga2, random, tpe"
+        == f"searchkd: error: {path}: search.sampler: unknown sampler 'cmaes2'; known: gp, nsga2, "
+        "random, tpe"
     )

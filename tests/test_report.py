@@ -595,7 +595,7 @@ def test_the_teacher_digest_is_the_caches(tmp_path: Path) -> None:
     assert teacher_digest(from_file(copy)) != measured.digest
 
 
-# -- the best student -------------------------------------------------------------------------------
+# -- the best student ------------------------------------------------------------------------------
 def test_best_exports_a_student_that_loads_with_weights_only(tmp_path: Path, capsys) -> None:
     import torch
 
@@ -644,7 +644,8 @@ def test_best_exports_a_student_that_loads_with_weights_only(tmp_path: Path, cap
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["student"]["width"] == width and config["params"] == {}
     assert config["loss"]["kd_weight"] == pytest.approx(best.config["loss.kd_weight"])
-    # Another trial on request (a point of a Pareto front, say); a trial without weights is one line.
+    # Another trial on request (a point of a Pareto front, say); a trial without weights is one
+    # line.
     with pytest.raises(SystemExit):
         main(
             [
@@ -659,7 +660,7 @@ def test_best_exports_a_student_that_loads_with_weights_only(tmp_path: Path, cap
     assert "no student_best.pt" in capsys.readouterr().err
 
 
-# -- a real browser, where there is one ----------------------------------------------------------------
+# -- a real browser, where there is one ------------------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -705,7 +706,7 @@ def test_the_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert ImageStat.Stat(img.crop((0, 700, 1280, 3000))).stddev[0] > 20
 
 
-# -- real searches on digits ------------------------------------------------------------------------
+# -- real searches on digits -----------------------------------------------------------------------
 @pytest.mark.integration
 def test_a_search_ends_with_its_report_and_its_best_student_reproduces(
     ray_session, tmp_path: Path, capsys

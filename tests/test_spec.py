@@ -102,7 +102,8 @@ BAD = [
     ),
     (
         lambda s: s["data"].update(val_fraction=0.0),
-        "search.metric: 'val_acc' is measured on the validation split, but data.val_fraction can be 0",
+        "search.metric: 'val_acc' is measured on the validation split, but data.val_fraction can "
+        "be 0",
     ),
     (
         lambda s: s["params"].update({"data.val_fraction": {"float": [0.0, 0.2]}}),
@@ -195,7 +196,10 @@ def test_yaml_aliases_and_huge_files_are_refused_before_they_expand(tmp_path) ->
     for i in range(1, 9):
         prev = chr(ord("a") + i - 1)
         cur = chr(ord("a") + i)
-        laughs += f"{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"
+        laughs += (
+            f"{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},"
+            f"*{prev}]\n"
+        )
     with pytest.raises(
         SpecError, match=r"^x\.yaml: YAML alias \*a \(line 2\): aliases are not allowed"
     ) as err:

@@ -46,8 +46,8 @@ def run_stages(stages: list[nn.Module] | nn.ModuleList, x: Tensor) -> tuple[Tens
 
 
 def tokens_to_map(tokens: Tensor) -> Tensor:
-    """B×N×C tokens (no class token) → B×C×√N×√N: ViT and MLP taps read as maps, so objectives written
-    for CNN feature maps work on them unchanged."""
+    """B×N×C tokens (no class token) → B×C×√N×√N: ViT and MLP taps read as maps, so objectives
+    written for CNN feature maps work on them unchanged."""
     b, n, c = tokens.shape
     side = math.isqrt(n)
     if side * side != n:

@@ -80,8 +80,8 @@ class MLPMixer(TappedModel):
         stem = self.patch_embed(x)
         if stem.shape[-2:] != (self.grid, self.grid):
             raise ValueError(
-                f"mixer built for a {self.grid}×{self.grid} token grid, got {tuple(stem.shape[-2:])}"
-                "; build it with the input's image_size"
+                f"mixer built for a {self.grid}×{self.grid} token grid, got "
+                f"{tuple(stem.shape[-2:])}; build it with the input's image_size"
             )
         h = stem.flatten(2).transpose(1, 2)
         maps = []

@@ -31,7 +31,8 @@ _EXTRA_POOL_SIZE = 64
 
 
 def _block(channels: list[int], in_channels: int) -> nn.Sequential:
-    """conv-BN-ReLU per entry, without the last ReLU: forward applies it so the tap stays explicit."""
+    """conv-BN-ReLU per entry, without the last ReLU: forward applies it so the tap stays
+    explicit."""
     layers: list[nn.Module] = []
     for c in channels:
         layers += [
