@@ -131,9 +131,13 @@ def worker(args: dict[str, Any], results: Any) -> None:
     steps, batch = args["steps"], args["batch_size"]
     use = (lambda t: t.cpu_s) if device.type == "cpu" else (lambda t: t.wall_s)
     out = {
-        "k": k, "steps": steps,
-        "step_s": use(step) / steps, "step_wall_s": step.wall_s / steps, "step_cpu_s": step.cpu_s / steps,
-        "teacher_s": use(teacher) / steps, "teacher_wall_s": teacher.wall_s / steps,
+        "k": k,
+        "steps": steps,
+        "step_s": use(step) / steps,
+        "step_wall_s": step.wall_s / steps,
+        "step_cpu_s": step.cpu_s / steps,
+        "teacher_s": use(teacher) / steps,
+        "teacher_wall_s": teacher.wall_s / steps,
         "student_img_s": k * steps * batch / use(step),
         "student_img_s_wall": k * steps * batch / step.wall_s,
         "cohort_img_s": steps * batch / use(step),
@@ -163,8 +167,11 @@ def run_config(name: str, packs: list[int], base: dict[str, Any], folder: Path) 
         if not base["in_process"]:
             proc.join()
         rows.append(out)
-        print(f"  {name} K={k}: {out['student_img_s']:.1f} student-img/s, step {out['step_s']:.3f}s, "
-              f"teacher {out['teacher_s']:.3f}s, peak {out['peak_memory_mib']:.0f} MiB", flush=True)
+        print(
+            f"  {name} K={k}: {out['student_img_s']:.1f} student-img/s, step {out['step_s']:.3f}s, "
+            f"teacher {out['teacher_s']:.3f}s, peak {out['peak_memory_mib']:.0f} MiB",
+            flush=True,
+        )
     one = next(r for r in rows if r["k"] == 1)
     share = min(1.0, one["teacher_s"] / one["step_s"])
     for r in rows:
@@ -172,20 +179,30 @@ def run_config(name: str, packs: list[int], base: dict[str, Any], folder: Path) 
         r["speedup"] = r["student_img_s"] / one["student_img_s"]
         r["ideal_speedup"] = 1.0 / (share / r["k"] + (1.0 - share))
         r["efficiency"] = r["speedup"] / r["ideal_speedup"]
-    return {"config": name, "objective": pair.objective, "teacher": pair.teacher, "student": pair.student,
-            "teacher_share": share, "results": rows}
+    return {
+        "config": name,
+        "objective": pair.objective,
+        "teacher": pair.teacher,
+        "student": pair.student,
+        "teacher_share": share,
+        "results": rows,
+    }
 
 
 def table(payload: dict[str, Any]) -> str:
-    lines = ["| pair | objective | K | packed student-img/s | separate student-img/s | speedup | ideal | efficiency "
-             "| teacher share | teacher calls/step | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| pair | objective | K | packed student-img/s | separate student-img/s | speedup | ideal | efficiency "
+        "| teacher share | teacher calls/step | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in payload["configs"]:
         for r in c["results"]:
-            lines.append(f"| {c['teacher']} -> {c['student']} | {c['objective']} | {r['k']} | "
-                         f"{r['student_img_s']:.1f} | {r['separate_img_s']:.1f} | {r['speedup']:.2f}x | "
-                         f"{r['ideal_speedup']:.2f}x | {100 * r['efficiency']:.0f}% | {c['teacher_share']:.2f} | "
-                         f"{r['teacher_calls_per_step']:.0f} | {r['peak_memory_mib']:.0f} |")
+            lines.append(
+                f"| {c['teacher']} -> {c['student']} | {c['objective']} | {r['k']} | "
+                f"{r['student_img_s']:.1f} | {r['separate_img_s']:.1f} | {r['speedup']:.2f}x | "
+                f"{r['ideal_speedup']:.2f}x | {100 * r['efficiency']:.0f}% | {c['teacher_share']:.2f} | "
+                f"{r['teacher_calls_per_step']:.0f} | {r['peak_memory_mib']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -199,30 +216,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--num-classes", type=int, default=NUM_CLASSES)
     ap.add_argument("--train-size", type=int, default=TRAIN_SIZE)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per process (CPU); 0: torch's default")
-    ap.add_argument("--small", action="store_true",
-                    help="smoke test: batch 4, 10 classes, 40 images, K 1,2, in this process")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads per process (CPU); 0: torch's default"
+    )
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="smoke test: batch 4, 10 classes, 40 images, K 1,2, in this process",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
-        raise SystemExit(f"unknown configuration {unknown[0] if unknown else args.configs!r}; known: "
-                         f"{', '.join(CONFIGS)}")
+        raise SystemExit(
+            f"unknown configuration {unknown[0] if unknown else args.configs!r}; known: "
+            f"{', '.join(CONFIGS)}"
+        )
     device = pick_device(args.device)
     if args.small:
         args.batch_size, args.num_classes, args.train_size, args.packs = 4, 10, 40, "1,2"
         args.steps = args.steps or SMALL_STEPS
     packs = sorted({int(k) for k in args.packs.split(",")} | {1})
-    base = {"device": str(device), "threads": args.threads, "batch_size": args.batch_size,
-            "num_classes": args.num_classes, "train_size": args.train_size,
-            "steps": args.steps or STEPS[device.type], "warmup": WARMUP[device.type] if args.warmup is None
-            else args.warmup, "in_process": args.small}
+    base = {
+        "device": str(device),
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "num_classes": args.num_classes,
+        "train_size": args.train_size,
+        "steps": args.steps or STEPS[device.type],
+        "warmup": WARMUP[device.type] if args.warmup is None else args.warmup,
+        "in_process": args.small,
+    }
     if args.threads:
         torch.set_num_threads(args.threads)
-    payload: dict[str, Any] = {**environment(device), "batch_size": args.batch_size, "packs": packs,
-                               "steps": base["steps"], "timing": "process CPU time" if device.type == "cpu"
-                               else "wall time", "configs": []}
+    payload: dict[str, Any] = {
+        **environment(device),
+        "batch_size": args.batch_size,
+        "packs": packs,
+        "steps": base["steps"],
+        "timing": "process CPU time" if device.type == "cpu" else "wall time",
+        "configs": [],
+    }
     with tempfile.TemporaryDirectory(prefix="searchkd-pack-") as tmp:
         for name in names:
             payload["configs"].append(run_config(name, packs, base, Path(tmp)))

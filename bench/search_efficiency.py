@@ -73,8 +73,11 @@ EPS = 1e-9  # accuracies closer than this are the same count of val images
 FULL = {"seeds": "0,1,2", "trials": 16, "epochs": 9}
 SMALL = {"seeds": "0", "trials": 2, "epochs": 2}
 # --small: a teacher that trains in seconds, so a smoke test costs two short searches only.
-SMALL_TEACHER = {"arch": "resnet8", "width": 0.5,
-                 "train": {"epochs": 3, "batch_size": 64, "lr": 0.1, "lr_schedule": "cosine"}}
+SMALL_TEACHER = {
+    "arch": "resnet8",
+    "width": 0.5,
+    "train": {"epochs": 3, "batch_size": 64, "lr": 0.1, "lr_schedule": "cosine"},
+}
 
 
 @dataclass
@@ -119,7 +122,9 @@ def run_search(space: Path, trials: Path, num_cpus: int) -> float:
     """Run one search through `searchkd.tune`, the function behind `searchkd tune`; its wall
     time, or exit with the reason it did not finish."""
     start = time.perf_counter()
-    run = searchkd.tune(space, trials_dir=trials, num_cpus=num_cpus, report=False, say=lambda _: None)
+    run = searchkd.tune(
+        space, trials_dir=trials, num_cpus=num_cpus, report=False, say=lambda _: None
+    )
     if run.status != "finished":
         raise SystemExit(f"{space.stem}: the search ended {run.status}")
     return time.perf_counter() - start
@@ -146,18 +151,35 @@ def curve(rows: list[dict[str, Any]]) -> list[Point]:
     return points
 
 
-def summarize(method: str, seed: int, name: str, rows: list[dict[str, Any]], seconds: float,
-              epochs: int) -> Search:
+def summarize(
+    method: str, seed: int, name: str, rows: list[dict[str, Any]], seconds: float, epochs: int
+) -> Search:
     per_trial: dict[int, int] = {}
     for r in rows:
         n = int(r["trial_number"])
         per_trial[n] = per_trial.get(n, 0) + 1
-    return Search(method, seed, name, seconds, len(per_trial), len(rows), dict(sorted(per_trial.items())),
-                  sum(e < epochs for e in per_trial.values()), curve(rows))
+    return Search(
+        method,
+        seed,
+        name,
+        seconds,
+        len(per_trial),
+        len(rows),
+        dict(sorted(per_trial.items())),
+        sum(e < epochs for e in per_trial.values()),
+        curve(rows),
+    )
 
 
-def variant(base: dict[str, Any], method: str, seed: int, trials: int, epochs: int,
-            small: bool, grace_period: int | None = None) -> dict[str, Any]:
+def variant(
+    base: dict[str, Any],
+    method: str,
+    seed: int,
+    trials: int,
+    epochs: int,
+    small: bool,
+    grace_period: int | None = None,
+) -> dict[str, Any]:
     """The base space for one search: TPE + ASHA as written (or with another ASHA grace
     period, named in the search's name), or random search without a scheduler; only the
     name, seed and budget change besides."""
@@ -193,38 +215,54 @@ def compare(searches: list[Search], budget: int) -> dict[str, Any]:
     for seed in sorted(set(tpe) & set(rnd)):
         t, r = tpe[seed], rnd[seed]
         k = t.reached(r.final.val_acc)
-        per_seed.append({
-            "seed": seed,
-            "random_final_val": r.final.val_acc, "random_final_test": r.final.test_acc,
-            "random_trial_epochs": r.trial_epochs,
-            "random_reached_own_final_at": r.reached(r.final.val_acc),
-            "tpe_final_val": t.final.val_acc, "tpe_final_test": t.final.test_acc,
-            "tpe_trial_epochs": t.trial_epochs,
-            "tpe_reached_random_final_at": k,
-            "tpe_test_when_reached": t.at(k).test_acc if k is not None else None,
-            "within_goal": k is not None and k <= goal,
-        })
+        per_seed.append(
+            {
+                "seed": seed,
+                "random_final_val": r.final.val_acc,
+                "random_final_test": r.final.test_acc,
+                "random_trial_epochs": r.trial_epochs,
+                "random_reached_own_final_at": r.reached(r.final.val_acc),
+                "tpe_final_val": t.final.val_acc,
+                "tpe_final_test": t.final.test_acc,
+                "tpe_trial_epochs": t.trial_epochs,
+                "tpe_reached_random_final_at": k,
+                "tpe_test_when_reached": t.at(k).test_acc if k is not None else None,
+                "within_goal": k is not None and k <= goal,
+            }
+        )
     pairs = [(i, j, tpe[i].reached(rnd[j].final.val_acc)) for i in sorted(tpe) for j in sorted(rnd)]
     horizon = max([budget, *(s.trial_epochs for s in searches)])
 
     def mean_curve(group: dict[int, Search]) -> list[float]:
-        return [statistics.fmean(s.at(k).val_acc for s in group.values()) for k in range(1, horizon + 1)]
+        return [
+            statistics.fmean(s.at(k).val_acc for s in group.values()) for k in range(1, horizon + 1)
+        ]
 
     mean_random_final = statistics.fmean(s.final.val_acc for s in rnd.values()) if rnd else None
     mean_tpe = mean_curve(tpe) if tpe else []
     k_mean = None
     if mean_random_final is not None:
-        k_mean = next((k for k, v in enumerate(mean_tpe, start=1) if v >= mean_random_final - EPS), None)
+        k_mean = next(
+            (k for k, v in enumerate(mean_tpe, start=1) if v >= mean_random_final - EPS), None
+        )
     return {
         "goal_trial_epochs": goal,
         "per_seed": per_seed,
         "pairs": [{"tpe_seed": i, "random_seed": j, "reached_at": k} for i, j, k in pairs],
         "pairs_within_goal": sum(k is not None and k <= goal for _, _, k in pairs),
         "mean_random_final_val": mean_random_final,
-        "mean_random_final_test": (statistics.fmean(s.final.test_acc for s in rnd.values()) if rnd else None),
-        "mean_tpe_final_val": statistics.fmean(s.final.val_acc for s in tpe.values()) if tpe else None,
-        "mean_tpe_final_test": statistics.fmean(s.final.test_acc for s in tpe.values()) if tpe else None,
-        "mean_tpe_trial_epochs": statistics.fmean(s.trial_epochs for s in tpe.values()) if tpe else None,
+        "mean_random_final_test": (
+            statistics.fmean(s.final.test_acc for s in rnd.values()) if rnd else None
+        ),
+        "mean_tpe_final_val": statistics.fmean(s.final.val_acc for s in tpe.values())
+        if tpe
+        else None,
+        "mean_tpe_final_test": statistics.fmean(s.final.test_acc for s in tpe.values())
+        if tpe
+        else None,
+        "mean_tpe_trial_epochs": statistics.fmean(s.trial_epochs for s in tpe.values())
+        if tpe
+        else None,
         "mean_tpe_reached_mean_random_final_at": k_mean,
         "mean_curves": {"tpe-asha": mean_tpe, "random": mean_curve(rnd) if rnd else []},
         "goal_met_on_means": k_mean is not None and k_mean <= goal,
@@ -238,37 +276,66 @@ def pct(x: float | None) -> str:
 def curve_table(searches: list[Search], budget: int) -> str:
     """Best val_acc (its test_acc) after a fraction of random's budget, per search and mean."""
     ks = sorted({max(1, round(budget * f)) for f in FRACTIONS})
-    head = ["search", "seed", "trial-epochs spent", "trials stopped by ASHA",
-            *[f"after {k}" for k in ks], "search wall (s)"]
+    head = [
+        "search",
+        "seed",
+        "trial-epochs spent",
+        "trials stopped by ASHA",
+        *[f"after {k}" for k in ks],
+        "search wall (s)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in METHODS:
         group = [s for s in searches if s.method == method]
         for s in group:
-            cells = [method, str(s.seed), str(s.trial_epochs), str(s.stopped_early),
-                     *[f"{pct(s.at(k).val_acc)} ({pct(s.at(k).test_acc)})" for k in ks], f"{s.seconds:.0f}"]
+            cells = [
+                method,
+                str(s.seed),
+                str(s.trial_epochs),
+                str(s.stopped_early),
+                *[f"{pct(s.at(k).val_acc)} ({pct(s.at(k).test_acc)})" for k in ks],
+                f"{s.seconds:.0f}",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         if len(group) > 1:
-            cells = [f"**{method} mean**", "", f"{statistics.fmean(s.trial_epochs for s in group):.1f}",
-                     f"{statistics.fmean(s.stopped_early for s in group):.1f}",
-                     *[f"{pct(statistics.fmean(s.at(k).val_acc for s in group))} "
-                       f"({pct(statistics.fmean(s.at(k).test_acc for s in group))})" for k in ks],
-                     f"{statistics.fmean(s.seconds for s in group):.0f}"]
+            cells = [
+                f"**{method} mean**",
+                "",
+                f"{statistics.fmean(s.trial_epochs for s in group):.1f}",
+                f"{statistics.fmean(s.stopped_early for s in group):.1f}",
+                *[
+                    f"{pct(statistics.fmean(s.at(k).val_acc for s in group))} "
+                    f"({pct(statistics.fmean(s.at(k).test_acc for s in group))})"
+                    for k in ks
+                ],
+                f"{statistics.fmean(s.seconds for s in group):.0f}",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def reach_table(result: dict[str, Any]) -> str:
-    head = ["seed", "random final best val (test)", "random: trial-epochs spent / reached its best at",
-            "TPE+ASHA final best val (test)", "TPE+ASHA trial-epochs spent",
-            "TPE+ASHA reached random's final best at (test then)", f"≤ {result['goal_trial_epochs']:.0f}?"]
+    head = [
+        "seed",
+        "random final best val (test)",
+        "random: trial-epochs spent / reached its best at",
+        "TPE+ASHA final best val (test)",
+        "TPE+ASHA trial-epochs spent",
+        "TPE+ASHA reached random's final best at (test then)",
+        f"≤ {result['goal_trial_epochs']:.0f}?",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in result["per_seed"]:
         k = p["tpe_reached_random_final_at"]
-        cells = [str(p["seed"]), f"{pct(p['random_final_val'])} ({pct(p['random_final_test'])})",
-                 f"{p['random_trial_epochs']} / {p['random_reached_own_final_at']}",
-                 f"{pct(p['tpe_final_val'])} ({pct(p['tpe_final_test'])})", str(p["tpe_trial_epochs"]),
-                 "never" if k is None else f"{k} ({pct(p['tpe_test_when_reached'])})",
-                 "yes" if p["within_goal"] else "no"]
+        cells = [
+            str(p["seed"]),
+            f"{pct(p['random_final_val'])} ({pct(p['random_final_test'])})",
+            f"{p['random_trial_epochs']} / {p['random_reached_own_final_at']}",
+            f"{pct(p['tpe_final_val'])} ({pct(p['tpe_final_test'])})",
+            str(p["tpe_trial_epochs"]),
+            "never" if k is None else f"{k} ({pct(p['tpe_test_when_reached'])})",
+            "yes" if p["within_goal"] else "no",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -284,8 +351,11 @@ def environment() -> dict[str, Any]:
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": cpu_name(),
-        "torch": torch.__version__, "ray": ray.__version__, "optuna": optuna.__version__,
-        "mlflow": mlflow.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "optuna": optuna.__version__,
+        "mlflow": mlflow.__version__,
+        "python": platform.python_version(),
         "command": shlex.join(["python", *sys.argv]),
         "load_average_1m_start": os.getloadavg()[0],
     }
@@ -293,18 +363,45 @@ def environment() -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--space", type=Path, default=SPACE, help="the base space (TPE + ASHA as written)")
-    p.add_argument("--seeds", help=f"comma-separated search seeds (default {FULL['seeds']}; --small: 0)")
-    p.add_argument("--trials", type=int, help=f"trials per search (default {FULL['trials']}; --small: 2)")
-    p.add_argument("--epochs", type=int, help=f"epochs per trial (default {FULL['epochs']}; --small: 2)")
-    p.add_argument("--small", action="store_true",
-                   help="smoke test: 1 seed, 2 trials × 2 epochs, a 3-epoch resnet8 teacher")
-    p.add_argument("--trials-dir", type=Path, help="where the searches go (default: a temporary folder, removed)")
-    p.add_argument("--teacher-trials-dir", type=Path, default=Path("trials"),
-                   help="trials directory whose teachers/ cache holds the teacher (default ./trials)")
-    p.add_argument("--grace-period", type=int,
-                   help="ASHA's grace period for the TPE + ASHA searches (default: the space's)")
-    p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs of each search's Ray")
+    p.add_argument(
+        "--space", type=Path, default=SPACE, help="the base space (TPE + ASHA as written)"
+    )
+    p.add_argument(
+        "--seeds", help=f"comma-separated search seeds (default {FULL['seeds']}; --small: 0)"
+    )
+    p.add_argument(
+        "--trials", type=int, help=f"trials per search (default {FULL['trials']}; --small: 2)"
+    )
+    p.add_argument(
+        "--epochs", type=int, help=f"epochs per trial (default {FULL['epochs']}; --small: 2)"
+    )
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="smoke test: 1 seed, 2 trials × 2 epochs, a 3-epoch resnet8 teacher",
+    )
+    p.add_argument(
+        "--trials-dir",
+        type=Path,
+        help="where the searches go (default: a temporary folder, removed)",
+    )
+    p.add_argument(
+        "--teacher-trials-dir",
+        type=Path,
+        default=Path("trials"),
+        help="trials directory whose teachers/ cache holds the teacher (default ./trials)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        help="ASHA's grace period for the TPE + ASHA searches (default: the space's)",
+    )
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="CPUs of each search's Ray",
+    )
     p.add_argument("--json", type=Path, help="also write the curves, figures and environment here")
     args = p.parse_args(argv)
     defaults = SMALL if args.small else FULL
@@ -337,34 +434,49 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(seed, method) for seed in args.seed_list for method in METHODS]
         files = {}
         for seed, method in plan:
-            space = variant(base, method, seed, args.trials, args.epochs, args.small, args.grace_period)
+            space = variant(
+                base, method, seed, args.trials, args.epochs, args.small, args.grace_period
+            )
             path = spaces / f"{space['name']}.yaml"
             files[(seed, method)] = path
             if finished(path) is not None:
                 # The same search, finished by an earlier run in this --trials-dir: read it again
                 # (another --grace-period then reruns only the TPE + ASHA searches).
                 if yaml.safe_load(path.read_text()) != space:
-                    raise SystemExit(f"{path} differs from this run's {space['name']}: use another --trials-dir")
+                    raise SystemExit(
+                        f"{path} differs from this run's {space['name']}: use another --trials-dir"
+                    )
                 continue
             if (trials / space["name"]).exists():
                 raise SystemExit(f"{trials / space['name']} exists: use another --trials-dir")
             path.write_text(yaml.safe_dump(space, sort_keys=False))
         print("teacher: searchkd teacher (trained once, then cached) ...", flush=True)
-        share_teacher(yaml.safe_load(files[plan[0]].read_text()), args.teacher_trials_dir.expanduser(), trials)
+        share_teacher(
+            yaml.safe_load(files[plan[0]].read_text()), args.teacher_trials_dir.expanduser(), trials
+        )
         for seed, method in plan:
             path = files[(seed, method)]
             name = path.stem
-            print(f"searchkd tune {name} ({args.trials} trials × {args.epochs} epochs) ...", end=" ", flush=True)
+            print(
+                f"searchkd tune {name} ({args.trials} trials × {args.epochs} epochs) ...",
+                end=" ",
+                flush=True,
+            )
             seconds = finished(path)
             if seconds is None:
                 seconds = run_search(path, trials, args.num_cpus)
                 path.with_suffix(".seconds").write_text(f"{seconds}\n")
             else:
                 print("(finished by an earlier run: read again)", end=" ")
-            s = summarize(method, seed, name, read_rows(trials / name), seconds, args.epochs)  # in recorded order
+            s = summarize(
+                method, seed, name, read_rows(trials / name), seconds, args.epochs
+            )  # in recorded order
             searches.append(s)
-            print(f"{s.trial_epochs} trial-epochs, best val {pct(s.final.val_acc)} "
-                  f"(test {pct(s.final.test_acc)}), {seconds:.0f} s", flush=True)
+            print(
+                f"{s.trial_epochs} trial-epochs, best val {pct(s.final.val_acc)} "
+                f"(test {pct(s.final.test_acc)}), {seconds:.0f} s",
+                flush=True,
+            )
     finally:
         if temporary:
             shutil.rmtree(trials, ignore_errors=True)
@@ -372,26 +484,39 @@ def main(argv: list[str] | None = None) -> int:
     result = compare(searches, budget)
     env.update(load_average_1m_end=os.getloadavg()[0], wall_s=wall)
     print()
-    print(f"best val_acc % (its test_acc %) after N trial-epochs; random's budget {args.trials} trials "
-          f"× {args.epochs} epochs = {budget}; a search that has ended holds its final best")
+    print(
+        f"best val_acc % (its test_acc %) after N trial-epochs; random's budget {args.trials} trials "
+        f"× {args.epochs} epochs = {budget}; a search that has ended holds its final best"
+    )
     print(curve_table(searches, budget))
     print()
     print(reach_table(result))
     print()
     k = result["mean_tpe_reached_mean_random_final_at"]
-    print(f"mean over seeds: random's final best val {pct(result['mean_random_final_val'])}; the mean TPE+ASHA "
-          f"curve reaches it at {'never' if k is None else k} trial-epochs (goal ≤ "
-          f"{result['goal_trial_epochs']:.0f}): {'met' if result['goal_met_on_means'] else 'not met'}; "
-          f"pairs of seeds within the goal: {result['pairs_within_goal']} of {len(result['pairs'])}")
+    print(
+        f"mean over seeds: random's final best val {pct(result['mean_random_final_val'])}; the mean TPE+ASHA "
+        f"curve reaches it at {'never' if k is None else k} trial-epochs (goal ≤ "
+        f"{result['goal_trial_epochs']:.0f}): {'met' if result['goal_met_on_means'] else 'not met'}; "
+        f"pairs of seeds within the goal: {result['pairs_within_goal']} of {len(result['pairs'])}"
+    )
     print(f"whole benchmark: {wall:.0f} s")
     for key, value in env.items():
         print(f"{key}: {value}")
     if args.json:
-        payload = {"environment": env,
-                   "settings": {"space": str(args.space), "seeds": args.seed_list, "trials": args.trials,
-                                "epochs": args.epochs, "budget_trial_epochs": budget, "small": args.small,
-                                "grace_period": args.grace_period},
-                   "searches": [asdict(s) for s in searches], **result}
+        payload = {
+            "environment": env,
+            "settings": {
+                "space": str(args.space),
+                "seeds": args.seed_list,
+                "trials": args.trials,
+                "epochs": args.epochs,
+                "budget_trial_epochs": budget,
+                "small": args.small,
+                "grace_period": args.grace_period,
+            },
+            "searches": [asdict(s) for s in searches],
+            **result,
+        }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 

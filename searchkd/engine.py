@@ -68,13 +68,22 @@ def read_checkpoint(source: Any, name: str | Path) -> Any:
     except EOFError:
         raise CheckpointMismatch(f"{name} is empty or cut short") from None
     except pickle.UnpicklingError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines()
-                       if line.strip().startswith(("Unsupported", "Trying to"))), "not a weights-only checkpoint")
+        detail = next(
+            (
+                line.strip()
+                for line in str(exc).splitlines()
+                if line.strip().startswith(("Unsupported", "Trying to"))
+            ),
+            "not a weights-only checkpoint",
+        )
         raise CheckpointMismatch(
             f"{name} was refused by torch.load(weights_only=True): it is not a checkpoint of plain tensors "
-            f"({detail}); only state_dicts are loaded, never code") from None
+            f"({detail}); only state_dicts are loaded, never code"
+        ) from None
     except (RuntimeError, ValueError, OSError) as exc:
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        first = next(
+            (line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__
+        )
         raise CheckpointMismatch(f"{name} is not a PyTorch checkpoint ({first})") from None
 
 
@@ -98,7 +107,11 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", shapes),
+        ):
             if keys:
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
                 parts.append(f"{label} keys: {', '.join(keys[:3])}{more}")
@@ -112,19 +125,31 @@ def uses_tf32(cfg: TrainSpec) -> bool:
     return cfg.precision == "bf16"
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[nn.Parameter], cfg: TrainSpec, device: torch.device
+) -> torch.optim.Optimizer:
     fused = device.type == "cuda"  # one kernel for the whole parameter list
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
+    return torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        fused=fused,
+    )
 
 
-def make_schedule(opt: torch.optim.Optimizer, cfg: TrainSpec) -> torch.optim.lr_scheduler.LRScheduler:
+def make_schedule(
+    opt: torch.optim.Optimizer, cfg: TrainSpec
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per epoch: the recipe of the KD literature (×0.1 at milestones) or cosine."""
     if cfg.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma)
+    return torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma
+    )
 
 
 class CompiledFeatures(TappedModel):
@@ -184,16 +209,28 @@ class SharedTeacher(TappedModel):
 
 
 def _build_student(spec: Spec, shape: dict[str, int], device: torch.device) -> TappedModel:
-    return build_model(spec.student.arch, width=spec.student.width,
-                       **({"depth": spec.student.depth} if spec.student.depth else {}), **shape).to(device)
+    return build_model(
+        spec.student.arch,
+        width=spec.student.width,
+        **({"depth": spec.student.depth} if spec.student.depth else {}),
+        **shape,
+    ).to(device)
 
 
 class Member:
     """One student of a cohort: its model, objective, optimizer, schedule, random stream and
     what it keeps (best-on-val student, rows). Everything a trial checkpoints is here."""
 
-    def __init__(self, spec: Spec, seed: int, student: TappedModel, objective: Objective,
-                 example: Tensor, has_val: bool, device: torch.device) -> None:
+    def __init__(
+        self,
+        spec: Spec,
+        seed: int,
+        student: TappedModel,
+        objective: Objective,
+        example: Tensor,
+        has_val: bool,
+        device: torch.device,
+    ) -> None:
         cfg = spec.train
         self.spec, self.seed, self.cfg = spec, seed, cfg
         self.student, self.objective = student, objective
@@ -264,8 +301,9 @@ class Cohort:
         first = specs[0]
         for spec in specs[1:]:
             if shared_settings(spec) != shared_settings(first):
-                raise ValueError("the students of a cohort share data, teacher, batch size, epochs and "
-                                 "precision")
+                raise ValueError(
+                    "the students of a cohort share data, teacher, batch size, epochs and precision"
+                )
         self.device = pick_device(str(device) if device else None)
         if self.device.type == "cuda":
             if memory_fraction is not None and 0 < memory_fraction < 1:
@@ -280,8 +318,14 @@ class Cohort:
         self.cfg = cfg
         d = first.data
         self.loaders = data_lib.build_loaders(
-            d.dataset, root=d.root, download=d.download, val_fraction=d.val_fraction,
-            batch_size=cfg.batch_size, device=self.device, seed=self.data_seed, **d.options,
+            d.dataset,
+            root=d.root,
+            download=d.download,
+            val_fraction=d.val_fraction,
+            batch_size=cfg.batch_size,
+            device=self.device,
+            seed=self.data_seed,
+            **d.options,
         )
         L = self.loaders
         shape = dict(num_classes=L.num_classes, in_channels=L.channels, image_size=L.image_size)
@@ -311,10 +355,17 @@ class Cohort:
             with torch.no_grad():
                 student.eval()
                 s_feats = student.forward_features(example)
-                t_feats = self.teacher.forward_features(example) if needs and self.teacher is not None else s_feats
+                t_feats = (
+                    self.teacher.forward_features(example)
+                    if needs and self.teacher is not None
+                    else s_feats
+                )
                 student.train()
             objective = objective_cls(
-                spec.loss, t_feats, s_feats, ObjectiveContext(L.num_classes, L.num_train, L.train_labels)
+                spec.loss,
+                t_feats,
+                s_feats,
+                ObjectiveContext(L.num_classes, L.num_train, L.train_labels),
             ).to(self.device)
             member = Member(spec, seed, student, objective, example, self.has_val, self.device)
             if len(specs) > 1:  # each student draws from its own stream from here on
@@ -326,7 +377,9 @@ class Cohort:
         # What the training step calls: the shared teacher (compiled with train.compile).
         self.train_teacher: SharedTeacher | None = None
         if self.teacher is not None:
-            self.train_teacher = SharedTeacher(CompiledFeatures(self.teacher) if cfg.compile else self.teacher)
+            self.train_teacher = SharedTeacher(
+                CompiledFeatures(self.teacher) if cfg.compile else self.teacher
+            )
 
     # -- which students train -------------------------------------------------------------
     @property
@@ -428,7 +481,9 @@ class Cohort:
             if bad:
                 raise NonFiniteLoss(f"non-finite loss at epoch {m.epoch}: {', '.join(bad)}")
             # Each student's images per second: the images it saw over the cohort's wall time.
-            row.update(lr=lr, epoch_seconds=seconds, images_per_second=seen / seconds if seconds else 0.0)
+            row.update(
+                lr=lr, epoch_seconds=seconds, images_per_second=seen / seconds if seconds else 0.0
+            )
             rows[i] = row
         return rows
 
@@ -468,9 +523,15 @@ class Cohort:
                 m.best_student = {k: v.detach().clone() for k, v in m.student.state_dict().items()}
                 m.test_acc = test_last
             row.update(
-                epoch=m.epoch, val_acc=val.top1, val_top5=val.top5, best_val_acc=m.best_val_acc,
-                test_acc=m.test_acc, test_acc_last=test_last, student_params=m.student_params,
-                objective_params=m.objective_params, student_macs=m.student_macs,
+                epoch=m.epoch,
+                val_acc=val.top1,
+                val_top5=val.top5,
+                best_val_acc=m.best_val_acc,
+                test_acc=m.test_acc,
+                test_acc_last=test_last,
+                student_params=m.student_params,
+                objective_params=m.objective_params,
+                student_macs=m.student_macs,
             )
             if kept or not m.kept_row:
                 m.kept_row = dict(row)
@@ -495,7 +556,9 @@ class Cohort:
             "history": [dict(r) for r in m.history],
         }
         if self.device.type == "cuda":
-            state["rng_cuda"] = m.rng_cuda if m.rng_cuda is not None else torch.cuda.get_rng_state(self.device)
+            state["rng_cuda"] = (
+                m.rng_cuda if m.rng_cuda is not None else torch.cuda.get_rng_state(self.device)
+            )
         return state
 
     def load_member_state(self, i: int, state: dict[str, Any]) -> None:
@@ -527,7 +590,9 @@ class Cohort:
         return buf.getvalue()
 
     def load_member_bytes(self, i: int, blob: bytes) -> None:
-        self.load_member_state(i, torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True))
+        self.load_member_state(
+            i, torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+        )
 
 
 def _bytes(tensors: Any) -> int:
@@ -564,44 +629,66 @@ def estimate_pack_bytes(cohort: Cohort, k: int | None = None) -> int:
                 m.objective(m.student, cohort.teacher, x, y, idx)
             if cohort.train_teacher is not None:
                 cohort.train_teacher.forget()
-            params = [p for p in [*m.student.parameters(), *m.objective.parameters()] if p.requires_grad]
+            params = [
+                p for p in [*m.student.parameters(), *m.objective.parameters()] if p.requires_grad
+            ]
             states = 3 if m.cfg.optimizer == "adamw" else 2 if m.cfg.momentum > 0 else 1
-            cache[id(m)] = (saved // 2 * batch + (1 + states) * _bytes(params)
-                            + _bytes(m.objective.buffers()) + _bytes(m.student.buffers()))
+            cache[id(m)] = (
+                saved // 2 * batch
+                + (1 + states) * _bytes(params)
+                + _bytes(m.objective.buffers())
+                + _bytes(m.student.buffers())
+            )
         total += cache[id(m)]
     if cohort.teacher is not None:
         with torch.no_grad(), cohort.autocast():
             feats = cohort.teacher.forward_features(x[:1])
         per_image = _bytes([feats.stem, *feats.stages, feats.pool, feats.logits])
-        total += _bytes(cohort.teacher.parameters()) + _bytes(cohort.teacher.buffers()) + per_image * batch
+        total += (
+            _bytes(cohort.teacher.parameters())
+            + _bytes(cohort.teacher.buffers())
+            + per_image * batch
+        )
     images = L.num_train + L.val.num_samples + L.test.num_samples
     total += images * x[0].numel()  # resident as uint8
     return int(total * 1.25)
 
 
-def pack_memory_problem(estimate: int, k: int, total_bytes: int, fraction: float | None) -> str | None:
+def pack_memory_problem(
+    estimate: int, k: int, total_bytes: int, fraction: float | None
+) -> str | None:
     """Why a pack of k students does not fit its GPU share (None when it fits)."""
     share = total_bytes * (fraction if fraction and 0 < fraction < 1 else 1.0)
     if estimate <= share:
         return None
     of = f"{fraction:g} of " if fraction and 0 < fraction < 1 else ""
-    return (f"search.pack: {k} students need about {estimate / 2**30:.1f} GiB of GPU memory (estimated), more "
-            f"than a trial's share, {share / 2**30:.1f} GiB (search.resources.gpu {of}a "
-            f"{total_bytes / 2**30:.0f} GiB GPU); lower search.pack or give each trial more GPU")
+    return (
+        f"search.pack: {k} students need about {estimate / 2**30:.1f} GiB of GPU memory (estimated), more "
+        f"than a trial's share, {share / 2**30:.1f} GiB (search.resources.gpu {of}a "
+        f"{total_bytes / 2**30:.0f} GiB GPU); lower search.pack or give each trial more GPU"
+    )
 
 
 def shared_settings(spec: Spec) -> tuple[Any, ...]:
     """What the students of one cohort must have in common: they train on the same batches
     (data, batch size, the same epoch count) beside one teacher, in one precision."""
     t = spec.train
-    return (spec.data.model_dump_json(), spec.teacher.model_dump_json(), t.batch_size, t.epochs,
-            t.precision, t.compile)
+    return (
+        spec.data.model_dump_json(),
+        spec.teacher.model_dump_json(),
+        t.batch_size,
+        t.epochs,
+        t.precision,
+        t.compile,
+    )
 
 
 def _member_attr(name: str) -> Any:
     """An attribute of the engine's one student, read and written through the engine."""
-    return property(lambda self: getattr(self.members[0], name),
-                    lambda self, value: setattr(self.members[0], name, value))
+    return property(
+        lambda self: getattr(self.members[0], name),
+        lambda self, value: setattr(self.members[0], name, value),
+    )
 
 
 class Engine(Cohort):
@@ -683,4 +770,16 @@ class Engine(Cohort):
         self.load_member_bytes(0, blob)
 
 
-__all__ = ["CheckpointMismatch", "Cohort", "Engine", "Member", "SharedTeacher", "estimate_pack_bytes", "pack_memory_problem", "NonFiniteLoss", "load_weights", "pick_device", "uses_tf32"]
+__all__ = [
+    "CheckpointMismatch",
+    "Cohort",
+    "Engine",
+    "Member",
+    "SharedTeacher",
+    "estimate_pack_bytes",
+    "pack_memory_problem",
+    "NonFiniteLoss",
+    "load_weights",
+    "pick_device",
+    "uses_tf32",
+]

@@ -19,8 +19,9 @@ from .spec import Spec
 FEW_TRAINING_IMAGES = 100  # below this a validation split leaves a search little to learn from
 
 
-def check(spec: Spec, root: Path, tracking_uri: str | None, local: bool, num_cpus: int | None
-          ) -> tuple[list[str], list[str]]:
+def check(
+    spec: Spec, root: Path, tracking_uri: str | None, local: bool, num_cpus: int | None
+) -> tuple[list[str], list[str]]:
     """(problems, warnings), each a list of one-line messages ("KEY: what is wrong")."""
     problems: list[str] = []
     warnings: list[str] = []
@@ -58,17 +59,31 @@ def _data(spec: Spec, problems: list[str], warnings: list[str]) -> dict | None:
 
     d = spec.data
     try:
-        loaders = data_lib.build_loaders(d.dataset, root=d.root, download=d.download, val_fraction=d.val_fraction,
-                                         batch_size=spec.train.batch_size, device="cpu", seed=0, **d.options)
+        loaders = data_lib.build_loaders(
+            d.dataset,
+            root=d.root,
+            download=d.download,
+            val_fraction=d.val_fraction,
+            batch_size=spec.train.batch_size,
+            device="cpu",
+            seed=0,
+            **d.options,
+        )
     except data_lib.DatasetNotFound as exc:
         problems.append(f"data.dataset: {exc}")
         return None
     if loaders.num_train < FEW_TRAINING_IMAGES and d.val_fraction > 0:
-        warnings.append(f"data.val_fraction: {d.val_fraction:g} leaves {loaders.num_train} training images")
+        warnings.append(
+            f"data.val_fraction: {d.val_fraction:g} leaves {loaders.num_train} training images"
+        )
     if spec.train.batch_size >= loaders.num_train:
-        warnings.append(f"train.batch_size: {spec.train.batch_size} is not smaller than the training split "
-                        f"({loaders.num_train} images): one step per epoch")
-    return dict(num_classes=loaders.num_classes, in_channels=loaders.channels, image_size=loaders.image_size)
+        warnings.append(
+            f"train.batch_size: {spec.train.batch_size} is not smaller than the training split "
+            f"({loaders.num_train} images): one step per epoch"
+        )
+    return dict(
+        num_classes=loaders.num_classes, in_channels=loaders.channels, image_size=loaders.image_size
+    )
 
 
 def _teacher(spec: Spec, shape: dict | None, problems: list[str]) -> None:
@@ -97,11 +112,15 @@ def _resources(spec: Spec, num_cpus: int | None, problems: list[str]) -> None:
     cpus = num_cpus or os.cpu_count() or 1
     gpus = torch.cuda.device_count()
     if want.cpu > cpus:
-        problems.append(f"search.resources.cpu: {want.cpu:g} per trial but this machine has {cpus} CPUs"
-                        + (" (--num-cpus)" if num_cpus else ""))
+        problems.append(
+            f"search.resources.cpu: {want.cpu:g} per trial but this machine has {cpus} CPUs"
+            + (" (--num-cpus)" if num_cpus else "")
+        )
     if want.gpu > gpus:
-        problems.append(f"search.resources.gpu: {want.gpu:g} per trial but this machine has "
-                        + (f"{gpus} GPUs" if gpus else "no GPU; set it to 0 to train on the CPU"))
+        problems.append(
+            f"search.resources.gpu: {want.gpu:g} per trial but this machine has "
+            + (f"{gpus} GPUs" if gpus else "no GPU; set it to 0 to train on the CPU")
+        )
     elif spec.search.pack > 1 and want.gpu > 0:
         problem = pack_memory(spec, torch.cuda.get_device_properties(0).total_memory)
         if problem:
@@ -133,14 +152,29 @@ def pack_memory(spec: Spec, total_bytes: int) -> str | None:
             from . import data as data_lib
 
             d = spec.data
-            L = data_lib.build_loaders(d.dataset, root=d.root, download=False, val_fraction=d.val_fraction,
-                                       batch_size=spec.train.batch_size, device="cpu", seed=0, **d.options)
-            teacher = build_model(spec.teacher.arch, width=spec.teacher.width, num_classes=L.num_classes,
-                                  in_channels=L.channels, image_size=L.image_size)
+            L = data_lib.build_loaders(
+                d.dataset,
+                root=d.root,
+                download=False,
+                val_fraction=d.val_fraction,
+                batch_size=spec.train.batch_size,
+                device="cpu",
+                seed=0,
+                **d.options,
+            )
+            teacher = build_model(
+                spec.teacher.arch,
+                width=spec.teacher.width,
+                num_classes=L.num_classes,
+                in_channels=L.channels,
+                image_size=L.image_size,
+            )
             buf = io.BytesIO()
             torch.save(teacher.state_dict(), buf)
             weights = buf.getvalue()
         cohort = Cohort([one], [0], teacher_checkpoint=weights, device="cpu")
         worst = max(worst, estimate_pack_bytes(cohort, spec.search.pack))
     fraction = spec.search.resources.gpu
-    return pack_memory_problem(worst, spec.search.pack, total_bytes, fraction if fraction < 1 else None)
+    return pack_memory_problem(
+        worst, spec.search.pack, total_bytes, fraction if fraction < 1 else None
+    )

@@ -63,6 +63,7 @@ def say(text: str) -> None:
     """The default log: a line at a time, flushed (progress is read as it comes)."""
     print(text, flush=True)
 
+
 RAY_DIR = "ray"
 CHECKPOINTS_DIR = "checkpoints"  # the trials' storage when the space names none
 # How long the end of a search waits for a tracking server that is away, before it stops
@@ -87,8 +88,13 @@ class SearchSpace:
     JSON strings and decoded into the config.
     """
 
-    def __init__(self, params: dict[str, dict[str, Any]], objectives: list[str],
-                 owners: dict[str, list[str]], seed: int) -> None:
+    def __init__(
+        self,
+        params: dict[str, dict[str, Any]],
+        objectives: list[str],
+        owners: dict[str, list[str]],
+        seed: int,
+    ) -> None:
         self.params = params
         self.objectives = objectives
         self.owners = owners  # loss key -> objectives that declare it
@@ -110,7 +116,9 @@ class SearchSpace:
                 trial.suggest_float(key, low, high, log=p.get("log", False), step=p.get("step"))
             else:
                 low, high = p["int"]
-                trial.suggest_int(key, int(low), int(high), log=p.get("log", False), step=int(p.get("step") or 1))
+                trial.suggest_int(
+                    key, int(low), int(high), log=p.get("log", False), step=int(p.get("step") or 1)
+                )
         return self.config_of(trial.params, trial.number)
 
     def config_of(self, params: dict[str, Any], number: int) -> dict[str, Any]:
@@ -148,8 +156,12 @@ def load_study(search_dir: Path, name: str) -> optuna.Study:
 
 def create_study(search_dir: Path, spec: Spec) -> optuna.Study:
     directions = ["maximize" if m == "max" else "minimize" for m in spec.modes]
-    return optuna.create_study(study_name=spec.name, storage=journal_storage(search_dir),
-                               directions=directions, load_if_exists=True)
+    return optuna.create_study(
+        study_name=spec.name,
+        storage=journal_storage(search_dir),
+        directions=directions,
+        load_if_exists=True,
+    )
 
 
 class StudySearcher(Searcher):
@@ -218,13 +230,20 @@ class StudySearcher(Searcher):
             self._numbers[trial_id] = configs[0]["trial_number"]
             return configs[0]
         # The cohort's data order and augmentation come from its first student's seed.
-        return {"students": configs, "cohort": [c["trial_number"] for c in configs],
-                "data_seed": configs[0]["seed"]}
+        return {
+            "students": configs,
+            "cohort": [c["trial_number"] for c in configs],
+            "data_seed": configs[0]["seed"],
+        }
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """The metric per epoch as Optuna's intermediate values, once each (a trial that runs
         again re-reports the epoch it resumes from)."""
-        number = self._numbers.get(trial_id) if "trial_number" not in result else int(result["trial_number"])
+        number = (
+            self._numbers.get(trial_id)
+            if "trial_number" not in result
+            else int(result["trial_number"])
+        )
         value, epoch = result.get(self.spec.metrics[0]), result.get("epoch")
         if number is None or len(self.spec.metrics) > 1 or value is None or epoch is None:
             return
@@ -232,7 +251,9 @@ class StudySearcher(Searcher):
         if not frozen.state.is_finished() and int(epoch) not in frozen.intermediate_values:
             open_trial(self.study, number).report(float(value), int(epoch))
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         """An unpacked trial's end (a packed trial's students are told one by one as each
         ends, by the driver: `Session.end_student`)."""
         number = self._numbers.pop(trial_id, None)
@@ -245,7 +266,11 @@ class StudySearcher(Searcher):
         if self.study.trials[number].state.is_finished():
             return
         metrics = self.spec.metrics
-        values = [float(result["score"])] if len(metrics) == 1 else [float(result[f"score_{m}"]) for m in metrics]
+        values = (
+            [float(result["score"])]
+            if len(metrics) == 1
+            else [float(result[f"score_{m}"]) for m in metrics]
+        )
         epochs = int(result.get("epoch", 0))
         try:
             trial = open_trial(self.study, number)
@@ -273,8 +298,16 @@ class Progress:
     Optuna, MLflow, results.parquet and the summary all use.
     """
 
-    def __init__(self, metric: str, mode: str, num_samples: int, epochs: int, done_before: int = 0,
-                 heartbeat_s: float = 15.0, log: Log = say) -> None:
+    def __init__(
+        self,
+        metric: str,
+        mode: str,
+        num_samples: int,
+        epochs: int,
+        done_before: int = 0,
+        heartbeat_s: float = 15.0,
+        log: Log = say,
+    ) -> None:
         self.metric, self.mode = metric, mode
         self.num_samples, self.epochs = num_samples, epochs
         self.done_before = done_before  # trials that ended in earlier runs of this search
@@ -289,18 +322,35 @@ class Progress:
     def _line(self, text: str, trials: list) -> None:
         if self.packed:  # counted per student: a Tune trial is a cohort
             done = self.done_before + len(self.ended)
-            running = sum(n not in self.ended for t in trials if t.status == "RUNNING" for n in students_of(t.config))
+            running = sum(
+                n not in self.ended
+                for t in trials
+                if t.status == "RUNNING"
+                for n in students_of(t.config)
+            )
         else:
             done = self.done_before + sum(t.status in ("TERMINATED", "ERROR") for t in trials)
             running = sum(t.status == "RUNNING" for t in trials)
-        best = f"best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else "best -"
-        self.log(f"[{time.time() - self.start:6.0f}s] {text:<48} | {done}/{self.num_samples} done, "
-                 f"{running} running | {best}")
+        best = (
+            f"best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})"
+            if self.best
+            else "best -"
+        )
+        self.log(
+            f"[{time.time() - self.start:6.0f}s] {text:<48} | {done}/{self.num_samples} done, "
+            f"{running} running | {best}"
+        )
         self.last_beat = time.time()
 
     def improve(self, number: int, value: Any) -> None:
-        if isinstance(value, int | float) and math.isfinite(value) and (
-                self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])):
+        if (
+            isinstance(value, int | float)
+            and math.isfinite(value)
+            and (
+                self.best is None
+                or (value > self.best[0] if self.mode == "max" else value < self.best[0])
+            )
+        ):
             self.best = (float(value), number)
 
     def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
@@ -315,15 +365,20 @@ class Progress:
         value = result.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         text = "finished" if how == "finished" else "stopped by ASHA"
-        self._line(f"trial {number} {text} at epoch {result.get('epoch')} {self.metric} {shown}", trials)
+        self._line(
+            f"trial {number} {text} at epoch {result.get('epoch')} {self.metric} {shown}", trials
+        )
 
     def on_trial_complete(self, trial: Any, trials: list) -> None:
         r = trial.last_result or {}
         how = "finished" if int(r.get("epoch", 0)) >= self.epochs else "stopped by ASHA"
         value = r.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        self._line(f"trial {trial.config.get('trial_number')} {how} at epoch {r.get('epoch')} "
-                   f"{self.metric} {shown}", trials)
+        self._line(
+            f"trial {trial.config.get('trial_number')} {how} at epoch {r.get('epoch')} "
+            f"{self.metric} {shown}",
+            trials,
+        )
 
     def on_trial_error(self, trial: Any, trials: list, numbers: list[int] | None = None) -> None:
         reason = tracking.error_reason(trial)
@@ -335,12 +390,14 @@ class Progress:
     def on_trial_recover(self, trial: Any, trials: list) -> None:
         reason = tracking.error_reason(trial)
         names = ", ".join(str(n) for n in students_of(trial.config) if n not in self.ended)
-        self.log(f"  trial {names}{_where(trial, reason)} failed and {'are' if ',' in names else 'is'} retried "
-                 f"from its last saved epoch: {reason}")
+        self.log(
+            f"  trial {names}{_where(trial, reason)} failed and {'are' if ',' in names else 'is'} retried "
+            f"from its last saved epoch: {reason}"
+        )
 
 
 def _where(trial: Any, reason: str) -> str:
-    """" on <node ip>", unless the reason names its node already."""
+    """ " on <node ip>", unless the reason names its node already."""
     ip = (trial.last_result or {}).get("node_ip")
     return f" on {ip}" if ip and not reason.startswith("node ") else ""
 
@@ -350,22 +407,33 @@ class Outcomes:
     """How each trial of the search stands, read from the study (the record of which trials
     exist and how they ended) and from the trials this run saw fail."""
 
-    status: dict[int, str] = field(default_factory=dict)  # number -> finished|stopped|failed|unfinished
+    status: dict[int, str] = field(
+        default_factory=dict
+    )  # number -> finished|stopped|failed|unfinished
     errors: dict[int, str] = field(default_factory=dict)
     trial_ids: dict[int, str] = field(default_factory=dict)
     configs: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, study: optuna.Study, space: SearchSpace, failed_now: dict[int, str],
-           trial_ids: dict[int, str]) -> Outcomes:
+    def of(
+        cls,
+        study: optuna.Study,
+        space: SearchSpace,
+        failed_now: dict[int, str],
+        trial_ids: dict[int, str],
+    ) -> Outcomes:
         out = cls(trial_ids=dict(trial_ids))
         for t in study.trials:
             out.configs[t.number] = space.config_of(t.params, t.number)
             if t.state == optuna.trial.TrialState.COMPLETE:
-                out.status[t.number] = "stopped" if t.user_attrs.get("stopped_early") else "finished"
+                out.status[t.number] = (
+                    "stopped" if t.user_attrs.get("stopped_early") else "finished"
+                )
             elif t.state == optuna.trial.TrialState.FAIL:
                 out.status[t.number] = "failed"
-                out.errors[t.number] = str(t.user_attrs.get("searchkd", "failed")).removeprefix("failed: ")
+                out.errors[t.number] = str(t.user_attrs.get("searchkd", "failed")).removeprefix(
+                    "failed: "
+                )
             elif t.number in failed_now:
                 out.status[t.number] = "failed"
                 out.errors[t.number] = failed_now[t.number]
@@ -384,9 +452,13 @@ class Outcomes:
 class Session:
     """The live parts of a running search that Tune's callback reaches."""
 
-    def __init__(self, results: ResultsTable, mlflow: tracking.MlflowRecorder, progress: Progress) -> None:
+    def __init__(
+        self, results: ResultsTable, mlflow: tracking.MlflowRecorder, progress: Progress
+    ) -> None:
         self.results, self.mlflow, self.progress = results, mlflow, progress
-        self.failed: dict[int, str] = {}  # trial number -> reason, for trials that errored in this run
+        self.failed: dict[
+            int, str
+        ] = {}  # trial number -> reason, for trials that errored in this run
         self.trial_ids: dict[int, str] = {}
         self.stop_reason: str | None = None  # set when the search must stop (a full disk)
         # Packed trials: the driver decides each student's end (`PackedStops`) and tells the
@@ -421,7 +493,7 @@ class PackedStops:
         self.rungs, self.storage, self.epochs, self.metric = rungs, storage, epochs, metric
 
     def decide(self, number: int, result: dict) -> str | None:
-        """"finished", "stopped" or None (it goes on), for a student's reported epoch."""
+        """ "finished", "stopped" or None (it goes on), for a student's reported epoch."""
         epoch = int(result["epoch"])
         if result.get(STOPPED_KEY) and epoch < self.epochs:  # stopped before the driver died
             if self.rungs is not None:
@@ -433,12 +505,15 @@ class PackedStops:
         value = float(value) if isinstance(value, int | float) else None
         stop = self.rungs.on_result(number, epoch, value)
         if epoch >= self.epochs:
-            self.rungs.record(number, epoch, value)  # as Tune tells a completing trial's last result
+            self.rungs.record(
+                number, epoch, value
+            )  # as Tune tells a completing trial's last result
             return "finished"
         if not stop:
             return None
         self.storage.child(trial_key(number)).write_bytes(
-            STOP_FILE, json.dumps({"epoch": epoch, "by": "ASHA"}).encode())
+            STOP_FILE, json.dumps({"epoch": epoch, "by": "ASHA"}).encode()
+        )
         return "stopped"
 
 
@@ -477,7 +552,9 @@ class SearchCallback(Callback):
             self.session.trial_ids[number] = trial.trial_id
         self.session.mlflow.on_trial_start(trial)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         s = self.session
         number = result_number(trial, result)
         if s.pack is not None and number in s.progress.ended:
@@ -513,7 +590,9 @@ class SearchCallback(Callback):
         reason = tracking.error_reason(trial)
         if disk_full(Exception(reason)):
             s.stop(reason)
-        numbers = [n for n in students_of(trial.config) if s.pack is None or n not in s.progress.ended]
+        numbers = [
+            n for n in students_of(trial.config) if s.pack is None or n not in s.progress.ended
+        ]
         for number in numbers:
             s.failed[number] = reason
         s.mlflow.on_trial_error(trial, numbers)
@@ -554,7 +633,9 @@ def trial_scores(by_trial: dict[int, list[dict[str, Any]]], spec: Spec) -> dict[
     return {n: v for n, v in scores.items() if math.isfinite(v)}
 
 
-def summarize(search_dir: Path, spec: Spec, teacher: TeacherInfo, counts: dict[str, int]) -> Summary | None:
+def summarize(
+    search_dir: Path, spec: Spec, teacher: TeacherInfo, counts: dict[str, int]
+) -> Summary | None:
     """The trial with the best score, or None before any trial has one."""
     by_trial = ResultsTable(search_dir / RESULTS_FILE).by_trial()
     best = pick_best(trial_scores(by_trial, spec), spec.modes[0])  # ties: the earlier trial
@@ -563,16 +644,25 @@ def summarize(search_dir: Path, spec: Spec, teacher: TeacherInfo, counts: dict[s
     scores = trial_scores(by_trial, spec)
     last = by_trial[best][-1]
     return Summary(
-        search_dir=search_dir, best_trial=best, best_config=json.loads(last["config"]),
-        best_value=scores[best], test_acc=last["test_acc"], trials=max(len(by_trial), sum(counts.values())),
-        finished=counts.get("finished", 0), stopped=counts.get("stopped", 0), failed=counts.get("failed", 0),
+        search_dir=search_dir,
+        best_trial=best,
+        best_config=json.loads(last["config"]),
+        best_value=scores[best],
+        test_acc=last["test_acc"],
+        trials=max(len(by_trial), sum(counts.values())),
+        finished=counts.get("finished", 0),
+        stopped=counts.get("stopped", 0),
+        failed=counts.get("failed", 0),
         teacher=teacher,
     )
 
 
 def tunable_owners(spec: Spec, tunables: dict[str, set[str]]) -> dict[str, list[str]]:
-    return {key: [o for o in spec.objectives if key.partition(".")[2] in tunables[o]]
-            for key in spec.params if key.startswith("loss.")}
+    return {
+        key: [o for o in spec.objectives if key.partition(".")[2] in tunables[o]]
+        for key in spec.params
+        if key.startswith("loss.")
+    }
 
 
 def quiet() -> None:
@@ -585,7 +675,9 @@ def quiet() -> None:
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # legacy reporter: verbose=0 prints nothing
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # a failed trial is said once, by Progress
+    os.environ.setdefault(
+        "RAY_IGNORE_UNHANDLED_ERRORS", "1"
+    )  # a failed trial is said once, by Progress
     tracking.configure_client()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -601,8 +693,14 @@ def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
         return
     # "local" starts a private Ray even where another one runs (or RAY_ADDRESS is set); an
     # address joins a cluster ("auto" = the one started on this machine with `ray start`).
-    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
-             log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+    ray.init(
+        address=address or "local",
+        num_cpus=None if address else num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        configure_logging=True,
+    )
 
 
 def base_storage(spec: Spec, trials_dir: Path) -> Storage:
@@ -610,8 +708,12 @@ def base_storage(spec: Spec, trials_dir: Path) -> Storage:
     return Storage(spec.search.storage) if spec.search.storage else Storage(str(trials_dir))
 
 
-def connect(spec: Spec, address: str | None = None, num_cpus: int | None = None,
-            storage: Storage | None = None) -> None:
+def connect(
+    spec: Spec,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    storage: Storage | None = None,
+) -> None:
     """Start (or join) Ray and check that one trial fits the cluster and that every node
     reaches the trials' storage, before anything is written."""
     quiet()
@@ -620,9 +722,13 @@ def connect(spec: Spec, address: str | None = None, num_cpus: int | None = None,
     want = spec.search.resources
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     if want.cpu > cpus + 1e-9:
-        raise SearchError(f"search.resources.cpu: {want.cpu:g} per trial but the cluster has {cpus:g} CPUs")
+        raise SearchError(
+            f"search.resources.cpu: {want.cpu:g} per trial but the cluster has {cpus:g} CPUs"
+        )
     if want.gpu > gpus + 1e-9:
-        raise SearchError(f"search.resources.gpu: {want.gpu:g} per trial but the cluster has {gpus:g} GPUs")
+        raise SearchError(
+            f"search.resources.gpu: {want.gpu:g} per trial but the cluster has {gpus:g} GPUs"
+        )
     if storage is not None:
         check_storage(storage, spec.search.storage is None)
 
@@ -631,7 +737,9 @@ def connect(spec: Spec, address: str | None = None, num_cpus: int | None = None,
 def _sees(storage: Storage, marker: str) -> str | None:
     """On one node: None if it reads the driver's marker in the storage, else why not."""
     try:
-        return None if storage.read_bytes(marker) == b"ok" else "the driver's test file is not there"
+        return (
+            None if storage.read_bytes(marker) == b"ok" else "the driver's test file is not there"
+        )
     except Exception as exc:  # noqa: BLE001 - whatever stops this node is the answer
         return tracking.one_line(exc)
 
@@ -644,8 +752,10 @@ def check_storage(storage: Storage, default: bool) -> None:
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    hint = ("set search.storage (or --storage) to a path every node mounts or to an object store "
-            "(s3://bucket/prefix)")
+    hint = (
+        "set search.storage (or --storage) to a path every node mounts or to an object store "
+        "(s3://bucket/prefix)"
+    )
     try:
         storage.check_writable()
     except StorageError as exc:
@@ -656,9 +766,12 @@ def check_storage(storage: Storage, default: bool) -> None:
     marker = f".searchkd-probe-{uuid.uuid4().hex[:8]}"
     storage.write_bytes(marker, b"ok")
     try:
-        refs = {n["NodeManagerAddress"] + f" (node {n['NodeID'][:8]})": _sees.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(storage, marker)
-            for n in nodes}
+        refs = {
+            n["NodeManagerAddress"] + f" (node {n['NodeID'][:8]})": _sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(storage, marker)
+            for n in nodes
+        }
         for where, ref in refs.items():
             try:
                 problem = ray.get(ref, timeout=120)
@@ -666,7 +779,9 @@ def check_storage(storage: Storage, default: bool) -> None:
                 problem = tracking.one_line(exc)
             if problem:
                 what = "the trials directory" if default else "search.storage"
-                raise SearchError(f"{what} {storage.display} is not reachable from {where}: {problem}; {hint}")
+                raise SearchError(
+                    f"{what} {storage.display} is not reachable from {where}: {problem}; {hint}"
+                )
     finally:
         storage.delete(marker)
 
@@ -711,15 +826,24 @@ def pending(study: optuna.Study, spec: Spec) -> tuple[list[int], int]:
 
 def asha_rungs(spec: Spec, study: optuna.Study, results: ResultsTable) -> Rungs:
     """ASHA's rungs rebuilt from the rows recorded so far, in the order they arrived."""
-    rungs = Rungs(min(spec.search.grace_period, spec.train.epochs), spec.train.epochs,
-                  spec.search.reduction_factor, spec.modes[0])
+    rungs = Rungs(
+        min(spec.search.grace_period, spec.train.epochs),
+        spec.train.epochs,
+        spec.search.reduction_factor,
+        spec.modes[0],
+    )
     ended = {t.number for t in study.trials if t.state.is_finished()}
     rows = results.in_order()
     last = {int(r["trial_number"]): int(r["epoch"]) for r in rows}
     rungs.replay(
-        (int(r["trial_number"]), r["epoch"], r.get(spec.metrics[0]),
-         int(r["trial_number"]) in ended and int(r["epoch"]) == last[int(r["trial_number"])])
-        for r in rows)
+        (
+            int(r["trial_number"]),
+            r["epoch"],
+            r.get(spec.metrics[0]),
+            int(r["trial_number"]) in ended and int(r["epoch"]) == last[int(r["trial_number"])],
+        )
+        for r in rows
+    )
     return rungs
 
 
@@ -732,17 +856,29 @@ def make_trainable(spec: Spec, teacher: TeacherInfo | None, storage: Storage) ->
     # The teacher travels as bytes through Ray's object store (tune.with_parameters puts it
     # there once), checked against this digest on arrival: no node needs the driver's disk.
     return tune.with_resources(
-        tune.with_parameters(train_trial, base=spec.model_dump(mode="json", by_alias=True),
-                             teacher=blob, storage=storage,
-                             teacher_sha256=hashlib.sha256(blob).hexdigest() if blob else None,
-                             cpus=res.cpu, memory_fraction=memory_fraction),
+        tune.with_parameters(
+            train_trial,
+            base=spec.model_dump(mode="json", by_alias=True),
+            teacher=blob,
+            storage=storage,
+            teacher_sha256=hashlib.sha256(blob).hexdigest() if blob else None,
+            cpus=res.cpu,
+            memory_fraction=memory_fraction,
+        ),
         {"cpu": res.cpu, "gpu": res.gpu},
     )
 
 
-def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, storage: Storage,
-                callbacks: list[Callback], tunables: dict[str, set[str]], study: optuna.Study,
-                results: ResultsTable) -> tuple[tune.Tuner, int]:
+def build_tuner(
+    spec: Spec,
+    search_dir: Path,
+    teacher: TeacherInfo | None,
+    storage: Storage,
+    callbacks: list[Callback],
+    tunables: dict[str, set[str]],
+    study: optuna.Study,
+    results: ResultsTable,
+) -> tuple[tune.Tuner, int]:
     """A Tuner for the trials this run must still run (the study's open trials first, then new
     ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
     trainable = make_trainable(spec, teacher, storage)
@@ -754,8 +890,14 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, stora
     if spec.search.scheduler == "asha" and spec.search.pack == 1:
         # ASHA counts epochs, not reports: a trial that runs again re-reports its saved epoch.
         # (Packed trials are stopped student by student on the driver: `PackedStops`.)
-        asha = ResumableASHA(spec.metrics[0], spec.modes[0], "epoch", min(spec.search.grace_period, spec.train.epochs),
-                             spec.train.epochs, spec.search.reduction_factor)
+        asha = ResumableASHA(
+            spec.metrics[0],
+            spec.modes[0],
+            "epoch",
+            min(spec.search.grace_period, spec.train.epochs),
+            spec.train.epochs,
+            spec.search.reduction_factor,
+        )
         asha.rungs = asha_rungs(spec, study, results)
         scheduler = asha
     runs = search_dir / RAY_DIR
@@ -764,14 +906,18 @@ def build_tuner(spec: Spec, search_dir: Path, teacher: TeacherInfo | None, stora
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(spec)),
-            scheduler=scheduler, num_samples=math.ceil(to_run / spec.search.pack),
+            scheduler=scheduler,
+            num_samples=math.ceil(to_run / spec.search.pack),
             reuse_actors=True,  # a trial's process outlives it: no re-import of torch per trial
         ),
         run_config=tune.RunConfig(
             # One Tune experiment per run of the search, never restored: which trials exist
             # is the study's business. Trials report no Tune checkpoint (they keep their
             # state in the search's storage), so no node ever needs this directory.
-            name=name, storage_path=str(runs), verbose=0, callbacks=callbacks,
+            name=name,
+            storage_path=str(runs),
+            verbose=0,
+            callbacks=callbacks,
             stop=SessionStopper(str(search_dir)),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
         ),
@@ -799,19 +945,33 @@ def run_search(
     quiet()
     uri = tracking_uri or tracking.default_store(trials_dir)
     artifacts = None if tracking_uri else tracking.artifact_root(trials_dir)
-    base_tags = {"teacher": spec.teacher.arch, "student": spec.student.arch, "search": spec.name,
-                 "dataset": spec.data.dataset}
+    base_tags = {
+        "teacher": spec.teacher.arch,
+        "student": spec.student.arch,
+        "search": spec.name,
+        "dataset": spec.data.dataset,
+    }
     if isinstance(spec.objective, str):
         base_tags["objective"] = spec.objective
     try:
         runs = tracking.open_search(
-            search_dir, spec.name, uri, artifacts, base_tags, search_dir / SPACE_FILE,
-            params={"num_samples": spec.search.num_samples, "sampler": spec.search.sampler,
-                    "scheduler": spec.search.scheduler, "seed": spec.search.seed,
-                    "teacher_digest": teacher.digest},
+            search_dir,
+            spec.name,
+            uri,
+            artifacts,
+            base_tags,
+            search_dir / SPACE_FILE,
+            params={
+                "num_samples": spec.search.num_samples,
+                "sampler": spec.search.sampler,
+                "scheduler": spec.search.scheduler,
+                "seed": spec.search.seed,
+                "teacher_digest": teacher.digest,
+            },
         )
-        tracking.log_parent_metrics(runs, {"teacher_test_acc": teacher.test_acc,
-                                           "teacher_val_acc": teacher.val_acc})
+        tracking.log_parent_metrics(
+            runs, {"teacher_test_acc": teacher.test_acc, "teacher_val_acc": teacher.val_acc}
+        )
     except Exception as exc:  # noqa: BLE001 - a store that does not answer is one line
         if not tracking.is_transient(exc):
             raise
@@ -821,14 +981,20 @@ def run_search(
     metric, mode = spec.metrics[0], spec.modes[0]
     cut = repair_journal(search_dir)
     if cut:
-        log(f"searchkd: {JOURNAL_FILE} ended in a record cut short by a kill; dropped its {cut} bytes "
-            f"(the study's complete records are intact)")
+        log(
+            f"searchkd: {JOURNAL_FILE} ended in a record cut short by a kill; dropped its {cut} bytes "
+            f"(the study's complete records are intact)"
+        )
     study = create_study(search_dir, spec)
     results = ResultsTable(search_dir / RESULTS_FILE, log)
     results.flush()  # a Parquet file cut short or deleted is rebuilt now
-    writer = tracking.MlflowWriter(runs, search_dir, storage, metric, mode, base_tags, spec.train.epochs, log=log)
+    writer = tracking.MlflowWriter(
+        runs, search_dir, storage, metric, mode, base_tags, spec.train.epochs, log=log
+    )
     done_before = sum(t.state.is_finished() for t in study.trials)
-    progress = Progress(metric, mode, spec.search.num_samples, spec.train.epochs, done_before, log=log)
+    progress = Progress(
+        metric, mode, spec.search.num_samples, spec.train.epochs, done_before, log=log
+    )
     for number, score in trial_scores(results.by_trial(), spec).items():
         progress.improve(number, score)
     session = Session(results, tracking.MlflowRecorder(writer), progress)
@@ -836,16 +1002,22 @@ def run_search(
         progress.packed = True
         rungs = asha_rungs(spec, study, results) if spec.search.scheduler == "asha" else None
         session.pack = PackedStops(rungs, storage, spec.train.epochs, metric)
-        session.teller = StudySearcher(search_dir, spec, SearchSpace({}, spec.objectives, {}, spec.search.seed), [])
+        session.teller = StudySearcher(
+            search_dir, spec, SearchSpace({}, spec.objectives, {}, spec.search.seed), []
+        )
     key = str(search_dir)
     to_run = pending(study, spec)[1]
     _write_state(search_dir, "running")
-    log(f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
+    log(
+        f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
         f"epoch{'s' if spec.train.epochs > 1 else ''} "
-        f"({'resumed: ' + str(to_run) + ' to run' if resume else 'new'}), in {search_dir}")
+        f"({'resumed: ' + str(to_run) + ' to run' if resume else 'new'}), in {search_dir}"
+    )
     interrupted = False
     if to_run:
-        tuner, _ = build_tuner(spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, study, results)
+        tuner, _ = build_tuner(
+            spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, study, results
+        )
         interrupted = fit(tuner, key, session)
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
     space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
@@ -861,19 +1033,29 @@ def run_search(
     synced = Deadline(writer, uri, log, 5.0 if session.stop_reason else TRACKING_WAIT_S).drain()
     counts = outcomes.counts()
     status = "finished" if complete and synced else "interrupted" if interrupted else "unfinished"
-    _write_state(search_dir, "finished" if status == "finished" else "interrupted", counts,
-                 tracking_pending=not synced)
+    _write_state(
+        search_dir,
+        "finished" if status == "finished" else "interrupted",
+        counts,
+        tracking_pending=not synced,
+    )
     if synced:
         try:
             writer.close_search("FINISHED" if complete else "KILLED")
         except Exception as exc:  # noqa: BLE001 - the parent's status is cosmetic
-            log(f"searchkd: warning: could not close the search's MLflow run: {tracking.one_line(exc)}")
+            log(
+                f"searchkd: warning: could not close the search's MLflow run: {tracking.one_line(exc)}"
+            )
     elif session.stop_reason is None:
-        log(f"searchkd: the tracking store {uri} did not take {writer.pending()} trials' updates "
-            f"within {TRACKING_WAIT_S:.0f}s; they are kept in {RESULTS_LOG} and sent by --resume")
+        log(
+            f"searchkd: the tracking store {uri} did not take {writer.pending()} trials' updates "
+            f"within {TRACKING_WAIT_S:.0f}s; they are kept in {RESULTS_LOG} and sent by --resume"
+        )
     if session.stop_reason:
-        log(f"searchkd: error: {session.stop_reason}; the search stopped with its trials open: free "
-            f"space, then resume")
+        log(
+            f"searchkd: error: {session.stop_reason}; the search stopped with its trials open: free "
+            f"space, then resume"
+        )
     return summarize(search_dir, spec, teacher, counts), status
 
 
@@ -921,22 +1103,28 @@ def ctrl_c() -> Iterator[Callable[[], bool]]:
 class Deadline:
     """The end of a search waits for MLflow at most TRACKING_WAIT_S, saying so once."""
 
-    def __init__(self, writer: tracking.MlflowWriter, uri: str, log: Log, wait_s: float = TRACKING_WAIT_S) -> None:
+    def __init__(
+        self, writer: tracking.MlflowWriter, uri: str, log: Log, wait_s: float = TRACKING_WAIT_S
+    ) -> None:
         self.writer, self.uri, self.log = writer, uri, log
         self.end = time.time() + wait_s
 
     def drain(self) -> bool:
         if self.writer.drain(timeout=min(2.0, max(0.0, self.end - time.time()))):
             return True
-        self.log(f"searchkd: waiting up to {max(0.0, self.end - time.time()):.0f}s for the tracking "
-                 f"store {self.uri} to take {self.writer.pending()} trials' updates")
+        self.log(
+            f"searchkd: waiting up to {max(0.0, self.end - time.time()):.0f}s for the tracking "
+            f"store {self.uri} to take {self.writer.pending()} trials' updates"
+        )
         return self.writer.drain(timeout=max(0.0, self.end - time.time()))
 
 
 STATE_BYTES = 512  # state.json is padded to this size, so it can be rewritten in place
 
 
-def _write_state(search_dir: Path, status: str, counts: dict[str, int] | None = None, **extra: Any) -> None:
+def _write_state(
+    search_dir: Path, status: str, counts: dict[str, int] | None = None, **extra: Any
+) -> None:
     """state.json, atomically; on a full disk, rewritten in place (it never grows, so that
     needs no new space): a search stopped by a full disk still says it was interrupted."""
     path = search_dir / STATE_FILE

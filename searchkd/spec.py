@@ -118,7 +118,9 @@ class SearchSpec(_Strict):
         if len(metrics) != len(modes):
             raise ValueError("search.metric and search.mode must have the same length")
         if len(metrics) > 1 and self.scheduler == "asha":
-            raise ValueError("ASHA stops trials on one metric: set scheduler: none for several metrics")
+            raise ValueError(
+                "ASHA stops trials on one metric: set scheduler: none for several metrics"
+            )
         return self
 
 
@@ -137,7 +139,9 @@ class ParamSpec(_Strict):
     def _one_kind(self) -> ParamSpec:
         kinds = [k for k in ("choice", "float_", "int_") if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError("give exactly one of choice: [...], float: [low, high], int: [low, high]")
+            raise ValueError(
+                "give exactly one of choice: [...], float: [low, high], int: [low, high]"
+            )
         if self.choice is not None:
             if not self.choice:
                 raise ValueError("choice must list at least one value")
@@ -162,7 +166,9 @@ class ParamSpec(_Strict):
 
     @property
     def kind(self) -> str:
-        return "choice" if self.choice is not None else "float" if self.float_ is not None else "int"
+        return (
+            "choice" if self.choice is not None else "float" if self.float_ is not None else "int"
+        )
 
     def values_to_check(self) -> list[Any]:
         """Values whose validity can be checked up front: each choice, or both range ends."""
@@ -207,7 +213,11 @@ class Spec(_Strict):
 
     @property
     def objectives(self) -> list[str]:
-        return list(self.objective.choice) if isinstance(self.objective, ObjectiveChoice) else [self.objective]
+        return (
+            list(self.objective.choice)
+            if isinstance(self.objective, ObjectiveChoice)
+            else [self.objective]
+        )
 
     @property
     def metrics(self) -> list[str]:
@@ -229,8 +239,9 @@ class Spec(_Strict):
         return Spec.model_validate(raw)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True),
-                              sort_keys=False)
+        return yaml.safe_dump(
+            self.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
+        )
 
 
 # Sections whose fields `params` may search (dotted keys); loss.* is checked per objective.
@@ -275,14 +286,18 @@ def parse(text: str, source: str = "<space>") -> dict[str, Any]:
     """Safe YAML without aliases: `*name` references can expand a small file into gigabytes
     ("billion laughs"), and a space never needs them."""
     if len(text.encode()) > MAX_SPACE_BYTES:
-        raise SpecError(f"{source}: a space file is at most {MAX_SPACE_BYTES >> 20} MiB; this one is "
-                        f"{len(text.encode()) / (1 << 20):.1f} MiB")
+        raise SpecError(
+            f"{source}: a space file is at most {MAX_SPACE_BYTES >> 20} MiB; this one is "
+            f"{len(text.encode()) / (1 << 20):.1f} MiB"
+        )
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
                 line = event.start_mark.line + 1
-                raise SpecError(f"{source}: YAML alias *{event.anchor[:40]} (line {line}): aliases are not "
-                                f"allowed in a space file; write the value out")
+                raise SpecError(
+                    f"{source}: YAML alias *{event.anchor[:40]} (line {line}): aliases are not "
+                    f"allowed in a space file; write the value out"
+                )
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -318,27 +333,41 @@ def validate(
     if objectives is not None:
         for name in spec.objectives:
             if name not in objectives:
-                fail("objective", f"unknown objective {shown(name)}; known: {', '.join(sorted(objectives))}")
+                fail(
+                    "objective",
+                    f"unknown objective {shown(name)}; known: {', '.join(sorted(objectives))}",
+                )
     if models is not None:
         for key, arch in (("teacher.arch", spec.teacher.arch), ("student.arch", spec.student.arch)):
             if arch not in models:
                 fail(key, f"unknown arch {shown(arch)}; known: {', '.join(models)}")
     if datasets is not None and spec.data.dataset not in datasets:
-        fail("data.dataset", f"unknown dataset {shown(spec.data.dataset)}; known: {', '.join(datasets)}")
+        fail(
+            "data.dataset",
+            f"unknown dataset {shown(spec.data.dataset)}; known: {', '.join(datasets)}",
+        )
     if samplers is not None and spec.search.sampler not in samplers:
-        fail("search.sampler", f"unknown sampler {shown(spec.search.sampler)}; known: {', '.join(samplers)}")
+        fail(
+            "search.sampler",
+            f"unknown sampler {shown(spec.search.sampler)}; known: {', '.join(samplers)}",
+        )
     if dataset_options is not None and spec.data.dataset in dataset_options:
         valid = dataset_options[spec.data.dataset]
         for key in spec.data.options:
             if key not in valid:
-                fail(f"data.options.{cut(str(key))}",
-                     f"not an option of dataset {spec.data.dataset}; valid: {', '.join(sorted(valid)) or 'none'}")
+                fail(
+                    f"data.options.{cut(str(key))}",
+                    f"not an option of dataset {spec.data.dataset}; valid: {', '.join(sorted(valid)) or 'none'}",
+                )
 
     if objectives is not None:
         own = set().union(*(objectives[o] for o in spec.objectives))
         for key, value in spec.loss.items():
             if key not in own:
-                fail(f"loss.{key}", f"unknown key for objective {spec.objective if isinstance(spec.objective, str) else spec.objectives}; valid: {', '.join(sorted(own))}")
+                fail(
+                    f"loss.{key}",
+                    f"unknown key for objective {spec.objective if isinstance(spec.objective, str) else spec.objectives}; valid: {', '.join(sorted(own))}",
+                )
             if check_tunable is not None:
                 for o in spec.objectives:
                     if key in objectives[o]:
@@ -364,23 +393,37 @@ def validate(
                 try:
                     spec.resolved({key: v})
                 except ValidationError as exc:
-                    fail(f"params.{key}", f"value {shown(v)}: {_first_error(exc).split(': ', 1)[-1]}")
+                    fail(
+                        f"params.{key}", f"value {shown(v)}: {_first_error(exc).split(': ', 1)[-1]}"
+                    )
         else:
             fail(f"params.{key}", "not a searchable key; use student.*, train.*, data.* or loss.*")
         if spec.search.pack > 1 and (section == "data" or key in PACK_SHARED):
-            fail(f"params.{key}", f"the students of a packed trial (search.pack: {spec.search.pack}) share the "
-                 "data, batch size, epochs and precision; search it with pack: 1")
+            fail(
+                f"params.{key}",
+                f"the students of a packed trial (search.pack: {spec.search.pack}) share the "
+                "data, batch size, epochs and precision; search it with pack: 1",
+            )
 
     for metric in spec.metrics:
         if metric not in REPORTED_METRICS and not metric.startswith("loss_"):
-            fail("search.metric", f"{shown(metric)} is not reported by trials; reported: {', '.join(REPORTED_METRICS)}")
+            fail(
+                "search.metric",
+                f"{shown(metric)} is not reported by trials; reported: {', '.join(REPORTED_METRICS)}",
+            )
         if metric in VAL_METRICS and _may_lack_val(spec):
-            fail("search.metric", f"{shown(metric)} is measured on the validation split, but data.val_fraction "
-                 "can be 0 (no validation split): set it > 0, or run a single trial that selects "
-                 "nothing with metric test_acc_last")
+            fail(
+                "search.metric",
+                f"{shown(metric)} is measured on the validation split, but data.val_fraction "
+                "can be 0 (no validation split): set it > 0, or run a single trial that selects "
+                "nothing with metric test_acc_last",
+            )
         if metric in TEST_METRICS and not _selects_nothing(spec):
-            fail("search.metric", f"{shown(metric)} is measured on the test split, which must never choose: "
-                 "select on val_acc (only a single trial with no params may report it as its metric)")
+            fail(
+                "search.metric",
+                f"{shown(metric)} is measured on the test split, which must never choose: "
+                "select on val_acc (only a single trial with no params may report it as its metric)",
+            )
     return spec
 
 
@@ -399,13 +442,13 @@ def _selects_nothing(spec: Spec) -> bool:
     return spec.search.num_samples == 1 and not spec.params and isinstance(spec.objective, str)
 
 
-def _check(fail: Callable, check: TunableCheck, objective: str, where: str, key: str, value: Any) -> None:
+def _check(
+    fail: Callable, check: TunableCheck, objective: str, where: str, key: str, value: Any
+) -> None:
     try:
         check(objective, key, value)
     except (KeyError, ValueError) as exc:
         fail(where, str(exc).strip("'\""))
-
-
 
 
 def students_of(config: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
@@ -433,7 +476,11 @@ def teacher_key(spec: Spec) -> dict[str, Any]:
     """What a cached teacher depends on: the data, its arch and width, and either the recipe
     that trains it (with the search seed) or the content of the checkpoint that holds it."""
     t = spec.teacher
-    key: dict[str, Any] = {"data": spec.data.model_dump(mode="json"), "arch": t.arch, "width": t.width}
+    key: dict[str, Any] = {
+        "data": spec.data.model_dump(mode="json"),
+        "arch": t.arch,
+        "width": t.width,
+    }
     if t.checkpoint:
         h = hashlib.sha256()
         with Path(t.checkpoint).expanduser().open("rb") as f:
@@ -441,7 +488,9 @@ def teacher_key(spec: Spec) -> dict[str, Any]:
                 h.update(chunk)
         key["file"] = h.hexdigest()[:16]
     else:
-        key.update(recipe=t.train.model_dump(mode="json") if t.train else None, seed=spec.search.seed)
+        key.update(
+            recipe=t.train.model_dump(mode="json") if t.train else None, seed=spec.search.seed
+        )
     return key
 
 

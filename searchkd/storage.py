@@ -57,8 +57,12 @@ def disk_full(exc: BaseException) -> bool:
     """Whether an error is a full disk (or an exhausted quota), which stops a search rather
     than failing a trial: freeing space and resuming is the way out."""
     text = str(exc).lower()
-    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            or "no space left on device" in text or "database or disk is full" in text)
+    return (
+        isinstance(exc, OSError)
+        and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        or "no space left on device" in text
+        or "database or disk is full" in text
+    )
 
 
 class StorageError(RuntimeError):
@@ -202,7 +206,9 @@ class Storage:
         except StorageError:
             raise
         except OSError as exc:
-            raise StorageError(f"storage {self.display} is not writable: {_one_line(exc)}") from None
+            raise StorageError(
+                f"storage {self.display} is not writable: {_one_line(exc)}"
+            ) from None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -49,8 +49,15 @@ Log = Callable[[str], None]
 
 # Server answers that retrying cannot change; anything else (no connection, 5xx, a locked
 # sqlite file) is treated as the store being away for a while.
-_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-              "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+_PERMANENT = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+}
 MAX_BACKOFF_S = 30.0
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
@@ -75,7 +82,10 @@ def is_transient(exc: BaseException) -> bool:
     """Whether a failed MLflow call is worth retrying later."""
     if isinstance(exc, MlflowException):
         return exc.error_code not in _PERMANENT
-    return isinstance(exc, OSError | ConnectionError | TimeoutError) or "requests" in type(exc).__module__
+    return (
+        isinstance(exc, OSError | ConnectionError | TimeoutError)
+        or "requests" in type(exc).__module__
+    )
 
 
 def one_line(exc: BaseException) -> str:
@@ -98,8 +108,13 @@ class SearchRuns:
 
 
 def open_search(
-    search_dir: Path, name: str, tracking_uri: str, artifacts: str | None, tags: dict[str, str],
-    space_file: Path, params: dict[str, Any],
+    search_dir: Path,
+    name: str,
+    tracking_uri: str,
+    artifacts: str | None,
+    tags: dict[str, str],
+    space_file: Path,
+    params: dict[str, Any],
 ) -> SearchRuns:
     """Create (or, on resume, reopen) the search's experiment and parent run."""
     configure_client()
@@ -125,8 +140,9 @@ def open_search(
     return runs
 
 
-def open_nested(runs: SearchRuns, state_path: Path, name: str, tags: dict[str, str],
-                params: dict[str, Any]) -> SearchRuns:
+def open_nested(
+    runs: SearchRuns, state_path: Path, name: str, tags: dict[str, str], params: dict[str, Any]
+) -> SearchRuns:
     """A run nested under the search's parent run (the final stage's), created once (with
     `params`) and reopened by its `state_path` (or found again by its tags if that file was never
     written); the returned SearchRuns has it as the parent of its own child runs."""
@@ -137,8 +153,12 @@ def open_nested(runs: SearchRuns, state_path: Path, name: str, tags: dict[str, s
     if state and state.get("tracking_uri") == runs.tracking_uri:
         client.update_run(state["parent_run_id"], status="RUNNING")
         return SearchRuns(**state)
-    found = client.search_runs([runs.experiment_id], filter_string=(
-        f"tags.mlflow.parentRunId = '{runs.parent_run_id}' and tags.`searchkd.role` = '{name}'"))
+    found = client.search_runs(
+        [runs.experiment_id],
+        filter_string=(
+            f"tags.mlflow.parentRunId = '{runs.parent_run_id}' and tags.`searchkd.role` = '{name}'"
+        ),
+    )
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -180,7 +200,9 @@ def log_parent_metrics(runs: SearchRuns, metrics: dict[str, float]) -> None:
     )
 
 
-def model_card(trial_number: int, config: dict[str, Any], result: dict[str, Any], tags: dict[str, str]) -> str:
+def model_card(
+    trial_number: int, config: dict[str, Any], result: dict[str, Any], tags: dict[str, str]
+) -> str:
     lines = [
         f"# Student of trial {trial_number}",
         "",
@@ -220,16 +242,33 @@ class MlflowWriter:
     """Brings MLflow in line with the driver's trial records, on its own thread, retrying
     while the store is away."""
 
-    def __init__(self, runs: SearchRuns, search_dir: Path, storage: Storage, metric: str, mode: str,
-                 base_tags: dict[str, str], epochs: int, log: Log | None = None, *,
-                 key_tag: str = "trial_number", run_tags: Callable[[TrialRecord], dict[str, str]] | None = None,
-                 run_name: Callable[[TrialRecord], str] | None = None, track_best: bool = True) -> None:
+    def __init__(
+        self,
+        runs: SearchRuns,
+        search_dir: Path,
+        storage: Storage,
+        metric: str,
+        mode: str,
+        base_tags: dict[str, str],
+        epochs: int,
+        log: Log | None = None,
+        *,
+        key_tag: str = "trial_number",
+        run_tags: Callable[[TrialRecord], dict[str, str]] | None = None,
+        run_name: Callable[[TrialRecord], str] | None = None,
+        track_best: bool = True,
+    ) -> None:
         configure_client()
         # How a record's run is named, tagged and found again: a search's child runs are its
         # trials (`trial_number`); the final stage's are (config, seed) runs (`final_run`), whose
         # extra tags name the config's rank, its seed and its source trial. A final stage
         # ranks nothing on test, so it keeps no best value (`track_best`).
-        self.key_tag, self.run_tags, self.run_name, self.track_best = key_tag, run_tags, run_name, track_best
+        self.key_tag, self.run_tags, self.run_name, self.track_best = (
+            key_tag,
+            run_tags,
+            run_name,
+            track_best,
+        )
         self.runs = runs
         self.search_dir = Path(search_dir)
         self.storage = storage
@@ -254,7 +293,9 @@ class MlflowWriter:
         self._best: float | None = None
 
     # -- the callback side: record and mark ----------------------------------------------
-    def record(self, number: int, trial_id: str, config: dict[str, Any], trial_dir: str = "") -> TrialRecord:
+    def record(
+        self, number: int, trial_id: str, config: dict[str, Any], trial_dir: str = ""
+    ) -> TrialRecord:
         with self._cond:
             rec = self.records.get(number)
             if rec is None or rec.trial_id != trial_id:
@@ -280,12 +321,22 @@ class MlflowWriter:
         while True:
             with self._cond:
                 while not self._dirty or time.time() < retry_at:
-                    self._cond.wait(timeout=max(0.05, retry_at - time.time()) if self._dirty else None)
+                    self._cond.wait(
+                        timeout=max(0.05, retry_at - time.time()) if self._dirty else None
+                    )
                 number = next(iter(self._dirty))
                 del self._dirty[number]
                 rec = self.records[number]
-                snapshot = TrialRecord(rec.number, rec.trial_id, dict(rec.config), rec.trial_dir,
-                                       dict(rec.rows), rec.outcome, rec.error, rec.node_id)
+                snapshot = TrialRecord(
+                    rec.number,
+                    rec.trial_id,
+                    dict(rec.config),
+                    rec.trial_dir,
+                    dict(rec.rows),
+                    rec.outcome,
+                    rec.error,
+                    rec.node_id,
+                )
                 self._busy = True
             try:
                 self._sync(snapshot)
@@ -296,19 +347,25 @@ class MlflowWriter:
                 self._busy = False
                 if failure is None:
                     if self._down_since is not None:
-                        self.log(f"searchkd: tracking server {self.runs.tracking_uri} is back after "
-                                 f"{time.time() - self._down_since:.0f}s; sending the updates it missed")
+                        self.log(
+                            f"searchkd: tracking server {self.runs.tracking_uri} is back after "
+                            f"{time.time() - self._down_since:.0f}s; sending the updates it missed"
+                        )
                         self._down_since = None
                     backoff, retry_at = 1.0, 0.0
                 elif not is_transient(failure):
-                    self.log(f"searchkd: warning: MLflow refused an update of trial {number}: {one_line(failure)}")
+                    self.log(
+                        f"searchkd: warning: MLflow refused an update of trial {number}: {one_line(failure)}"
+                    )
                 else:
                     self._dirty = {number: None, **self._dirty}  # retried first, after a pause
                     if self._down_since is None:
                         self._down_since = time.time()
-                        self.log(f"searchkd: warning: tracking server {self.runs.tracking_uri} unreachable "
-                                 f"({one_line(failure)}); training goes on, MLflow updates are kept and "
-                                 f"sent when it is back")
+                        self.log(
+                            f"searchkd: warning: tracking server {self.runs.tracking_uri} unreachable "
+                            f"({one_line(failure)}); training goes on, MLflow updates are kept and "
+                            f"sent when it is back"
+                        )
                     retry_at = time.time() + backoff
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
                 self._cond.notify_all()
@@ -344,35 +401,50 @@ class MlflowWriter:
         found = self.client.search_runs(
             [self.runs.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.runs.parent_run_id}' "
-                          f"and tags.{self.key_tag} = '{rec.number}'",
+            f"and tags.{self.key_tag} = '{rec.number}'",
         )
         if found:
             rid = found[0].info.run_id
         else:
-            tags = {**self.base_tags, "mlflow.parentRunId": self.runs.parent_run_id,
-                    "trial_id": rec.trial_id, self.key_tag: str(rec.number), "ray_trial_dir": rec.trial_dir,
-                    "trial_storage": self.storage.child(trial_key(rec.number)).display}
+            tags = {
+                **self.base_tags,
+                "mlflow.parentRunId": self.runs.parent_run_id,
+                "trial_id": rec.trial_id,
+                self.key_tag: str(rec.number),
+                "ray_trial_dir": rec.trial_dir,
+                "trial_storage": self.storage.child(trial_key(rec.number)).display,
+            }
             if "objective" in rec.config:
                 tags["objective"] = str(rec.config["objective"])
             tags.update(self.run_tags(rec) if self.run_tags else {})
             name = self.run_name(rec) if self.run_name else f"trial-{rec.number:03d}"
-            rid = self.client.create_run(self.runs.experiment_id, run_name=name, tags=tags).info.run_id
+            rid = self.client.create_run(
+                self.runs.experiment_id, run_name=name, tags=tags
+            ).info.run_id
         self._map[key] = rid
-        replace_atomically(self.search_dir / RUNS_FILE, lambda p: p.write_text(json.dumps(self._map, indent=1)))
+        replace_atomically(
+            self.search_dir / RUNS_FILE, lambda p: p.write_text(json.dumps(self._map, indent=1))
+        )
         return rid
 
     def _logged(self, rid: str) -> set[int]:
         """The epochs this run holds: epochs a restarted trial reports again are not logged
         twice, and an epoch a killed driver never sent is sent, whatever came after it."""
         if rid not in self._logged_steps:
-            self._logged_steps[rid] = {int(m.step) for m in self.client.get_metric_history(rid, "epoch")}
+            self._logged_steps[rid] = {
+                int(m.step) for m in self.client.get_metric_history(rid, "epoch")
+            }
         return self._logged_steps[rid]
 
     def _sync(self, rec: TrialRecord) -> None:
         rid = self._run_id(rec)
         client = self.client
         if rid not in self._params_done:
-            params = [Param(k, _param_str(v)) for k, v in sorted(rec.config.items()) if k != "trial_number"]
+            params = [
+                Param(k, _param_str(v))
+                for k, v in sorted(rec.config.items())
+                if k != "trial_number"
+            ]
             client.log_batch(rid, params=params)  # the same values again are a no-op
             self._params_done.add(rid)
         run = client.get_run(rid)
@@ -382,10 +454,14 @@ class MlflowWriter:
         if rec.node_id and tags.get("ray_node") != rec.node_id:
             client.set_tag(rid, "ray_node", rec.node_id)
         new = sorted(e for e in rec.rows if e not in self._logged(rid))
-        metrics = [Metric(k, v, int(rec.rows[e].get("timestamp", 0) * 1000), e)
-                   for e in new for k, v in rec.rows[e].items() if k != "timestamp" and math.isfinite(v)]
+        metrics = [
+            Metric(k, v, int(rec.rows[e].get("timestamp", 0) * 1000), e)
+            for e in new
+            for k, v in rec.rows[e].items()
+            if k != "timestamp" and math.isfinite(v)
+        ]
         for i in range(0, len(metrics), METRICS_PER_BATCH):
-            client.log_batch(rid, metrics=metrics[i:i + METRICS_PER_BATCH])
+            client.log_batch(rid, metrics=metrics[i : i + METRICS_PER_BATCH])
         if new:
             self._logged(rid).update(new)
             if self.track_best:
@@ -399,7 +475,10 @@ class MlflowWriter:
                 client.set_terminated(rid, status="KILLED")
             return
         if rec.outcome == "failed":
-            if run.info.status != "FAILED" or tags.get("error") != (rec.error or "trial failed")[:5000]:
+            if (
+                run.info.status != "FAILED"
+                or tags.get("error") != (rec.error or "trial failed")[:5000]
+            ):
                 client.set_tag(rid, "error", (rec.error or "trial failed")[:5000])
                 client.set_terminated(rid, status="FAILED")
             return
@@ -421,19 +500,27 @@ class MlflowWriter:
     def _improve_best(self, rec: TrialRecord, rid: str, rows: list[dict[str, float]]) -> None:
         """The parent run's best value so far, with the trial and config that reached it."""
         if self._best is None:  # after a restore: continue from what the parent already holds
-            self._best = self.client.get_run(self.runs.parent_run_id).data.metrics.get(f"best_{self.metric}")
+            self._best = self.client.get_run(self.runs.parent_run_id).data.metrics.get(
+                f"best_{self.metric}"
+            )
         for row in rows:
             value = row.get("score", row.get(self.metric))
             if value is None or not math.isfinite(value):
                 continue
-            if self._best is None or (value > self._best if self.mode == "max" else value < self._best):
+            if self._best is None or (
+                value > self._best if self.mode == "max" else value < self._best
+            ):
                 self._best = value
                 step = int(row.get("epoch", 0))
                 self.client.log_batch(
                     self.runs.parent_run_id,
                     metrics=[Metric(f"best_{self.metric}", value, int(time.time() * 1000), step)],
-                    tags=[RunTag("best_trial", str(rec.number)), RunTag("best_run_id", rid),
-                          RunTag("best_config", json.dumps(_public(rec.config), sort_keys=True))])
+                    tags=[
+                        RunTag("best_trial", str(rec.number)),
+                        RunTag("best_run_id", rid),
+                        RunTag("best_config", json.dumps(_public(rec.config), sort_keys=True)),
+                    ],
+                )
 
     def close_search(self, status: str) -> None:
         self.client.set_terminated(self.runs.parent_run_id, status=status)
@@ -453,10 +540,16 @@ class MlflowRecorder:
         """The record of a trial's student `number` (of an unpacked trial: its only one)."""
         configs = students_of(trial.config)
         number = next(iter(configs)) if number is None else number
-        return self.writer.record(number, trial.trial_id, configs.get(number, {}),
-                                  str(getattr(trial, "local_path", "") or ""))
+        return self.writer.record(
+            number,
+            trial.trial_id,
+            configs.get(number, {}),
+            str(getattr(trial, "local_path", "") or ""),
+        )
 
-    def _set(self, trial: Any, outcome: str | None, error: str | None = None, number: int | None = None) -> None:
+    def _set(
+        self, trial: Any, outcome: str | None, error: str | None = None, number: int | None = None
+    ) -> None:
         def change(r: TrialRecord) -> None:
             r.outcome, r.error = outcome, error
 
@@ -492,22 +585,26 @@ class MlflowRecorder:
         for number in numbers if numbers is not None else list(students_of(trial.config)):
             self._set(trial, "failed", reason, number=number)
 
-    def resync(self, rows: dict[int, list[dict[str, Any]]], outcomes: Any, numbers: set[int] | None = None) -> None:
+    def resync(
+        self, rows: dict[int, list[dict[str, Any]]], outcomes: Any, numbers: set[int] | None = None
+    ) -> None:
         """Mark every trial for a sync from the durable record: its Parquet rows and how it
         ended (`outcomes`: `status`, `errors`, `trial_ids`, `configs` keyed by trial number)."""
         wanted = set(rows) | set(outcomes.status)
         for number in sorted(wanted if numbers is None else wanted & numbers):
             mine = rows.get(number, [])
             config = outcomes.configs.get(number) or (
-                {**json.loads(mine[-1]["config"]), "trial_number": number} if mine else None)
+                {**json.loads(mine[-1]["config"]), "trial_number": number} if mine else None
+            )
             trial_id = outcomes.trial_ids.get(number) or (mine[-1]["trial_id"] if mine else "")
             if config is None:
                 continue
             rec = self.writer.record(number, trial_id, config)
             status = outcomes.status.get(number)
 
-            def change(r: TrialRecord, status: str | None = status, number: int = number,
-                       mine: list = mine) -> None:
+            def change(
+                r: TrialRecord, status: str | None = status, number: int = number, mine: list = mine
+            ) -> None:
                 for row in mine:
                     kept = logged(row)
                     kept["timestamp"] = float(row.get("timestamp", 0.0))
@@ -539,5 +636,3 @@ def last_line(text: str) -> str:
     if not lines:
         return "trial failed"
     return re.sub(r"^searchkd(\.\w+)+: ", "", lines[-1].strip())
-
-

@@ -71,8 +71,10 @@ def checked_teacher(blob: bytes | None, sha256: str | None) -> bytes | None:
         return None
     got = hashlib.sha256(blob).hexdigest()
     if sha256 is not None and got != sha256:
-        raise TrialSetupError(f"node {node_label()}: teacher weights arrived with sha256 {got[:16]}, "
-                              f"expected {sha256[:16]}")
+        raise TrialSetupError(
+            f"node {node_label()}: teacher weights arrived with sha256 {got[:16]}, "
+            f"expected {sha256[:16]}"
+        )
     return blob
 
 
@@ -86,8 +88,13 @@ def stop_epoch(files: Storage) -> int | None:
 
 
 def train_trial(
-    config: dict[str, Any], base: dict[str, Any], teacher: bytes | None, storage: Storage,
-    teacher_sha256: str | None = None, cpus: float = 1.0, memory_fraction: float | None = None,
+    config: dict[str, Any],
+    base: dict[str, Any],
+    teacher: bytes | None,
+    storage: Storage,
+    teacher_sha256: str | None = None,
+    cpus: float = 1.0,
+    memory_fraction: float | None = None,
 ) -> None:
     """One Tune trial: one student, or (`students` in the config) a packed cohort of several.
 
@@ -102,8 +109,13 @@ def train_trial(
     specs = [trial_spec(base, c) for _, c in configs]
     weights = checked_teacher(teacher, teacher_sha256)
     try:
-        cohort = Cohort(specs, [int(c.get("seed", 0)) for _, c in configs], teacher_checkpoint=weights,
-                        memory_fraction=memory_fraction, data_seed=config.get("data_seed"))
+        cohort = Cohort(
+            specs,
+            [int(c.get("seed", 0)) for _, c in configs],
+            teacher_checkpoint=weights,
+            memory_fraction=memory_fraction,
+            data_seed=config.get("data_seed"),
+        )
     except DatasetNotFound as exc:
         raise TrialSetupError(f"node {node_label()}: data.dataset: {exc}") from None
     if packed:
@@ -112,8 +124,12 @@ def train_trial(
     for i, f in enumerate(files):
         resume_member(cohort, i, f)
     start_epoch = [m.epoch for m in cohort.members]
-    extra = [{"trial_number": number, "data_seed": cohort.data_seed, "pack": len(configs)} if packed else {}
-             for number, _ in configs]
+    extra = [
+        {"trial_number": number, "data_seed": cohort.data_seed, "pack": len(configs)}
+        if packed
+        else {}
+        for number, _ in configs
+    ]
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     metrics = specs[0].metrics
     if packed:
@@ -141,8 +157,9 @@ def train_trial(
                 files[i].write_bytes(STATE_FILE, cohort.member_bytes(i))
             except OSError as exc:
                 if disk_full(exc):
-                    raise TrialSetupError(f"node {node_label()}: no space left on device for "
-                                          f"{files[i].display}") from None
+                    raise TrialSetupError(
+                        f"node {node_label()}: no space left on device for {files[i].display}"
+                    ) from None
                 raise
             reports[i] = report
         for report in reports.values():
@@ -166,7 +183,9 @@ def check_memory(cohort: Cohort, memory_fraction: float | None) -> None:
     if cohort.device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(cohort.device).total_memory
-    problem = pack_memory_problem(estimate_pack_bytes(cohort), len(cohort.members), total, memory_fraction)
+    problem = pack_memory_problem(
+        estimate_pack_bytes(cohort), len(cohort.members), total, memory_fraction
+    )
     if problem:
         raise TrialSetupError(f"node {node_label()}: {problem}")
 
@@ -184,7 +203,13 @@ def resume_member(cohort: Cohort, i: int, files: Storage) -> bool:
     try:
         cohort.load_member_bytes(i, blob)
         return True
-    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError):  # cut short or garbage
+    except (
+        RuntimeError,
+        EOFError,
+        KeyError,
+        ValueError,
+        pickle.UnpicklingError,
+    ):  # cut short or garbage
         return False
 
 

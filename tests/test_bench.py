@@ -37,7 +37,11 @@ def _run(module: Any, args: list[str], tmp_path: Path) -> dict[str, Any]:
 
 
 def test_throughput_measures_engine_and_reference_for_both_pairs(tmp_path: Path) -> None:
-    data = _run(throughput, [*SMALL, *TINY_SET, "--steps", "1", "--threads", "1", "--workers", "1"], tmp_path)
+    data = _run(
+        throughput,
+        [*SMALL, *TINY_SET, "--steps", "1", "--threads", "1", "--workers", "1"],
+        tmp_path,
+    )
     assert set(data) >= ENV_KEYS
     assert [r["objective"] for r in data["results"]] == ["msd", "crd"]
     for r in data["results"]:
@@ -53,7 +57,11 @@ def test_throughput_refuses_an_unknown_pair() -> None:
 
 
 def test_concurrency_aggregates_one_and_two_trial_processes(tmp_path: Path) -> None:
-    data = _run(concurrency, [*SMALL, *TINY_SET, "--procs", "1,2", "--steps", "1", "--threads", "1"], tmp_path)
+    data = _run(
+        concurrency,
+        [*SMALL, *TINY_SET, "--procs", "1,2", "--steps", "1", "--threads", "1"],
+        tmp_path,
+    )
     assert set(data) >= ENV_KEYS
     assert [r["procs"] for r in data["results"]] == [1, 2]
     for r in data["results"]:
@@ -61,15 +69,18 @@ def test_concurrency_aggregates_one_and_two_trial_processes(tmp_path: Path) -> N
         assert r["aggregate_img_s"] > 0 and r["window_s"] > 0
         assert all(p["img_s"] > 0 and p["end"] > p["start"] for p in r["per_process"])
     one = data["results"][0]["aggregate_img_s"]  # the first row is a single trial process
-    assert [r["speedup_vs_1"] for r in data["results"]] == [pytest.approx(r["aggregate_img_s"] / one)
-                                                            for r in data["results"]]
+    assert [r["speedup_vs_1"] for r in data["results"]] == [
+        pytest.approx(r["aggregate_img_s"] / one) for r in data["results"]
+    ]
 
 
 def test_overhead_summary_separates_fixed_and_per_epoch_costs() -> None:
     """The arithmetic alone, on made-up times: 2 s per epoch, 1 s fixed, 0.5 s per epoch extra."""
     bare = {"construct_s": 1.0, "epoch_s": [3.0, 2.0, 2.0], "checkpoint_s": 0.1}
-    searches = {"short": {"trial_wall_s": 5.5, "process_s": 10.5, "ray_time_total_s": 5.0},
-                "long": {"trial_wall_s": 10.5, "process_s": 20.5, "ray_time_total_s": 10.0}}
+    searches = {
+        "short": {"trial_wall_s": 5.5, "process_s": 10.5, "ray_time_total_s": 5.0},
+        "long": {"trial_wall_s": 10.5, "process_s": 20.5, "ray_time_total_s": 10.0},
+    }
     r = overhead.summarize(bare, searches, short=1, long=3)
     assert r["per_epoch_overhead_s"] == pytest.approx(0.5)
     assert r["fixed_trial_overhead_s"] == pytest.approx(1.0)
@@ -90,30 +101,46 @@ def test_overhead_runs_searchkd_tune_and_the_bare_engine(tmp_path: Path) -> None
         assert s["trial_wall_s"] > 0 and s["process_s"] > s["trial_wall_s"]
         assert len(s["ray_epoch_s"]) == epochs
     assert data["bare"]["checkpoint_s"] > 0
-    for key in ("overhead_long_pct", "per_epoch_overhead_s", "fixed_trial_overhead_s",
-                "projected_240_epoch_overhead_pct", "overhead_lower_bound_long_pct"):
+    for key in (
+        "overhead_long_pct",
+        "per_epoch_overhead_s",
+        "fixed_trial_overhead_s",
+        "projected_240_epoch_overhead_pct",
+        "overhead_lower_bound_long_pct",
+    ):
         assert isinstance(data[key], float)
 
 
 def test_packing_measures_packed_cohorts_against_separate_trials(tmp_path: Path) -> None:
-    data = _run(packing, ["--device", "cpu", "--small", "--configs", "msd", "--threads", "1"], tmp_path)
+    data = _run(
+        packing, ["--device", "cpu", "--small", "--configs", "msd", "--threads", "1"], tmp_path
+    )
     assert set(data) >= ENV_KEYS
     [config] = data["configs"]
-    assert (config["teacher"], config["student"], config["objective"]) == ("resnet32x4", "resnet8x4", "msd")
+    assert (config["teacher"], config["student"], config["objective"]) == (
+        "resnet32x4",
+        "resnet8x4",
+        "msd",
+    )
     assert 0.0 < config["teacher_share"] <= 1.0
     assert [r["k"] for r in config["results"]] == [1, 2]
     for r in config["results"]:
         assert r["student_img_s"] > 0 and r["separate_img_s"] > 0 and r["peak_memory_mib"] > 0
         assert r["teacher_calls_per_step"] == 1.0  # one teacher forward per batch, whatever K
-        assert r["ideal_speedup"] == pytest.approx(1 / (config["teacher_share"] / r["k"] + 1 - config["teacher_share"]))
+        assert r["ideal_speedup"] == pytest.approx(
+            1 / (config["teacher_share"] / r["k"] + 1 - config["teacher_share"])
+        )
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
 
 
 def test_packing_refuses_an_unknown_configuration() -> None:
     with pytest.raises(SystemExit, match="unknown configuration 'kd'; known: msd, crd, wrn"):
         packing.main(["--device", "cpu", "--configs", "kd"])
+
+
 def test_search_efficiency_curve_and_reach_arithmetic() -> None:
     """Made-up rows in arrival order: the running best, its test_acc, ties, and the reach."""
+
     def row(n: int, epoch: int, val: float, test: float) -> dict[str, Any]:
         return {"trial_number": n, "epoch": epoch, "best_val_acc": val, "test_acc": test}
 
@@ -122,7 +149,11 @@ def test_search_efficiency_curve_and_reach_arithmetic() -> None:
     rnd = search_efficiency.summarize("random", 0, "r", rnd_rows, 1.0, epochs=2)
     tpe = search_efficiency.summarize("tpe-asha", 0, "t", tpe_rows, 1.0, epochs=2)
     assert [(p.val_acc, p.test_acc, p.trial) for p in rnd.curve] == [
-        (0.5, 0.4, 0), (0.6, 0.5, 1), (0.8, 0.7, 0), (0.8, 0.7, 0)]  # a tie keeps the incumbent
+        (0.5, 0.4, 0),
+        (0.6, 0.5, 1),
+        (0.8, 0.7, 0),
+        (0.8, 0.7, 0),
+    ]  # a tie keeps the incumbent
     assert rnd.trial_epochs == 4 and rnd.stopped_early == 0 and rnd.reached(0.8) == 3
     assert tpe.trial_epochs == 3 and tpe.stopped_early == 1 and tpe.epochs_per_trial == {0: 2, 1: 1}
     assert tpe.at(10).val_acc == 0.9  # an ended search holds its final best
@@ -138,8 +169,13 @@ def test_search_efficiency_curve_and_reach_arithmetic() -> None:
 def test_search_efficiency_counts_trial_epochs_of_both_searches(tmp_path: Path) -> None:
     """Two real searches (TPE + ASHA, random) of 2 trials × 2 epochs: the curves and the
     trial-epoch accounting, not which search wins (2 trials decide nothing)."""
-    args = ["--small", "--trials-dir", str(tmp_path / "trials"),
-            "--teacher-trials-dir", str(tmp_path / "teacher")]
+    args = [
+        "--small",
+        "--trials-dir",
+        str(tmp_path / "trials"),
+        "--teacher-trials-dir",
+        str(tmp_path / "teacher"),
+    ]
     data = _run(search_efficiency, args, tmp_path)
     env = data["environment"]
     assert {"date", "machine", "torch", "ray", "optuna", "mlflow", "python", "command"} <= set(env)

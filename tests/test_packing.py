@@ -23,14 +23,23 @@ def teacher(tmp_path_factory) -> Path:
 
 def spec(objective: str = "msd", width: float = 0.25, **loss) -> Spec:
     raw = tiny_space(objective=objective, student={"arch": "resnet8", "width": width}, params={})
-    raw["loss"] = loss or ({"layers": 1, "scales": [1, 2], "dim": 16} if objective == "msd" else
-                           {"dim": 16, "negatives": 64} if objective == "crd" else {})
+    raw["loss"] = loss or (
+        {"layers": 1, "scales": [1, 2], "dim": 16}
+        if objective == "msd"
+        else {"dim": 16, "negatives": 64}
+        if objective == "crd"
+        else {}
+    )
     return Spec.model_validate(raw)
 
 
 def mixed(teacher: Path, seeds: tuple[int, ...] = (1, 2, 3)) -> Cohort:
     """Students that differ in width, objective and loss parameters."""
-    specs = [spec("msd", 0.25), spec("crd", 0.5), spec("msd", 0.5, tau=0.2, layers=1, scales=[1], dim=8)]
+    specs = [
+        spec("msd", 0.25),
+        spec("crd", 0.5),
+        spec("msd", 0.5, tau=0.2, layers=1, scales=[1], dim=8),
+    ]
     return Cohort(specs[: len(seeds)], list(seeds), teacher_checkpoint=teacher, device="cpu")
 
 
@@ -38,14 +47,18 @@ def test_the_teacher_runs_once_per_batch_for_all_students(teacher: Path, monkeyp
     c = mixed(teacher)
     calls = []
     original = c.teacher.forward_features
-    monkeypatch.setattr(c.teacher, "forward_features", lambda x: calls.append(x.shape[0]) or original(x))
+    monkeypatch.setattr(
+        c.teacher, "forward_features", lambda x: calls.append(x.shape[0]) or original(x)
+    )
     rows = c.run_epochs()
     assert sorted(rows) == [0, 1, 2]
     assert len(calls) == len(c.loaders.train)  # one forward per batch, not three
     assert c.train_teacher.calls == len(c.loaders.train)
     for row in rows.values():
         assert row["epoch"] == 1 and 0.0 <= row["val_acc"] <= 1.0
-        assert row["train_loss"] == pytest.approx(sum(v for k, v in row.items() if k.startswith("loss_")), rel=1e-4)
+        assert row["train_loss"] == pytest.approx(
+            sum(v for k, v in row.items() if k.startswith("loss_")), rel=1e-4
+        )
 
 
 def test_a_cohort_of_one_is_the_engine(teacher: Path) -> None:
@@ -84,7 +97,9 @@ def test_each_students_state_round_trips_and_resumes_exactly(teacher: Path) -> N
     rows = resumed.run_epochs()
     for i in range(3):
         for k, v in straight.members[i].student.state_dict().items():
-            torch.testing.assert_close(resumed.members[i].student.state_dict()[k], v, msg=f"student {i} {k}")
+            torch.testing.assert_close(
+                resumed.members[i].student.state_dict()[k], v, msg=f"student {i} {k}"
+            )
         assert rows[i]["val_acc"] == straight.members[i].last_row["val_acc"]
 
 
@@ -103,8 +118,13 @@ def test_students_behind_catch_up_before_the_cohort_goes_on(teacher: Path) -> No
 def test_each_student_has_its_own_random_stream(teacher: Path) -> None:
     """A student's draws (mixup, negatives) do not depend on the students beside it."""
     alone = Cohort([spec("crd", 0.5), spec()], [2, 9], teacher_checkpoint=teacher, device="cpu")
-    other = Cohort([spec("crd", 0.5), spec(width=0.5)], [2, 7], teacher_checkpoint=teacher, device="cpu",
-                   data_seed=2)
+    other = Cohort(
+        [spec("crd", 0.5), spec(width=0.5)],
+        [2, 7],
+        teacher_checkpoint=teacher,
+        device="cpu",
+        data_seed=2,
+    )
     a, b = alone.run_epochs()[0], other.run_epochs()[0]
     assert a["train_loss"] == b["train_loss"] and a["val_acc"] == b["val_acc"]
 
@@ -116,12 +136,17 @@ def test_memory_estimate_grows_with_the_pack_and_refuses_in_one_line(teacher: Pa
     assert pack_memory_problem(four, 4, total_bytes=4 * four, fraction=0.5) is None
     problem = pack_memory_problem(four, 4, total_bytes=four, fraction=0.5)
     assert problem is not None and "\n" not in problem
-    assert problem.startswith("search.pack: 4 students need about") and "lower search.pack" in problem
+    assert (
+        problem.startswith("search.pack: 4 students need about") and "lower search.pack" in problem
+    )
 
 
 def test_a_pack_refuses_searching_what_its_students_share() -> None:
-    for key, param in (("train.batch_size", {"choice": [32, 64]}), ("data.val_fraction", {"float": [0.1, 0.2]}),
-                       ("train.epochs", {"int": [2, 4]})):
+    for key, param in (
+        ("train.batch_size", {"choice": [32, 64]}),
+        ("data.val_fraction", {"float": [0.1, 0.2]}),
+        ("train.epochs", {"int": [2, 4]}),
+    ):
         raw = tiny_space(search={**tiny_space()["search"], "pack": 2})
         raw["params"] = {key: param}
         with pytest.raises(SpecError, match=rf"params\.{key}: the students of a packed trial"):
@@ -153,12 +178,17 @@ def test_the_driver_stops_a_student_with_a_file_the_trial_reads(tmp_path: Path) 
 
 def test_students_of_reads_packed_and_unpacked_configs() -> None:
     assert students_of({"trial_number": 3, "seed": 1}) == {3: {"trial_number": 3, "seed": 1}}
-    packed = {"students": [{"trial_number": 4, "seed": 1}, {"trial_number": 5, "seed": 2}], "data_seed": 1}
+    packed = {
+        "students": [{"trial_number": 4, "seed": 1}, {"trial_number": 5, "seed": 2}],
+        "data_seed": 1,
+    }
     assert list(students_of(packed)) == [4, 5]
 
 
 @pytest.mark.integration
-def test_a_packed_search_keeps_every_invariant_per_student(ray_session, tmp_path: Path, capsys) -> None:
+def test_a_packed_search_keeps_every_invariant_per_student(
+    ray_session, tmp_path: Path, capsys
+) -> None:
     """pack 2, 4 trials under ASHA: 4 Optuna trials, 4 MLflow child runs, 4 trials' rows, each
     student stopped or finished on its own; a resume of the finished search changes nothing."""
     from conftest import assert_consistent, write_space
@@ -168,7 +198,9 @@ def test_a_packed_search_keeps_every_invariant_per_student(ray_session, tmp_path
 
     name, epochs = "packed", 4
     raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs})
-    raw["search"].update(num_samples=4, pack=2, scheduler="asha", grace_period=1, reduction_factor=2, seed=3)
+    raw["search"].update(
+        num_samples=4, pack=2, scheduler="asha", grace_period=1, reduction_factor=2, seed=3
+    )
     raw["params"]["loss.kd_weight"] = {"float": [0.0, 2.0]}
     space = write_space(tmp_path / f"{name}.yaml", raw)
     trials = tmp_path / "trials"
@@ -176,15 +208,23 @@ def test_a_packed_search_keeps_every_invariant_per_student(ray_session, tmp_path
     out = capsys.readouterr().out
     table = assert_consistent(trials, name, 4, epochs)
     study = load_study(trials / name, name)
-    last = {t.number: max(r["epoch"] for r in table if r["trial_number"] == t.number) for t in study.trials}
-    assert {n: t.user_attrs["stopped_early"] for n, t in enumerate(study.trials)} == \
-        {n: e < epochs for n, e in last.items()}
+    last = {
+        t.number: max(r["epoch"] for r in table if r["trial_number"] == t.number)
+        for t in study.trials
+    }
+    assert {n: t.user_attrs["stopped_early"] for n, t in enumerate(study.trials)} == {
+        n: e < epochs for n, e in last.items()
+    }
     stopped = [n for n, e in last.items() if e < epochs]
     assert stopped, f"ASHA stopped no student: {last}\n{out}"
     for n in stopped:
         assert f"trial {n} stopped by ASHA at epoch {last[n]}" in out
-        assert json.loads((trials / name / "checkpoints" / f"trial-{n:04d}" / "stopped.json").read_text())["epoch"] \
+        assert (
+            json.loads(
+                (trials / name / "checkpoints" / f"trial-{n:04d}" / "stopped.json").read_text()
+            )["epoch"]
             == last[n]
+        )
     for n in last:
         assert (trials / name / "checkpoints" / f"trial-{n:04d}" / "state.pt").is_file()
     # Students of a cohort shared their data order: the seed is recorded on every row.
@@ -210,19 +250,40 @@ def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: 
 
     name, num_samples, epochs = "packfaults", 4, 5
     raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
-    raw["search"].update(num_samples=num_samples, pack=2, max_concurrent=1, scheduler="asha",
-                         grace_period=2, reduction_factor=2)
+    raw["search"].update(
+        num_samples=num_samples,
+        pack=2,
+        max_concurrent=1,
+        scheduler="asha",
+        grace_period=2,
+        reduction_factor=2,
+    )
     space = write_space(tmp_path / f"{name}.yaml", raw)
     trials = tmp_path / "trials"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
     def command(*extra: str) -> list[str]:
-        return [sys.executable, "-m", "searchkd.cli", "tune", str(space), "--trials-dir", str(trials),
-                "--num-cpus", "2", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "searchkd.cli",
+            "tune",
+            str(space),
+            "--trials-dir",
+            str(trials),
+            "--num-cpus",
+            "2",
+            *extra,
+        ]
 
     def run_until(cmd: list[str], ready) -> None:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             wait_until(ready, "the kill point", proc, timeout=1800)
         finally:
@@ -239,14 +300,18 @@ def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: 
     for n in {r["trial_number"] for r in table}:
         last = max(r["epoch"] for r in table if r["trial_number"] == n)
         stop = trials / name / "checkpoints" / f"trial-{n:04d}" / "stopped.json"
-        assert (last < epochs) == stop.exists(), f"trial {n}: ended at {last}, stop file {stop.exists()}"
+        assert (last < epochs) == stop.exists(), (
+            f"trial {n}: ended at {last}, stop file {stop.exists()}"
+        )
 
 
 def test_preflight_refuses_a_pack_that_cannot_fit_its_gpu_share(tmp_path: Path) -> None:
     """The estimate runs on the CPU; the GPU's size is given (no GPU here)."""
     from searchkd.preflight import pack_memory
 
-    raw = tiny_space(search={**tiny_space()["search"], "pack": 4, "resources": {"cpu": 1, "gpu": 0.5}})
+    raw = tiny_space(
+        search={**tiny_space()["search"], "pack": 4, "resources": {"cpu": 1, "gpu": 0.5}}
+    )
     s = Spec.model_validate(raw)
     assert pack_memory(s, total_bytes=80 * 2**30) is None
     problem = pack_memory(s, total_bytes=2**20)
