@@ -191,7 +191,8 @@ def run_config(name: str, packs: list[int], base: dict[str, Any], folder: Path) 
 
 def table(payload: dict[str, Any]) -> str:
     lines = [
-        "| pair | objective | K | packed student-img/s | separate student-img/s | speedup | ideal | efficiency "
+        "| pair | objective | K | packed student-img/s | separate student-img/s | speedup | ideal "
+        "| efficiency "
         "| teacher share | teacher calls/step | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -200,7 +201,8 @@ def table(payload: dict[str, Any]) -> str:
             lines.append(
                 f"| {c['teacher']} -> {c['student']} | {c['objective']} | {r['k']} | "
                 f"{r['student_img_s']:.1f} | {r['separate_img_s']:.1f} | {r['speedup']:.2f}x | "
-                f"{r['ideal_speedup']:.2f}x | {100 * r['efficiency']:.0f}% | {c['teacher_share']:.2f} | "
+                f"{r['ideal_speedup']:.2f}x | {100 * r['efficiency']:.0f}% | "
+                f"{c['teacher_share']:.2f} | "
                 f"{r['teacher_calls_per_step']:.0f} | {r['peak_memory_mib']:.0f} |"
             )
     return "\n".join(lines)

@@ -33,8 +33,8 @@ ASHA searches and compares them with the same random searches.
 
 The teacher is the quickstart's, trained at most once by `searchkd.teacher` into the cache of
 `--teacher-trials-dir` (default ./trials) and shared with the searches through a `teachers`
-link, as bench/digits_objectives.py does. `--small` swaps it for a 3-epoch half-width resnet8 so that
-the smoke test trains no resnet20.
+link, as bench/digits_objectives.py does. `--small` swaps it for a 3-epoch half-width resnet8
+so that the smoke test trains no resnet20.
 """
 
 from __future__ import annotations
@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     env.update(load_average_1m_end=os.getloadavg()[0], wall_s=wall)
     print()
     print(
-        f"best val_acc % (its test_acc %) after N trial-epochs; random's budget {args.trials} trials "
+        f"best val_acc % (its test_acc %) after N trial-epochs; random's budget {args.trials} "
+        "trials "
         f"× {args.epochs} epochs = {budget}; a search that has ended holds its final best"
     )
     print(curve_table(searches, budget))
@@ -494,9 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     k = result["mean_tpe_reached_mean_random_final_at"]
     print(
-        f"mean over seeds: random's final best val {pct(result['mean_random_final_val'])}; the mean TPE+ASHA "
+        f"mean over seeds: random's final best val {pct(result['mean_random_final_val'])}; the "
+        "mean TPE+ASHA "
         f"curve reaches it at {'never' if k is None else k} trial-epochs (goal ≤ "
-        f"{result['goal_trial_epochs']:.0f}): {'met' if result['goal_met_on_means'] else 'not met'}; "
+        f"{result['goal_trial_epochs']:.0f}): "
+        f"{'met' if result['goal_met_on_means'] else 'not met'}; "
         f"pairs of seeds within the goal: {result['pairs_within_goal']} of {len(result['pairs'])}"
     )
     print(f"whole benchmark: {wall:.0f} s")

@@ -77,7 +77,8 @@ def read_checkpoint(source: Any, name: str | Path) -> Any:
             "not a weights-only checkpoint",
         )
         raise CheckpointMismatch(
-            f"{name} was refused by torch.load(weights_only=True): it is not a checkpoint of plain tensors "
+            f"{name} was refused by torch.load(weights_only=True): it is not a checkpoint of "
+            "plain tensors "
             f"({detail}); only state_dicts are loaded, never code"
         ) from None
     except (RuntimeError, ValueError, OSError) as exc:
@@ -663,7 +664,8 @@ def pack_memory_problem(
         return None
     of = f"{fraction:g} of " if fraction and 0 < fraction < 1 else ""
     return (
-        f"search.pack: {k} students need about {estimate / 2**30:.1f} GiB of GPU memory (estimated), more "
+        f"search.pack: {k} students need about {estimate / 2**30:.1f} GiB of GPU memory "
+        "(estimated), more "
         f"than a trial's share, {share / 2**30:.1f} GiB (search.resources.gpu {of}a "
         f"{total_bytes / 2**30:.0f} GiB GPU); lower search.pack or give each trial more GPU"
     )

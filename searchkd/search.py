@@ -391,7 +391,8 @@ class Progress:
         reason = tracking.error_reason(trial)
         names = ", ".join(str(n) for n in students_of(trial.config) if n not in self.ended)
         self.log(
-            f"  trial {names}{_where(trial, reason)} failed and {'are' if ',' in names else 'is'} retried "
+            f"  trial {names}{_where(trial, reason)} failed and {'are' if ',' in names else 'is'} "
+            "retried "
             f"from its last saved epoch: {reason}"
         )
 
@@ -982,7 +983,8 @@ def run_search(
     cut = repair_journal(search_dir)
     if cut:
         log(
-            f"searchkd: {JOURNAL_FILE} ended in a record cut short by a kill; dropped its {cut} bytes "
+            f"searchkd: {JOURNAL_FILE} ended in a record cut short by a kill; dropped its {cut} "
+            "bytes "
             f"(the study's complete records are intact)"
         )
     study = create_study(search_dir, spec)
@@ -1044,7 +1046,8 @@ def run_search(
             writer.close_search("FINISHED" if complete else "KILLED")
         except Exception as exc:  # noqa: BLE001 - the parent's status is cosmetic
             log(
-                f"searchkd: warning: could not close the search's MLflow run: {tracking.one_line(exc)}"
+                "searchkd: warning: could not close the search's MLflow run: "
+                f"{tracking.one_line(exc)}"
             )
     elif session.stop_reason is None:
         log(
@@ -1053,7 +1056,8 @@ def run_search(
         )
     if session.stop_reason:
         log(
-            f"searchkd: error: {session.stop_reason}; the search stopped with its trials open: free "
+            f"searchkd: error: {session.stop_reason}; the search stopped with its trials open: "
+            "free "
             f"space, then resume"
         )
     return summarize(search_dir, spec, teacher, counts), status

@@ -357,16 +357,18 @@ def validate(
             if key not in valid:
                 fail(
                     f"data.options.{cut(str(key))}",
-                    f"not an option of dataset {spec.data.dataset}; valid: {', '.join(sorted(valid)) or 'none'}",
+                    f"not an option of dataset {spec.data.dataset}; valid: "
+                    f"{', '.join(sorted(valid)) or 'none'}",
                 )
 
     if objectives is not None:
         own = set().union(*(objectives[o] for o in spec.objectives))
         for key, value in spec.loss.items():
             if key not in own:
+                which = spec.objective if isinstance(spec.objective, str) else spec.objectives
                 fail(
                     f"loss.{key}",
-                    f"unknown key for objective {spec.objective if isinstance(spec.objective, str) else spec.objectives}; valid: {', '.join(sorted(own))}",
+                    f"unknown key for objective {which}; valid: {', '.join(sorted(own))}",
                 )
             if check_tunable is not None:
                 for o in spec.objectives:
@@ -409,7 +411,8 @@ def validate(
         if metric not in REPORTED_METRICS and not metric.startswith("loss_"):
             fail(
                 "search.metric",
-                f"{shown(metric)} is not reported by trials; reported: {', '.join(REPORTED_METRICS)}",
+                f"{shown(metric)} is not reported by trials; reported: "
+                f"{', '.join(REPORTED_METRICS)}",
             )
         if metric in VAL_METRICS and _may_lack_val(spec):
             fail(
@@ -422,7 +425,8 @@ def validate(
             fail(
                 "search.metric",
                 f"{shown(metric)} is measured on the test split, which must never choose: "
-                "select on val_acc (only a single trial with no params may report it as its metric)",
+                "select on val_acc (only a single trial with no params may report it as its "
+                "metric)",
             )
     return spec
 

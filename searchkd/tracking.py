@@ -206,10 +206,12 @@ def model_card(
     lines = [
         f"# Student of trial {trial_number}",
         "",
-        f"- student: {tags.get('student')}  teacher: {tags.get('teacher')}  objective: {tags.get('objective')}",
+        f"- student: {tags.get('student')}  teacher: {tags.get('teacher')}  objective: "
+        f"{tags.get('objective')}",
         f"- epochs trained: {result.get('epoch')}  best val_acc: {result.get('best_val_acc')}  "
         f"test_acc (best-on-val student): {result.get('test_acc')}",
-        f"- parameters: {result.get('student_params')}  MACs per image: {result.get('student_macs')}",
+        f"- parameters: {result.get('student_params')}  MACs per image: "
+        f"{result.get('student_macs')}",
         "",
         "Weights: `student_best.pt`, a plain state_dict of the student (load with "
         "`torch.load(path, weights_only=True)` into `searchkd.models.build_model(...)`); "
@@ -355,14 +357,16 @@ class MlflowWriter:
                     backoff, retry_at = 1.0, 0.0
                 elif not is_transient(failure):
                     self.log(
-                        f"searchkd: warning: MLflow refused an update of trial {number}: {one_line(failure)}"
+                        f"searchkd: warning: MLflow refused an update of trial {number}: "
+                        f"{one_line(failure)}"
                     )
                 else:
                     self._dirty = {number: None, **self._dirty}  # retried first, after a pause
                     if self._down_since is None:
                         self._down_since = time.time()
                         self.log(
-                            f"searchkd: warning: tracking server {self.runs.tracking_uri} unreachable "
+                            f"searchkd: warning: tracking server {self.runs.tracking_uri} "
+                            "unreachable "
                             f"({one_line(failure)}); training goes on, MLflow updates are kept and "
                             f"sent when it is back"
                         )
