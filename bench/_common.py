@@ -223,11 +223,13 @@ def engine_spec(
     teacher_checkpoint: Path,
     data: dict[str, Any],
     batch_size: int,
-    epochs: int = 2,
+    epochs: int = 10_000,
     compile: bool = False,
     name: str = "bench",
 ) -> Spec:
-    """The engine's spec for one pair: the literature's recipe, default loss weights."""
+    """The engine's spec for one pair: the literature's recipe, default loss weights. The
+    benchmarks time short "epochs" of a few steps each (`train_steps`), many per engine: the
+    epoch count is far beyond what they take, since a finished engine trains no more."""
     return Spec.model_validate(
         {
             "name": name,

@@ -104,7 +104,7 @@ def teacher_steps(cohort: Any, steps: int) -> Timed:
     batches = [x for x, _, _ in loader]
     start = _clock(cohort.device)
     for x in batches:
-        with cohort._autocast():
+        with cohort.autocast():
             cohort.teacher.forward_features(x)
     return _since(start, cohort.device)
 

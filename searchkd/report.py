@@ -568,7 +568,7 @@ RC = {
 
 
 @contextlib.contextmanager
-def _plotting() -> Any:
+def plotting() -> Any:
     """Matplotlib's default style with the report's sizes, restored afterwards (Optuna's plots
     switch to ggplot globally, so each plot is drawn in one of these)."""
     import matplotlib
@@ -975,7 +975,7 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
 
     def draw(plot: Any, name: str, title: str, caption: str, *args: Any) -> None:
         try:
-            with _plotting():
+            with plotting():
                 _save(plot(a, *args), out / f"{name}.png")
         except Exception as exc:  # noqa: BLE001 - one plot that cannot be drawn leaves the others
             import matplotlib.pyplot as plt
@@ -1016,7 +1016,7 @@ def write_report(search_dir: str | Path, out: str | Path | None = None) -> Repor
                 )
             ),
         )
-    with _plotting():
+    with plotting():
         study = score_study(a) if a.trials else None
         imp = importances(study)
     data["importances"] = imp

@@ -131,7 +131,7 @@ def figure_of(plot, a):
     import matplotlib
 
     matplotlib.use("Agg")
-    with rp._plotting():
+    with rp.plotting():
         return plot(a)
 
 
