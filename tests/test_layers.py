@@ -175,3 +175,42 @@ def test_the_private_check_catches_what_it_should(tmp_path: Path) -> None:
             "self._metric (a base class's private)",
         ]
     )
+
+
+def searchkd_privates_used(path: Path) -> list[str]:
+    """Private names of searchkd that a test or benchmark imports or reads off a module."""
+    tree = ast.parse(path.read_text())
+    modules: set[str] = set()  # local names bound to searchkd modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("searchkd"):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    found.append(f"{path.name}:{node.lineno} imports {a.name}")
+                modules.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name.startswith("searchkd")}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        [
+            *PACKAGE.parent.joinpath("tests").glob("*.py"),
+            *PACKAGE.parent.joinpath("bench").glob("*.py"),
+        ]
+    ),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_tests_and_benchmarks_use_no_private_name_of_searchkd(path: Path) -> None:
+    assert searchkd_privates_used(path) == []

@@ -751,7 +751,7 @@ def test_crd_scores_whole_bank_matmul_equals_gather() -> None:
     large = torch.randint(0, 10, (3, 5))
     for idx in (small, large):
         torch.testing.assert_close(
-            ContrastMemory._scores(bank, v, idx), torch.einsum("bkd,bd->bk", bank[idx], v)
+            ContrastMemory.scores(bank, v, idx), torch.einsum("bkd,bd->bk", bank[idx], v)
         )
 
 

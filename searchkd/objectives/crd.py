@@ -122,7 +122,7 @@ class ContrastMemory(nn.Module):
         self.register_buffer("z_ready", torch.zeros((), dtype=torch.bool))
 
     @staticmethod
-    def _scores(bank: Tensor, v: Tensor, idx: Tensor) -> Tensor:
+    def scores(bank: Tensor, v: Tensor, idx: Tensor) -> Tensor:
         """v_b · bank[idx_b,k] → B×(1+K). When the draws cover the bank anyway, one matmul
         against the whole bank is cheaper than materialising B×(1+K)×dim rows."""
         if idx.numel() >= bank.shape[0]:
@@ -136,8 +136,8 @@ class ContrastMemory(nn.Module):
         # fp32 scores: at τ = 0.07 a bf16 dot product's rounding would be ~6% of a logit.
         with torch.autocast(v_s.device.type, enabled=False):
             # Student anchor against the teacher bank, teacher anchor against the student bank.
-            s_scores = self._scores(self.teacher_bank, v_s, idx)
-            t_scores = self._scores(self.student_bank, v_t, idx)
+            s_scores = self.scores(self.teacher_bank, v_s, idx)
+            t_scores = self.scores(self.student_bank, v_t, idx)
         with torch.no_grad():
             # Z = mean(exp(s/τ)) · N from the first batch, then frozen (no host sync).
             first = torch.stack([s_scores, t_scores]).flatten(1) / self.tau
