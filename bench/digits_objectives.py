@@ -162,6 +162,27 @@ def environment() -> dict[str, str]:
     }
 
 
+def add_search_options(p: argparse.ArgumentParser) -> None:
+    """The options every digits benchmark's searches share."""
+    p.add_argument(
+        "--trials-dir",
+        type=Path,
+        help="where the searches go (default: a temporary folder, removed)",
+    )
+    p.add_argument(
+        "--teacher-trials-dir",
+        type=Path,
+        default=Path("trials"),
+        help="trials directory whose teachers/ cache holds the teacher (default ./trials)",
+    )
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="CPUs of each search's Ray",
+    )
+
+
 def parse_objectives(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in OBJECTIVES]
@@ -185,23 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=ROOT / "spaces" / "digits-ce.yaml",
         help="the space every objective's is made from",
     )
-    p.add_argument(
-        "--trials-dir",
-        type=Path,
-        help="where the searches go (default: a temporary folder, removed)",
-    )
-    p.add_argument(
-        "--teacher-trials-dir",
-        type=Path,
-        default=Path("trials"),
-        help="trials directory whose teachers/ cache holds the teacher (default ./trials)",
-    )
-    p.add_argument(
-        "--num-cpus",
-        type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="CPUs of each search's Ray",
-    )
+    add_search_options(p)
     p.add_argument("--json", type=Path, help="also write the figures and the environment here")
     return p.parse_args(argv)
 

@@ -32,7 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_objectives import environment, share_teacher, space_of  # noqa: E402
+from digits_objectives import add_search_options, environment, share_teacher, space_of  # noqa: E402
 
 import searchkd  # noqa: E402
 from searchkd.objectives import OBJECTIVES  # noqa: E402
@@ -107,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds per config in the final stage")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the base space's)")
     p.add_argument("--base", type=Path, default=ROOT / "spaces" / "digits-ce.yaml")
-    p.add_argument(
-        "--trials-dir", type=Path, help="where the searches go (default: a temporary folder)"
-    )
-    p.add_argument("--teacher-trials-dir", type=Path, default=Path("trials"))
-    p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1))
+    add_search_options(p)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray, as in the tests

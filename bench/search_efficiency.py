@@ -59,7 +59,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_objectives import cpu_name, share_teacher  # noqa: E402
+from digits_objectives import add_search_options, cpu_name, share_teacher  # noqa: E402
 
 import searchkd  # noqa: E402
 from searchkd.record import read_rows  # noqa: E402
@@ -380,27 +380,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="smoke test: 1 seed, 2 trials × 2 epochs, a 3-epoch resnet8 teacher",
     )
-    p.add_argument(
-        "--trials-dir",
-        type=Path,
-        help="where the searches go (default: a temporary folder, removed)",
-    )
-    p.add_argument(
-        "--teacher-trials-dir",
-        type=Path,
-        default=Path("trials"),
-        help="trials directory whose teachers/ cache holds the teacher (default ./trials)",
-    )
+    add_search_options(p)
     p.add_argument(
         "--grace-period",
         type=int,
         help="ASHA's grace period for the TPE + ASHA searches (default: the space's)",
-    )
-    p.add_argument(
-        "--num-cpus",
-        type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="CPUs of each search's Ray",
     )
     p.add_argument("--json", type=Path, help="also write the curves, figures and environment here")
     args = p.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,23 @@ def tiny_space(name: str = "tiny", **overrides: Any) -> dict[str, Any]:
         else:
             space[key] = value
     return space
+
+
+def tune_command(space: Path, trials: Path, *extra: str, num_cpus: int | None = 2) -> list[str]:
+    """`searchkd tune SPACE --trials-dir TRIALS` as a separate process (a driver a test can kill),
+    on a local Ray of `num_cpus` CPUs (None: leave it out, e.g. with --address)."""
+    cpus = ["--num-cpus", str(num_cpus)] if num_cpus is not None else []
+    return [
+        sys.executable,
+        "-m",
+        "searchkd.cli",
+        "tune",
+        str(space),
+        "--trials-dir",
+        str(trials),
+        *cpus,
+        *extra,
+    ]
 
 
 def write_space(path: Path, space: dict[str, Any]) -> Path:

@@ -26,6 +26,7 @@ from conftest import (
     start_mlflow,
     stop_group,
     tiny_space,
+    tune_command,
     wait_until,
     write_space,
 )
@@ -115,18 +116,7 @@ def head(s3_server: str):
 def run_driver(
     space: Path, trials: Path, head: dict, *extra: str
 ) -> tuple[subprocess.Popen, Output]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "searchkd.cli",
-        "tune",
-        str(space),
-        "--trials-dir",
-        str(trials),
-        "--address",
-        head["gcs"],
-        *extra,
-    ]
+    cmd = tune_command(space, trials, "--address", head["gcs"], *extra, num_cpus=None)
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, **ENV},

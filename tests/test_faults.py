@@ -21,6 +21,7 @@ from conftest import (
     start_mlflow,
     stop_group,
     tiny_space,
+    tune_command,
     wait_until,
     write_space,
 )
@@ -32,19 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
 
-def command(space: Path, trials: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "searchkd.cli",
-        "tune",
-        str(space),
-        "--trials-dir",
-        str(trials),
-        "--num-cpus",
-        "2",
-        *extra,
-    ]
+command = tune_command
 
 
 def run_until(cmd: list[str], ready: Callable[[], bool]) -> None:

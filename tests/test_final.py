@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_space, write_space
+from conftest import tiny_space, tune_command, write_space
 from searchgen import make_search
 
 from searchkd import final as fs
@@ -281,17 +281,7 @@ def test_a_killed_final_stage_goes_on_where_it_stopped(tmp_path: Path) -> None:
     )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "searchkd.cli",
-            "tune",
-            str(space),
-            "--trials-dir",
-            str(trials),
-            "--num-cpus",
-            "2",
-        ],
+        tune_command(space, trials),
         env=env,
         check=True,
         stdout=subprocess.DEVNULL,

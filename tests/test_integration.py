@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
 import pytest
 from conftest import rows as recorded
-from conftest import tiny_space, wait_until, write_space
+from conftest import tiny_space, tune_command, wait_until, write_space
 from mlflow.tracking import MlflowClient
 
 from searchkd.cli import main
@@ -80,17 +79,7 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path: Path) -> None:
     raw["search"].update(num_samples=3, max_concurrent=2)
     space = write_space(tmp_path / "kill.yaml", raw)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "searchkd.cli",
-        "tune",
-        str(space),
-        "--trials-dir",
-        str(trials),
-        "--num-cpus",
-        "2",
-    ]
+    cmd = tune_command(space, trials)
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_space
+from conftest import tiny_space, tune_command
 
 from searchkd.engine import Cohort, Engine, estimate_pack_bytes, pack_memory_problem
 from searchkd.spec import Spec, SpecError, students_of, validate
@@ -244,7 +244,6 @@ def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: 
     import os
     import signal
     import subprocess
-    import sys
 
     from conftest import assert_consistent, rows, wait_until, write_space
 
@@ -263,18 +262,7 @@ def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
     def command(*extra: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "searchkd.cli",
-            "tune",
-            str(space),
-            "--trials-dir",
-            str(trials),
-            "--num-cpus",
-            "2",
-            *extra,
-        ]
+        return tune_command(space, trials, *extra)
 
     def run_until(cmd: list[str], ready) -> None:
         proc = subprocess.Popen(
