@@ -28,20 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import environment  # noqa: E402
 
+from searchkd.metrics import REPORTED_METRICS  # noqa: E402
 from searchkd.record import RESULTS_FILE, ResultsTable  # noqa: E402
 
+# Every number a trial reports, and the loss terms and scores of an msd search.
 METRICS = (
-    "val_acc",
-    "val_top5",
-    "best_val_acc",
-    "test_acc",
-    "test_acc_last",
-    "train_loss",
-    "student_params",
-    "objective_params",
-    "student_macs",
-    "images_per_second",
-    "epoch_seconds",
+    *REPORTED_METRICS,
     "lr",
     "start_epoch",
     "loss_ce",
