@@ -17,7 +17,7 @@ mean ± sample std over the 3 seeds, the paired mean difference to ce, and wheth
 objective beats ce (a higher mean).
 
 The teacher is the quickstart's (same data, recipe and search seed). It is trained at most
-once, by `searchkd.teacher` into the cache of `--teacher-trials-dir` (default ./trials, the
+once, by `searchkd.api.teacher` into the cache of `--teacher-trials-dir` (default ./trials, the
 one `searchkd tune spaces/quickstart.yaml` fills), and the searches, which go to a temporary
 trials directory unless `--trials-dir`, reach that cache through a `teachers` symlink.
 """
@@ -75,7 +75,7 @@ def share_teacher(space: dict[str, Any], teacher_trials: Path, trials: Path) -> 
     The teacher is trained in its real cache, not through the link: the cache records the
     absolute path of teacher.pt, which must outlive a temporary trials directory.
     """
-    searchkd.teacher(space, teacher_trials)
+    searchkd.api.teacher(space, teacher_trials)
     link = trials / "teachers"
     if not link.exists():
         link.symlink_to((teacher_trials / "teachers").resolve(), target_is_directory=True)

@@ -31,7 +31,7 @@ say it). A search that an earlier run finished in the same `--trials-dir` is rea
 rerun, so a second run with another grace period in the same folder runs only the new TPE +
 ASHA searches and compares them with the same random searches.
 
-The teacher is the quickstart's, trained at most once by `searchkd.teacher` into the cache of
+The teacher is the quickstart's, trained at most once by `searchkd.api.teacher` into the cache of
 `--teacher-trials-dir` (default ./trials) and shared with the searches through a `teachers`
 link, as bench/digits_objectives.py does. `--small` swaps it for a 3-epoch half-width resnet8
 so that the smoke test trains no resnet20.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,10 @@ def test_the_package_exposes_the_api_lazily() -> None:
     assert searchkd.results is api.results and searchkd.load_student is api.load_student
     with pytest.raises(AttributeError, match="no attribute 'tunes'"):
         searchkd.tunes  # noqa: B018
+    # The teacher cache and the final stage are the api's: their names are also modules.
+    importlib.import_module("searchkd.final")
+    importlib.import_module("searchkd.teacher")
+    assert searchkd.api.teacher is api.teacher and searchkd.api.final is api.final
 
 
 def test_a_space_diff_names_each_changed_leaf() -> None:
