@@ -166,7 +166,9 @@ def test_search_efficiency_curve_and_reach_arithmetic() -> None:
 
 
 @pytest.mark.integration
-def test_search_efficiency_counts_trial_epochs_of_both_searches(tmp_path: Path) -> None:
+def test_search_efficiency_counts_trial_epochs_of_both_searches(
+    ray_session, tmp_path: Path
+) -> None:
     """Two real searches (TPE + ASHA, random) of 2 trials × 2 epochs: the curves and the
     trial-epoch accounting, not which search wins (2 trials decide nothing)."""
     args = [

@@ -239,8 +239,8 @@ def test_a_packed_search_keeps_every_invariant_per_student(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: Path) -> None:
-    """SIGKILL the whole packed search early and mid-search, resume: every student ends once
-    everywhere (Optuna, MLflow, Parquet), with steps in order, and some resumed from a save."""
+    """SIGKILL the whole packed search mid-search, resume: every student ends once everywhere
+    (Optuna, MLflow, Parquet), with steps in order, and some resumed from a save."""
     import os
     import signal
     import subprocess
@@ -278,9 +278,8 @@ def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    run_until(command(), lambda: len(rows(trials, name)) >= 3)
-    before = len(rows(trials, name))
-    run_until(command("--resume"), lambda: len(rows(trials, name)) >= before + 5)
+    # One kill mid-search (the several kill points of a search are tests/test_faults.py's).
+    run_until(command(), lambda: len(rows(trials, name)) >= 5)
     done = subprocess.run(command("--resume"), env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     table = assert_consistent(trials, name, num_samples, epochs)
