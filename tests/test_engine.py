@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -9,8 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_space
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from searchkd.engine import CheckpointMismatch, Engine, NonFiniteLoss, load_weights
+from searchkd.engine import (
+    CheckpointMismatch,
+    Engine,
+    NonFiniteLoss,
+    load_weights,
+    read_checkpoint,
+)
 from searchkd.models import build_model
 from searchkd.spec import Spec
 from searchkd.teacher import ensure_teacher
@@ -222,3 +231,33 @@ def test_trial_resumes_from_its_own_saved_state(teacher: Path, tmp_path: Path) -
     files.write_bytes(STATE_FILE, blob[: len(blob) // 2])
     cut = engine(teacher)
     assert not resume(cut, files) and cut.epoch == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=4096))
+def test_any_bytes_are_a_checkpoint_or_one_line(blob: bytes) -> None:
+    """Whatever a damaged or foreign file holds, reading it as a checkpoint gives the weights
+    or one CheckpointMismatch line, never another exception (random bytes once made torch's
+    unpickler raise IndexError)."""
+    try:
+        read_checkpoint(io.BytesIO(blob), "teacher.pth")
+    except CheckpointMismatch as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("teacher.pth ")
+
+
+# Bytes (found by random search) on which torch's weights-only unpickler raises IndexError and
+# KeyError, which read_checkpoint once let through as tracebacks.
+BROKEN = {
+    "IndexError": bytes.fromhex(
+        "7457ef85245a76a1a3167bc1344b00d4b2729e7601374c1dc4faa14d8b9b276cb4c07817ad7fc2f53b8bc36747a1fb051e45e2ab0a00416586e394b565711abf"
+    ),
+    "KeyError": bytes.fromhex(
+        "6a1b198fe87b7956d7ccf9cf571f7a1db37f6d094d55bcafe427eb2aa09060cef9fda31610ce1532bf380f620219648e844a72eb7dc995b6ad376c155e38fdff"
+    ),
+}
+
+
+@pytest.mark.parametrize("error", sorted(BROKEN))
+def test_bytes_that_break_the_unpickler_are_one_line(error: str) -> None:
+    with pytest.raises(CheckpointMismatch, match=r"^teacher.pth is not a PyTorch checkpoint \("):
+        read_checkpoint(io.BytesIO(BROKEN[error]), "teacher.pth")
