@@ -639,10 +639,10 @@ def summarize(
 ) -> Summary | None:
     """The trial with the best score, or None before any trial has one."""
     by_trial = ResultsTable(search_dir / RESULTS_FILE).by_trial()
-    best = pick_best(trial_scores(by_trial, spec), spec.modes[0])  # ties: the earlier trial
+    scores = trial_scores(by_trial, spec)
+    best = pick_best(scores, spec.modes[0])  # ties: the earlier trial
     if best is None:
         return None
-    scores = trial_scores(by_trial, spec)
     last = by_trial[best][-1]
     return Summary(
         search_dir=search_dir,
