@@ -218,7 +218,7 @@ def train_steps(engine: Any, steps: int) -> dict[str, Any]:
     }
 
 
-def engine_spec(
+def engine_space(
     pair: Pair,
     teacher_checkpoint: Path,
     data: dict[str, Any],
@@ -226,28 +226,32 @@ def engine_spec(
     epochs: int = 10_000,
     compile: bool = False,
     name: str = "bench",
-) -> Spec:
-    """The engine's spec for one pair: the literature's recipe, default loss weights. The
-    benchmarks time short "epochs" of a few steps each (`train_steps`), many per engine: the
-    epoch count is far beyond what they take, since a finished engine trains no more."""
-    return Spec.model_validate(
-        {
-            "name": name,
-            "objective": pair.objective,
-            "data": data,
-            "teacher": {"arch": pair.teacher, "checkpoint": str(teacher_checkpoint)},
-            "student": {"arch": pair.student},
-            "train": {
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "lr": LR,
-                "momentum": MOMENTUM,
-                "weight_decay": WEIGHT_DECAY,
-                "precision": "bf16",
-                "compile": compile,
-            },
-        }
-    )
+) -> dict[str, Any]:
+    """The space of one pair, as a space file holds it: the literature's recipe, default loss
+    weights, nothing searched. The benchmarks time short "epochs" of a few steps each
+    (`train_steps`), many per engine: the epoch count is far beyond what they take, since a
+    finished engine trains no more."""
+    return {
+        "name": name,
+        "objective": pair.objective,
+        "data": data,
+        "teacher": {"arch": pair.teacher, "checkpoint": str(teacher_checkpoint)},
+        "student": {"arch": pair.student},
+        "train": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": LR,
+            "momentum": MOMENTUM,
+            "weight_decay": WEIGHT_DECAY,
+            "precision": "bf16",
+            "compile": compile,
+        },
+    }
+
+
+def engine_spec(*args: Any, **kwargs: Any) -> Spec:
+    """`engine_space`, validated: what the benchmarks build an Engine from."""
+    return Spec.model_validate(engine_space(*args, **kwargs))
 
 
 # ------------------------------------------------------------------ CIFAR python format

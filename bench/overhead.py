@@ -39,12 +39,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the bench folder is not a package)
     BATCH_SIZE,
-    LR,
-    MOMENTUM,
     NUM_CLASSES,
     PAIRS,
-    WEIGHT_DECAY,
     Pair,
+    engine_space,
     environment,
     finish,
     pick_device,
@@ -79,38 +77,26 @@ def space(
     gpu: bool,
 ) -> dict[str, Any]:
     """A one-trial search of the pair on synthetic data: nothing is sampled (params empty)."""
-    return {
-        "name": name,
-        "objective": pair.objective,
-        "data": {
-            "dataset": "synthetic",
-            "val_fraction": VAL_FRACTION,
-            "options": {
-                "train_size": train_size,
-                "num_classes": num_classes,
-                "test_size": max(num_classes, int(train_size * TEST_SIZE_FRACTION)),
-            },
+    data = {
+        "dataset": "synthetic",
+        "val_fraction": VAL_FRACTION,
+        "options": {
+            "train_size": train_size,
+            "num_classes": num_classes,
+            "test_size": max(num_classes, int(train_size * TEST_SIZE_FRACTION)),
         },
-        "teacher": {"arch": pair.teacher, "checkpoint": str(teacher)},
-        "student": {"arch": pair.student},
-        "train": {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": LR,
-            "momentum": MOMENTUM,
-            "weight_decay": WEIGHT_DECAY,
-            "precision": "bf16",
-        },
-        "search": {
-            "num_samples": 1,
-            "scheduler": "none",
-            "sampler": "random",
-            "max_concurrent": 1,
-            "seed": 0,
-            "resources": {"cpu": cpus, "gpu": 1 if gpu else 0},
-        },
-        "params": {},
     }
+    raw = engine_space(pair, teacher, data, batch_size, epochs, name=name)
+    raw["search"] = {
+        "num_samples": 1,
+        "scheduler": "none",
+        "sampler": "random",
+        "max_concurrent": 1,
+        "seed": 0,
+        "resources": {"cpu": cpus, "gpu": 1 if gpu else 0},
+    }
+    raw["params"] = {}
+    return raw
 
 
 def bare(space_file: Path, device: str, threads: int) -> dict[str, Any]:
