@@ -247,15 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         if temporary:
             shutil.rmtree(trials, ignore_errors=True)
     compare(rows)
+    return finish(table(rows), env, args.json, {"rows": [asdict(r) for r in rows]})
+
+
+def finish(text: str, env: dict[str, Any], path: Path | None, record: dict[str, Any]) -> int:
+    """The table, the environment it was measured in, and (with --json) both as JSON."""
     print()
-    print(table(rows))
+    print(text)
     print()
     for key, value in env.items():
         print(f"{key}: {value}")
-    if args.json:
-        args.json.write_text(
-            json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
-        )
+    if path:
+        path.write_text(json.dumps({"environment": env, **record}, indent=2) + "\n")
     return 0
 
 

@@ -20,7 +20,6 @@ The teacher is the quickstart's, trained at most once into `--teacher-trials-dir
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,11 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_objectives import add_search_options, environment, share_teacher, space_of  # noqa: E402
+from digits_objectives import (  # noqa: E402
+    add_search_options,
+    environment,
+    finish,
+    share_teacher,
+    space_of,
+)
 
 import searchkd  # noqa: E402
 from searchkd.objectives import OBJECTIVES  # noqa: E402
@@ -144,26 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         best = run.summary.best_value if run.summary else float("nan")
         rows.append(row_of(objective, summary, best, seconds))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print()
-    print(table(rows))
-    print()
-    for key, value in env.items():
-        print(f"{key}: {value}")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "environment": env,
-                    "rows": rows,
-                    "space": yaml.safe_dump(
-                        searched_space("msd", args.base, args.trials, args.seeds)
-                    ),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-    return 0
+    settings = {
+        "base": str(args.base),
+        "trials": args.trials,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+    }
+    return finish(table(rows), env, args.json, {"settings": settings, "rows": rows})
 
 
 if __name__ == "__main__":
