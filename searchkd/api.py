@@ -140,9 +140,10 @@ def search_dir_of(directory: str | Path) -> Path:
     return path
 
 
-def status_of(search_dir: Path) -> str | None:
+def state_of(search_dir: Path) -> dict[str, Any]:
+    """The search's state.json (its status, counts, whether MLflow still waits); {} before it."""
     path = search_dir / STATE_FILE
-    return json.loads(path.read_text())["status"] if path.exists() else None
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def space_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -302,7 +303,7 @@ def _run(
             raise SearchkdError(
                 f"{source} differs from the space {shown} was started with: {'; '.join(diff[:3])}"
             )
-        if status_of(search_dir) == "finished":
+        if state_of(search_dir).get("status") == "finished":
             say(
                 f"searchkd: {shown} is already finished; nothing to resume. "
                 f"Compare its trials with: searchkd ui"
@@ -480,8 +481,7 @@ def write_report(
         return False
     for line in report_lines(report, final=not after_search):  # the search's summary showed it
         say(line)
-    state = search_dir / STATE_FILE
-    pending = json.loads(state.read_text()).get("tracking_pending") if state.exists() else False
+    pending = state_of(search_dir).get("tracking_pending", False)
     if mlflow and report.analysis.mlflow and pending and after_search:
         say(
             f"  not logged to MLflow: the tracking store was away when the search ended; the "
