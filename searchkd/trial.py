@@ -87,11 +87,13 @@ def stop_epoch(files: Storage) -> int | None:
 DECISION_POLL_S = (0.05, 0.1, 0.2, 0.5)
 
 
-def wait_at_rungs(cohort: Cohort, files: list[Storage], rungs: list[int]) -> None:
+def wait_at_rungs(cohort: Cohort, files: list[Storage], rungs: list[int]) -> float:
     """In a reproducible search, each student at a rung epoch waits for the driver's decision
     there before it trains on (its rows and kept student must be those of a trial stopped
     there, should it be). The driver decides once the lower-numbered trials have reached the
-    rung or ended; the lowest-numbered one never waits on a running trial."""
+    rung or ended; the lowest-numbered one never waits on a running trial. Returns the
+    seconds it waited."""
+    start = time.monotonic()
     for i, m in enumerate(cohort.members):
         polls = 0
         while m.active and m.epoch in rungs:
@@ -100,6 +102,7 @@ def wait_at_rungs(cohort: Cohort, files: list[Storage], rungs: list[int]) -> Non
                 break
             time.sleep(DECISION_POLL_S[min(polls, len(DECISION_POLL_S) - 1)])
             polls += 1
+    return time.monotonic() - start
 
 
 def train_trial(
@@ -161,8 +164,9 @@ def train_trial(
             # if it died between writing the stop file and telling the study.
             said = {STOPPED_KEY: 1} if m.stopped and j == len(m.history) - 1 else {}
             tune.report({**past, "start_epoch": start_epoch[i], **node, **said})
+    waited = 0.0  # at the last rung, before the epoch that follows (reported with it)
     if rungs:
-        wait_at_rungs(cohort, files, rungs)
+        waited = wait_at_rungs(cohort, files, rungs)
         _leave_if_stopped(cohort, files)
     while not cohort.finished:
         kept = [m.kept_row for m in cohort.members]
@@ -171,6 +175,8 @@ def train_trial(
         for i, row in rows.items():
             m = cohort.members[i]
             row["start_epoch"] = start_epoch[i]  # >0 proves a resumed trial did not restart at 0
+            if rungs:
+                row["rung_wait_s"] = waited
             report = {**row, **scores(m.kept_row, metrics), **extra[i]}
             m.history.append(report)
             try:
@@ -187,7 +193,7 @@ def train_trial(
         for report in reports.values():
             tune.report({**report, **node})
         if rungs:
-            wait_at_rungs(cohort, files, rungs)
+            waited = wait_at_rungs(cohort, files, rungs)
         if decided:
             _leave_if_stopped(cohort, files)
 
