@@ -316,12 +316,13 @@ def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: 
     assert done.returncode == 0, done.stderr[-3000:]
     table = assert_consistent(trials, name, num_samples, epochs)
     assert max(r["start_epoch"] for r in table) >= 1, "no student resumed from its saved state"
+    from searchkd.storage import Storage, trial_key
+    from searchkd.trial import stop_epoch
+
     for n in {r["trial_number"] for r in table}:
         last = max(r["epoch"] for r in table if r["trial_number"] == n)
-        stop = trials / name / "checkpoints" / f"trial-{n:04d}" / "stopped.json"
-        assert (last < epochs) == stop.exists(), (
-            f"trial {n}: ended at {last}, stop file {stop.exists()}"
-        )
+        stop = stop_epoch(Storage(str(trials / name / "checkpoints")).child(trial_key(n)))
+        assert stop == (last if last < epochs else None), f"trial {n}: ended at {last}, {stop=}"
 
 
 def test_preflight_refuses_a_pack_that_cannot_fit_its_gpu_share(tmp_path: Path) -> None:
