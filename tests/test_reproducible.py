@@ -215,3 +215,68 @@ def test_a_proposal_depends_only_on_the_trials_it_sees(sampler, seen, later) -> 
     )
     assert one.params == two.params
     assert one.state == TrialState.RUNNING
+
+
+def _searcher(tmp_path, pack: int, num_samples: int):
+    from conftest import tiny_space
+
+    from searchkd.search import SearchSpace, StudySearcher, create_study
+
+    raw = tiny_space("blocks")
+    raw["search"].update(num_samples=num_samples, pack=pack, max_concurrent=2)
+    spec = Spec.model_validate(raw)
+    params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
+    owners = {"loss.tau": ["msd"], "loss.scales": ["msd"]}
+    space = SearchSpace(params, spec.objectives, owners, spec.search.seed)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    study = create_study(tmp_path, spec)
+
+    def searcher(rerun: list[int]) -> StudySearcher:
+        return StudySearcher(tmp_path, spec, space, rerun, lag=2)
+
+    return spec, study, searcher
+
+
+def test_a_proposal_waits_for_the_trials_it_must_see(tmp_path) -> None:
+    """Two at a time: trial 2 is proposed once trial 0 has ended, whatever trial 1 does."""
+    _, study, searcher = _searcher(tmp_path, 1, 4)
+    s = searcher([])
+    assert [s.suggest(t)["trial_number"] for t in ("a", "b")] == [0, 1]
+    assert s.suggest("c") is None  # trial 0 has not ended
+    s.on_trial_complete("b", {"score": 0.5, "epoch": 2})
+    assert s.suggest("c") is None  # trial 1's end is not what trial 2 waits for
+    s.on_trial_complete("a", {"score": 0.9, "epoch": 2})
+    assert s.suggest("c")["trial_number"] == 2
+    assert study.trials[2].state == TrialState.RUNNING  # recorded before it runs
+
+
+def test_a_resumed_cohort_is_its_block_again_with_its_data_order(tmp_path) -> None:
+    """pack 4: the driver died having asked trials 0-5; 0 and 3 had ended. The resume runs
+    [1, 2] with block 0's data seed, then [4, 5, 6, 7] with block 1's, 6 and 7 proposed as the
+    uninterrupted search proposed them."""
+    from searchkd.samplers import trial_seed
+    from searchkd.search import cohorts_to_run
+
+    spec, _, searcher = _searcher(tmp_path / "straight", 4, 8)
+    straight = searcher([])
+    cohorts = [straight.suggest("a"), straight.suggest("b")]
+    assert [c["cohort"] for c in cohorts] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    seed = spec.search.seed
+    assert [c["data_seed"] for c in cohorts] == [trial_seed(seed, 0), trial_seed(seed, 4)]
+
+    spec, study, searcher = _searcher(tmp_path / "killed", 4, 8)
+    killed = searcher([])
+    killed.suggest("a")
+    for n in (4, 5):  # asked, then the driver died before 6 and 7
+        study.add_trial(propose(spec, study.trials, n, seen_by(4, 2, 4), killed.space))
+    for n in (0, 3):
+        killed.tell(n, {"score": 0.5, "epoch": 2})
+    open_ = [t.number for t in study.trials if not t.state.is_finished()]
+    assert open_ == [1, 2, 4, 5]
+    assert cohorts_to_run(study, spec) == 2
+    again = searcher(open_)
+    one, two = again.suggest("c"), again.suggest("d")
+    assert one["cohort"] == [1, 2] and one["data_seed"] == trial_seed(seed, 0)
+    assert two["cohort"] == [4, 5, 6, 7] and two["data_seed"] == trial_seed(seed, 4)
+    assert two["students"] == cohorts[1]["students"]
+    assert again.suggest("e") == "FINISHED"
