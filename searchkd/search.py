@@ -155,13 +155,22 @@ def load_study(search_dir: Path, name: str) -> optuna.Study:
 
 
 def create_study(search_dir: Path, spec: Spec) -> optuna.Study:
+    """The search's study, named after its metrics (optuna-dashboard and `trials_dataframe`
+    show `val_acc`, not "Objective 0"); a study started before that gets its names now."""
     directions = ["maximize" if m == "max" else "minimize" for m in spec.modes]
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.name,
         storage=journal_storage(search_dir),
         directions=directions,
         load_if_exists=True,
     )
+    if study.metric_names != list(spec.metrics):
+        import warnings
+
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.1
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.metrics))
+    return study
 
 
 class StudySearcher(Searcher):
@@ -275,7 +284,10 @@ class StudySearcher(Searcher):
         try:
             trial = open_trial(self.study, number)
             trial.set_user_attr("epochs", epochs)
-            trial.set_user_attr("stopped_early", stopped_early(epochs, self.spec.train.epochs))
+            early = stopped_early(epochs, self.spec.train.epochs)
+            trial.set_user_attr("stopped_early", early)
+            if early:  # COMPLETE for TPE (see README), but the dashboard shows why it is short
+                trial.set_user_attr("searchkd", f"stopped by ASHA at epoch {epochs}")
             self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
         except OSError as exc:  # the trial stays open: a resume runs it to its end again
             if not disk_full(exc):

@@ -155,3 +155,24 @@ def test_a_journal_torn_mid_record_is_cut_back_to_its_last_whole_record(tmp_path
     assert [t.value for t in again.trials] == [0.0, 1.0, 2.0]
     again.tell(again.ask(), 3.0)
     assert len(load_study(tmp_path, "s").trials) == 4
+
+
+def test_the_study_names_its_metrics_and_says_which_trials_asha_stopped(tmp_path) -> None:
+    """optuna-dashboard shows the study's metric names (not "Objective 0"); a trial ASHA
+    stopped stays COMPLETE (what TPE sees) but carries why it is short as a user attr."""
+    from searchkd.search import SearchSpace, StudySearcher, create_study, load_study
+
+    spec = Spec.model_validate(tiny_space(train={"epochs": 4}))
+    study = create_study(tmp_path, spec)
+    assert study.metric_names == ["val_acc"]
+    for _ in range(2):
+        study.ask()
+    teller = StudySearcher(tmp_path, spec, SearchSpace({}, spec.objectives, {}, 0), [])
+    teller.tell(0, {"score": 0.9, "epoch": 4})
+    teller.tell(1, {"score": 0.5, "epoch": 2})
+    done, stopped = load_study(tmp_path, spec.name).trials
+    assert stopped.state == done.state == optuna.trial.TrialState.COMPLETE
+    assert stopped.user_attrs["searchkd"] == "stopped by ASHA at epoch 2"
+    assert stopped.user_attrs["stopped_early"] and not done.user_attrs["stopped_early"]
+    assert "searchkd" not in done.user_attrs
+    assert load_study(tmp_path, spec.name).metric_names == ["val_acc"]
