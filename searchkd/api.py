@@ -87,6 +87,16 @@ def lookups() -> dict[str, Any]:
     }
 
 
+def check_teacher(spec: Spec, source: str | Path) -> None:
+    """Refuse a teacher checkpoint that does not load into the declared arch, as `tune` does
+    (one line, the preflight's own check)."""
+    from .preflight import teacher_problems
+
+    problems = teacher_problems(spec)
+    if problems:
+        raise SearchkdError(*(f"{source}: {p}" for p in problems))
+
+
 def load_space(
     space: str | Path | Mapping[str, Any] | Spec,
     storage: str | None = None,

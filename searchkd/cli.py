@@ -201,6 +201,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .objectives import get_objective
 
     spec = api.load_space(args.space)
+    api.check_teacher(spec, args.space)
     print(
         f"{args.space}: ok — search {spec.name!r}, objective {'/'.join(spec.objectives)}, "
         f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} "
