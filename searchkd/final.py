@@ -498,7 +498,7 @@ def run_final(
             f"{os.path.relpath(search_dir)}: the search has no MLflow run "
             f"({tracking.TRACKING_FILE} is missing); resume the search first"
         )
-    search_runs = tracking.SearchRuns(**json.loads(state.read_text()))
+    search_runs = tracking.read_runs(state, search_dir.parent)
     base_tags = {
         "teacher": spec.teacher.arch,
         "student": spec.student.arch,
@@ -521,6 +521,7 @@ def run_final(
                 "epochs": spec.train.epochs,
                 "metric": "test_acc",
             },
+            trials_dir=search_dir.parent,
         )
     except Exception as exc:  # noqa: BLE001 - a store that does not answer is one line
         if not tracking.is_transient(exc):

@@ -20,10 +20,40 @@ the shared view only if the user presses "Override saved view".
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 UI_VIEW = "searchkd"
 UI_KIND = "custom_model_development"
+LOCAL_STORE = "mlflow.db"  # the default store: this file in the trials directory
+
+
+def local_store(trials_dir: Path) -> str:
+    """The trials directory's own store (`trials/mlflow.db`), as an absolute sqlite URI."""
+    return f"sqlite:///{(Path(trials_dir) / LOCAL_STORE).resolve()}"
+
+
+def tracking_json(state: dict[str, Any], trials_dir: Path) -> str:
+    """A tracking.json's text: the run ids, and the store as `store: mlflow.db` (relative to the
+    trials directory) when it is the local one, so a search directory copied or moved with its
+    trials directory logs into the store beside it, never the original's."""
+    out = dict(state)
+    if out.get("tracking_uri") == local_store(trials_dir):
+        out["store"] = LOCAL_STORE
+    return json.dumps(out, indent=1)
+
+
+def read_tracking(path: Path, trials_dir: Path) -> dict[str, str]:
+    """A tracking.json's `tracking_uri`, `experiment_id` and `parent_run_id`, the local store
+    resolved against the trials directory it is in now (a file written before `store` existed
+    keeps its recorded URI)."""
+    state = json.loads(Path(path).read_text())
+    uri = local_store(trials_dir) if state.get("store") == LOCAL_STORE else state["tracking_uri"]
+    return {
+        "tracking_uri": str(uri),
+        "experiment_id": str(state["experiment_id"]),
+        "parent_run_id": str(state["parent_run_id"]),
+    }
 
 
 def ui_tags(space: dict[str, Any]) -> dict[str, str]:

@@ -315,15 +315,16 @@ def analyze(search_dir: str | Path) -> Analysis:
             spec.modes,
         )
     ranked = rank_trials(trials, metric, mode)
-    tracking = _json(search_dir / "tracking.json")
     mlflow = None
-    if isinstance(tracking, dict) and {"tracking_uri", "experiment_id", "parent_run_id"} <= set(
-        tracking
-    ):
-        mlflow = {
-            **{k: str(tracking[k]) for k in ("tracking_uri", "experiment_id", "parent_run_id")},
-            "link": mlflow_link(tracking),
-        }
+    if isinstance(_json(search_dir / "tracking.json"), dict):
+        from .mlflow_ui import read_tracking
+
+        try:
+            tracking = read_tracking(search_dir / "tracking.json", search_dir.parent)
+        except (KeyError, TypeError, ValueError, OSError):
+            tracking = None
+        if tracking is not None:
+            mlflow = {**tracking, "link": mlflow_link(tracking)}
     timestamps = [float(r["timestamp"]) for r in rows if finite(r.get("timestamp"))]
     wall = None
     if timestamps:
