@@ -427,11 +427,13 @@ def final(
     trials_dir: str | Path | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    report: bool = True,
     say: Say = print,
 ) -> FinalRun:
     """Retrain the search's top `top` configs and its objective's default on train + val with
     `seeds` seeds each, and say whether the winner really beats the default on test. Runs on
-    Ray Tune and resumes like a search: finished runs are never trained again."""
+    Ray Tune and resumes like a search: finished runs are never trained again. Then it prints
+    the stage's summary and (with `report`) refreshes the search's report, which shows it."""
     search_dir = Path(search).expanduser()
     if (
         not (search_dir / SPACE_FILE).is_file()
@@ -462,6 +464,11 @@ def final(
         raise SearchkdError(str(exc)) from None
     finally:
         lock.release()
+    say("")
+    for line in final_summary_lines(search_dir):
+        say(line)
+    if report:
+        write_report(search_dir, after_search=True, say=say)
     return FinalRun(search_dir, status, summary)
 
 
@@ -514,7 +521,9 @@ def write_report(
 def results(directory: str | Path) -> pd.DataFrame:
     """Every row the search's trials reported, one per trial per epoch, ordered by trial and
     epoch: results.parquet's rows, read from the append-only record (the table may lag behind a
-    running search), without writing anything."""
+    running search), without writing anything. The trial's config is one column per key,
+    `config/<key>` as in Ray Tune's dataframes (`config/loss.tau`, `config/seed`; a list value
+    stays a list), in place of the table's one JSON `config` column."""
     import pandas as pd
 
     from .record import read_rows
@@ -526,10 +535,19 @@ def results(directory: str | Path) -> pd.DataFrame:
         raise SearchkdError(
             f"{search_dir}: results cannot be read: {str(exc).strip().splitlines()[0]}"
         ) from None
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame([flat_config(r) for r in rows])
     if not frame.empty:
         frame = frame.sort_values(["trial_number", "epoch"], kind="stable").reset_index(drop=True)
     return frame
+
+
+def flat_config(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with its JSON `config` as `config/<key>` columns (a row without one is as it was)."""
+    if not isinstance(row.get("config"), str):
+        return dict(row)
+    out = {k: v for k, v in row.items() if k != "config"}
+    out.update({f"config/{k}": v for k, v in sorted(json.loads(row["config"]).items())})
+    return out
 
 
 def load_student(directory: str | Path, trial: int | None = None) -> nn.Module:

@@ -145,9 +145,6 @@ def cmd_final(args: argparse.Namespace) -> int:
             trials_dir=args.trials_dir,
             address=args.address,
         )
-    print()
-    for line in api.final_summary_lines(run.search_dir):
-        print(line)
     if run.status != "finished":
         print(
             f"searchkd: the final stage of {run.search_dir.name} is not finished; continue with: "
