@@ -56,6 +56,15 @@ def read_tracking(path: Path, trials_dir: Path) -> dict[str, str]:
     }
 
 
+def lead_metrics(metrics: list[str]) -> list[str]:
+    """The metrics a trial's run shows first: its `score` (the kept student's value on the first
+    metric, what ranks), each search metric as of the epoch, and `test_acc`. The runs table takes
+    them as its first columns; each run logs them first, because MLflow's compare view plots the
+    first metric key a run was logged with (its parallel coordinates default, train_loss
+    otherwise)."""
+    return list(dict.fromkeys(["score", *metrics, "test_acc"]))
+
+
 def ui_tags(space: dict[str, Any]) -> dict[str, str]:
     """The experiment tags for a search's space (the parsed space.yaml)."""
     search = space.get("search") or {}
@@ -63,16 +72,14 @@ def ui_tags(space: dict[str, Any]) -> dict[str, str]:
     modes = search.get("mode", "max")
     metrics = metrics if isinstance(metrics, list) else [metrics]
     modes = modes if isinstance(modes, list) else [modes]
-    sort = "best_val_acc" if metrics[0] == "val_acc" else metrics[0]  # the kept student's value
-    shown = dict.fromkeys(
-        [*metrics, "best_val_acc", "test_acc", "student_params", "student_macs", "epoch"]
-    )
+    lead = lead_metrics(metrics)
+    shown = dict.fromkeys([*lead, "student_params", "student_macs", "epoch"])
     searched = (["objective"] if isinstance(space.get("objective"), dict) else []) + list(
         space.get("params") or {}
     )
     state = {
         "searchFilter": "tags.trial_number LIKE '%'",  # the trials' runs, not the search's own
-        "orderByKey": f"metrics.`{sort}`",
+        "orderByKey": "metrics.`score`",  # what ranks: the kept student's value
         "orderByAsc": modes[0] == "min",
         "startTime": "ALL",
         "lifecycleFilter": "Active",
@@ -82,7 +89,9 @@ def ui_tags(space: dict[str, Any]) -> dict[str, str]:
         + [f"params.`{p}`" for p in searched]
         + ["tags.`stopped_early`"],
         "runsHiddenMode": "SHOW_ALL",
-        "columnOrder": [],
+        # The runs table lists metric columns in the order it first saw the keys, after the
+        # run's attributes; these come first (after the pinned run name) at any width.
+        "columnOrder": [f"metrics.`{m}`" for m in lead],
         "columnWidths": {},
     }
     return {

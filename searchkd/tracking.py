@@ -39,7 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .metrics import logged, stopped_early
-from .mlflow_ui import local_store, read_tracking, tracking_json, ui_tags
+from .mlflow_ui import lead_metrics, local_store, read_tracking, tracking_json, ui_tags
 from .spec import students_of
 from .storage import STUDENT_FILE, Storage, replace_atomically, trial_key
 
@@ -473,10 +473,11 @@ class MlflowWriter:
         if rec.node_id and tags.get("ray_node") != rec.node_id:
             client.set_tag(rid, "ray_node", rec.node_id)
         new = sorted(e for e in rec.rows if e not in self._logged(rid))
+        lead = {k: i for i, k in enumerate(lead_metrics([self.metric]))}
         metrics = [
             Metric(k, v, int(rec.rows[e].get("timestamp", 0) * 1000), e)
             for e in new
-            for k, v in rec.rows[e].items()
+            for k, v in sorted(rec.rows[e].items(), key=lambda kv: lead.get(kv[0], len(lead)))
             if k != "timestamp" and math.isfinite(v)
         ]
         for i in range(0, len(metrics), METRICS_PER_BATCH):

@@ -53,10 +53,12 @@ def _trial(number: int, trial_id: str = "abc", epoch: int = 0) -> SimpleNamespac
 
 def _row(epoch: int) -> dict:
     return {
+        "train_loss": 1.0 / epoch,
         "epoch": epoch,
         "val_acc": 0.5 + epoch / 10,
-        "train_loss": 1.0 / epoch,
         "loss_msd": 0.3,
+        "test_acc": 0.4 + epoch / 10,
+        "score": 0.5 + epoch / 10,
         "node_id": "n1",
         "timestamp": time.time(),
     }
@@ -80,6 +82,9 @@ def test_writer_keeps_one_run_per_trial_and_each_step_once(tmp_path: Path) -> No
     assert run.data.params == {"loss.tau": "0.1", "seed": "7"}
     assert run.data.tags["trial_number"] == "4" and run.data.tags["ray_node"] == "n1"
     assert _history(client, rid) == [1, 2]
+    # Logged first, so that MLflow's compare view (which plots a run's first metric key by
+    # default) shows the score, not train_loss.
+    assert list(run.data.metrics)[:3] == ["score", "val_acc", "test_acc"]
 
     # The trial fails; then (a resumed search) runs again from its epoch 2, re-reporting it.
     rec.on_trial_error(
