@@ -384,6 +384,8 @@ def _run(
 
 def summary_lines(run: SearchRun, root: Path) -> list[str]:
     """What a search prints when it ends: counts, the teacher, the best trial, what next."""
+    from .metrics import kept_name
+
     s, spec = run.summary, run.spec
     assert s is not None
     rel = os.path.relpath(s.search_dir)
@@ -395,7 +397,7 @@ def summary_lines(run: SearchRun, root: Path) -> list[str]:
         f"search {spec.name}: {s.trials} trials ({s.finished} finished, {s.stopped} stopped early "
         f"by ASHA, {s.failed} failed)",
         f"teacher {spec.teacher.arch}: test_acc {s.teacher.test_acc:.4f}",
-        f"best trial {s.best_trial}: {spec.metrics[0]} {s.best_value:.4f} (its kept student), "
+        f"best trial {s.best_trial}: {kept_name(spec.metrics[0])} {s.best_value:.4f}, "
         f"test_acc {s.test_acc:.4f}",
         "  config: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(s.best_config.items())),
         f"search directory: {rel}  (results.parquet: one row per trial per epoch)",

@@ -168,6 +168,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from .data import DatasetNotFound
     from .export import ExportError, export_best
+    from .metrics import kept_name
     from .report import ReportError, fmt
     from .storage import StorageError
 
@@ -184,7 +185,7 @@ def cmd_best(args: argparse.Namespace) -> int:
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         )
     t = done.trial
-    scores = ", ".join(f"{m} {fmt(v, m)}" for m, v in t.scores.items())
+    scores = ", ".join(f"{kept_name(m)} {fmt(v, m)}" for m, v in t.scores.items())
     print(f"trial {t.number} ({t.status}, {t.epochs} epochs): {scores}, test_acc {fmt(t.test_acc)}")
     print(f"written to {os.path.relpath(done.directory)}: " + ", ".join(p.name for p in done.files))
     print(

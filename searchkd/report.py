@@ -35,7 +35,15 @@ from typing import Any
 
 import yaml
 
-from .metrics import better, finite, json_safe, pick_best, stopped_early, trial_score
+from .metrics import (
+    better,
+    finite,
+    json_safe,
+    kept_name,
+    pick_best,
+    stopped_early,
+    trial_score,
+)
 from .record import JOURNAL_FILE, SPACE_FILE, STATE_FILE
 from .spec import Spec, teacher_digest
 
@@ -1405,7 +1413,7 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
     lines = [f"report: {where}  ({len(report.figures)} plots, {report.seconds:.1f}s)"]
     if a.best is not None:
         lines.append(
-            f"  best trial {a.best.number} by {a.metric}: "
+            f"  best trial {a.best.number} by {kept_name(a.metric)}: "
             f"{fmt(a.best.scores[a.metric], a.metric)}, test_acc {fmt(a.best.test_acc)}  (export: "
             f"searchkd best {os.path.relpath(a.search_dir)})"
         )

@@ -38,7 +38,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
 from .compat import open_trial
-from .metrics import pick_best, stopped_early, trial_score
+from .metrics import kept_name, pick_best, stopped_early, trial_score
 from .record import (
     JOURNAL_FILE,
     RESULTS_FILE,
@@ -344,12 +344,12 @@ class Progress:
             done = self.done_before + sum(t.status in ("TERMINATED", "ERROR") for t in trials)
             running = sum(t.status == "RUNNING" for t in trials)
         best = (
-            f"best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})"
+            f"best trial {self.best[1]}: {kept_name(self.metric)} {self.best[0]:.4f}"
             if self.best
             else "best -"
         )
         self.log(
-            f"[{time.time() - self.start:6.0f}s] {text:<48} | {done}/{self.num_samples} done, "
+            f"[{time.time() - self.start:6.0f}s] {text:<64} | {done}/{self.num_samples} done, "
             f"{running} running | {best}"
         )
         self.last_beat = time.time()
@@ -371,26 +371,29 @@ class Progress:
         if time.time() - self.last_beat > self.heartbeat_s:
             self._line(f"trial {number} epoch {result.get('epoch')}/{self.epochs}", trials)
 
+    def ended_text(self, number: Any, how: str, result: dict) -> str:
+        """`trial 3 finished at epoch 12: val_acc 0.9815 (that epoch), best_val_acc 0.9954`: the
+        epoch's value and the trial's score (its kept student's), each by its own name."""
+
+        def shown(value: Any) -> str:
+            return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+        return (
+            f"trial {number} {how} at epoch {result.get('epoch')}: {self.metric} "
+            f"{shown(result.get(self.metric))}, {kept_name(self.metric)} "
+            f"{shown(result.get('score'))}"
+        )
+
     def on_student_end(self, number: int, how: str, result: dict, trials: list) -> None:
         """A student of a packed trial finished or was stopped (its cohort goes on)."""
         self.ended.add(number)
-        value = result.get(self.metric)
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         text = "finished" if how == "finished" else "stopped by ASHA"
-        self._line(
-            f"trial {number} {text} at epoch {result.get('epoch')} {self.metric} {shown}", trials
-        )
+        self._line(self.ended_text(number, text, result), trials)
 
     def on_trial_complete(self, trial: Any, trials: list) -> None:
         r = trial.last_result or {}
         how = "finished" if int(r.get("epoch", 0)) >= self.epochs else "stopped by ASHA"
-        value = r.get(self.metric)
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        self._line(
-            f"trial {trial.config.get('trial_number')} {how} at epoch {r.get('epoch')} "
-            f"{self.metric} {shown}",
-            trials,
-        )
+        self._line(self.ended_text(trial.config.get("trial_number"), how, r), trials)
 
     def on_trial_error(self, trial: Any, trials: list, numbers: list[int] | None = None) -> None:
         reason = tracking.error_reason(trial)

@@ -176,3 +176,27 @@ def test_the_study_names_its_metrics_and_says_which_trials_asha_stopped(tmp_path
     assert stopped.user_attrs["stopped_early"] and not done.user_attrs["stopped_early"]
     assert "searchkd" not in done.user_attrs
     assert load_study(tmp_path, spec.name).metric_names == ["val_acc"]
+
+
+def test_progress_names_the_epochs_val_acc_and_the_kept_students_apart() -> None:
+    """One name per meaning (`metrics.kept_name`): `val_acc` is the epoch's, `best_val_acc` the
+    kept student's (the score, what the summary, the report and MLflow rank by)."""
+    from types import SimpleNamespace
+
+    from searchkd.search import Progress
+
+    lines: list[str] = []
+    progress = Progress("val_acc", "max", 8, 12, log=lines.append)
+    trial = SimpleNamespace(config={"trial_number": 7}, status="TERMINATED")
+    last = {"epoch": 12, "val_acc": 0.9815, "best_val_acc": 0.9954, "score": 0.9954}
+    progress.on_trial_result(trial, last, [trial])
+    progress.on_trial_complete(SimpleNamespace(**vars(trial), last_result=last), [trial])
+    text, right = lines[-1].split("] ", 1)[1].split(" | ")[0], lines[-1].split(" | ")[-1]
+    assert text.rstrip() == "trial 7 finished at epoch 12: val_acc 0.9815, best_val_acc 0.9954"
+    assert right == "best trial 7: best_val_acc 0.9954"
+    stopped = {"epoch": 3, "val_acc": 0.8241, "score": 0.8300}
+    progress.on_student_end(2, "stopped", stopped, [trial])
+    assert "trial 2 stopped by ASHA at epoch 3: val_acc 0.8241, best_val_acc 0.8300" in lines[-1]
+    other = Progress("val_top5", "max", 8, 12, log=lines.append)
+    other.on_student_end(1, "finished", {"epoch": 12, "val_top5": 0.9, "score": 0.95}, [])
+    assert "val_top5 0.9000, score_val_top5 0.9500" in lines[-1]
