@@ -532,7 +532,7 @@ def results(directory: str | Path) -> pd.DataFrame:
 
     search_dir = search_dir_of(directory)
     try:
-        rows = read_rows(search_dir)
+        rows = read_rows(search_dir, lambda line: print(line, file=sys.stderr))
     except (OSError, ValueError) as exc:  # a damaged results.parquet of a search without its record
         raise SearchkdError(
             f"{search_dir}: results cannot be read: {str(exc).strip().splitlines()[0]}"

@@ -152,7 +152,7 @@ def read_rows(search_dir: str | Path) -> list[dict[str, Any]]:
     (results.parquet may lag behind a running search)."""
     from .record import read_rows as read
 
-    return read(Path(search_dir))
+    return read(Path(search_dir), lambda line: print(line, file=sys.stderr))
 
 
 def read_spec(search_dir: str | Path) -> Spec:
