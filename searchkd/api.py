@@ -399,12 +399,22 @@ def summary_lines(run: SearchRun, root: Path) -> list[str]:
         f"teacher {spec.teacher.arch}: test_acc {s.teacher.test_acc:.4f}",
         f"best trial {s.best_trial}: {kept_name(spec.metrics[0])} {s.best_value:.4f}, "
         f"test_acc {s.test_acc:.4f}",
-        "  config: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(s.best_config.items())),
+        "  config: " + ", ".join(f"{k}={shown(v)}" for k, v in sorted(s.best_config.items())),
         f"search directory: {rel}  (results.parquet: one row per trial per epoch)",
         f"compare trials:   {ui}   (MLflow UI, experiment {spec.name!r})",
         f"resume:           searchkd tune {run.source} --resume   or   searchkd resume {rel}",
         *final_summary_lines(s.search_dir),
     ]
+
+
+def shown(value: Any) -> str:
+    """A config value as a summary prints it: floats to 3 significant digits (the exact ones are
+    in results.parquet and `searchkd best`'s config.yaml), the rest as JSON."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def final_summary_lines(search_dir: Path) -> list[str]:

@@ -1028,7 +1028,8 @@ def run_search(
     log(
         f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
         f"epoch{'s' if spec.train.epochs > 1 else ''} "
-        f"({'resumed: ' + str(to_run) + ' to run' if resume else 'new'}), in {search_dir}"
+        f"({'resumed: ' + str(to_run) + ' to run' if resume else 'new'}), in "
+        f"{os.path.relpath(search_dir)}"
     )
     interrupted = False
     if to_run:

@@ -91,3 +91,11 @@ def test_results_are_the_records_rows_ordered_by_trial_and_epoch(tmp_path: Path)
     assert frame["config/loss.tau"].tolist() == [0.1, 0.1, 0.2, 0.2]
     assert frame["config/seed"].tolist() == [0, 0, 1, 1]
     assert frame["config/loss.scales"].tolist() == [[1, 2]] * 4
+
+
+def test_a_summary_shows_config_floats_rounded() -> None:
+    """The summary's config line: 3 significant digits (the exact values are in the table and
+    `searchkd best`'s config.yaml), lists and the rest as they are."""
+    assert api.shown(7.676576229980498) == "7.68" and api.shown(0.08231) == "0.0823"
+    assert api.shown([1, 2]) == "[1, 2]" and api.shown(4005745526) == "4005745526"
+    assert api.shown("msd") == '"msd"'
