@@ -69,7 +69,7 @@ class FinalRun:
 def lookups() -> dict[str, Any]:
     """What a space is validated against: the registered objectives (with their tunables),
     models, datasets (with their options) and samplers."""
-    from .data import dataset_names, dataset_options
+    from .data import check_dataset_option, dataset_names, dataset_options
     from .models import model_names
     from .objectives import get_objective, objective_names
     from .samplers import SAMPLERS
@@ -84,6 +84,7 @@ def lookups() -> dict[str, Any]:
         "samplers": SAMPLERS.names(),
         "dataset_options": {n: dataset_options(n) for n in dataset_names()},
         "check_tunable": check,
+        "check_dataset_option": check_dataset_option,
     }
 
 
@@ -338,8 +339,9 @@ def _run(
         local_ray_env()
     root.mkdir(parents=True, exist_ok=True)
     lock = take_lock(search_dir)
+    from .driver import SearchError, base_storage, connect
     from .record import ResultsError
-    from .search import SearchError, base_storage, connect, run_search
+    from .search import run_search
 
     try:
         try:
@@ -358,8 +360,6 @@ def _run(
             info,
             resume=resume,
             tracking_uri=tracking_uri,
-            address=address,
-            num_cpus=num_cpus,
             log=say,
         )
         final_status = None
@@ -461,9 +461,9 @@ def final(
     if address is None:
         local_ray_env()
     lock = take_lock(search_dir)
+    from .driver import SearchError
     from .final import prepare, run_final
     from .report import ReportError
-    from .search import SearchError
 
     try:
         stage = prepare(search_dir, top, seeds)
