@@ -56,6 +56,22 @@ for _path in (str(ROOT), str(BENCH)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+# The device image's packages (with what they depend on), from the workplace's notes.
+IMAGE = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scipy",
+    "scikit-learn",
+    "pyyaml",
+    "filelock",
+    "matplotlib",
+    "pytest",
+    "hypothesis",
+    "psutil",
+)
 # What the engine path imports beyond the standard library (import name: distribution). The
 # device image has the first group; the second comes as wheels (`--fetch-wheels`): pydantic
 # and what it needs, and a typing_extensions new enough for it (the image's is torch's).
@@ -128,7 +144,17 @@ SMALL = {
     "throughput": [*TINY, "--pairs", "crd", "--steps", "1", "--workers", "1"],
     # torch.compile on a CPU compiles for minutes: the dry run runs this step's code eagerly.
     "throughput_compile": [*TINY, "--pairs", "crd", "--steps", "1", "--no-reference"],
-    "throughput_b256": [*TINY, "--pairs", "crd", "--steps", "1", "--workers", "1"],
+    "throughput_b256": [
+        *TINY,
+        "--pairs",
+        "crd",
+        "--steps",
+        "1",
+        "--workers",
+        "1",
+        "--batch-size",
+        "8",
+    ],
     "concurrency": [*TINY, "--pair", "crd", "--procs", "1", "--steps", "1"],
     "packing": ["--small", "--configs", "wrn", "--threads", "1"],
 }

@@ -9,6 +9,8 @@ several OpenMP threads per process can be ten times slower than one.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import concurrency  # noqa: E402
+import gpu  # noqa: E402
 import overhead  # noqa: E402
 import packing  # noqa: E402
 import search_efficiency  # noqa: E402
@@ -202,3 +205,131 @@ def test_search_efficiency_counts_trial_epochs_of_both_searches(
     assert k is None or tpe["curve"][k - 1]["val_acc"] >= seed["random_final_val"]
     assert seed["within_goal"] == (k is not None and k <= 4 / 3)
     assert len(data["mean_curves"]["random"]) == len(data["mean_curves"]["tpe-asha"]) == 4
+
+
+# ------------------------------------------------------------------ bench/gpu.py
+
+# Put first on a process's path, it makes every module of a distribution the device image
+# lacks unimportable in that process and in every process it starts (the variable is
+# inherited): what runs under it runs with the image's packages and the carried wheels alone.
+BLOCKER = """
+import os, sys
+
+BLOCKED = frozenset(os.environ["SEARCHKD_TEST_BLOCKED"].split(","))
+
+
+class Hide:
+    # Every finder, wrapped: a blocked module is not found (find_spec None, import
+    # ModuleNotFoundError), as on a machine without it; torch probes with find_spec.
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
+"""
+
+
+def _normal(dist: str) -> str:
+    return dist.lower().replace("_", "-").replace(".", "-")
+
+
+def not_on_image() -> set[str]:
+    """Top-level modules installed here whose distribution is neither on the device image (nor
+    a dependency of one of its packages) nor carried as a wheel."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, requires
+
+    from packaging.requirements import Requirement
+
+    allowed: set[str] = set()
+    todo = [*gpu.IMAGE, *gpu.CARRIED.values()]
+    while todo:
+        dist = _normal(todo.pop())
+        if dist in allowed:
+            continue
+        allowed.add(dist)
+        try:
+            reqs = requires(dist) or []
+        except PackageNotFoundError:
+            continue
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return {
+        module
+        for module, dists in packages_distributions().items()
+        if module != "searchkd" and not any(_normal(d) in allowed for d in dists)
+    }
+
+
+def test_the_engine_path_needs_nothing_the_image_lacks_but_the_carried_wheels() -> None:
+    blocked = not_on_image()
+    assert set(gpu.FRAMEWORKS) | {"pydantic_settings"} <= blocked
+    assert not set(gpu.CARRIED) & blocked and not set(gpu.ON_IMAGE) & blocked
+
+
+def test_gpu_dry_run_measures_every_step_with_the_image_packages_alone(tmp_path: Path) -> None:
+    """`python bench/gpu.py --device cpu --small --json OUT`, with every module the device image
+    lacks (Ray, Optuna, MLflow, ...) blocked in all its processes: each step runs in its own
+    process and records its figures."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    root = BENCH.parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(root)]),
+        "SEARCHKD_TEST_BLOCKED": ",".join(sorted(not_on_image())),
+    }
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(BENCH / "gpu.py"), "--device", "cpu", "--small", "--json", str(out)]
+    done = subprocess.run(
+        [*cmd, "--data-root", str(tmp_path / "data")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("preflight: ") and "missing" not in first and "cannot" not in first
+    data = json.loads(out.read_text())
+    assert data["device"].startswith("CPU") and data["small"] is True
+    assert {"torch", "python", "command", "date"} <= set(data["environment"])
+    steps = data["steps"]
+    assert list(steps) == [s.name for s in gpu.STEPS]
+    measured = [n for n in steps if n != "fashion_mnist"]
+    for name in measured:
+        assert steps[name]["status"] == "done", (name, steps[name])
+        assert steps[name]["seconds"] <= steps[name]["limit_s"]
+    eager, compiled, b256 = (steps[n]["figures"]["crd"] for n in measured[:3])
+    for r in (eager, b256):
+        assert r["engine"]["img_s"] > 0 and r["reference"]["img_s"] > 0
+        assert r["ratio"] == pytest.approx(r["engine"]["img_s"] / r["reference"]["img_s"])
+    assert (eager["batch_size"], b256["batch_size"]) == (4, 8)
+    assert compiled["engine"]["img_s"] > 0 and "reference" not in compiled
+    [row] = steps["concurrency"]["figures"].values()
+    assert row["procs"] == 1 and row["aggregate_img_s"] > 0
+    packed = steps["packing"]["figures"]["wrn"]
+    assert [r["k"] for r in packed["results"]] == [1, 2]
+    assert all(r["teacher_calls_per_step"] == 1.0 for r in packed["results"])
+    fashion = steps["fashion_mnist"]
+    if not data["preflight"]["fashion_mnist"]:
+        assert fashion["status"] == "skipped" and data["preflight"]["problems"]
+        pytest.skip("no Fashion-MNIST on this machine: " + "; ".join(data["preflight"]["problems"]))
+    assert fashion["status"] == "done", fashion
+    runs = [v for k, v in fashion["figures"].items() if k != "verdict"]
+    assert sorted(r["precision"] for r in runs) == ["bf16", "fp32"]
+    assert all(0.0 <= r["test_acc_last"] <= 1.0 and r["test_images"] == 10_000 for r in runs)
+    verdict = fashion["figures"]["verdict"]
+    diff = verdict["bf16"]["mean"] - verdict["fp32"]["mean"]
+    assert verdict["difference"] == pytest.approx(diff)
+    assert verdict["within_noise"] == (abs(diff) <= 2 * verdict["se_difference"])
