@@ -351,7 +351,7 @@ def step_concurrency(opts: dict[str, Any], emit: Emit) -> None:
     import concurrency
 
     args = concurrency.parse_args(_bench_argv(opts, "concurrency"))
-    concurrency.run(args, report=lambda row: emit(f"{row['procs']} trials", row))
+    concurrency.run(args, report=lambda row: emit(f"trials={row['procs']}", row))
 
 
 def step_packing(opts: dict[str, Any], emit: Emit) -> None:
