@@ -174,7 +174,7 @@ FASHION_SMALL = {
     "epochs": 1,
     "batch_size": 64,
     "seeds": [0],
-    "val_fraction": 0.05,
+    "val_fraction": 0.01,
     "options": {"train_images": 256},
 }
 

@@ -26,7 +26,7 @@ BLOCK = re.compile(
     r"<!-- gpu-rows:begin source=(?P<source>\S+) -->\n.*?<!-- gpu-rows:end -->", re.S
 )
 NONE = "none"  # the source of the tables before any GPU run
-COMMAND = "python bench/gpu.py --wheels .whl --json $OUT/gpu.json (bench/README.md)"
+COMMAND = "python3 bench/gpu.py --wheels .whl --json $OUT/gpu.json"  # bench/README.md
 
 
 def _steps(payload: dict[str, Any] | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(BENCH))
 
 import concurrency  # noqa: E402
 import gpu  # noqa: E402
+import gpu_rows  # noqa: E402
 import overhead  # noqa: E402
 import packing  # noqa: E402
 import search_efficiency  # noqa: E402
@@ -276,32 +277,38 @@ def test_the_engine_path_needs_nothing_the_image_lacks_but_the_carried_wheels() 
     assert not set(gpu.CARRIED) & blocked and not set(gpu.ON_IMAGE) & blocked
 
 
-def test_gpu_dry_run_measures_every_step_with_the_image_packages_alone(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     """`python bench/gpu.py --device cpu --small --json OUT`, with every module the device image
-    lacks (Ray, Optuna, MLflow, ...) blocked in all its processes: each step runs in its own
-    process and records its figures."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCKER)
-    root = BENCH.parent
+    lacks (Ray, Optuna, MLflow, ...) hidden in all its processes; its JSON and its output."""
+    tmp = tmp_path_factory.mktemp("gpu")
+    (tmp / "site").mkdir()
+    (tmp / "site" / "sitecustomize.py").write_text(BLOCKER)
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(site), str(root)]),
+        "PYTHONPATH": os.pathsep.join([str(tmp / "site"), str(BENCH.parent)]),
         "SEARCHKD_TEST_BLOCKED": ",".join(sorted(not_on_image())),
     }
-    out = tmp_path / "gpu.json"
+    out = tmp / "gpu.json"
     cmd = [sys.executable, str(BENCH / "gpu.py"), "--device", "cpu", "--small", "--json", str(out)]
     done = subprocess.run(
-        [*cmd, "--data-root", str(tmp_path / "data")],
+        [*cmd, "--data-root", str(tmp / "data")],
         env=env,
         capture_output=True,
         text=True,
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    first = done.stdout.splitlines()[0]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_gpu_dry_run_measures_every_step_with_the_image_packages_alone(
+    dry_run: tuple[dict[str, Any], str],
+) -> None:
+    """Each step ran in its own process, within its time box, and recorded its figures."""
+    data, stdout = dry_run
+    first = stdout.splitlines()[0]
     assert first.startswith("preflight: ") and "missing" not in first and "cannot" not in first
-    data = json.loads(out.read_text())
     assert data["device"].startswith("CPU") and data["small"] is True
     assert {"torch", "python", "command", "date"} <= set(data["environment"])
     steps = data["steps"]
@@ -316,7 +323,7 @@ def test_gpu_dry_run_measures_every_step_with_the_image_packages_alone(tmp_path:
         assert r["ratio"] == pytest.approx(r["engine"]["img_s"] / r["reference"]["img_s"])
     assert (eager["batch_size"], b256["batch_size"]) == (4, 8)
     assert compiled["engine"]["img_s"] > 0 and "reference" not in compiled
-    [row] = steps["concurrency"]["figures"].values()
+    row = steps["concurrency"]["figures"]["trials=1"]
     assert row["procs"] == 1 and row["aggregate_img_s"] > 0
     packed = steps["packing"]["figures"]["wrn"]
     assert [r["k"] for r in packed["results"]] == [1, 2]
@@ -333,3 +340,77 @@ def test_gpu_dry_run_measures_every_step_with_the_image_packages_alone(tmp_path:
     diff = verdict["bf16"]["mean"] - verdict["fp32"]["mean"]
     assert verdict["difference"] == pytest.approx(diff)
     assert verdict["within_noise"] == (abs(diff) <= 2 * verdict["se_difference"])
+
+
+def test_a_step_past_its_time_box_is_killed_with_what_it_measured(tmp_path: Path) -> None:
+    """The box kills the step's whole process group; the figures it sent first are kept."""
+    import multiprocessing
+
+    gpu.STEP_FUNCTIONS["_hang"] = _hang_after_one_figure
+    record: dict[str, Any] = {}
+    saved = []
+    ctx = multiprocessing.get_context("fork")  # the step function exists in this process only
+    opts = {"start_method": "fork", "pid_file": str(tmp_path / "pids")}
+    try:
+        gpu.run_step(ctx, "_hang", opts, 3.0, record, lambda: saved.append(dict(record)))
+    finally:
+        del gpu.STEP_FUNCTIONS["_hang"]
+    assert record["status"] == "timed out" and record["figures"] == {"first": {"n": 1}}
+    assert saved[-1]["status"] == "timed out"
+    for pid in map(int, (tmp_path / "pids").read_text().split()):
+        assert not _alive(pid)  # the step and the child it started: both killed
+
+
+def _alive(pid: int) -> bool:
+    """Running (a killed process may linger as a zombie until its new parent reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _hang_after_one_figure(opts: dict[str, Any], emit: Any) -> None:
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(opts["pid_file"]).write_text(f"{os.getpid()} {child.pid}")
+    emit("first", {"n": 1})
+    time.sleep(600)
+
+
+def test_gpu_rows_render_the_dry_runs_figures_as_measured(
+    dry_run: tuple[dict[str, Any], str], tmp_path: Path
+) -> None:
+    data, _ = dry_run
+    table = gpu_rows.render(data, "dry.json")
+    eager = data["steps"]["throughput"]["figures"]["crd"]
+    [row] = [line for line in table.splitlines() if "crd (wrn_40_2 → wrn_16_2) engine vs" in line]
+    assert f"| {eager['ratio']:.2f}× ({eager['engine']['img_s']:,.0f} img/s vs" in row
+    assert f"| {data['device']} | {data['environment']['torch']} |" in row
+    target = [line for line in table.splitlines() if line.startswith("| msd engine, batch 64")]
+    assert target and "| not in this run | — |" in target[0]  # --small measures no msd
+    assert table.startswith("<!-- gpu-rows:begin source=dry.json -->")
+    copy = tmp_path / "RESULTS.md"
+    copy.write_text((BENCH / "RESULTS.md").read_text())
+    (tmp_path / "dry.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="is not a GPU run .*only a GPU run's figures"):
+        gpu_rows.main([str(tmp_path / "dry.json"), "--write", str(copy)])
+    gpu_like = {**data, "small": False, "environment": {**data["environment"], "gpu": "GPU X"}}
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu_like))
+    assert gpu_rows.main([str(tmp_path / "gpu.json"), "--write", str(copy)]) == 0
+    written = copy.read_text()
+    assert gpu_rows.render(gpu_like, str(tmp_path / "gpu.json")) in written
+    before, after = (BENCH / "RESULTS.md").read_text().split(gpu_rows.END)
+    assert written.startswith(before.split("<!-- gpu-rows:begin")[0]) and written.endswith(after)
+
+
+def test_results_md_gpu_tables_are_those_rendered_from_their_source() -> None:
+    """The GPU tables of RESULTS.md are gpu_rows.py's rendering of the JSON they name (or of
+    no run at all): no figure in them was typed by hand."""
+    text = (BENCH / "RESULTS.md").read_text()
+    match = gpu_rows.BLOCK.search(text)
+    assert match, "bench/RESULTS.md has no gpu-rows markers"
+    source = match["source"]
+    payload = None if source == gpu_rows.NONE else json.loads((BENCH.parent / source).read_text())
+    assert match[0] == gpu_rows.render(payload, source)
