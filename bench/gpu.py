@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import importlib
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -259,8 +260,13 @@ def preflight(device_arg: str, data_root: Path, fashion: bool) -> dict[str, Any]
     for name, dist in {**ON_IMAGE, **CARRIED}.items():
         try:
             importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # it is there, and something it imports is not
+                missing.append(f"{name} ({_first_line(exc)})")
+            else:
+                missing.append(name if dist == name else f"{name} (pip: {dist})")
         except Exception as exc:  # noqa: BLE001 - a broken module raises anything
-            missing.append(f"{name} ({dist}: {_first_line(exc)})")
+            missing.append(f"{name} ({_first_line(exc)})")
     if missing:
         problems.append("missing " + ", ".join(missing))
     info: dict[str, Any] = {"python": platform.python_version(), "executable": sys.executable}
@@ -295,6 +301,8 @@ def preflight(device_arg: str, data_root: Path, fashion: bool) -> dict[str, Any]
                 driver=_driver(),
                 cudnn=torch.backends.cudnn.version(),
             )
+            if importlib.util.find_spec("triton") is None:  # inductor's GPU code generator
+                problems.append("no triton: the throughput_compile step will fail")
     fashion_ok = False
     if fashion and not missing and not broken:
         from searchkd.data import dataset_names, load_dataset

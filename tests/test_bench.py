@@ -414,3 +414,54 @@ def test_results_md_gpu_tables_are_those_rendered_from_their_source() -> None:
     source = match["source"]
     payload = None if source == gpu_rows.NONE else json.loads((BENCH.parent / source).read_text())
     assert match[0] == gpu_rows.render(payload, source)
+
+
+def _wheel(folder: Path, module: str) -> Path:
+    """A minimal valid wheel holding one module that defines VALUE = 42."""
+    import zipfile
+
+    dist = f"{module}-0.1.dist-info"
+    path = folder / f"{module}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{module}.py", "VALUE = 42\n")
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+        z.writestr(
+            f"{dist}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        z.writestr(
+            f"{dist}/RECORD", f"{module}.py,,\n{dist}/METADATA,,\n{dist}/WHEEL,,\n{dist}/RECORD,,\n"
+        )
+    return path
+
+
+@pytest.mark.parametrize("pip_works", [True, False], ids=["pip", "unzipped"])
+def test_carried_wheels_install_offline_first_on_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pip_works: bool
+) -> None:
+    import importlib
+
+    module = f"searchkd_test_wheel_{'pip' if pip_works else 'zip'}"
+    (tmp_path / "whl").mkdir()
+    _wheel(tmp_path / "whl", module)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    if not pip_works:
+        monkeypatch.setattr(
+            gpu.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1)
+        )
+    line = gpu.install_wheels(tmp_path / "whl", tmp_path / "site")
+    assert line.endswith("(pip)" if pip_works else "(unzipped (pip failed))")
+    assert importlib.import_module(module).VALUE == 42
+    assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "site")
+    monkeypatch.delitem(sys.modules, module)
+
+
+def test_the_preflight_names_what_is_missing_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu, "CARRIED", {**gpu.CARRIED, "searchkd_no_such_module": "no-such-dist"})
+    pre = gpu.preflight("cpu", Path("/nonexistent"), fashion=False)
+    line = gpu.preflight_line(pre)
+    assert pre["fatal"] and "\n" not in line
+    assert line.startswith(
+        "preflight: cannot run: missing searchkd_no_such_module (pip: no-such-dist)"
+    )
