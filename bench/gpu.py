@@ -35,7 +35,6 @@ import math
 import multiprocessing
 import os
 import platform
-import queue as queue_lib
 import shlex
 import shutil
 import signal
@@ -492,23 +491,24 @@ STEP_FUNCTIONS: dict[str, Callable[..., None]] = {
 }
 
 
-def _child(name: str, opts: dict[str, Any], queue: Any) -> None:
-    """One step in a process group of its own, so that its time box kills its children too."""
+def _child(name: str, opts: dict[str, Any], conn: Any) -> None:
+    """One step in a process group of its own, so that its time box kills its children too.
+    Figures go through a pipe, written at once: a step that dies has sent all it measured."""
     os.setsid()
     # A forkserver child inherits forkserver as its default start method; the benchmarks'
     # own processes (the classic loop's DataLoader workers) start as they would elsewhere.
     multiprocessing.set_start_method(opts["start_method"], force=True)
 
     def emit(key: str, value: Any) -> None:
-        queue.put(("figure", key, json.loads(json.dumps(value, default=str))))
+        conn.send(("figure", key, json.loads(json.dumps(value, default=str))))
 
     try:
         STEP_FUNCTIONS[name](opts, emit)
     except BaseException as exc:  # noqa: BLE001 - reported, then the next step runs
         tail = traceback.format_exc().strip().splitlines()[-6:]
-        queue.put(("error", None, {"error": _first_line(exc), "traceback": tail}))
+        conn.send(("error", None, {"error": _first_line(exc), "traceback": tail}))
         return
-    queue.put(("done", None, None))
+    conn.send(("done", None, None))
 
 
 # ------------------------------------------------------------------ the run (parent side)
@@ -536,33 +536,36 @@ def run_step(
 ) -> None:
     """Run step `name` in a child process for at most `limit_s` seconds, recording each figure
     into `record["figures"]` (and saving) as it arrives."""
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, opts, queue), name=f"gpu-{name}")
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(name, opts, writer), name=f"gpu-{name}")
     start = time.monotonic()
     proc.start()
+    writer.close()  # the child's end: once the child is gone, reading ends
     record.update(status="running", limit_s=round(limit_s, 1), figures={})
     save()
-    while True:
+    while record["status"] == "running":
         left = limit_s - (time.monotonic() - start)
         if left <= 0:
             record.update(status="timed out", error=f"killed at its time box, {limit_s:.0f} s")
             break
-        try:
-            kind, key, value = queue.get(timeout=min(left, 1.0))
-        except queue_lib.Empty:
-            if not proc.is_alive():
-                record.update(status="failed", error=f"its process ended with {proc.exitcode}")
-                break
+        message = None
+        if reader.poll(min(left, 1.0)):
+            with contextlib.suppress(EOFError, OSError):
+                message = reader.recv()
+        elif proc.is_alive():
             continue
+        if message is None:  # ended without a word: a crash, an out-of-memory kill
+            proc.join(timeout=10)
+            record.update(status="failed", error=f"its process ended with {proc.exitcode}")
+            break
+        kind, key, value = message
         if kind == "figure":
             record["figures"][key] = value
             save()
         elif kind == "error":
             record.update(status="failed", **value)
-            break
         else:
             record["status"] = "done"
-            break
     _kill_group(proc.pid)  # what it started and left behind (a killed step: all of it)
     proc.join(timeout=30)
     record["seconds"] = round(time.monotonic() - start, 1)

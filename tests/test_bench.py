@@ -342,32 +342,37 @@ def test_gpu_dry_run_measures_every_step_with_the_image_packages_alone(
     assert verdict["within_noise"] == (abs(diff) <= 2 * verdict["se_difference"])
 
 
-def test_a_step_past_its_time_box_is_killed_with_what_it_measured(tmp_path: Path) -> None:
-    """The box kills the step's whole process group; the figures it sent first are kept."""
+def test_a_step_past_its_time_box_is_killed_with_what_it_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The box kills the step's whole process group; the figures it sent first are kept.
+    The clock jumps past the box once the first figure is recorded, so the test waits on that
+    event, not on how fast a loaded machine gets there."""
     import multiprocessing
+    import time
 
     gpu.STEP_FUNCTIONS["_hang"] = _hang_after_one_figure
     record: dict[str, Any] = {}
-    saved = []
+    saved: list[dict[str, Any]] = []
+    jump = [0.0]
+    real = time.monotonic
+    monkeypatch.setattr(gpu.time, "monotonic", lambda: real() + jump[0])
+
+    def save() -> None:
+        saved.append(json.loads(json.dumps(record)))
+        if record.get("figures"):
+            jump[0] = 3600.0
+
     ctx = multiprocessing.get_context("fork")  # the step function exists in this process only
     opts = {"start_method": "fork", "pid_file": str(tmp_path / "pids")}
     try:
-        gpu.run_step(ctx, "_hang", opts, 3.0, record, lambda: saved.append(dict(record)))
+        gpu.run_step(ctx, "_hang", opts, 60.0, record, save)
     finally:
         del gpu.STEP_FUNCTIONS["_hang"]
     assert record["status"] == "timed out" and record["figures"] == {"first": {"n": 1}}
     assert saved[-1]["status"] == "timed out"
     for pid in map(int, (tmp_path / "pids").read_text().split()):
         assert not _alive(pid)  # the step and the child it started: both killed
-
-
-def _alive(pid: int) -> bool:
-    """Running (a killed process may linger as a zombie until its new parent reaps it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _hang_after_one_figure(opts: dict[str, Any], emit: Any) -> None:
@@ -377,6 +382,15 @@ def _hang_after_one_figure(opts: dict[str, Any], emit: Any) -> None:
     Path(opts["pid_file"]).write_text(f"{os.getpid()} {child.pid}")
     emit("first", {"n": 1})
     time.sleep(600)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a killed process may linger as a zombie until its new parent reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def test_gpu_rows_render_the_dry_runs_figures_as_measured(
@@ -465,3 +479,41 @@ def test_the_preflight_names_what_is_missing_in_one_line(monkeypatch: pytest.Mon
     assert line.startswith(
         "preflight: cannot run: missing searchkd_no_such_module (pip: no-such-dist)"
     )
+
+
+def _exit_after_one_figure(opts: dict[str, Any], emit: Any) -> None:
+    emit("first", {"n": 1})
+    os._exit(3)  # a segfault or an OOM kill: the process ends without a word
+
+
+def _raise_after_one_figure(opts: dict[str, Any], emit: Any) -> None:
+    emit("first", {"n": 1})
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize(
+    ("step", "error"),
+    [
+        (_exit_after_one_figure, "its process ended with 3"),
+        (_raise_after_one_figure, "ValueError: boom"),
+    ],
+    ids=["dies", "raises"],
+)
+def test_a_failing_step_is_recorded_with_what_it_measured(step: Any, error: str) -> None:
+    import multiprocessing
+
+    gpu.STEP_FUNCTIONS["_fail"] = step
+    record: dict[str, Any] = {}
+    try:
+        gpu.run_step(
+            multiprocessing.get_context("fork"),
+            "_fail",
+            {"start_method": "fork"},
+            60.0,
+            record,
+            lambda: None,
+        )
+    finally:
+        del gpu.STEP_FUNCTIONS["_fail"]
+    assert record["status"] == "failed" and record["error"] == error
+    assert record["figures"] == {"first": {"n": 1}}
