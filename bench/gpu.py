@@ -103,8 +103,10 @@ FRAMEWORKS = ("ray", "optuna", "mlflow")  # never on the image; the engine never
 # The device's Python (bench/README.md); wheels are fetched for it.
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-# Where the carried Fashion-MNIST lives in the working tree (git-ignored; bench/README.md).
-DATA_ROOT = ROOT / ".data"
+# Where the carried Fashion-MNIST lives in the working tree: a copy of the Debian package's
+# folder of gzip'd files (git-ignored; bench/README.md). The run unpacks it into a folder of
+# its own, never into the working tree (what travels must stay small).
+FASHION_DIR = ROOT / ".data" / "fashion-mnist"
 
 
 @dataclass(frozen=True)
@@ -205,19 +207,34 @@ def fetch_command(folder: Path) -> list[str]:
     ]
 
 
+def _has_pip() -> bool:
+    return importlib.util.find_spec("pip") is not None
+
+
 def install_wheels(folder: Path, target: Path) -> str:
     """Install every wheel of `folder` into `target` offline and put it first on the path (this
-    process, and the processes it starts). pip when the interpreter has it; else each wheel is
-    unpacked (a wheel is a zip of its files laid out as site-packages holds them)."""
+    process, and the processes it starts). With pip, which refuses a wheel built for another
+    Python; an interpreter without pip gets each wheel unpacked (a wheel is a zip of its
+    files laid out as site-packages holds them)."""
     wheels = sorted(folder.glob("*.whl"))
     if not wheels:
-        raise SystemExit(f"searchkd: error: --wheels {folder}: no .whl file there")
+        raise SystemExit(f"gpu.py: --wheels {folder}: no .whl file there")
     target.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
-    how = "pip"
-    done = subprocess.run([*pip, "--target", str(target), *map(str, wheels)], check=False)
-    if done.returncode != 0:
-        how = "unzipped (pip failed)"
+    if _has_pip():
+        how = "pip"
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+        done = subprocess.run(
+            [*pip, "--no-compile", "--target", str(target), *map(str, wheels)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+            why = lines[-1].strip() if lines else f"exit code {done.returncode}"
+            raise SystemExit(f"gpu.py: pip could not install the wheels of {folder}: {why}")
+    else:
+        how = "unpacked: this Python has no pip"
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as z:
                 z.extractall(target)
@@ -251,7 +268,9 @@ def _driver() -> str | None:
     return None
 
 
-def preflight(device_arg: str, data_root: Path, fashion: bool) -> dict[str, Any]:
+def preflight(
+    device_arg: str, data_root: Path, fashion: bool, fashion_dir: Path | None = None
+) -> dict[str, Any]:
     """What is missing, found before any measurement: modules, the device, the data set.
 
     `problems` lists everything found; `fatal` says whether any measurement can run at all (a
@@ -308,6 +327,11 @@ def preflight(device_arg: str, data_root: Path, fashion: bool) -> dict[str, Any]
     if fashion and not missing and not broken:
         from searchkd.data import dataset_names, load_dataset
 
+        if fashion_dir is not None and fashion_dir.is_dir():
+            from searchkd.data import fashion as fashion_data  # the data set's own override
+
+            os.environ[fashion_data.DEBIAN_ENV] = str(fashion_dir.absolute())
+            info["fashion_mnist_files"] = str(fashion_dir)
         if "fashion_mnist" not in dataset_names():
             problems.append("searchkd has no fashion_mnist dataset (fashion_mnist step skipped)")
         else:
@@ -585,7 +609,24 @@ def main(argv: list[str] | None = None) -> int:
         say(install_wheels(Path(args.wheels), target))
     device = args.device or "cuda"
     steps = [s for s in STEPS if not args.only or s.name in args.only]
-    pre = preflight(device, Path(args.data_root), any(s.needs_fashion for s in steps))
+    data_root = Path(args.data_root or tempfile.mkdtemp(prefix="searchkd-gpu-data-"))
+    try:
+        return _run(args, out, device, steps, data_root, started)
+    finally:
+        if not args.data_root:  # the unpacked data set: this run's own folder
+            shutil.rmtree(data_root, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace,
+    out: Path,
+    device: str,
+    steps: list[Step],
+    data_root: Path,
+    started: float,
+) -> int:
+    wanted = any(s.needs_fashion for s in steps)
+    pre = preflight(device, data_root, wanted, Path(args.fashion_dir))
     say(preflight_line(pre))
     payload: dict[str, Any] = {
         "device": pre["info"].get("gpu") or pre["device"],
@@ -612,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {
         "device": device,
         "small": args.small,
-        "data_root": str(Path(args.data_root)),
+        "data_root": str(data_root),
         "start_method": multiprocessing.get_context().get_start_method(),
     }
     ctx = multiprocessing.get_context("forkserver")
@@ -653,9 +694,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"fetch the carried wheels for Python {DEVICE_PYTHON} into DIR (here, not there)",
     )
     p.add_argument(
+        "--fashion-dir",
+        default=str(FASHION_DIR),
+        help="the gzip'd Fashion-MNIST files (default: the working tree's .data/fashion-mnist/ "
+        "when there, else the data set's own search: the Debian package's folder)",
+    )
+    p.add_argument(
         "--data-root",
-        default=str(DATA_ROOT),
-        help="data.root of the Fashion-MNIST step (default: the working tree's .data/)",
+        help="data.root of the Fashion-MNIST step, where it is unpacked (default: a new "
+        "temporary folder)",
     )
     p.add_argument(
         "--only",

@@ -449,26 +449,31 @@ def _wheel(folder: Path, module: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("pip_works", [True, False], ids=["pip", "unzipped"])
+@pytest.mark.parametrize("pip", [True, False], ids=["pip", "no-pip"])
 def test_carried_wheels_install_offline_first_on_the_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pip_works: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pip: bool
 ) -> None:
     import importlib
 
-    module = f"searchkd_test_wheel_{'pip' if pip_works else 'zip'}"
+    module = f"searchkd_test_wheel_{'pip' if pip else 'zip'}"
     (tmp_path / "whl").mkdir()
     _wheel(tmp_path / "whl", module)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", "")
-    if not pip_works:
-        monkeypatch.setattr(
-            gpu.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1)
-        )
+    monkeypatch.setattr(gpu, "_has_pip", lambda: pip)
     line = gpu.install_wheels(tmp_path / "whl", tmp_path / "site")
-    assert line.endswith("(pip)" if pip_works else "(unzipped (pip failed))")
+    assert line.endswith("(pip)" if pip else "(unpacked: this Python has no pip)")
     assert importlib.import_module(module).VALUE == 42
     assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "site")
     monkeypatch.delitem(sys.modules, module)
+
+
+def test_a_wheel_for_another_python_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "whl").mkdir()
+    wheel = _wheel(tmp_path / "whl", "searchkd_test_wheel_old")
+    wheel.rename(wheel.with_name("searchkd_test_wheel_old-0.1-cp27-cp27mu-manylinux1_x86_64.whl"))
+    with pytest.raises(SystemExit, match=r"^gpu.py: pip could not install the wheels of .*: \S"):
+        gpu.install_wheels(tmp_path / "whl", tmp_path / "site")
 
 
 def test_the_preflight_names_what_is_missing_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
