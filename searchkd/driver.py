@@ -535,11 +535,6 @@ def write_state(
             f.write(text)
 
 
-def search_status(search_dir: Path) -> str | None:
-    path = search_dir / STATE_FILE
-    return json.loads(path.read_text())["status"] if path.exists() else None
-
-
 def next_run(ray_dir: Path) -> str:
     """The name of this run's Tune experiment: `run-NNN`, one more than the runs before it."""
     count = len(list(ray_dir.glob("run-*"))) if ray_dir.is_dir() else 0

@@ -54,6 +54,13 @@ def scores(kept_row: Mapping[str, float], metrics: Sequence[str]) -> dict[str, f
     return {"score": kept_row[metrics[0]], **{f"score_{m}": kept_row[m] for m in metrics}}
 
 
+def kept_name(metric: str) -> str:
+    """What a trial's score on `metric` is called wherever it is shown (progress, summaries,
+    MLflow): `best_val_acc` for `val_acc` (the kept student's, not an epoch's val_acc),
+    `score_<metric>` (its row's column) for any other metric."""
+    return "best_val_acc" if metric == "val_acc" else f"score_{metric}"
+
+
 def stopped_early(epochs_run: int, epochs: int) -> bool:
     """A trial that ended before its last epoch was stopped by the scheduler."""
     return epochs_run < epochs

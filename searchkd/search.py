@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from .driver import (
     trial_storage,
     write_state,
 )
-from .metrics import pick_best, stopped_early, trial_score
+from .metrics import kept_name, pick_best, stopped_early, trial_score
 from .record import JOURNAL_FILE, RESULTS_FILE, RESULTS_LOG, SPACE_FILE, ResultsTable, cut_tail
 from .samplers import make_sampler, trial_seed
 from .scheduler import ResumableASHA, Rungs
@@ -140,13 +141,22 @@ def load_study(search_dir: Path, name: str) -> optuna.Study:
 
 
 def create_study(search_dir: Path, spec: Spec) -> optuna.Study:
+    """The search's study, named after its metrics (optuna-dashboard and `trials_dataframe`
+    show `val_acc`, not "Objective 0"); a study started before that gets its names now."""
     directions = ["maximize" if m == "max" else "minimize" for m in spec.modes]
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.name,
         storage=journal_storage(search_dir),
         directions=directions,
         load_if_exists=True,
     )
+    if study.metric_names != list(spec.metrics):
+        import warnings
+
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.1
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.metrics))
+    return study
 
 
 class StudySearcher(Searcher):
@@ -261,7 +271,10 @@ class StudySearcher(Searcher):
         try:
             trial = open_trial(self.study, number)
             trial.set_user_attr("epochs", epochs)
-            trial.set_user_attr("stopped_early", stopped_early(epochs, self.spec.train.epochs))
+            early = stopped_early(epochs, self.spec.train.epochs)
+            trial.set_user_attr("stopped_early", early)
+            if early:  # COMPLETE for TPE (see README), but the dashboard shows why it is short
+                trial.set_user_attr("searchkd", f"stopped by ASHA at epoch {epochs}")
             self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
         except OSError as exc:  # the trial stays open: a resume runs it to its end again
             if not disk_full(exc):
@@ -318,12 +331,12 @@ class Progress:
             done = self.done_before + sum(t.status in ("TERMINATED", "ERROR") for t in trials)
             running = sum(t.status == "RUNNING" for t in trials)
         best = (
-            f"best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})"
+            f"best trial {self.best[1]}: {kept_name(self.metric)} {self.best[0]:.4f}"
             if self.best
             else "best -"
         )
         self.log(
-            f"[{time.time() - self.start:6.0f}s] {text:<48} | {done}/{self.num_samples} done, "
+            f"[{time.time() - self.start:6.0f}s] {text:<64} | {done}/{self.num_samples} done, "
             f"{running} running | {best}"
         )
         self.last_beat = time.time()
@@ -345,26 +358,29 @@ class Progress:
         if time.time() - self.last_beat > self.heartbeat_s:
             self._line(f"trial {number} epoch {result.get('epoch')}/{self.epochs}", trials)
 
+    def ended_text(self, number: Any, how: str, result: dict) -> str:
+        """`trial 3 finished at epoch 12: val_acc 0.9815 (that epoch), best_val_acc 0.9954`: the
+        epoch's value and the trial's score (its kept student's), each by its own name."""
+
+        def shown(value: Any) -> str:
+            return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+        return (
+            f"trial {number} {how} at epoch {result.get('epoch')}: {self.metric} "
+            f"{shown(result.get(self.metric))}, {kept_name(self.metric)} "
+            f"{shown(result.get('score'))}"
+        )
+
     def on_student_end(self, number: int, how: str, result: dict, trials: list) -> None:
         """A student of a packed trial finished or was stopped (its cohort goes on)."""
         self.ended.add(number)
-        value = result.get(self.metric)
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         text = "finished" if how == "finished" else "stopped by ASHA"
-        self._line(
-            f"trial {number} {text} at epoch {result.get('epoch')} {self.metric} {shown}", trials
-        )
+        self._line(self.ended_text(number, text, result), trials)
 
     def on_trial_complete(self, trial: Any, trials: list) -> None:
         r = trial.last_result or {}
         how = "finished" if int(r.get("epoch", 0)) >= self.epochs else "stopped by ASHA"
-        value = r.get(self.metric)
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        self._line(
-            f"trial {trial.config.get('trial_number')} {how} at epoch {r.get('epoch')} "
-            f"{self.metric} {shown}",
-            trials,
-        )
+        self._line(self.ended_text(trial.config.get("trial_number"), how, r), trials)
 
     def on_trial_error(self, trial: Any, trials: list, numbers: list[int] | None = None) -> None:
         reason = tracking.error_reason(trial)
@@ -663,7 +679,7 @@ class SearchRunner:
             f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
             f"epoch{'s' if spec.train.epochs > 1 else ''} "
             f"({'resumed: ' + str(to_run) + ' to run' if self.resume else 'new'}), in "
-            f"{self.search_dir}"
+            f"{os.path.relpath(self.search_dir)}"
         )
         if not to_run:
             return None
