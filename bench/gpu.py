@@ -168,7 +168,7 @@ SMALL = {
 FASHION = {
     "student": {"arch": "resnet8x4"},
     "epochs": 3,
-    "batch_size": 128,
+    "batch_size": 256,
     "seeds": [0, 1],
     "val_fraction": 0.1,
     "options": {},

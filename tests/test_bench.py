@@ -443,6 +443,37 @@ def test_gpu_rows_render_the_dry_runs_figures_as_measured(
     assert written.startswith(before.split("<!-- gpu-rows:begin")[0]) and written.endswith(after)
 
 
+def test_gpu_rows_judge_each_target_on_its_figure(dry_run: tuple[dict[str, Any], str]) -> None:
+    """The dry run's figures, relabelled as the msd rows a GPU run has and given made-up
+    values on both sides of each target: each row says met or not met by its own figure."""
+    import copy
+
+    data = copy.deepcopy(dry_run[0])
+    steps = data["steps"]
+    msd = copy.deepcopy(steps["throughput"]["figures"]["crd"])
+    msd["ratio"], msd["engine"]["img_s"] = 9.0, 29_000.0  # ratio met, speed not met
+    steps["throughput"]["figures"]["msd"] = msd
+    four = {**steps["concurrency"]["figures"]["trials=1"], "procs": 4, "speedup_vs_1": 2.5}
+    steps["concurrency"]["figures"]["trials=4"] = four
+    packed = copy.deepcopy(steps["packing"]["figures"]["wrn"])
+    packed["results"].append({**packed["results"][-1], "k": 4, "efficiency": 0.95})
+    steps["packing"]["figures"]["msd"] = packed
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line for line in gpu_rows.render(data, "x").splitlines()
+    }
+    assert "| 9.00× (" in rows["msd (wrn_40_2 → wrn_16_2) engine vs classic loop, batch 64"]
+    assert rows["msd (wrn_40_2 → wrn_16_2) engine vs classic loop, batch 64"].count("**met**") == 1
+    assert "| 29,000 img/s | **not met** |" in rows["msd (wrn_40_2 → wrn_16_2) engine, batch 64"]
+    assert "| 2.50× (" in rows["4 trials sharing the device vs 1, aggregate"]
+    assert "**not met**" in rows["4 trials sharing the device vs 1, aggregate"]
+    k4 = rows["packed trials, wrn_40_2 → wrn_16_2 (crd), K = 4 vs 4 separate"]
+    assert "| ≥ 90 % of ideal | 95 % of ideal" in k4 and "**met**" in k4
+    fashion = rows[next(k for k in rows if k.startswith("Fashion-MNIST"))]
+    verdict = steps["fashion_mnist"]["figures"].get("verdict")
+    if verdict is not None:
+        assert ("**met**" if verdict["within_noise"] else "**not met**") in fashion
+
+
 def test_results_md_gpu_tables_are_those_rendered_from_their_source() -> None:
     """The GPU tables of RESULTS.md are gpu_rows.py's rendering of the JSON they name (or of
     no run at all): no figure in them was typed by hand."""
