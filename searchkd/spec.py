@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,12 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .metrics import REPORTED_METRICS, TEST_METRICS, VAL_METRICS
 
 
+SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below this
+
+
 class SpecError(ValueError):
     """A user mistake in a space file: `str(err)` is the one line to show."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are never a setting: they would only surface as a failed trial.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataSpec(_Strict):
@@ -103,13 +108,20 @@ class SearchSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent: int = Field(0, ge=0)  # 0: as many as the resources allow
     max_failures: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = 0  # [0, 2**64): what torch's generators take
     # Where trials write their state and best students: a path every node sees (default: the
     # local trials directory) or a pyarrow filesystem URI (s3://bucket/prefix?endpoint_override=...).
     storage: str | None = None
     # Students per Ray Tune trial (a cohort): they train over the same batches with one
     # teacher forward per batch; each is still its own Optuna trial, MLflow run and rows.
     pack: int = Field(1, ge=1, le=64)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < SEED_LIMIT:
+            raise ValueError(f"must be in [0, 2**64), got {cut(str(v))}")
+        return v
 
     @model_validator(mode="after")
     def _metrics(self) -> SearchSpec:
@@ -131,9 +143,9 @@ class ParamSpec(_Strict):
     float_: list[float] | None = Field(None, alias="float")
     int_: list[int] | None = Field(None, alias="int")
     log: bool = False
-    step: float | None = None
+    step: float | None = Field(None, gt=0)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=True)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ParamSpec:
@@ -149,6 +161,10 @@ class ParamSpec(_Strict):
                 raise ValueError("log and step apply to float/int ranges, not choice")
             return self
         low, high = self.float_ if self.float_ is not None else self.int_  # type: ignore[misc]
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"range bounds must be finite numbers, got [{low}, {high}]")
+        if self.int_ is not None and self.step is not None and self.step != int(self.step):
+            raise ValueError(f"the step of an int range is a whole number, got {self.step:g}")
         if low > high:
             raise ValueError(f"range low {low} > high {high}")
         if self.log and low <= 0:
