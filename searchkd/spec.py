@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .metrics import REPORTED_METRICS, TEST_METRICS, VAL_METRICS
 
-
 SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below this
 
 

@@ -57,7 +57,9 @@ def synthetic(
             "channels must all be positive"
         )
     # Three independent streams, so changing train_size leaves the colours and test set alone.
-    g_colours, g_train, g_test = (torch.Generator().manual_seed(mix_seed(seed, k, 3)) for k in range(3))
+    g_colours, g_train, g_test = (
+        torch.Generator().manual_seed(mix_seed(seed, k, 3)) for k in range(3)
+    )
     colours = COLOUR_LOW + (COLOUR_HIGH - COLOUR_LOW) * torch.rand(
         num_classes, channels, generator=g_colours
     )
