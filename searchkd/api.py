@@ -121,6 +121,25 @@ def load_space(
     return Spec.model_validate(raw)
 
 
+def validate_space(space: str | Path | Mapping[str, Any] | Spec) -> Spec:
+    """`searchkd validate`: the space as `load_space` validates it, and its teacher and largest
+    students sized against this machine (what `tune` refuses before anything is written)."""
+    from .data import DatasetNotFound
+    from .engine import DataShape
+    from .preflight import size_problems
+
+    spec = load_space(space)
+    try:
+        shape: DataShape | None = DataShape.of(spec)
+    except DatasetNotFound:  # `tune` says so; the models are sized on a nominal shape
+        shape = None
+    source = str(space) if isinstance(space, str | Path) else "<space>"
+    problems = size_problems(spec, shape)
+    if problems:
+        raise SearchkdError(*(f"{source}: {p}" for p in problems))
+    return spec
+
+
 def trials_root(where: str | Path | None = None) -> Path:
     """Where searches live: the argument, else $SEARCHKD_TRIALS_DIR, else ./trials."""
     where = str(where or os.environ.get("SEARCHKD_TRIALS_DIR", "trials"))

@@ -200,7 +200,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .objectives import get_objective
 
-    spec = api.load_space(args.space)
+    spec = api.validate_space(args.space)
     print(
         f"{args.space}: ok — search {spec.name!r}, objective {'/'.join(spec.objectives)}, "
         f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} "

@@ -594,7 +594,7 @@ def run_final(
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(
                     ListSearcher([r.tune_config() for r in todo]),
-                    max_concurrent=concurrency(spec, len(todo)),
+                    max_concurrent=concurrency(spec, len(todo), log=log),
                 ),
                 scheduler=FIFOScheduler(),
                 num_samples=len(todo),

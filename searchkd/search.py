@@ -38,6 +38,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
 from .compat import open_trial
+from .engine import DataShape, trial_memory
 from .metrics import pick_best, stopped_early, trial_score
 from .record import (
     JOURNAL_FILE,
@@ -807,8 +808,11 @@ def trial_storage(search_dir: Path, spec: Spec) -> Storage:
     return root
 
 
-def concurrency(spec: Spec, count: int | None = None) -> int:
-    """How many of `count` trials (default: the search's num_samples) run at once."""
+def concurrency(spec: Spec, count: int | None = None, log: Log = say) -> int:
+    """How many of `count` trials (default: the search's num_samples) run at once: what the
+    cluster's CPUs and GPUs fit per `search.resources`, up to `max_concurrent`, and no more
+    than its memory holds at each trial's estimated size (said in one line when that caps it:
+    `cpu: 0.02` on 2 cores would otherwise start 50 processes of half a GiB each)."""
     res = ray.cluster_resources()
     want = spec.search.resources
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
@@ -816,7 +820,21 @@ def concurrency(spec: Spec, count: int | None = None) -> int:
     if want.gpu > 0:
         fit = min(fit, math.floor(gpus / want.gpu + 1e-9))
     count = math.ceil(spec.search.num_samples / spec.search.pack) if count is None else count
-    return max(1, min(spec.search.max_concurrent or fit, fit, count))
+    wanted = max(1, min(spec.search.max_concurrent or fit, fit, count))
+    memory = res.get("memory", 0.0)
+    try:
+        per_trial = trial_memory(spec, DataShape.of(spec))
+    except Exception:  # noqa: BLE001 - no estimate (data away from the driver): no memory cap
+        return wanted
+    held = max(1, math.floor(memory / per_trial)) if memory > 0 else wanted
+    if held >= wanted:
+        return wanted
+    log(
+        f"searchkd: running {held} trials at once, not {wanted}: each needs about "
+        f"{per_trial / 2**30:.1f} GiB of memory (estimated) and Ray has {memory / 2**30:.1f} GiB "
+        "for them"
+    )
+    return held
 
 
 def pending(study: optuna.Study, spec: Spec) -> tuple[list[int], int]:
@@ -879,6 +897,7 @@ def build_tuner(
     tunables: dict[str, set[str]],
     study: optuna.Study,
     results: ResultsTable,
+    log: Log = say,
 ) -> tuple[tune.Tuner, int]:
     """A Tuner for the trials this run must still run (the study's open trials first, then new
     ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
@@ -906,7 +925,7 @@ def build_tuner(
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(spec)),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(spec, log=log)),
             scheduler=scheduler,
             num_samples=math.ceil(to_run / spec.search.pack),
             reuse_actors=True,  # a trial's process outlives it: no re-import of torch per trial
@@ -1018,7 +1037,15 @@ def run_search(
     interrupted = False
     if to_run:
         tuner, _ = build_tuner(
-            spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, study, results
+            spec,
+            search_dir,
+            teacher,
+            storage,
+            [SearchCallback(key)],
+            tunables,
+            study,
+            results,
+            log=log,
         )
         interrupted = fit(tuner, key, session)
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}

@@ -473,3 +473,33 @@ def test_a_wrong_argument_is_one_line_exit_2(capsys) -> None:
     )
     code, _, err = run(capsys, "nosuch")
     assert code == 2 and err.count("\n") == 1 and "invalid choice: 'nosuch'" in err
+
+
+@pytest.mark.parametrize(
+    ("student", "params", "fragment"),
+    [
+        (
+            {"arch": "resnet8", "width": 1e9},
+            {},
+            "student.width: resnet8 at width 1e+09 cannot be built",
+        ),
+        (
+            {"arch": "resnet8", "width": 0.25},
+            {"student.width": {"float": [0.25, 300.0]}},
+            "params.student.width: 300 makes resnet8 need about",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "tune"])
+def test_a_student_too_large_for_the_machine_is_one_line(
+    capsys, tmp_path: Path, space_file, student, params, fragment, command
+) -> None:
+    """Sized on the meta device (nothing allocated) against this machine's memory, before
+    anything is written: not 50 trials failing on a 576 GB allocation."""
+    path = space_file(student=student, params=params)
+    trials = tmp_path / "trials"
+    argv = [command, str(path)] + (["--trials-dir", str(trials)] if command == "tune" else [])
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and fragment in err, err
+    assert err.startswith(f"searchkd: error: {path}: ")
+    assert not trials.exists()
