@@ -768,7 +768,8 @@ def model_train_bytes(
                     model(x)
     except (RuntimeError, OverflowError, ValueError) as exc:
         text = str(exc).strip().splitlines()
-        raise TooLarge(f"{arch} at width {width:g} cannot be built ({text[0] if text else exc})")
+        detail = text[0] if text else type(exc).__name__
+        raise TooLarge(f"{arch} at width {width:g} cannot be built ({detail})") from None
     weights = _bytes(model.parameters())
     if cfg is None:
         return weights + saved
