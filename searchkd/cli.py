@@ -164,6 +164,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {value}")
+    return value
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     return 0 if api.write_report(args.directory, args.out, mlflow=not args.no_mlflow) else 1
 
@@ -286,10 +297,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     try:
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
             probe.bind((args.host, args.port))
+            port = probe.getsockname()[1]  # --port 0: the free port the system chose
     except OSError as exc:
         fail(
             f"cannot serve on {args.host}:{args.port} ({exc.strerror}); choose another with --port"
         )
+    args.port = port
     cmd, names = ui_command(uri, args.host, args.port, args.allowed_hosts)
     if names:
         print(
@@ -419,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
     )
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--port", type=_port, default=5000, help="default 5000; 0: any free port")
     u.add_argument(
         "--allowed-hosts",
         nargs="*",

@@ -395,7 +395,7 @@ def test_ui_stops_with_its_server_and_refuses_a_busy_port(capsys, tmp_path: Path
     import subprocess
     import sys
 
-    from conftest import descendants, free_port, port_answers, wait_until
+    from conftest import descendants, port_answers, wait_until
     from mlflow.tracking import MlflowClient
 
     trials = tmp_path / "trials"
@@ -410,22 +410,18 @@ def test_ui_stops_with_its_server_and_refuses_a_busy_port(capsys, tmp_path: Path
         )
     assert code == 2 and err.count("\n") == 1 and "choose another with --port" in err
 
-    port = free_port()
+    # --port 0: a free port, and the line names the one it serves on.
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "searchkd.cli",
-            "ui",
-            "--trials-dir",
-            str(trials),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
+        [sys.executable, "-m", "searchkd.cli", "ui", "--trials-dir", str(trials), "--port", "0"],
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
+        line = proc.stdout.readline()
+        assert line.startswith("MLflow UI on http://127.0.0.1:"), line
+        port = int(line.split("http://127.0.0.1:", 1)[1].split()[0])
+        assert port > 0
         wait_until(lambda: port_answers(port), "the MLflow UI answering", proc)
         below = descendants(proc.pid)
         assert below, "the MLflow server runs below searchkd"
@@ -443,6 +439,13 @@ def test_ui_stops_with_its_server_and_refuses_a_busy_port(capsys, tmp_path: Path
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_ui_port_out_of_range_is_one_line(capsys, tmp_path: Path, port: str) -> None:
+    code, out, err = run(capsys, "ui", "--trials-dir", str(tmp_path), "--port", port)
+    assert code == 2 and err.count("\n") == 1 and not out
+    assert err.startswith("searchkd: error: ui: argument --port: ") and "0 to 65535" in err
 
 
 def test_ui_beyond_loopback_answers_for_this_machines_names() -> None:
