@@ -166,12 +166,9 @@ def _positive(text: str) -> int:
 
 def _port(text: str) -> int:
     """A TCP port: 0 (any free one) to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {value}")
     return value
 
 
