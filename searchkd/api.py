@@ -110,12 +110,13 @@ def load_space(
     if storage is not None:
         raw["search"]["storage"] = storage
     if spec.teacher.checkpoint:
-        ckpt = Path(spec.teacher.checkpoint).expanduser().resolve()
-        if check_files and not ckpt.is_file():
-            raise SpecError(f"{source}: teacher.checkpoint: no such file {ckpt}")
+        ckpt = spec_lib.resolve_path(spec.teacher.checkpoint, f"{source}: teacher.checkpoint:")
+        problem = spec_lib.checkpoint_problem(ckpt) if check_files else None
+        if problem:
+            raise SpecError(f"{source}: teacher.checkpoint: {problem}")
         raw["teacher"]["checkpoint"] = str(ckpt)
     if spec.data.root:
-        raw["data"]["root"] = str(Path(spec.data.root).expanduser().resolve())
+        raw["data"]["root"] = str(spec_lib.resolve_path(spec.data.root, f"{source}: data.root:"))
     if raw["search"].get("storage"):
         raw["search"]["storage"] = storage_lib.normalize(raw["search"]["storage"])
     return Spec.model_validate(raw)
@@ -148,12 +149,16 @@ def trials_root(where: str | Path | None = None) -> Path:
             f"trials directory {where}: the driver's files (journal, results, MLflow map) live on "
             f"its own disk; put what trials write on {where} with --storage"
         )
-    return Path(where).expanduser().resolve()
+    from .spec import resolve_path
+
+    return resolve_path(where, "trials directory")
 
 
 def search_dir_of(directory: str | Path) -> Path:
     """A search's directory, refused in one line if it is not one."""
-    path = Path(directory).expanduser().resolve()
+    from .spec import resolve_path
+
+    path = resolve_path(directory, "search directory")
     if not (path / SPACE_FILE).is_file():
         raise SearchkdError(f"{directory}: not a search directory (no {SPACE_FILE})")
     return path
@@ -452,7 +457,9 @@ def final(
         raise SearchkdError(
             f"{search}: no such search (no {SPACE_FILE} in {os.path.relpath(search_dir)})"
         )
-    search_dir = search_dir.resolve()
+    from .spec import resolve_path
+
+    search_dir = resolve_path(search_dir, "search directory")
     if address is None:
         local_ray_env()
     lock = take_lock(search_dir)

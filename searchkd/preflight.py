@@ -86,10 +86,12 @@ def _teacher(spec: Spec, shape: DataShape | None, problems: list[str]) -> None:
         return
     from .engine import CheckpointMismatch, load_weights, read_checkpoint
     from .models import build_model
+    from .spec import checkpoint_problem
 
     path = Path(spec.teacher.checkpoint)
-    if not path.is_file():
-        problems.append(f"teacher.checkpoint: no such file {path}")
+    problem = checkpoint_problem(path)
+    if problem:
+        problems.append(f"teacher.checkpoint: {problem}")
         return
     try:
         if shape is None:  # without the data's shape, at least check that it reads

@@ -9,10 +9,13 @@ of the rest of searchkd.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -478,12 +481,56 @@ def students_of(config: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
     return {int(config.get("trial_number", -1)): dict(config)}
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why `path` is not a regular file to read (None when it is), said as what it is: a
+    directory, a FIFO or a device is named so, never "no such file", and nothing is opened
+    (reading a FIFO or /dev/zero would hang)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        return exc.strerror or type(exc).__name__
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO), not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    return "is not a regular file"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a teacher checkpoint cannot be read, naming it (None when it is a file)."""
+    problem = file_problem(path)
+    if problem is None:
+        return None
+    return f"no such file {path}" if problem == "no such file" else f"{path} {problem}"
+
+
+def resolve_path(path: str | Path, what: str) -> Path:
+    """`path` with `~` expanded, made absolute and its links followed; a symlink loop is one
+    SpecError line naming `what` (a space key or an option) instead of a RuntimeError."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:
+        detail = "a symlink loop" if "loop" in str(exc).lower() else str(exc)
+        raise SpecError(f"{what} {path}: {detail}") from None
+
+
 def load(path: str | Path, **lookups: Any) -> Spec:
     """Read, parse and validate a space file; every failure is one SpecError line."""
     p = Path(path)
     source = str(path)
-    if not p.is_file():
+    problem = file_problem(p)
+    if problem == "no such file":
         raise SpecError(f"{source}: no such space file")
+    if problem:
+        raise SpecError(f"{source}: {problem}; a space file is a YAML file")
     try:
         text = p.read_text()
     except OSError as exc:

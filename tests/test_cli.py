@@ -506,3 +506,55 @@ def test_a_student_too_large_for_the_machine_is_one_line(
     assert code == 2 and err.count("\n") == 1 and fragment in err, err
     assert err.startswith(f"searchkd: error: {path}: ")
     assert not trials.exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "fragment"),
+    [
+        ("loop", "a symlink loop"),
+        ("directory", "is a directory, not a file"),
+        ("fifo", "is a named pipe (FIFO), not a file"),
+        ("device", "/dev/zero is a device, not a file"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "tune"])
+def test_a_checkpoint_that_is_not_a_file_says_what_it_is(
+    capsys, tmp_path: Path, space_file, kind: str, fragment: str, command: str
+) -> None:
+    """Said as what it is, not "no such file", and never opened (a FIFO or /dev/zero would
+    block or never end)."""
+    import os
+
+    ckpt = tmp_path / "t.pth"
+    if kind == "loop":
+        (tmp_path / "other").symlink_to(ckpt)
+        ckpt.symlink_to(tmp_path / "other")
+    elif kind == "directory":
+        ckpt.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(ckpt)
+    else:
+        ckpt = Path("/dev/zero")
+    path = space_file(teacher={"arch": "resnet8", "checkpoint": str(ckpt)})
+    trials = tmp_path / "trials"
+    argv = [command, str(path)] + (["--trials-dir", str(trials)] if command == "tune" else [])
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{path}: teacher.checkpoint: " in err and fragment in err, err
+    assert not trials.exists()
+
+
+def test_a_trials_directory_that_is_a_symlink_loop_is_one_line(
+    capsys, tmp_path: Path, space_file
+) -> None:
+    loop = tmp_path / "loop"
+    (tmp_path / "back").symlink_to(loop)
+    loop.symlink_to(tmp_path / "back")
+    for argv in (
+        ["tune", str(space_file()), "--trials-dir", str(loop)],
+        ["resume", str(loop)],
+        ["report", str(loop)],
+    ):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1, (argv, err)
+        assert f"{loop}: a symlink loop" in err, (argv, err)
