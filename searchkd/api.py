@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .record import SPACE_FILE, STATE_FILE
+from .record import SPACE_FILE
 from .spec import Spec, SpecError
 from .storage import replace_atomically
 
@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from .teacher import TeacherInfo
 
 Say = Callable[[str], None]
+
+
+def warn(line: str) -> None:
+    """A warning line, on stderr (progress and results go to stdout)."""
+    print(line, file=sys.stderr)
 
 
 class SearchkdError(Exception):
@@ -164,10 +169,12 @@ def search_dir_of(directory: str | Path) -> Path:
     return path
 
 
-def state_of(search_dir: Path) -> dict[str, Any]:
-    """The search's state.json (its status, counts, whether MLflow still waits); {} before it."""
-    path = search_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+def state_of(search_dir: Path, say: Say | None = None) -> dict[str, Any]:
+    """The search's state.json (its status, counts, whether MLflow still waits); {} before it
+    or when it is damaged (`say` is told in one line)."""
+    from .record import read_state
+
+    return read_state(search_dir, say)
 
 
 def space_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -316,9 +323,14 @@ def _run(
         say(f"searchkd: {shown} holds no search yet; starting it")
         resume = False
     if resume:
-        import yaml
+        from . import spec as spec_lib
+        from .record import JOURNAL_FILE, DamagedFile, check_log
 
-        stored = Spec.model_validate(yaml.safe_load(space_file.read_text()))
+        stored = spec_lib.load(space_file)
+        try:
+            check_log(search_dir / JOURNAL_FILE, "journal")
+        except DamagedFile as exc:
+            raise SearchkdError(str(exc)) from None
         diff = space_diff(
             stored.model_dump(mode="json", by_alias=True),
             spec.model_dump(mode="json", by_alias=True),
@@ -327,7 +339,7 @@ def _run(
             raise SearchkdError(
                 f"{source} differs from the space {shown} was started with: {'; '.join(diff[:3])}"
             )
-        if state_of(search_dir).get("status") == "finished":
+        if state_of(search_dir, warn).get("status") == "finished":
             say(
                 f"searchkd: {shown} is already finished; nothing to resume. "
                 f"Compare its trials with: searchkd ui"
@@ -352,7 +364,7 @@ def _run(
         local_ray_env()
     root.mkdir(parents=True, exist_ok=True)
     lock = take_lock(search_dir)
-    from .record import ResultsError
+    from .record import DamagedFile
     from .search import SearchError, base_storage, connect, run_search
 
     try:
@@ -383,7 +395,7 @@ def _run(
             say("")
             stage = prepare(search_dir, spec.final.top, spec.final.seeds)
             final_status = run_final(stage, info, address, num_cpus, log=say)[1]
-    except (SearchError, ResultsError) as exc:
+    except (SearchError, DamagedFile) as exc:
         raise SearchkdError(str(exc)) from None
     finally:
         lock.release()
@@ -457,9 +469,13 @@ def final(
         raise SearchkdError(
             f"{search}: no such search (no {SPACE_FILE} in {os.path.relpath(search_dir)})"
         )
+    from .preflight import writable_problem
     from .spec import resolve_path
 
     search_dir = resolve_path(search_dir, "search directory")
+    problem = writable_problem(search_dir, "the search directory")  # final/ is written in it
+    if problem:
+        raise SearchkdError(f"{problem}; the final stage writes final/ and final.parquet there")
     if address is None:
         local_ray_env()
     lock = take_lock(search_dir)
@@ -507,7 +523,7 @@ def write_report(
         return False
     for line in report_lines(report, final=not after_search):  # the search's summary showed it
         say(line)
-    pending = state_of(search_dir).get("tracking_pending", False)
+    pending = state_of(search_dir, say).get("tracking_pending", False)
     if mlflow and report.analysis.mlflow and pending and after_search:
         say(
             f"  not logged to MLflow: the tracking store was away when the search ended; the "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
@@ -453,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         from .storage import disk_full
 
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a file the user may not write
+            fail(f"{exc.filename or 'a file'}: {exc.strerror}; searchkd needs to write there")
         if not disk_full(exc):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""

@@ -47,15 +47,16 @@ def check(
     return problems, warnings
 
 
-def writable_problem(root: Path) -> str | None:
-    """Why the trials directory could not be written (nothing is created to find out)."""
+def writable_problem(root: Path, what: str = "trials directory") -> str | None:
+    """Why the trials directory (or another, `what`) could not be written (nothing is created
+    to find out)."""
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return f"trials directory {root} is not writable: {existing} is not a directory"
+        return f"{what} {root} is not writable: {existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"trials directory {root} is not writable: no write permission on {existing}"
+        return f"{what} {root} is not writable: no write permission on {existing}"
     return None
 
 

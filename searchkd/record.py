@@ -41,8 +41,53 @@ RESULTS_LOG = "results.jsonl"
 Log = Callable[[str], None]
 
 
-class ResultsError(RuntimeError):
+class DamagedFile(RuntimeError):
+    """A file of the search directory that cannot be read as what it is: one line naming it."""
+
+
+class ResultsError(DamagedFile):
     """A results table that cannot be read and has no record to rebuild it from: one line."""
+
+
+def read_state(search_dir: Path, warn: Log | None = None) -> dict[str, Any]:
+    """state.json (status, counts, whether MLflow still waits); {} before the search wrote it
+    or when it is damaged (empty, garbage, not a mapping): it only says how the search last
+    stood, the study and the record hold the truth, and the next run rewrites it. `warn` is
+    told, in one line naming the file."""
+    path = Path(search_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        state = why
+    if isinstance(state, dict):
+        return state
+    if warn is not None:
+        what = state if isinstance(state, str) else f"not a mapping: {str(state)[:40]}"
+        warn(f"searchkd: warning: {path} is damaged ({what}); ignored (the next run rewrites it)")
+    return {}
+
+
+def check_log(path: Path, what: str) -> None:
+    """Raise DamagedFile naming `path` and the line when a whole line of an append-only JSON
+    log (optuna.journal) is not a record: a partial last line is a kill's (cut off by the
+    writer's repair), but a bad line in the middle means the file was damaged, and reading on
+    would build a wrong study."""
+    if not path.exists():
+        return
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                return  # a partial last line: the writer cuts it (cut_tail)
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise DamagedFile(
+                    f"{path}: line {number} is not a {what} record ({line[:40]!r}): the file was "
+                    f"damaged; restore it from a copy (searchkd never writes such a line)"
+                )
 
 
 def cut_tail(path: Path) -> int:

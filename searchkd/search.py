@@ -49,6 +49,7 @@ from .record import (
     STORAGE_FILE,
     ResultsTable,
     cut_tail,
+    read_state,
 )
 from .samplers import make_sampler, trial_seed
 from .scheduler import ResumableASHA, Rungs
@@ -1171,5 +1172,4 @@ def _write_state(
 
 
 def search_status(search_dir: Path) -> str | None:
-    path = search_dir / STATE_FILE
-    return json.loads(path.read_text())["status"] if path.exists() else None
+    return read_state(search_dir).get("status")
