@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .record import SPACE_FILE
+from .record import SPACE_FILE, continue_commands, ui_command, write_options
 from .spec import Spec, SpecError
 from .storage import replace_atomically
 
@@ -148,7 +148,9 @@ def validate_space(space: str | Path | Mapping[str, Any] | Spec) -> Spec:
 
 def trials_root(where: str | Path | None = None) -> Path:
     """Where searches live: the argument, else $SEARCHKD_TRIALS_DIR, else ./trials."""
-    where = str(where or os.environ.get("SEARCHKD_TRIALS_DIR", "trials"))
+    from .record import trials_dir_setting
+
+    where = str(where or trials_dir_setting())
     if "://" in where:
         raise SearchkdError(
             f"trials directory {where}: the driver's files (journal, results, MLflow map) live on "
@@ -261,6 +263,7 @@ def tune(
         address=address,
         num_cpus=num_cpus,
         tracking_uri=tracking_uri,
+        storage=storage,
         report=report,
         say=say,
     )
@@ -284,10 +287,11 @@ def resume(
         spec,
         search_dir.parent,
         True,
-        str(space),
+        None,
         address=address,
         num_cpus=num_cpus,
         tracking_uri=tracking_uri,
+        storage=storage,
         report=report,
         say=say,
     )
@@ -302,6 +306,7 @@ def _run(
     address: str | None,
     num_cpus: int | None,
     tracking_uri: str | None,
+    storage: str | None,
     report: bool,
     say: Say,
 ) -> SearchRun:
@@ -310,6 +315,14 @@ def _run(
             "--num-cpus sets the CPUs of a local Ray; a cluster (--address) has its own"
         )
     search_dir = root / spec.name
+    options = {
+        "space": str(Path(source).resolve()) if source and Path(source).is_file() else None,
+        "trials_dir": str(root),
+        "tracking_uri": tracking_uri,
+        "address": address,
+        "num_cpus": num_cpus,
+        "storage": storage,
+    }
     source = source or str(search_dir / SPACE_FILE)
     shown = os.path.relpath(search_dir)
     space_file = search_dir / SPACE_FILE
@@ -342,7 +355,7 @@ def _run(
         if state_of(search_dir, warn).get("status") == "finished":
             say(
                 f"searchkd: {shown} is already finished; nothing to resume. "
-                f"Compare its trials with: searchkd ui"
+                f"Compare its trials with: {ui_command(search_dir)}"
             )
             from .report import read_final
 
@@ -376,6 +389,7 @@ def _run(
         search_dir.mkdir(exist_ok=True)
         if not resume:
             replace_atomically(space_file, lambda p: p.write_text(spec.to_yaml()))
+        write_options(search_dir, options)
         summary, status = run_search(
             spec,
             search_dir,
@@ -400,35 +414,55 @@ def _run(
     finally:
         lock.release()
     run = SearchRun(spec, search_dir, status, summary, source, final_status)
-    if summary is not None:
-        for line in summary_lines(run, root):
-            say(line)
-        if report:
-            write_report(search_dir, after_search=True, say=say)
+    # Said whatever the trials did: a search whose every trial failed has its counts, its
+    # errors in the report, and the commands that go on from here like any other.
+    for line in summary_lines(run, info):
+        say(line)
+    if report:
+        write_report(search_dir, after_search=True, say=say)
     return run
 
 
-def summary_lines(run: SearchRun, root: Path) -> list[str]:
-    """What a search prints when it ends: counts, the teacher, the best trial, what next."""
+def summary_lines(run: SearchRun, teacher: TeacherInfo) -> list[str]:
+    """What a search prints when it ends: counts, the teacher, the best trial (or why there is
+    none), and the commands that go on from here, with the options the search was run with."""
     s, spec = run.summary, run.spec
-    assert s is not None
-    rel = os.path.relpath(s.search_dir)
-    ui = "searchkd ui" + (
-        "" if root == trials_root(None) else f" --trials-dir {os.path.relpath(root)}"
-    )
+    rel = os.path.relpath(run.search_dir)
+    if s is not None:
+        trials, finished, stopped, failed = s.trials, s.finished, s.stopped, s.failed
+    else:
+        counts = state_of(run.search_dir).get("trials", {})
+        finished, stopped = counts.get("finished", 0), counts.get("stopped", 0)
+        failed = counts.get("failed", 0)
+        trials = sum(counts.values()) if counts else 0
+    if s is not None:
+        best = [
+            f"best trial {s.best_trial}: {spec.metrics[0]} {s.best_value:.4f} (its kept "
+            f"student), test_acc {s.test_acc:.4f}",
+            "  config: "
+            + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(s.best_config.items())),
+        ]
+    elif failed and failed == trials:
+        best = [f"no best trial: every trial failed (each one's error: searchkd report {rel})"]
+    else:
+        best = ["no best trial: no trial has reported a score yet"]
+    resume = "   or   ".join(continue_commands(run.search_dir))
     return [
         "",
-        f"search {spec.name}: {s.trials} trials ({s.finished} finished, {s.stopped} stopped early "
-        f"by ASHA, {s.failed} failed)",
-        f"teacher {spec.teacher.arch}: test_acc {s.teacher.test_acc:.4f}",
-        f"best trial {s.best_trial}: {spec.metrics[0]} {s.best_value:.4f} (its kept student), "
-        f"test_acc {s.test_acc:.4f}",
-        "  config: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(s.best_config.items())),
+        f"search {spec.name}: {trials} trials ({finished} finished, {stopped} stopped early "
+        f"by ASHA, {failed} failed)",
+        f"teacher {spec.teacher.arch}: test_acc {teacher.test_acc:.4f}",
+        *best,
         f"search directory: {rel}  (results.parquet: one row per trial per epoch)",
-        f"compare trials:   {ui}   (MLflow UI, experiment {spec.name!r})",
-        f"resume:           searchkd tune {run.source} --resume   or   searchkd resume {rel}",
-        *final_summary_lines(s.search_dir),
+        f"compare trials:   {ui_command(run.search_dir)}   (MLflow UI, experiment {spec.name!r})",
+        f"resume:           {resume}",
+        *final_summary_lines(run.search_dir),
     ]
+
+
+def continue_command(run: SearchRun) -> str:
+    """The command that continues `run`'s search, with the options it was run with."""
+    return continue_commands(run.search_dir)[0]
 
 
 def final_summary_lines(search_dir: Path) -> list[str]:

@@ -39,13 +39,24 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """The command that continues what Ctrl-C stopped before a search summed up (its teacher
+    training, say): the same command with its options, `--resume` added to a tune."""
+    if args.command == "tune":
+        options = {**run_options(args), "space": args.space, "trials_dir": args.trials_dir}
+        return api.continue_commands(None, options)[0]
+    if args.command == "resume":
+        return api.continue_commands(api.search_dir_of(args.directory), run_options(args))[-1]
+    return "the same command"
+
+
 def exit_code(run: api.SearchRun) -> int:
     """0 when the search (and its final stage) finished; else the command that continues it,
     and 130 after Ctrl-C."""
     if run.status != "finished":
         print(
             f"searchkd: search {run.spec.name} is not finished; continue with: "
-            f"searchkd tune {run.source} --resume"
+            f"{api.continue_command(run)}"
         )
         return EXIT_INTERRUPTED if run.status == "interrupted" else 1
     if run.final_status not in (None, "finished"):
@@ -464,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             f"if the search had started)"
         )
     except KeyboardInterrupt:
-        print("\nsearchkd: interrupted; continue with --resume", file=sys.stderr)
+        print(f"\nsearchkd: interrupted; continue with: {interrupted_hint(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

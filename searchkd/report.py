@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import better, finite, json_safe, pick_best, stopped_early, trial_score
-from .record import JOURNAL_FILE, SPACE_FILE, DamagedFile, check_log, read_state
+from .record import JOURNAL_FILE, SPACE_FILE, DamagedFile, check_log, read_state, ui_command
 from .spec import Spec, teacher_digest
 
 REPORT_DIR = "report"
@@ -1319,7 +1319,7 @@ def render_html(a: Analysis, figures: list[Figure], out: Path, imp: dict[str, fl
             + (
                 ""
                 if a.mlflow["tracking_uri"].startswith("http")
-                else " (start it with <code>searchkd ui</code>)"
+                else f" (start it with <code>{html.escape(ui_command(a.search_dir))}</code>)"
             )
             + f"; the search's parent run is "
             f"<code>{html.escape(a.mlflow['parent_run_id'])}</code>.</li>"
@@ -1424,7 +1424,11 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
     if a.mlflow:
         lines.append(
             f"  MLflow: {a.mlflow['link']}"
-            + ("" if a.mlflow["tracking_uri"].startswith("http") else "  (after: searchkd ui)")
+            + (
+                ""
+                if a.mlflow["tracking_uri"].startswith("http")
+                else f"  (after: {ui_command(a.search_dir)})"
+            )
         )
     summary = read_final(a.search_dir) if final else None
     if summary is not None:

@@ -355,10 +355,14 @@ class Progress:
         ):
             self.best = (float(value), number)
 
-    def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
+    def on_trial_result(
+        self, trial: Any, result: dict, trials: list, replayed: bool = False
+    ) -> None:
+        """A heartbeat names the latest new epoch: a resumed trial first replays its saved
+        epochs (recorded already), which are not progress."""
         number = result_number(trial, result)
         self.improve(number, result.get("score"))
-        if time.time() - self.last_beat > self.heartbeat_s:
+        if not replayed and time.time() - self.last_beat > self.heartbeat_s:
             self._line(f"trial {number} epoch {result.get('epoch')}/{self.epochs}", trials)
 
     def on_student_end(self, number: int, how: str, result: dict, trials: list) -> None:
@@ -563,14 +567,16 @@ class SearchCallback(Callback):
         if s.pack is not None and number in s.progress.ended:
             return  # a retried cohort reports again what a student that ended had reported
         try:
-            s.results.add(number, trial.trial_id, students_of(trial.config).get(number, {}), result)
+            new = s.results.add(
+                number, trial.trial_id, students_of(trial.config).get(number, {}), result
+            )
         except OSError as exc:
             if not disk_full(exc):
                 raise
             s.stop(f"no space left on device writing {s.results.log_path}")
             return
         s.mlflow.on_trial_result(trial, result)
-        s.progress.on_trial_result(trial, result, trials)
+        s.progress.on_trial_result(trial, result, trials, replayed=not new)
         if s.pack is not None and "epoch" in result:
             try:
                 how = s.pack.decide(number, result)
