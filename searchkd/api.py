@@ -71,6 +71,15 @@ class FinalRun:
     summary: dict[str, Any]
 
 
+def terminated() -> bool:
+    """Whether SIGTERM (rather than Ctrl-C) interrupted a search or final stage here."""
+    if "searchkd.search" not in sys.modules:
+        return False
+    from .search import TERMINATED
+
+    return TERMINATED.is_set()
+
+
 def lookups() -> dict[str, Any]:
     """What a space is validated against: the registered objectives (with their tunables),
     models, datasets (with their options) and samplers."""

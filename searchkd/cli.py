@@ -23,6 +23,11 @@ from .spec import SpecError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C
+EXIT_TERMINATED = 143  # ... and by SIGTERM (128 + 15), handled as Ctrl-C
+
+
+def interrupted_code() -> int:
+    return EXIT_TERMINATED if api.terminated() else EXIT_INTERRUPTED
 
 
 def fail(message: str) -> NoReturn:
@@ -58,13 +63,13 @@ def exit_code(run: api.SearchRun) -> int:
             f"searchkd: search {run.spec.name} is not finished; continue with: "
             f"{api.continue_command(run)}"
         )
-        return EXIT_INTERRUPTED if run.status == "interrupted" else 1
+        return interrupted_code() if run.status == "interrupted" else 1
     if run.final_status not in (None, "finished"):
         print(
             f"searchkd: the final stage of {run.spec.name} is not finished; continue with: "
             f"searchkd final {os.path.relpath(run.search_dir)}"
         )
-        return EXIT_INTERRUPTED if run.final_status == "interrupted" else 1
+        return interrupted_code() if run.final_status == "interrupted" else 1
     return 0
 
 
@@ -165,7 +170,7 @@ def cmd_final(args: argparse.Namespace) -> int:
             f"searchkd: the final stage of {run.search_dir.name} is not finished; continue with: "
             f"searchkd final {os.path.relpath(run.search_dir)}"
         )
-        return EXIT_INTERRUPTED if run.status == "interrupted" else 1
+        return interrupted_code() if run.status == "interrupted" else 1
     return 0
 
 
@@ -476,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         print(f"\nsearchkd: interrupted; continue with: {interrupted_hint(args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return interrupted_code()
 
 
 if __name__ == "__main__":

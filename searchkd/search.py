@@ -697,6 +697,30 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+# Set when SIGTERM ended the run (the exit code says 143 instead of Ctrl-C's 130).
+TERMINATED = threading.Event()
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM does what Ctrl-C does: whatever handles SIGINT now (Tune's, inside `fit`: it
+    ends the run and returns; else Python's KeyboardInterrupt) handles it."""
+    TERMINATED.set()
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def sigterm_as_ctrl_c() -> None:
+    """Ray's driver (its C++ core worker, started by `ray.init`) replaces the SIGTERM handler
+    with one that dumps a stack trace and aborts (exit -6): what Slurm or Kubernetes send
+    before they kill a job would leave state.json `running` and no resume hint. Installed
+    after Ray, this one hands SIGTERM to Ctrl-C's path instead."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
 def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
@@ -727,6 +751,7 @@ def connect(
     reaches the trials' storage, before anything is written."""
     quiet()
     _ensure_ray(address, num_cpus)
+    sigterm_as_ctrl_c()
     res = ray.cluster_resources()
     want = spec.search.resources
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
