@@ -51,7 +51,9 @@ def interrupted_hint(args: argparse.Namespace) -> str:
         options = {**run_options(args), "space": args.space, "trials_dir": args.trials_dir}
         return api.continue_commands(None, options)[0]
     if args.command == "resume":
-        return api.continue_commands(api.search_dir_of(args.directory), run_options(args))[-1]
+        return f"searchkd resume {args.directory}" + "".join(
+            f" --{k.replace('_', '-')} {v}" for k, v in run_options(args).items() if v is not None
+        )
     return "the same command"
 
 

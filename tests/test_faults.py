@@ -440,9 +440,8 @@ def test_sigterm_is_ctrl_c_and_the_printed_hint_continues_this_search(tmp_path: 
     a resumed trial replays."""
     import shlex
 
-    name, epochs = "sigterm", 4
+    name, epochs = "sigterm", 3
     raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
-    raw["search"].update(num_samples=3, max_concurrent=2)
     (tmp_path / "my spaces").mkdir()
     space = write_space(tmp_path / "my spaces" / f"{name}.yaml", raw)
     trials = tmp_path / "else where" / "t3"
@@ -490,7 +489,7 @@ def test_sigterm_is_ctrl_c_and_the_printed_hint_continues_this_search(tmp_path: 
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not (work / "trials").exists(), "the hint started a new search in ./trials"
-    assert_consistent(trials, name, 3, epochs)
+    assert_consistent(trials, name, 2, epochs)
     first = next(line for line in done.stdout.splitlines() if "] trial " in line)
     number, epoch = first.split("] trial ")[1].split()[0], first.split(" epoch ")[1].split("/")[0]
     assert (int(number), int(epoch.split()[0])) not in recorded, first
