@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from typing import Any, NoReturn
@@ -51,8 +52,10 @@ def interrupted_hint(args: argparse.Namespace) -> str:
         options = {**run_options(args), "space": args.space, "trials_dir": args.trials_dir}
         return api.continue_commands(None, options)[0]
     if args.command == "resume":
-        return f"searchkd resume {args.directory}" + "".join(
-            f" --{k.replace('_', '-')} {v}" for k, v in run_options(args).items() if v is not None
+        return f"searchkd resume {shlex.quote(args.directory)}" + "".join(
+            f" --{k.replace('_', '-')} {shlex.quote(str(v))}"
+            for k, v in run_options(args).items()
+            if v is not None
         )
     return "the same command"
 
