@@ -73,9 +73,9 @@ class FinalRun:
 
 def terminated() -> bool:
     """Whether SIGTERM (rather than Ctrl-C) interrupted a search or final stage here."""
-    if "searchkd.search" not in sys.modules:
+    if "searchkd.driver" not in sys.modules:
         return False
-    from .search import TERMINATED
+    from .driver import TERMINATED
 
     return TERMINATED.is_set()
 
@@ -83,7 +83,7 @@ def terminated() -> bool:
 def lookups() -> dict[str, Any]:
     """What a space is validated against: the registered objectives (with their tunables),
     models, datasets (with their options) and samplers."""
-    from .data import dataset_names, dataset_options
+    from .data import check_dataset_option, dataset_names, dataset_options
     from .models import model_names
     from .objectives import get_objective, objective_names
     from .samplers import SAMPLERS
@@ -98,6 +98,7 @@ def lookups() -> dict[str, Any]:
         "samplers": SAMPLERS.names(),
         "dataset_options": {n: dataset_options(n) for n in dataset_names()},
         "check_tunable": check,
+        "check_dataset_option": check_dataset_option,
     }
 
 
@@ -386,8 +387,9 @@ def _run(
         local_ray_env()
     root.mkdir(parents=True, exist_ok=True)
     lock = take_lock(search_dir)
+    from .driver import SearchError, base_storage, connect
     from .record import DamagedFile
-    from .search import SearchError, base_storage, connect, run_search
+    from .search import run_search
 
     try:
         try:
@@ -407,8 +409,6 @@ def _run(
             info,
             resume=resume,
             tracking_uri=tracking_uri,
-            address=address,
-            num_cpus=num_cpus,
             log=say,
         )
         final_status = None
@@ -522,9 +522,9 @@ def final(
     if address is None:
         local_ray_env()
     lock = take_lock(search_dir)
+    from .driver import SearchError
     from .final import prepare, run_final
     from .report import ReportError
-    from .search import SearchError
 
     try:
         stage = prepare(search_dir, top, seeds)

@@ -160,7 +160,7 @@ def test_a_journal_torn_mid_record_is_cut_back_to_its_last_whole_record(tmp_path
 def test_memory_caps_how_many_trials_run_at_once(monkeypatch) -> None:
     """`resources: {cpu: 0.02}` on 2 cores fits 100 trials by CPU; each trial's process holds
     about half a GiB, so Ray's memory caps them, with one line saying so."""
-    from searchkd import search
+    from searchkd import driver
     from searchkd.api import load_space
     from searchkd.engine import TRIAL_PROCESS_BYTES, DataShape, trial_memory
 
@@ -170,12 +170,12 @@ def test_memory_caps_how_many_trials_run_at_once(monkeypatch) -> None:
     per_trial = trial_memory(spec, DataShape.of(spec))
     assert per_trial > TRIAL_PROCESS_BYTES
     lines: list[str] = []
-    monkeypatch.setattr(search.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 4 * 2**30})
-    held = search.concurrency(spec, log=lines.append)
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 4 * 2**30})
+    held = driver.concurrency(spec, log=lines.append)
     assert held == (4 * 2**30) // per_trial < 50
     assert len(lines) == 1 and lines[0].startswith(
         f"searchkd: running {held} trials at once, not 50"
     )
     lines.clear()  # plenty of memory: the resources decide, nothing said
-    monkeypatch.setattr(search.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 2**40})
-    assert search.concurrency(spec, log=lines.append) == 50 and not lines
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 2**40})
+    assert driver.concurrency(spec, log=lines.append) == 50 and not lines
