@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .record import SPACE_FILE, continue_commands, ui_command, write_options
+from .record import shown as shown_path
 from .spec import Spec, SpecError
 from .storage import replace_atomically
 
@@ -146,7 +147,7 @@ def validate_space(space: str | Path | Mapping[str, Any] | Spec) -> Spec:
 
     spec = load_space(space)
     try:
-        shape: DataShape | None = DataShape.of(spec)
+        shape: DataShape | None = DataShape.of(spec, download=False)
     except DatasetNotFound:  # `tune` says so; the models are sized on a nominal shape
         shape = None
     source = str(space) if isinstance(space, str | Path) else "<space>"
@@ -373,7 +374,7 @@ def _run(
             if spec.final is not None and (stage is None or not stage.get("complete")):
                 say(
                     f"searchkd: its final stage is not finished; continue it with: searchkd final "
-                    f"{shown}"
+                    f"{shown_path(search_dir)}"
                 )
             return SearchRun(spec, search_dir, "finished", None, source)
     from .preflight import check
@@ -452,7 +453,10 @@ def summary_lines(run: SearchRun, teacher: TeacherInfo) -> list[str]:
             + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(s.best_config.items())),
         ]
     elif failed and failed == trials:
-        best = [f"no best trial: every trial failed (each one's error: searchkd report {rel})"]
+        best = [
+            "no best trial: every trial failed (each one's error: searchkd report "
+            f"{shown_path(run.search_dir)})"
+        ]
     else:
         best = ["no best trial: no trial has reported a score yet"]
     resume = "   or   ".join(continue_commands(run.search_dir))
@@ -570,7 +574,7 @@ def write_report(
     if mlflow and report.analysis.mlflow and pending and after_search:
         say(
             f"  not logged to MLflow: the tracking store was away when the search ended; the "
-            f"resume logs it (or `searchkd report {shown}` once the store is back)"
+            f"resume logs it (or `searchkd report {shown_path(search_dir)}` once the store is back)"
         )
     elif mlflow and report.analysis.mlflow:
         from .tracking import log_report, one_line

@@ -72,7 +72,7 @@ def exit_code(run: api.SearchRun) -> int:
     if run.final_status not in (None, "finished"):
         print(
             f"searchkd: the final stage of {run.spec.name} is not finished; continue with: "
-            f"searchkd final {os.path.relpath(run.search_dir)}"
+            f"searchkd final {api.shown_path(run.search_dir)}"
         )
         return interrupted_code() if run.final_status == "interrupted" else 1
     return 0
@@ -173,7 +173,7 @@ def cmd_final(args: argparse.Namespace) -> int:
     if run.status != "finished":
         print(
             f"searchkd: the final stage of {run.search_dir.name} is not finished; continue with: "
-            f"searchkd final {os.path.relpath(run.search_dir)}"
+            f"searchkd final {api.shown_path(run.search_dir)}"
         )
         return interrupted_code() if run.status == "interrupted" else 1
     return 0

@@ -679,11 +679,13 @@ class DataShape:
     num_train: int = 0
 
     @classmethod
-    def of(cls, spec: Spec) -> DataShape:
-        """The shape of the space's dataset, read once per process (raises DatasetNotFound)."""
+    def of(cls, spec: Spec, download: bool | None = None) -> DataShape:
+        """The shape of the space's dataset, read once per process (raises DatasetNotFound);
+        `download=False` never fetches it, whatever the space says."""
         d = spec.data
         options = json.dumps(d.options, sort_keys=True, default=str)
-        return _data_shape(d.dataset, d.root, d.download, d.val_fraction, options)
+        fetch = d.download if download is None else download
+        return _data_shape(d.dataset, d.root, fetch, d.val_fraction, options)
 
     @property
     def model_kwargs(self) -> dict[str, int]:

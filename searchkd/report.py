@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import better, finite, json_safe, pick_best, stopped_early, trial_score
-from .record import JOURNAL_FILE, SPACE_FILE, DamagedFile, check_log, read_state, ui_command
+from .record import (
+    JOURNAL_FILE,
+    SPACE_FILE,
+    DamagedFile,
+    check_log,
+    read_state,
+    ui_command,
+)
+from .record import shown as shown_path
 from .spec import Spec, teacher_digest
 
 REPORT_DIR = "report"
@@ -1414,7 +1422,7 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
         lines.append(
             f"  best trial {a.best.number} by {a.metric}: "
             f"{fmt(a.best.scores[a.metric], a.metric)}, test_acc {fmt(a.best.test_acc)}  (export: "
-            f"searchkd best {os.path.relpath(a.search_dir)})"
+            f"searchkd best {shown_path(a.search_dir)})"
         )
     if a.pareto:
         lines.append(
