@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .metrics import better, finite, json_safe, pick_best, stopped_early, trial_score
+from .metrics import (
+    better,
+    finite,
+    json_safe,
+    kept_name,
+    pick_best,
+    stopped_early,
+    trial_score,
+)
 from .record import (
     JOURNAL_FILE,
     SPACE_FILE,
@@ -150,7 +158,7 @@ def read_rows(search_dir: str | Path) -> list[dict[str, Any]]:
     (results.parquet may lag behind a running search)."""
     from .record import read_rows as read
 
-    return read(Path(search_dir))
+    return read(Path(search_dir), lambda line: print(line, file=sys.stderr))
 
 
 def read_spec(search_dir: str | Path) -> Spec:
@@ -332,15 +340,16 @@ def analyze(search_dir: str | Path) -> Analysis:
             spec.modes,
         )
     ranked = rank_trials(trials, metric, mode)
-    tracking = _json(search_dir / "tracking.json")
     mlflow = None
-    if isinstance(tracking, dict) and {"tracking_uri", "experiment_id", "parent_run_id"} <= set(
-        tracking
-    ):
-        mlflow = {
-            **{k: str(tracking[k]) for k in ("tracking_uri", "experiment_id", "parent_run_id")},
-            "link": mlflow_link(tracking),
-        }
+    if isinstance(_json(search_dir / "tracking.json"), dict):
+        from .mlflow_ui import read_tracking
+
+        try:
+            tracking = read_tracking(search_dir / "tracking.json", search_dir.parent)
+        except (KeyError, TypeError, ValueError, OSError):
+            tracking = None
+        if tracking is not None:
+            mlflow = {**tracking, "link": mlflow_link(tracking)}
     timestamps = [float(r["timestamp"]) for r in rows if finite(r.get("timestamp"))]
     wall = None
     if timestamps:
@@ -1420,7 +1429,7 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
     lines = [f"report: {where}  ({len(report.figures)} plots, {report.seconds:.1f}s)"]
     if a.best is not None:
         lines.append(
-            f"  best trial {a.best.number} by {a.metric}: "
+            f"  best trial {a.best.number} by {kept_name(a.metric)}: "
             f"{fmt(a.best.scores[a.metric], a.metric)}, test_acc {fmt(a.best.test_acc)}  (export: "
             f"searchkd best {shown_path(a.search_dir)})"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ def ensure_teacher(
             else:
                 log(
                     f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; "
-                    f"cached in {home})"
+                    f"cached in {os.path.relpath(home)})"
                 )
             while not engine.finished:
                 row = engine.run_epoch()
