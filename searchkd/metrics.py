@@ -26,8 +26,10 @@ REPORTED_METRICS = (
 )
 # Bookkeeping beside them: `start_epoch` > 0 proves a resumed trial did not restart at 0; a
 # packed trial's students add `data_seed` (the seed of the data order and augmentation their
-# cohort shared) and `pack` (how many students that cohort had).
-BOOKKEEPING = ("epoch", "lr", "start_epoch", "data_seed", "pack")
+# cohort shared) and `pack` (how many students that cohort had); in a reproducible search,
+# `rung_wait_s` is how long the trial waited at its last rung for ASHA's decision before it
+# trained this epoch (the cost of reproducibility, bench/RESULTS.md).
+BOOKKEEPING = ("epoch", "lr", "start_epoch", "data_seed", "pack", "rung_wait_s")
 # Prefixes of the other numbers kept: each loss term (`loss_kd`, ...) and the scores.
 PREFIXES = ("loss_", "score")
 # Text a row carries: where it ran.

@@ -110,6 +110,10 @@ class SearchSpec(_Strict):
     # Students per Ray Tune trial (a cohort): they train over the same batches with one
     # teacher forward per batch; each is still its own Optuna trial, MLflow run and rows.
     pack: int = Field(1, ge=1, le=64)
+    # Decisions by trial number, not timing (samplers.seen_by, scheduler.OrderedRungs): the same
+    # trials, stops and winner however many run at once, however loaded, however interrupted.
+    # false: Ray Tune's asynchronous search (no waiting; decisions depend on timing).
+    reproducible: bool = True
 
     @model_validator(mode="after")
     def _metrics(self) -> SearchSpec:

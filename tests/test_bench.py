@@ -25,6 +25,7 @@ import gpu  # noqa: E402
 import gpu_rows  # noqa: E402
 import overhead  # noqa: E402
 import packing  # noqa: E402
+import reproducibility  # noqa: E402
 import search_efficiency  # noqa: E402
 import throughput  # noqa: E402
 
@@ -206,6 +207,29 @@ def test_search_efficiency_counts_trial_epochs_of_both_searches(
     assert k is None or tpe["curve"][k - 1]["val_acc"] >= seed["random_final_val"]
     assert seed["within_goal"] == (k is not None and k <= 4 / 3)
     assert len(data["mean_curves"]["random"]) == len(data["mean_curves"]["tpe-asha"]) == 4
+
+
+def test_reproducibility_counts_idle_slot_time_per_tune_run(tmp_path: Path) -> None:
+    """Two slots over a 10 s window: one trial lived 10 s and waited 2 s at a rung, the other
+    lived 6 s: 14 s of training in 20 slot-seconds, 30 % idle, 10 % of it waiting at rungs."""
+    run = tmp_path / "ray" / "run-001"
+    lines = {
+        "a": [
+            {"timestamp": 103, "time_total_s": 3, "epoch": 1},
+            {"timestamp": 110, "time_total_s": 10, "epoch": 2, "rung_wait_s": 2.0},
+        ],
+        "b": [
+            {"timestamp": 104, "time_total_s": 2, "epoch": 1},
+            {"timestamp": 108, "time_total_s": 6, "epoch": 2},
+        ],
+    }
+    for name, rows in lines.items():
+        (run / name).mkdir(parents=True)
+        (run / name / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    use = reproducibility.slot_use(tmp_path, 2)
+    assert use["slot_seconds"] == 20 and use["training_seconds"] == 14
+    assert use["idle_share"] == pytest.approx(0.3)
+    assert use["rung_wait_share"] == pytest.approx(0.1)
 
 
 # ------------------------------------------------------------------ bench/gpu.py
