@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .metrics import (
     better,
     finite,
@@ -44,7 +42,15 @@ from .metrics import (
     stopped_early,
     trial_score,
 )
-from .record import JOURNAL_FILE, SPACE_FILE, STATE_FILE
+from .record import (
+    JOURNAL_FILE,
+    SPACE_FILE,
+    DamagedFile,
+    check_log,
+    read_state,
+    ui_command,
+)
+from .record import shown as shown_path
 from .spec import Spec, teacher_digest
 
 REPORT_DIR = "report"
@@ -156,10 +162,16 @@ def read_rows(search_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def read_spec(search_dir: str | Path) -> Spec:
+    """The space the search was started with; a damaged space.yaml is one line naming it."""
+    from .spec import SpecError, load
+
     path = Path(search_dir) / SPACE_FILE
     if not path.is_file():
         raise ReportError(f"{search_dir}: not a search directory (no space.yaml)")
-    return Spec.model_validate(yaml.safe_load(path.read_text()))
+    try:
+        return load(path)
+    except SpecError as exc:
+        raise ReportError(f"{exc} (the search's own copy of its space is damaged)") from None
 
 
 class ReportError(RuntimeError):
@@ -178,6 +190,10 @@ def load_journal(search_dir: Path, name: str) -> Any:
     path = search_dir / JOURNAL_FILE
     if not path.exists():  # opening a journal backend creates the file: never do that here
         return None
+    try:
+        check_log(path, "journal")
+    except DamagedFile as exc:
+        raise ReportError(str(exc)) from None
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -233,7 +249,8 @@ def analyze(search_dir: str | Path) -> Analysis:
     spec = read_spec(search_dir)
     metric, mode = spec.metrics[0], spec.modes[0]
     rows = read_rows(search_dir)
-    state_file = _json(search_dir / STATE_FILE) or {}
+    notes = []
+    state_file = read_state(search_dir, lambda line: notes.append(line.split("warning: ", 1)[-1]))
     state = str(state_file.get("status", "unknown"))
     study = load_journal(search_dir, spec.name)
     optuna_states: dict[int, str] = {}
@@ -338,7 +355,6 @@ def analyze(search_dir: str | Path) -> Analysis:
     if timestamps:
         first = min(starts) if starts else min(timestamps)
         wall = max(timestamps) - first
-    notes = []
     if study is None:
         notes.append("no Optuna study in optuna.journal yet: parameter plots are left out")
     journal = search_dir / JOURNAL_FILE
@@ -1320,7 +1336,7 @@ def render_html(a: Analysis, figures: list[Figure], out: Path, imp: dict[str, fl
             + (
                 ""
                 if a.mlflow["tracking_uri"].startswith("http")
-                else " (start it with <code>searchkd ui</code>)"
+                else f" (start it with <code>{html.escape(ui_command(a.search_dir))}</code>)"
             )
             + f"; the search's parent run is "
             f"<code>{html.escape(a.mlflow['parent_run_id'])}</code>.</li>"
@@ -1415,7 +1431,7 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
         lines.append(
             f"  best trial {a.best.number} by {kept_name(a.metric)}: "
             f"{fmt(a.best.scores[a.metric], a.metric)}, test_acc {fmt(a.best.test_acc)}  (export: "
-            f"searchkd best {os.path.relpath(a.search_dir)})"
+            f"searchkd best {shown_path(a.search_dir)})"
         )
     if a.pareto:
         lines.append(
@@ -1425,7 +1441,11 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
     if a.mlflow:
         lines.append(
             f"  MLflow: {a.mlflow['link']}"
-            + ("" if a.mlflow["tracking_uri"].startswith("http") else "  (after: searchkd ui)")
+            + (
+                ""
+                if a.mlflow["tracking_uri"].startswith("http")
+                else f"  (after: {ui_command(a.search_dir)})"
+            )
         )
     summary = read_final(a.search_dir) if final else None
     if summary is not None:
