@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .record import SPACE_FILE, STATE_FILE
+from .record import SPACE_FILE, STATE_FILE, Log
 from .spec import Spec, SpecError
 from .storage import replace_atomically
 
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
     from .search import Summary
     from .teacher import TeacherInfo
-
-Say = Callable[[str], None]
 
 
 class SearchkdError(Exception):
@@ -191,7 +189,7 @@ def teacher(
     space: str | Path | Mapping[str, Any] | Spec,
     trials_dir: str | Path | None = None,
     spec: Spec | None = None,
-    say: Say = print,
+    say: Log = print,
 ) -> TeacherInfo:
     """Train once and cache (or measure) the space's teacher under `<trials_dir>/teachers`."""
     from .data import DatasetNotFound
@@ -217,7 +215,7 @@ def tune(
     tracking_uri: str | None = None,
     storage: str | None = None,
     report: bool = True,
-    say: Say = print,
+    say: Log = print,
 ) -> SearchRun:
     """Run a search (or continue it with `resume=True`) and return how it ended."""
     spec = load_space(space, storage, check_files=False)
@@ -243,7 +241,7 @@ def resume(
     tracking_uri: str | None = None,
     storage: str | None = None,
     report: bool = True,
-    say: Say = print,
+    say: Log = print,
 ) -> SearchRun:
     """Continue the search in `directory` with the space it was started with."""
     search_dir = search_dir_of(directory)
@@ -272,7 +270,7 @@ def _run(
     num_cpus: int | None,
     tracking_uri: str | None,
     report: bool,
-    say: Say,
+    say: Log,
 ) -> SearchRun:
     if address and num_cpus is not None:
         raise SearchkdError(
@@ -416,7 +414,7 @@ def final(
     trials_dir: str | Path | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
-    say: Say = print,
+    say: Log = print,
 ) -> FinalRun:
     """Retrain the search's top `top` configs and its objective's default on train + val with
     `seeds` seeds each, and say whether the winner really beats the default on test. Runs on
@@ -459,7 +457,7 @@ def write_report(
     out: str | Path | None = None,
     mlflow: bool = True,
     after_search: bool = False,
-    say: Say = print,
+    say: Log = print,
 ) -> bool:
     """Write the search's report and log it to its parent MLflow run. A report that cannot be
     written, or a tracking store that is away, is one warning line: the search stands. A search

@@ -86,6 +86,13 @@ def trial_score(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> fl
     return max(values) if mode == "max" else min(values)
 
 
+def rung_epochs(grace_period: int, max_t: int, reduction_factor: float) -> list[float]:
+    """Where ASHA compares trials, ascending: grace · rf^k up to max_t (one bracket, as Ray's
+    `_Bracket`). The scheduler decides there; the report draws them."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [grace_period * reduction_factor**k for k in range(count)]
+
+
 def better(a: float, b: float, mode: str) -> bool:
     """Whether score `a` beats `b` in `mode` (NaN never beats anything)."""
     if not math.isfinite(a):

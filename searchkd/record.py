@@ -38,7 +38,7 @@ STATE_FILE = "state.json"  # running | interrupted | finished, with the trial co
 STORAGE_FILE = "storage.json"  # where the trials write their state and students
 RESULTS_FILE = "results.parquet"
 RESULTS_LOG = "results.jsonl"
-Log = Callable[[str], None]
+Log = Callable[[str], None]  # where a run's lines go: print, or a notebook's own
 
 
 class ResultsError(RuntimeError):

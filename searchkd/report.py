@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from .metrics import better, finite, json_safe, pick_best, stopped_early, trial_score
+from .metrics import better, finite, json_safe, pick_best, rung_epochs, stopped_early, trial_score
 from .record import JOURNAL_FILE, SPACE_FILE, STATE_FILE
 from .spec import Spec, teacher_digest
 
@@ -195,10 +195,8 @@ def asha_rungs(spec: Spec) -> list[int]:
     if spec.search.scheduler != "asha":
         return []
     max_t = spec.train.epochs
-    min_t = min(spec.search.grace_period, max_t)
-    rf = spec.search.reduction_factor
-    count = int(math.log(max_t / min_t) / math.log(rf) + 1)
-    return sorted({int(round(min_t * rf**k)) for k in range(count) if min_t * rf**k < max_t})
+    rungs = rung_epochs(min(spec.search.grace_period, max_t), max_t, spec.search.reduction_factor)
+    return sorted({int(round(m)) for m in rungs if m < max_t})
 
 
 def mlflow_link(tracking: Mapping[str, str]) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from .metrics import rung_epochs
+
 
 class Rungs:
     """ASHA's bookkeeping for one bracket; values are signed so that larger is better."""
@@ -27,8 +29,7 @@ class Rungs:
         self.max_t = max_t
         self.rf = reduction_factor
         self.sign = 1.0 if mode == "max" else -1.0
-        count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
-        self.milestones = [grace_period * reduction_factor**k for k in reversed(range(count))]
+        self.milestones = rung_epochs(grace_period, max_t, reduction_factor)[::-1]
         self.recorded: dict[float, dict[int, float]] = {m: {} for m in self.milestones}
         # Trials stopped, and at which epoch: a trial stopped just before its driver died runs
         # again, re-reports that epoch, and is stopped there again.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +19,9 @@ import torch
 from filelock import FileLock
 
 from .engine import Engine, load_weights
+from .record import Log
 from .spec import Spec, teacher_digest, teacher_key
 from .storage import replace_atomically
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,10 @@ def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> Spec:
     """
     sampled = {k: v for k, v in config.items() if k not in META_KEYS}
     spec = Spec.model_validate(base).resolved(sampled)
-    own = get_objective(spec.objective).tunables
-    if any(k not in own for k in spec.loss):
+    own = get_objective(spec.objective).own_loss(spec.loss)
+    if own != spec.loss:
         raw = spec.model_dump(by_alias=True, exclude_none=True)
-        raw["loss"] = {k: v for k, v in spec.loss.items() if k in own}
+        raw["loss"] = own
         spec = Spec.model_validate(raw)
     return spec
 

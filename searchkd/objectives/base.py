@@ -179,6 +179,12 @@ class Objective(nn.Module):
             out[k] = cls.tunables[k].check(f"loss.{k}", v)
         return out
 
+    @classmethod
+    def own_loss(cls, loss: Mapping[str, Any]) -> dict[str, Any]:
+        """The keys of a space's `loss:` this objective declares (with a choice of objectives,
+        a fixed key may belong to only some of them)."""
+        return {k: v for k, v in loss.items() if k in cls.tunables}
+
     def teacher_features(self, teacher: TappedModel, x: Tensor) -> Features:
         # The teacher is frozen: no graph, eval mode (the engine keeps it there).
         with torch.no_grad():
