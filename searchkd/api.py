@@ -65,8 +65,8 @@ class FinalRun:
 
 
 def lookups() -> dict[str, Any]:
-    """What a space is validated against: the registered objectives (with their tunables),
-    models, datasets (with their options) and samplers."""
+    """What a space is validated against: the registered objectives (with their tunables and
+    the weights of their terms), models, datasets (with their options) and samplers."""
     from .data import dataset_names, dataset_options
     from .models import model_names
     from .objectives import get_objective, objective_names
@@ -77,6 +77,7 @@ def lookups() -> dict[str, Any]:
 
     return {
         "objectives": {n: set(get_objective(n).tunables) for n in objective_names()},
+        "term_weights": {n: get_objective(n).term_weights() for n in objective_names()},
         "models": model_names(),
         "datasets": dataset_names(),
         "samplers": SAMPLERS.names(),

@@ -204,6 +204,14 @@ class Objective(nn.Module):
         weighs it. By default one term, named after the objective, weighed by `weight`."""
         return {cls.name: "weight"} if "weight" in cls.tunables else {}
 
+    @classmethod
+    def term_weights(cls) -> dict[str, float]:
+        """Each tunable that weighs a term of the loss (the label terms and its own) → its
+        default: with every one of them 0 there is no loss to train on."""
+        keys = [k for k in ("ce_weight", "kd_weight") if k in cls.tunables]
+        keys += [k for k in cls.own_term_weights().values() if k not in keys]
+        return {k: cls.tunables[k].default for k in keys}
+
     def own_terms(
         self, s: Features, t: Features, y: Tensor, index: Tensor | None
     ) -> dict[str, Tensor]:
