@@ -67,7 +67,7 @@ class FinalRun:
 def lookups() -> dict[str, Any]:
     """What a space is validated against: the registered objectives (with their tunables and
     the weights of their terms), models, datasets (with their options) and samplers."""
-    from .data import dataset_names, dataset_options
+    from .data import check_dataset_option, dataset_names, dataset_options
     from .models import model_names
     from .objectives import get_objective, objective_names
     from .samplers import SAMPLERS
@@ -83,7 +83,18 @@ def lookups() -> dict[str, Any]:
         "samplers": SAMPLERS.names(),
         "dataset_options": {n: dataset_options(n) for n in dataset_names()},
         "check_tunable": check,
+        "check_dataset_option": check_dataset_option,
     }
+
+
+def check_teacher(spec: Spec, source: str | Path) -> None:
+    """Refuse a teacher checkpoint that does not load into the declared arch, as `tune` does
+    (one line, the preflight's own check)."""
+    from .preflight import teacher_problems
+
+    problems = teacher_problems(spec)
+    if problems:
+        raise SearchkdError(*(f"{source}: {p}" for p in problems))
 
 
 def load_space(
@@ -372,6 +383,8 @@ def _run(
 
 def summary_lines(run: SearchRun, root: Path) -> list[str]:
     """What a search prints when it ends: counts, the teacher, the best trial, what next."""
+    from .metrics import kept_name
+
     s, spec = run.summary, run.spec
     assert s is not None
     rel = os.path.relpath(s.search_dir)
@@ -383,14 +396,24 @@ def summary_lines(run: SearchRun, root: Path) -> list[str]:
         f"search {spec.name}: {s.trials} trials ({s.finished} finished, {s.stopped} stopped early "
         f"by ASHA, {s.failed} failed)",
         f"teacher {spec.teacher.arch}: test_acc {s.teacher.test_acc:.4f}",
-        f"best trial {s.best_trial}: {spec.metrics[0]} {s.best_value:.4f} (its kept student), "
+        f"best trial {s.best_trial}: {kept_name(spec.metrics[0])} {s.best_value:.4f}, "
         f"test_acc {s.test_acc:.4f}",
-        "  config: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(s.best_config.items())),
+        "  config: " + ", ".join(f"{k}={shown(v)}" for k, v in sorted(s.best_config.items())),
         f"search directory: {rel}  (results.parquet: one row per trial per epoch)",
         f"compare trials:   {ui}   (MLflow UI, experiment {spec.name!r})",
         f"resume:           searchkd tune {run.source} --resume   or   searchkd resume {rel}",
         *final_summary_lines(s.search_dir),
     ]
+
+
+def shown(value: Any) -> str:
+    """A config value as a summary prints it: floats to 3 significant digits (the exact ones are
+    in results.parquet and `searchkd best`'s config.yaml), the rest as JSON."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def final_summary_lines(search_dir: Path) -> list[str]:
@@ -415,11 +438,13 @@ def final(
     trials_dir: str | Path | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    report: bool = True,
     say: Log = print,
 ) -> FinalRun:
     """Retrain the search's top `top` configs and its objective's default on train + val with
     `seeds` seeds each, and say whether the winner really beats the default on test. Runs on
-    Ray Tune and resumes like a search: finished runs are never trained again."""
+    Ray Tune and resumes like a search: finished runs are never trained again. Then it prints
+    the stage's summary and (with `report`) refreshes the search's report, which shows it."""
     search_dir = Path(search).expanduser()
     if (
         not (search_dir / SPACE_FILE).is_file()
@@ -450,6 +475,11 @@ def final(
         raise SearchkdError(str(exc)) from None
     finally:
         lock.release()
+    say("")
+    for line in final_summary_lines(search_dir):
+        say(line)
+    if report:
+        write_report(search_dir, after_search=True, say=say)
     return FinalRun(search_dir, status, summary)
 
 
@@ -502,22 +532,33 @@ def write_report(
 def results(directory: str | Path) -> pd.DataFrame:
     """Every row the search's trials reported, one per trial per epoch, ordered by trial and
     epoch: results.parquet's rows, read from the append-only record (the table may lag behind a
-    running search), without writing anything."""
+    running search), without writing anything. The trial's config is one column per key,
+    `config/<key>` as in Ray Tune's dataframes (`config/loss.tau`, `config/seed`; a list value
+    stays a list), in place of the table's one JSON `config` column."""
     import pandas as pd
 
     from .record import read_rows
 
     search_dir = search_dir_of(directory)
     try:
-        rows = read_rows(search_dir)
+        rows = read_rows(search_dir, lambda line: print(line, file=sys.stderr))
     except (OSError, ValueError) as exc:  # a damaged results.parquet of a search without its record
         raise SearchkdError(
             f"{search_dir}: results cannot be read: {str(exc).strip().splitlines()[0]}"
         ) from None
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame([flat_config(r) for r in rows])
     if not frame.empty:
         frame = frame.sort_values(["trial_number", "epoch"], kind="stable").reset_index(drop=True)
     return frame
+
+
+def flat_config(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row with its JSON `config` as `config/<key>` columns (a row without one is as it was)."""
+    if not isinstance(row.get("config"), str):
+        return dict(row)
+    out = {k: v for k, v in row.items() if k != "config"}
+    out.update({f"config/{k}": v for k, v in sorted(json.loads(row["config"]).items())})
+    return out
 
 
 def load_student(directory: str | Path, trial: int | None = None) -> nn.Module:

@@ -145,9 +145,6 @@ def cmd_final(args: argparse.Namespace) -> int:
             trials_dir=args.trials_dir,
             address=args.address,
         )
-    print()
-    for line in api.final_summary_lines(run.search_dir):
-        print(line)
     if run.status != "finished":
         print(
             f"searchkd: the final stage of {run.search_dir.name} is not finished; continue with: "
@@ -171,6 +168,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from .data import DatasetNotFound
     from .export import ExportError, export_best
+    from .metrics import kept_name
     from .report import ReportError, fmt
     from .storage import StorageError
 
@@ -187,7 +185,7 @@ def cmd_best(args: argparse.Namespace) -> int:
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         )
     t = done.trial
-    scores = ", ".join(f"{m} {fmt(v, m)}" for m, v in t.scores.items())
+    scores = ", ".join(f"{kept_name(m)} {fmt(v, m)}" for m, v in t.scores.items())
     print(f"trial {t.number} ({t.status}, {t.epochs} epochs): {scores}, test_acc {fmt(t.test_acc)}")
     print(f"written to {os.path.relpath(done.directory)}: " + ", ".join(p.name for p in done.files))
     print(
@@ -201,6 +199,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .objectives import get_objective
 
     spec = api.load_space(args.space)
+    api.check_teacher(spec, args.space)
     print(
         f"{args.space}: ok — search {spec.name!r}, objective {'/'.join(spec.objectives)}, "
         f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} "

@@ -83,9 +83,12 @@ class StudentProgress(RunProgress, Protocol):
 
 
 class Stops(Protocol):
-    """How the students of packed trials end: decided on the driver per reported epoch."""
+    """How the students of packed trials end: decided on the driver per reported epoch. Each
+    returns the students that end now: (Tune trial, number, last row, "finished"|"stopped")."""
 
-    def decide(self, number: int, result: dict) -> str | None: ...
+    def decide(self, trial: Any, number: int, result: dict) -> list[tuple[Any, int, dict, str]]: ...
+
+    def failed(self, numbers: list[int]) -> list[tuple[Any, int, dict, str]]: ...
 
 
 class Teller(Protocol):
@@ -236,14 +239,14 @@ class SearchCallback(Callback):
         s.progress.on_trial_result(trial, result, trials)
         if s.pack is not None and "epoch" in result:
             try:
-                how = s.pack.decide(number, result)
+                ends = s.pack.decide(trial, number, result)
             except OSError as exc:
                 if not disk_full(exc):
                     raise
                 s.stop(f"no space left on device writing the stop file of trial {number}")
                 return
-            if how:
-                s.end_student(trial, number, result, how, trials)
+            for ended_trial, ended, row, how in ends:
+                s.end_student(ended_trial, ended, row, how, trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.session.pack is not None:
@@ -265,6 +268,16 @@ class SearchCallback(Callback):
             s.failed[number] = reason
         s.mlflow.on_trial_error(trial, numbers)
         s.progress.on_trial_error(trial, trials, numbers)
+        if s.pack is not None:  # decisions that waited on these students are taken now
+            try:
+                ends = s.pack.failed(numbers)
+            except OSError as exc:
+                if not disk_full(exc):
+                    raise
+                s.stop("no space left on device writing a decision file")
+                return
+            for ended_trial, ended, row, how in ends:
+                s.end_student(ended_trial, ended, row, how, trials)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.session.progress.on_trial_recover(trial, trials)
@@ -433,9 +446,13 @@ def concurrency(spec: Spec, count: int | None = None) -> int:
     return max(1, min(spec.search.max_concurrent or fit, fit, count))
 
 
-def make_trainable(spec: Spec, teacher: TeacherInfo | None, storage: Storage) -> Any:
+def make_trainable(
+    spec: Spec, teacher: TeacherInfo | None, storage: Storage, rungs: list[int] | None = None
+) -> Any:
     """`train_trial` with the spec as its base, the teacher's bytes and the trials' storage,
-    under the space's per-trial resources (the search and its final stage share it)."""
+    under the space's per-trial resources (the search and its final stage share it); with
+    `rungs`, each trial waits at those epochs for the driver's decision (a reproducible
+    search's ASHA)."""
     res = spec.search.resources
     memory_fraction = res.gpu if 0 < res.gpu < 1 else None
     blob = Path(teacher.path).read_bytes() if teacher else None
@@ -450,6 +467,7 @@ def make_trainable(spec: Spec, teacher: TeacherInfo | None, storage: Storage) ->
             teacher_sha256=hashlib.sha256(blob).hexdigest() if blob else None,
             cpus=res.cpu,
             memory_fraction=memory_fraction,
+            rungs=rungs,
         ),
         {"cpu": res.cpu, "gpu": res.gpu},
     )

@@ -511,7 +511,7 @@ class FinalRunner:
                 f"{os.path.relpath(stage.search_dir)}: the search has no MLflow run "
                 f"({tracking.TRACKING_FILE} is missing); resume the search first"
             )
-        search_runs = tracking.SearchRuns(**json.loads(state.read_text()))
+        search_runs = tracking.read_runs(state, stage.search_dir.parent)
         tags = base_tags(spec, stage="final")
         try:
             runs = open_tracking(
@@ -527,6 +527,7 @@ class FinalRunner:
                         "epochs": spec.train.epochs,
                         "metric": "test_acc",
                     },
+                    trials_dir=stage.search_dir.parent,
                 ),
                 search_runs.tracking_uri,
             )

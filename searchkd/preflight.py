@@ -86,6 +86,16 @@ def _data(spec: Spec, problems: list[str], warnings: list[str]) -> dict | None:
     )
 
 
+def teacher_problems(spec: Spec) -> list[str]:
+    """Whether the teacher checkpoint loads into its declared arch (`searchkd validate` asks the
+    same as `tune`); with the dataset absent it is only read, the dataset's own problem being
+    `tune`'s to report."""
+    problems: list[str] = []
+    if spec.teacher.checkpoint:
+        _teacher(spec, _data(spec, [], []), problems)
+    return problems
+
+
 def _teacher(spec: Spec, shape: dict | None, problems: list[str]) -> None:
     if not spec.teacher.checkpoint:
         return

@@ -66,10 +66,39 @@ def readable(path: Path) -> bool:
         return False
 
 
-def read_rows(search_dir: Path) -> list[dict[str, Any]]:
+def key_of(row: Mapping[str, Any]) -> tuple[int, int]:
+    return int(row["trial_number"]), int(row["epoch"])
+
+
+def rows_beyond(table: Path, rows: Mapping[tuple[int, int], Any]) -> list[dict[str, Any]]:
+    """The table's rows that the record lacks: a record cut short (truncated, or put back from
+    an older copy) while results.parquet still holds every row. The table is read only when it
+    holds more rows than the record (it lags a running search's record, never leads it)."""
+    try:
+        if not table.exists() or pq.read_metadata(table).num_rows <= len(rows):
+            return []
+        return [
+            {k: v for k, v in r.items() if v is not None}  # the table's padding of absent keys
+            for r in pq.read_table(table).to_pylist()
+            if key_of(r) not in rows
+        ]
+    except (OSError, ValueError):
+        return []  # a damaged table: the record is what there is
+
+
+def beyond_line(extra: int, rows: int) -> str:
+    """The one warning line a record rebuilt from the table gets."""
+    return (
+        f"searchkd: warning: {RESULTS_LOG} holds {rows} rows and {RESULTS_FILE} {rows + extra}: "
+        f"{RESULTS_LOG} was cut short; the {extra} rows it lacks are read from {RESULTS_FILE}"
+    )
+
+
+def read_rows(search_dir: Path, say: Log | None = None) -> list[dict[str, Any]]:
     """The search's rows without touching its files (a running search may be appending): the
-    record's whole lines, the first row of each (trial, epoch) standing, else the table of a
-    search older than the record; [] before the first epoch."""
+    record's whole lines, the first row of each (trial, epoch) standing, plus the table's rows
+    a record cut short lacks (said in one line to `say`), else the table of a search older than
+    the record; [] before the first epoch."""
     record, table = Path(search_dir) / RESULTS_LOG, Path(search_dir) / RESULTS_FILE
     if record.exists():
         rows: dict[tuple[int, int], dict[str, Any]] = {}
@@ -81,8 +110,11 @@ def read_rows(search_dir: Path) -> list[dict[str, Any]]:
                     r = json.loads(line)
                 except ValueError:
                     continue
-                rows.setdefault((int(r["trial_number"]), int(r["epoch"])), r)
-        return list(rows.values())
+                rows.setdefault(key_of(r), r)
+        extra = rows_beyond(table, rows)
+        if extra and say:
+            say(beyond_line(len(extra), len(rows)))
+        return [*rows.values(), *extra]
     return pq.read_table(table).to_pylist() if table.exists() else []
 
 
@@ -123,7 +155,14 @@ class ResultsTable:
                         r = json.loads(line)
                     except ValueError:
                         continue  # not a whole record: nothing was acted on from it
-                    rows.setdefault((int(r["trial_number"]), int(r["epoch"])), r)
+                    rows.setdefault(key_of(r), r)
+            extra = rows_beyond(self.path, rows)
+            if extra:  # the record is rebuilt from the store that holds more
+                if self.say:
+                    self.say(beyond_line(len(extra), len(rows)))
+                with self.log_path.open("a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in extra)
+                rows.update((key_of(r), r) for r in extra)
             if self.path.exists() and not readable(self.path) and self.say:
                 self.say(
                     f"searchkd: {self.path.name} could not be read (cut short?); it is rebuilt "

@@ -35,7 +35,16 @@ from typing import Any
 
 import yaml
 
-from .metrics import better, finite, json_safe, pick_best, rung_epochs, stopped_early, trial_score
+from .metrics import (
+    better,
+    finite,
+    json_safe,
+    kept_name,
+    pick_best,
+    rung_epochs,
+    stopped_early,
+    trial_score,
+)
 from .record import JOURNAL_FILE, SPACE_FILE, STATE_FILE
 from .spec import Spec, teacher_digest
 
@@ -144,7 +153,7 @@ def read_rows(search_dir: str | Path) -> list[dict[str, Any]]:
     (results.parquet may lag behind a running search)."""
     from .record import read_rows as read
 
-    return read(Path(search_dir))
+    return read(Path(search_dir), lambda line: print(line, file=sys.stderr))
 
 
 def read_spec(search_dir: str | Path) -> Spec:
@@ -195,8 +204,7 @@ def asha_rungs(spec: Spec) -> list[int]:
     if spec.search.scheduler != "asha":
         return []
     max_t = spec.train.epochs
-    rungs = rung_epochs(min(spec.search.grace_period, max_t), max_t, spec.search.reduction_factor)
-    return sorted({int(round(m)) for m in rungs if m < max_t})
+    return rung_epochs(min(spec.search.grace_period, max_t), max_t, spec.search.reduction_factor)
 
 
 def mlflow_link(tracking: Mapping[str, str]) -> str:
@@ -313,15 +321,16 @@ def analyze(search_dir: str | Path) -> Analysis:
             spec.modes,
         )
     ranked = rank_trials(trials, metric, mode)
-    tracking = _json(search_dir / "tracking.json")
     mlflow = None
-    if isinstance(tracking, dict) and {"tracking_uri", "experiment_id", "parent_run_id"} <= set(
-        tracking
-    ):
-        mlflow = {
-            **{k: str(tracking[k]) for k in ("tracking_uri", "experiment_id", "parent_run_id")},
-            "link": mlflow_link(tracking),
-        }
+    if isinstance(_json(search_dir / "tracking.json"), dict):
+        from .mlflow_ui import read_tracking
+
+        try:
+            tracking = read_tracking(search_dir / "tracking.json", search_dir.parent)
+        except (KeyError, TypeError, ValueError, OSError):
+            tracking = None
+        if tracking is not None:
+            mlflow = {**tracking, "link": mlflow_link(tracking)}
     timestamps = [float(r["timestamp"]) for r in rows if finite(r.get("timestamp"))]
     wall = None
     if timestamps:
@@ -1402,7 +1411,7 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
     lines = [f"report: {where}  ({len(report.figures)} plots, {report.seconds:.1f}s)"]
     if a.best is not None:
         lines.append(
-            f"  best trial {a.best.number} by {a.metric}: "
+            f"  best trial {a.best.number} by {kept_name(a.metric)}: "
             f"{fmt(a.best.scores[a.metric], a.metric)}, test_acc {fmt(a.best.test_acc)}  (export: "
             f"searchkd best {os.path.relpath(a.search_dir)})"
         )

@@ -110,6 +110,10 @@ class SearchSpec(_Strict):
     # Students per Ray Tune trial (a cohort): they train over the same batches with one
     # teacher forward per batch; each is still its own Optuna trial, MLflow run and rows.
     pack: int = Field(1, ge=1, le=64)
+    # Decisions by trial number, not timing (samplers.seen_by, scheduler.OrderedRungs): the same
+    # trials, stops and winner however many run at once, however loaded, however interrupted.
+    # false: Ray Tune's asynchronous search (no waiting; decisions depend on timing).
+    reproducible: bool = True
 
     @model_validator(mode="after")
     def _metrics(self) -> SearchSpec:
@@ -319,11 +323,12 @@ def validate(
     samplers: list[str] | None = None,
     dataset_options: Mapping[str, set[str]] | None = None,
     check_tunable: TunableCheck | None = None,
+    check_dataset_option: TunableCheck | None = None,
     term_weights: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Spec:
     """Validate a parsed space. The lookups (known objectives with their tunables and the
     weights of their loss terms with their defaults, model, dataset and sampler names, a
-    tunable checker) come from the layers that own them."""
+    tunable and a dataset-option checker) come from the layers that own them."""
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -362,6 +367,11 @@ def validate(
                     f"not an option of dataset {spec.data.dataset}; valid: "
                     f"{', '.join(sorted(valid)) or 'none'}",
                 )
+            if check_dataset_option is not None:
+                try:
+                    check_dataset_option(spec.data.dataset, key, spec.data.options[key])
+                except ValueError as exc:
+                    fail(f"data.options.{key}", str(exc))
 
     if objectives is not None:
         own = set().union(*(objectives[o] for o in spec.objectives))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ def ensure_teacher(
             else:
                 log(
                     f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; "
-                    f"cached in {home})"
+                    f"cached in {os.path.relpath(home)})"
                 )
             while not engine.finished:
                 row = engine.run_epoch()

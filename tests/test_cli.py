@@ -128,6 +128,26 @@ def test_mismatched_teacher_checkpoint_is_one_line(
     assert not (tmp_path / "trials" / "tiny").exists()
 
 
+def test_validate_refuses_a_teacher_checkpoint_that_does_not_fit_as_tune_does(
+    capsys, tmp_path: Path, space_file
+) -> None:
+    """`validate` says ok only for what `tune` accepts: the same one line as row 23."""
+    import torch
+
+    from searchkd.models import build_model
+
+    ckpt = tmp_path / "teacher.pth"
+    torch.save({"model": build_model("resnet8", 10, width=1.0, in_channels=1).state_dict()}, ckpt)
+    path = space_file(teacher={"arch": "resnet8", "width": 0.5, "checkpoint": str(ckpt)})
+    code, out, err = run(capsys, "validate", str(path))
+    assert code == 2 and err.count("\n") == 1 and "ok" not in out
+    assert err.startswith(f"searchkd: error: {path}: teacher.checkpoint: ")
+    assert "does not fit the declared arch" in err and "wrong shape keys" in err
+    torch.save(build_model("resnet8", 10, width=0.5, in_channels=1).state_dict(), ckpt)
+    code, out, _ = run(capsys, "validate", str(path))
+    assert code == 0 and ": ok" in out
+
+
 def test_teacher_command_trains_once_then_reads_the_cache(
     capsys, tmp_path: Path, space_file
 ) -> None:

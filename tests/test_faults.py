@@ -312,19 +312,23 @@ def test_tracking_store_away_at_the_end_stops_in_one_line_and_resume_sends_the_r
         stop_group(server)
 
 
-def test_an_interrupted_search_decides_as_an_uninterrupted_one(tmp_path: Path) -> None:
-    """The same seeded search, one trial at a time, run straight through and killed (SIGKILL
-    of the whole process group) at two points with a resume after each: the same trials with
-    the same values, stopped by ASHA at the same epochs, with the same Optuna values."""
-    name, num_samples, epochs = "same", 5, 5
+@pytest.mark.parametrize("pack", [1, 4], ids=["unpacked", "pack4"])
+def test_an_interrupted_search_decides_as_an_uninterrupted_one(tmp_path: Path, pack: int) -> None:
+    """The same seeded search, two trials (two cohorts of 4 when packed) at once, run straight
+    through on 2 CPUs, and killed (SIGKILL of the whole process group) at two points with a
+    resume after each on 1 CPU, so that the rest runs one at a time: the same trials with the
+    same values, stopped by ASHA at the same epochs, with the same Optuna values."""
+    name, epochs = "same", 5
+    num_samples = 5 if pack == 1 else 8
     raw = tiny_space(name, train={**tiny_space()["train"], "epochs": epochs, "batch_size": 32})
     raw["search"].update(
         num_samples=num_samples,
-        max_concurrent=1,
+        max_concurrent=2,
         scheduler="asha",
         grace_period=1,
         reduction_factor=2,
         seed=3,
+        pack=pack,
     )
     space = write_space(tmp_path / f"{name}.yaml", raw)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -333,15 +337,13 @@ def test_an_interrupted_search_decides_as_an_uninterrupted_one(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
+    def one_cpu(*extra: str) -> list[str]:
+        return command(space, killed, *extra, num_cpus=1)
+
     run_until(command(space, killed), lambda: len(rows(killed, name)) >= 3)
-    for more in (5,):
-        before = len(rows(killed, name))
-        run_until(
-            command(space, killed, "--resume"), lambda n=before + more: len(rows(killed, name)) >= n
-        )
-    done = subprocess.run(
-        command(space, killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=900
-    )
+    before = len(rows(killed, name))
+    run_until(one_cpu("--resume"), lambda n=before + 5: len(rows(killed, name)) >= n)
+    done = subprocess.run(one_cpu("--resume"), env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     def outcome(trials: Path) -> dict[int, tuple]:
@@ -362,6 +364,7 @@ def test_an_interrupted_search_decides_as_an_uninterrupted_one(tmp_path: Path) -
     assert any(stopped for _, _, stopped, _ in a.values()), (
         "ASHA stopped no trial: the test shows nothing"
     )
+    assert any(not stopped for _, _, stopped, _ in a.values())
     assert max(r["start_epoch"] for r in rows(killed, name)) >= 1, "no trial resumed mid-way"
     assert_consistent(killed, name, num_samples, epochs)
 

@@ -995,6 +995,31 @@ def test_lfcc_default_scales_never_keep_a_whole_map(student_arch: str, filter_: 
     assert tiny.scales[-1] == [1]
 
 
+def test_lfcc_uses_the_listed_grid_sizes_below_each_taps_side_and_adds_none() -> None:
+    """`scales: [2, 4]` on 16×16 and 8×8 taps uses 2 and 4 (1 is not added: [2, 4] and
+    [1, 2, 4] are different filter banks); on a 4×4 tap 4 would keep the whole map and is
+    dropped; on a 2×2 tap none is below the side and the global mean stands in alone."""
+    from searchkd.objectives.lfcc import tap_scales
+
+    def maps(side: int) -> Tensor:
+        return torch.rand(4, 3, side, side)
+
+    assert tap_scales([2, 4], maps(16), maps(8)) == [2, 4]
+    assert tap_scales([4, 2], maps(4), maps(16)) == [2]
+    assert tap_scales([2, 4], maps(2), maps(8)) == [1]
+    assert tap_scales([1, 2, 4], maps(16), maps(16)) == [1, 2, 4]
+    big, mid = maps(16), maps(8)
+    v = torch.zeros(4, 3)
+    obj = get_objective("lfcc")(
+        {"layers": 2, "dim": 8, "scales": [2, 4]},
+        fake(big, [big, mid], v, v),
+        fake(big, [big, mid], v, v),
+        CTX,
+    )
+    assert obj.scales == {-2: [2, 4], -1: [2, 4]}
+    assert sorted(obj.student_heads) == ["tap-1_c2", "tap-1_c4", "tap-2_c2", "tap-2_c4"]
+
+
 @pytest.mark.parametrize("student_arch", ["vit_tiny", "resnet8x4"])
 def test_lfcc_heads_are_no_bigger_than_the_student(student_arch: str) -> None:
     """resnet32x4 → vit_tiny used to add 22.6M head parameters to a 2.7M student: the linear

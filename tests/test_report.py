@@ -476,7 +476,16 @@ def test_the_experiment_opens_on_a_table_of_the_trials() -> None:
     tags = ui_tags(raw)
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags["mlflow.sharedViewState.searchkd"])
-    assert view["orderByKey"] == "metrics.`best_val_acc`" and view["orderByAsc"] is False
+    assert view["orderByKey"] == "metrics.`score`" and view["orderByAsc"] is False
+    # The runs table's first columns, whatever the window's width: the score, the search's
+    # metrics as of the epoch, test_acc (MLflow puts its own columns first without an order).
+    assert view["columnOrder"] == [
+        "metrics.`score`",
+        "metrics.`val_acc`",
+        "metrics.`student_macs`",
+        "metrics.`test_acc`",
+    ]
+    assert view["selectedColumns"][:4] == view["columnOrder"]
     for column in (
         "metrics.`val_acc`",
         "metrics.`student_macs`",
@@ -729,7 +738,7 @@ def test_a_search_ends_with_its_report_and_its_best_student_reproduces(
     assert f"report: {os.path.relpath(search / 'report' / 'index.html')}" in out
     assert "logged to MLflow" in out and "viewStateShareKey=searchkd" in out
     # The history's last best is the summary's best value.
-    summary_best = float(re.search(r"best trial \d+: val_acc ([0-9.]+)", out)[1])
+    summary_best = float(re.search(r"best trial \d+: best_val_acc ([0-9.]+)", out)[1])
     data = json.loads((search / "report" / "data.json").read_text())
     assert f"{data['history']['best'][-1]:.4f}" == f"{summary_best:.4f}"
 
