@@ -318,7 +318,7 @@ def _run(
                 f"searchkd: {shown} is already finished; nothing to resume. "
                 f"Compare its trials with: searchkd ui"
             )
-            from .report import read_final
+            from .record import read_final
 
             stage = read_final(search_dir)
             if spec.final is not None and (stage is None or not stage.get("complete")):
@@ -418,7 +418,8 @@ def shown(value: Any) -> str:
 
 def final_summary_lines(search_dir: Path) -> list[str]:
     """The final stage's summary, when the search has one (final.parquet)."""
-    from .report import FINAL_FILE, final_lines, read_final
+    from .record import FINAL_FILE, read_final
+    from .report import final_lines
 
     summary = read_final(search_dir)
     if summary is None:

@@ -247,3 +247,20 @@ class ResultsTable:
         self.write_seconds = time.perf_counter() - start
         self.written_rows, self.written_at, self.dirty = len(rows), self.clock(), False
         self.writes += 1
+
+
+# -- the final stage (searchkd final): its summary, kept in final.parquet's metadata -------------
+FINAL_FILE = "final.parquet"
+FINAL_KEY = b"searchkd.final"
+
+
+def read_final(search_dir: str | Path) -> dict[str, Any] | None:
+    """The final stage's summary from `final.parquet`, or None when there is none (yet)."""
+    path = Path(search_dir) / FINAL_FILE
+    if not path.exists():
+        return None
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(FINAL_KEY)
+        return json.loads(raw) if raw else None
+    except (OSError, ValueError):
+        return None

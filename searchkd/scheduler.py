@@ -96,7 +96,6 @@ class ResumableASHA(FIFOScheduler):
         self.set_search_properties(metric, mode)
         self.time_attr = time_attr
         self.rungs = Rungs(grace_period, max_t, reduction_factor, mode)
-        self.stopped_early = 0
         self.ordered: OrderedRungs | None = None
         self.deliver: Callable[[int, int, bool], None] | None = None
 
@@ -111,8 +110,6 @@ class ResumableASHA(FIFOScheduler):
         if self.ordered is not None:
             return self._ordered_result(number, int(result[self.time_attr]), result)
         stop = self.rungs.on_result(number, result[self.time_attr], self._value(result))
-        if stop and result[self.time_attr] < self.rungs.max_t:
-            self.stopped_early += 1
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
     def _send(self, number: int, epoch: int, stop: bool) -> None:
@@ -132,8 +129,6 @@ class ResumableASHA(FIFOScheduler):
         if stop is None:  # not a rung, or not decided yet (the trial waits at the rung)
             return TrialScheduler.CONTINUE
         self._send(number, epoch, stop)  # again after a resume: the file may predate it
-        if stop:
-            self.stopped_early += 1
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
     def _ordered_end(self, trial: Any) -> None:

@@ -27,7 +27,7 @@ import torch
 from ray import tune
 
 from .data import DatasetNotFound
-from .engine import Cohort, Engine, estimate_pack_bytes, pack_memory_problem
+from .engine import Cohort, estimate_pack_bytes, pack_memory_problem
 from .metrics import scores
 from .objectives import get_objective
 from .spec import Spec, students_of
@@ -218,11 +218,6 @@ def check_memory(cohort: Cohort, memory_fraction: float | None) -> None:
     )
     if problem:
         raise TrialSetupError(f"node {node_label()}: {problem}")
-
-
-def resume(engine: Engine, files: Storage) -> bool:
-    """Load the trial's saved state if there is a readable one; otherwise it starts at 0."""
-    return resume_member(engine, 0, files)
 
 
 def resume_member(cohort: Cohort, i: int, files: Storage) -> bool:
