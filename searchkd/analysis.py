@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .metrics import (
     better,
     finite,
@@ -26,7 +24,13 @@ from .metrics import (
     stopped_early,
     trial_score,
 )
-from .record import JOURNAL_FILE, SPACE_FILE, STATE_FILE
+from .record import (
+    JOURNAL_FILE,
+    SPACE_FILE,
+    DamagedFile,
+    check_log,
+    read_state,
+)
 from .spec import Spec, teacher_digest
 
 TOP_N = 10
@@ -135,10 +139,16 @@ def read_rows(search_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def read_spec(search_dir: str | Path) -> Spec:
+    """The space the search was started with; a damaged space.yaml is one line naming it."""
+    from .spec import SpecError, load
+
     path = Path(search_dir) / SPACE_FILE
     if not path.is_file():
         raise ReportError(f"{search_dir}: not a search directory (no space.yaml)")
-    return Spec.model_validate(yaml.safe_load(path.read_text()))
+    try:
+        return load(path)
+    except SpecError as exc:
+        raise ReportError(f"{exc} (the search's own copy of its space is damaged)") from None
 
 
 class ReportError(RuntimeError):
@@ -157,6 +167,10 @@ def load_journal(search_dir: Path, name: str) -> Any:
     path = search_dir / JOURNAL_FILE
     if not path.exists():  # opening a journal backend creates the file: never do that here
         return None
+    try:
+        check_log(path, "journal")
+    except DamagedFile as exc:
+        raise ReportError(str(exc)) from None
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -209,7 +223,8 @@ def analyze(search_dir: str | Path) -> Analysis:
     spec = read_spec(search_dir)
     metric, mode = spec.metrics[0], spec.modes[0]
     rows = read_rows(search_dir)
-    state_file = _json(search_dir / STATE_FILE) or {}
+    notes = []
+    state_file = read_state(search_dir, lambda line: notes.append(line.split("warning: ", 1)[-1]))
     state = str(state_file.get("status", "unknown"))
     study = load_journal(search_dir, spec.name)
     optuna_states: dict[int, str] = {}
@@ -314,7 +329,6 @@ def analyze(search_dir: str | Path) -> Analysis:
     if timestamps:
         first = min(starts) if starts else min(timestamps)
         wall = max(timestamps) - first
-    notes = []
     if study is None:
         notes.append("no Optuna study in optuna.journal yet: parameter plots are left out")
     journal = search_dir / JOURNAL_FILE

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
+import json
 import math
 import pickle
 import time
@@ -649,6 +651,146 @@ def estimate_pack_bytes(cohort: Cohort, k: int | None = None) -> int:
     images = L.num_train + L.val.num_samples + L.test.num_samples
     total += images * x[0].numel()  # resident as uint8
     return int(total * 1.25)
+
+
+# Private memory of one trial's process before its models: torch, Ray's worker and searchkd's
+# code imported, and a digits epoch of a resnet8 x0.25 trained (514 MiB measured on a 2-core
+# CPU machine, /proc/self/smaps_rollup Private_*). Trials on one machine share nothing else.
+TRIAL_PROCESS_BYTES = 512 << 20
+
+
+class TooLarge(ValueError):
+    """A model whose sizes cannot even be represented (a width like 1e9): one line."""
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What sizes a trial's models and memory: the dataset's classes, channels, image size,
+    and the bytes of it each trial holds (device-resident splits; 0 when streamed)."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    resident_bytes: int
+    num_train: int = 0
+
+    @classmethod
+    def of(cls, spec: Spec, download: bool | None = None) -> DataShape:
+        """The shape of the space's dataset, read once per process (raises DatasetNotFound);
+        `download=False` never fetches it, whatever the space says."""
+        d = spec.data
+        options = json.dumps(d.options, sort_keys=True, default=str)
+        fetch = d.download if download is None else download
+        return _data_shape(d.dataset, d.root, fetch, d.val_fraction, options)
+
+    @property
+    def model_kwargs(self) -> dict[str, int]:
+        return dict(
+            num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _data_shape(
+    dataset: str, root: str | None, download: bool, val_fraction: float, options: str
+) -> DataShape:
+    L = data_lib.build_loaders(
+        dataset,
+        root=root,
+        download=download,
+        val_fraction=val_fraction,
+        device="cpu",
+        **json.loads(options),
+    )
+    held = [getattr(x, "x", None) for x in (L.train, L.val, L.test)]
+    return DataShape(
+        L.num_classes,
+        L.channels,
+        L.image_size,
+        sum(_bytes([t]) for t in held if isinstance(t, Tensor)),
+        L.num_train,
+    )
+
+
+def largest_students(spec: Spec) -> list[tuple[str, Spec]]:
+    """The largest students the space can sample (each arch it may pick, at its widest and
+    deepest), each with the key its size comes from: what must fit a trial's memory."""
+    values = {
+        k: spec.params[f"student.{k}"].values_to_check()
+        for k in ("arch", "width", "depth")
+        if f"student.{k}" in spec.params
+    }
+    width = max([spec.student.width, *values.get("width", [])])
+    depths = [d for d in [spec.student.depth, *values.get("depth", [])] if d]
+    key = "params.student.width" if "width" in values else "student.width"
+    out = []
+    for arch in values.get("arch", [spec.student.arch]):
+        picked = {"student.arch": arch, "student.width": width}
+        if depths:
+            picked["student.depth"] = max(depths)
+        out.append((key, spec.resolved(picked)))
+    return out
+
+
+def model_train_bytes(
+    arch: str,
+    width: float,
+    shape: DataShape,
+    batch_size: int,
+    cfg: TrainSpec | None = None,
+    depth: int | None = None,
+) -> int:
+    """Memory a model needs to train on a batch, estimated without allocating anything: built
+    and run forward on the meta device, its weights, gradients and optimizer state and the
+    activations autograd keeps for the backward pass (cfg None: a model that is only run, as a
+    teacher beside its students: weights and the activations of a batch). Raises TooLarge for
+    sizes past what a tensor can describe."""
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    extra = {"depth": depth} if depth else {}
+    try:
+        with torch.device("meta"):
+            model = build_model(arch, width=width, **extra, **shape.model_kwargs)
+            x = torch.empty(batch_size, shape.in_channels, shape.image_size, shape.image_size)
+            if cfg is None:
+                with torch.no_grad():
+                    out = model.forward_features(x)
+                saved = _bytes([out.stem, *out.stages, out.pool, out.logits])
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    model(x)
+    except (RuntimeError, OverflowError, ValueError) as exc:
+        text = str(exc).strip().splitlines()
+        detail = text[0] if text else type(exc).__name__
+        raise TooLarge(f"{arch} at width {width:g} cannot be built ({detail})") from None
+    weights = _bytes(model.parameters())
+    if cfg is None:
+        return weights + saved
+    states = 3 if cfg.optimizer == "adamw" else 2 if cfg.momentum > 0 else 1
+    return (1 + states) * weights + saved + _bytes(model.buffers())
+
+
+def trial_memory(spec: Spec, shape: DataShape) -> int:
+    """Host memory one Tune trial of `spec` holds, estimated: its process, its dataset, and
+    (trained on the CPU) its `search.pack` students at the largest the space samples and its
+    teacher. Objectives' heads and buffers are left out: a lower bound, for capping how many
+    trials run at once."""
+    total = TRIAL_PROCESS_BYTES + shape.resident_bytes
+    if spec.search.resources.gpu == 0:
+        batch = spec.train.batch_size
+        total += spec.search.pack * max(
+            model_train_bytes(s.arch, s.width, shape, batch, one.train, s.depth)
+            for _, one in largest_students(spec)
+            for s in [one.student]
+        )
+        if any(get_objective(o).needs_teacher for o in spec.objectives):
+            total += model_train_bytes(spec.teacher.arch, spec.teacher.width, shape, batch)
+    return total
 
 
 def pack_memory_problem(

@@ -452,8 +452,10 @@ class FinalProgress:
         )
         self.last_beat = time.time()
 
-    def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
-        if time.time() - self.last_beat > self.heartbeat_s:
+    def on_trial_result(
+        self, trial: Any, result: dict, trials: list, replayed: bool = False
+    ) -> None:
+        if not replayed and time.time() - self.last_beat > self.heartbeat_s:
             self._line(f"{self._name(trial)} epoch {result.get('epoch')}/{self.epochs}", trials)
 
     def on_trial_complete(self, trial: Any, trials: list) -> None:
@@ -609,7 +611,7 @@ class FinalRunner:
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(
                     ListSearcher([r.tune_config() for r in todo]),
-                    max_concurrent=concurrency(spec, len(todo)),
+                    max_concurrent=concurrency(spec, len(todo), log=self.log),
                 ),
                 scheduler=FIFOScheduler(),
                 num_samples=len(todo),

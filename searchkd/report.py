@@ -65,7 +65,11 @@ from .plots import (
     plot_slices,
     plotting,
 )
-from .record import read_final
+from .record import (
+    read_final,
+    ui_command,
+)
+from .record import shown as shown_path
 
 # What this module's callers (the CLI, the API, tests) reach through it: the page, and the
 # analysis and plots it is made of.
@@ -571,7 +575,7 @@ def render_html(a: Analysis, figures: list[Figure], out: Path, imp: dict[str, fl
             + (
                 ""
                 if a.mlflow["tracking_uri"].startswith("http")
-                else " (start it with <code>searchkd ui</code>)"
+                else f" (start it with <code>{html.escape(ui_command(a.search_dir))}</code>)"
             )
             + f"; the search's parent run is "
             f"<code>{html.escape(a.mlflow['parent_run_id'])}</code>.</li>"
@@ -666,7 +670,7 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
         lines.append(
             f"  best trial {a.best.number} by {kept_name(a.metric)}: "
             f"{fmt(a.best.scores[a.metric], a.metric)}, test_acc {fmt(a.best.test_acc)}  (export: "
-            f"searchkd best {os.path.relpath(a.search_dir)})"
+            f"searchkd best {shown_path(a.search_dir)})"
         )
     if a.pareto:
         lines.append(
@@ -676,7 +680,11 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
     if a.mlflow:
         lines.append(
             f"  MLflow: {a.mlflow['link']}"
-            + ("" if a.mlflow["tracking_uri"].startswith("http") else "  (after: searchkd ui)")
+            + (
+                ""
+                if a.mlflow["tracking_uri"].startswith("http")
+                else f"  (after: {ui_command(a.search_dir)})"
+            )
         )
     summary = read_final(a.search_dir) if final else None
     if summary is not None:
