@@ -2,13 +2,16 @@
 
     python bench/gpu_rows.py bench/results/gpu-h200.json                 # print the tables
     python bench/gpu_rows.py bench/results/gpu-h200.json --write bench/RESULTS.md
+    python bench/gpu_rows.py RUN.json RERUN.json --write bench/RESULTS.md   # a step rerun
 
 The figures land as measured, never retyped: `--write` replaces what RESULTS.md holds between
 its `gpu-rows` markers with the tables rendered from the JSON file and names that file in the
-opening marker (`tests/test_bench.py` renders it again and compares). Every row names the
-device it was measured on; a figure the run did not measure (a step timed out, failed or was
-skipped) is shown as such, and a target is judged only on a measured figure. Only a GPU run
-may be written: a CPU dry run's figures say nothing about a GPU.
+opening marker (`tests/test_bench.py` renders it again and compares). A rerun of some steps
+(`gpu.py --only`) on the same device replaces those steps; every row names the device, and
+the torch version, command and date of the run that measured it; a figure the run did not
+measure (a step timed out, failed or was skipped) is shown as such, and a target is judged
+only on a measured figure. Only a GPU run may be written: a CPU dry run's figures say
+nothing about a GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ BLOCK = re.compile(
     r"<!-- gpu-rows:begin source=(?P<source>\S+) -->\n.*?<!-- gpu-rows:end -->", re.S
 )
 NONE = "none"  # the source of the tables before any GPU run
-COMMAND = "python3 bench/gpu.py --wheels .whl --json $OUT/gpu.json"  # bench/README.md
 
 
 def _steps(payload: dict[str, Any] | None) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def _img_s(value: float) -> str:
     return f"{value:,.0f} img/s"
 
 
-Row = tuple[str, str, str, str]  # figure, target, measured, met?
+Row = tuple[str, str, str, str, str | None]  # figure, target, measured, met?, the step
 
 
 def _judge(value: float | None, goal: float | None) -> str:
@@ -88,6 +90,7 @@ def throughput_rows(payload: dict[str, Any] | None) -> list[Row]:
                     "≥ 8×" if ratio_goal else "(none)",
                     why,
                     "—",
+                    "throughput",
                 )
             )
         else:
@@ -99,6 +102,7 @@ def throughput_rows(payload: dict[str, Any] | None) -> list[Row]:
                     f"{_x(r['ratio'])} ({_img_s(r['engine']['img_s'])} vs "
                     f"{_img_s(r['reference']['img_s'])})",
                     _judge(r["ratio"], ratio_goal),
+                    "throughput",
                 )
             )
         if objective == "msd":
@@ -108,6 +112,7 @@ def throughput_rows(payload: dict[str, Any] | None) -> list[Row]:
                     "≥ 30,000 img/s",
                     _img_s(r["engine"]["img_s"]) if r else why,
                     _judge(r["engine"]["img_s"] if r else None, speed_goal),
+                    "throughput",
                 )
             )
         c, why = _figure(payload, "throughput_compile", objective)
@@ -118,7 +123,8 @@ def throughput_rows(payload: dict[str, Any] | None) -> list[Row]:
             if objective in eager_ref:
                 gain = c["engine"]["img_s"] / eager_ref[objective]
                 measured += f", {_x(gain)} the eager run's classic loop"
-        rows.append((f"{objective} engine with train.compile, batch 64", "(none)", measured, "—"))
+        label = f"{objective} engine with train.compile, batch 64"
+        rows.append((label, "(none)", measured, "—", "throughput_compile"))
         b, why = _figure(payload, "throughput_b256", objective)
         measured = (
             f"{_x(b['ratio'])} ({_img_s(b['engine']['img_s'])} vs "
@@ -126,7 +132,8 @@ def throughput_rows(payload: dict[str, Any] | None) -> list[Row]:
             if b
             else why
         )
-        rows.append((f"{objective} engine vs classic loop, batch 256", "(none)", measured, "—"))
+        label = f"{objective} engine vs classic loop, batch 256"
+        rows.append((label, "(none)", measured, "—", "throughput_b256"))
     return rows
 
 
@@ -147,6 +154,7 @@ def concurrency_rows(payload: dict[str, Any] | None) -> list[Row]:
                 "≥ 3×" if goal else "(none)",
                 measured,
                 _judge(r["speedup_vs_1"] if r else None, goal),
+                "concurrency",
             )
         )
     return rows
@@ -177,6 +185,7 @@ def packing_rows(payload: dict[str, Any] | None) -> list[Row]:
                     "≥ 90 % of ideal" if goal else "(none)",
                     measured,
                     _judge(r["efficiency"] if r else None, goal),
+                    "packing",
                 )
             )
     return rows
@@ -208,6 +217,7 @@ def fashion_rows(payload: dict[str, Any] | None) -> list[Row]:
             "the same within noise",
             measured,
             met,
+            "fashion_mnist",
         )
     ]
 
@@ -220,6 +230,7 @@ def overhead_rows(payload: dict[str, Any] | None) -> list[Row]:
             "not measured: bench/gpu.py runs on the device image, which has neither "
             "(`python bench/overhead.py` on a GPU machine with searchkd installed)",
             "—",
+            None,  # measured elsewhere, never by gpu.py: no device of its own
         )
     ]
 
@@ -271,26 +282,22 @@ SECTIONS: tuple[Callable[[dict[str, Any] | None], list[Row]], ...] = (
 
 
 def render(payload: dict[str, Any] | None, source: str) -> str:
-    """The block between the markers (markers included)."""
-    env = (payload or {}).get("environment", {})
+    """The block between the markers (markers included). Each row gives the torch version,
+    command and date of the run that measured it (a step rerun comes from another run)."""
     device = (payload or {}).get("device") or "—"
-    torch = env.get("torch", "—")
-    date = env.get("date", "—")
-    command = f"`{env['command']}`" if env.get("command") else f"`{COMMAND}`"
     lines = [
         BEGIN.format(source=source),
         "| figure | target | measured | target met? | device | torch | command | date |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for section in SECTIONS:
-        for figure, target, measured, met in section(payload):
-            # The overhead row is measured elsewhere, never by this run: no device of its own.
-            where = "—" if section is overhead_rows else device
-            lines.append(
-                f"| {figure} | {target} | {measured} | {met} | {where} | "
-                f"{torch if where != '—' else '—'} | {command if where != '—' else '—'} | "
-                f"{date if where != '—' else '—'} |"
-            )
+        for figure, target, measured, met, step in section(payload):
+            env = _environment(payload, step)
+            if step is None or not env:
+                where = ["—"] * 4
+            else:
+                where = [device, env.get("torch", "—"), f"`{env['command']}`", env["date"]]
+            lines.append(f"| {figure} | {target} | {measured} | {met} | {' | '.join(where)} |")
     memory = memory_rows(payload)
     if memory:
         lines += [
@@ -304,6 +311,34 @@ def render(payload: dict[str, Any] | None, source: str) -> str:
     return "\n".join(lines)
 
 
+def _environment(payload: dict[str, Any] | None, step: str | None) -> dict[str, Any]:
+    """The environment of the run that measured `step`: its own when it came from a rerun."""
+    if payload is None or step is None:
+        return {}
+    return _steps(payload).get(step, {}).get("environment") or payload.get("environment", {})
+
+
+def load(paths: list[Path]) -> dict[str, Any]:
+    """One run's JSON, or a run and reruns of some of its steps (`gpu.py --only`): a step of
+    a later file replaces the earlier one unless only the earlier one is done. Every file
+    must come from the same device."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    merged = runs[0]
+    for path, run in zip(paths[1:], runs[1:], strict=True):
+        if run.get("device") != merged.get("device"):
+            raise SystemExit(
+                f"gpu_rows.py: {path} was measured on {run.get('device')}, {paths[0]} on "
+                f"{merged.get('device')}: one table is one device"
+            )
+        for name, record in run.get("steps", {}).items():
+            before = merged["steps"].get(name)
+            if before and before.get("status") == "done" and record.get("status") != "done":
+                continue
+            merged["steps"][name] = {**record, "environment": run.get("environment", {})}
+        merged["small"] = merged.get("small") or run.get("small")
+    return merged
+
+
 def write(results: Path, payload: dict[str, Any], source: str) -> None:
     text = results.read_text()
     if not BLOCK.search(text):
@@ -313,21 +348,24 @@ def write(results: Path, payload: dict[str, Any], source: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", help="the JSON file of one bench/gpu.py run")
+    p.add_argument(
+        "json", nargs="+", help="the JSON file of one bench/gpu.py run (then any reruns of steps)"
+    )
     p.add_argument("--write", metavar="RESULTS_MD", help="replace the GPU tables in this file")
     args = p.parse_args(argv)
-    payload = json.loads(Path(args.json).read_text())
+    payload = load([Path(path) for path in args.json])
+    source = ",".join(args.json)
     if args.write:
         if payload.get("small") or not (payload.get("environment") or {}).get("gpu"):
             raise SystemExit(
-                f"gpu_rows.py: {args.json} is not a GPU run ({payload.get('device')}"
+                f"gpu_rows.py: {source} is not a GPU run ({payload.get('device')}"
                 f"{', --small' if payload.get('small') else ''}); only a GPU run's figures "
                 "go into the GPU tables"
             )
-        write(Path(args.write), payload, args.json)
-        print(f"{args.write}: GPU tables rendered from {args.json} ({payload['device']})")
+        write(Path(args.write), payload, source)
+        print(f"{args.write}: GPU tables rendered from {source} ({payload['device']})")
     else:
-        print(render(payload, args.json))
+        print(render(payload, source))
     return 0
 
 

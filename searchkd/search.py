@@ -49,7 +49,7 @@ from .driver import (
     trial_storage,
     write_state,
 )
-from .metrics import is_number, kept_name, pick_best, stopped_early, trial_score
+from .metrics import better, is_number, kept_name, pick_best, stopped_early, trial_score
 from .record import JOURNAL_FILE, RESULTS_FILE, RESULTS_LOG, SPACE_FILE, ResultsTable, cut_tail
 from .samplers import make_sampler, propose, seen_by, trial_seed
 from .scheduler import OrderedRungs, ResumableASHA, Rungs, rung_epochs
@@ -383,20 +383,18 @@ class Progress:
         self.last_beat = time.time()
 
     def improve(self, number: int, value: Any) -> None:
-        if (
-            isinstance(value, int | float)
-            and math.isfinite(value)
-            and (
-                self.best is None
-                or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-            )
-        ):
+        best = self.best[0] if self.best else math.nan
+        if isinstance(value, int | float) and better(float(value), best, self.mode):
             self.best = (float(value), number)
 
-    def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
+    def on_trial_result(
+        self, trial: Any, result: dict, trials: list, replayed: bool = False
+    ) -> None:
+        """A heartbeat names the latest new epoch: a resumed trial first replays its saved
+        epochs (recorded already), which are not progress."""
         number = result_number(trial, result)
         self.improve(number, result.get("score"))
-        if time.time() - self.last_beat > self.heartbeat_s:
+        if not replayed and time.time() - self.last_beat > self.heartbeat_s:
             self._line(f"trial {number} epoch {result.get('epoch')}/{self.epochs}", trials)
 
     def ended_text(self, number: Any, how: str, result: dict) -> str:
@@ -630,7 +628,8 @@ def search_lag(spec: Spec, study: optuna.Study) -> int:
     if spec.search.max_concurrent:
         return spec.search.max_concurrent
     if LAG_ATTR not in study.user_attrs:
-        study.set_user_attr(LAG_ATTR, concurrency(spec))
+        # (a memory cap is said once, by the Tuner's own call)
+        study.set_user_attr(LAG_ATTR, concurrency(spec, log=lambda line: None))
     return int(study.user_attrs[LAG_ATTR])
 
 
@@ -714,6 +713,7 @@ def build_tuner(
     space: SearchSpace,
     study: optuna.Study,
     results: ResultsTable,
+    log: Log = say,
 ) -> tuple[tune.Tuner, int]:
     """A Tuner for the trials this run must still run (the study's open trials first, then new
     ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
@@ -742,7 +742,7 @@ def build_tuner(
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(spec)),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(spec, log=log)),
             scheduler=scheduler,
             num_samples=cohorts_to_run(study, spec),
             reuse_actors=True,  # a trial's process outlives it: no re-import of torch per trial
@@ -872,6 +872,7 @@ class SearchRunner:
             self.space,
             study,
             session.results,
+            log=self.log,
         )[0]
 
     def outcomes(self, session: Session, results: ResultsTable) -> Outcomes:

@@ -481,8 +481,39 @@ def test_results_md_gpu_tables_are_those_rendered_from_their_source() -> None:
     match = gpu_rows.BLOCK.search(text)
     assert match, "bench/RESULTS.md has no gpu-rows markers"
     source = match["source"]
-    payload = None if source == gpu_rows.NONE else json.loads((BENCH.parent / source).read_text())
+    paths = [BENCH.parent / path for path in source.split(",")]
+    payload = None if source == gpu_rows.NONE else gpu_rows.load(paths)
     assert match[0] == gpu_rows.render(payload, source)
+
+
+def test_a_rerun_replaces_the_steps_it_measured_with_its_own_date(
+    dry_run: tuple[dict[str, Any], str], tmp_path: Path
+) -> None:
+    import copy
+
+    first = copy.deepcopy(dry_run[0])
+    first["steps"]["throughput_compile"] = {"status": "timed out", "error": "killed", "figures": {}}
+    rerun = copy.deepcopy(dry_run[0])
+    rerun["environment"]["date"] = "2099-01-01 00:00 UTC"
+    rerun["steps"] = {
+        "throughput_compile": dry_run[0]["steps"]["throughput_compile"],
+        "packing": {"status": "failed", "error": "boom", "figures": {}},  # worse: not taken
+    }
+    paths = [tmp_path / "run.json", tmp_path / "rerun.json"]
+    for path, run in zip(paths, (first, rerun), strict=True):
+        path.write_text(json.dumps(run))
+    merged = gpu_rows.load(paths)
+    assert merged["steps"]["throughput_compile"]["status"] == "done"
+    assert merged["steps"]["packing"]["status"] == "done"
+    lines = gpu_rows.render(merged, "run.json,rerun.json").splitlines()
+    [compiled] = [line for line in lines if line.startswith("| crd engine with train.compile")]
+    [eager] = [line for line in lines if line.startswith("| crd (wrn_40_2 → wrn_16_2) engine vs")]
+    assert compiled.endswith("| 2099-01-01 00:00 UTC |")
+    assert eager.endswith(f"| {first['environment']['date']} |")
+    other = {**rerun, "device": "another device"}
+    paths[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="one table is one device"):
+        gpu_rows.load(paths)
 
 
 def _wheel(folder: Path, module: str) -> Path:

@@ -157,6 +157,30 @@ def test_a_journal_torn_mid_record_is_cut_back_to_its_last_whole_record(tmp_path
     assert len(load_study(tmp_path, "s").trials) == 4
 
 
+def test_memory_caps_how_many_trials_run_at_once(monkeypatch) -> None:
+    """`resources: {cpu: 0.02}` on 2 cores fits 100 trials by CPU; each trial's process holds
+    about half a GiB, so Ray's memory caps them, with one line saying so."""
+    from searchkd import driver
+    from searchkd.api import load_space
+    from searchkd.engine import TRIAL_PROCESS_BYTES, DataShape, trial_memory
+
+    raw = tiny_space("many")
+    raw["search"].update(num_samples=50, max_concurrent=0, resources={"cpu": 0.02, "gpu": 0})
+    spec = load_space(raw)
+    per_trial = trial_memory(spec, DataShape.of(spec))
+    assert per_trial > TRIAL_PROCESS_BYTES
+    lines: list[str] = []
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 4 * 2**30})
+    held = driver.concurrency(spec, log=lines.append)
+    assert held == (4 * 2**30) // per_trial < 50
+    assert len(lines) == 1 and lines[0].startswith(
+        f"searchkd: running {held} trials at once, not 50"
+    )
+    lines.clear()  # plenty of memory: the resources decide, nothing said
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 2**40})
+    assert driver.concurrency(spec, log=lines.append) == 50 and not lines
+
+
 def test_the_study_names_its_metrics_and_says_which_trials_asha_stopped(tmp_path) -> None:
     """optuna-dashboard shows the study's metric names (not "Objective 0"); a trial ASHA
     stopped stays COMPLETE (what TPE sees) but carries why it is short as a user attr."""
