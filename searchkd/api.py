@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .record import SPACE_FILE, continue_commands, ui_command, write_options
+from .record import SPACE_FILE, Log, continue_commands, ui_command, write_options
 from .record import shown as shown_path
 from .spec import Spec, SpecError
 from .storage import replace_atomically
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
     from .search import Summary
     from .teacher import TeacherInfo
-
-Say = Callable[[str], None]
 
 
 def warn(line: str) -> None:
@@ -82,8 +80,8 @@ def terminated() -> bool:
 
 
 def lookups() -> dict[str, Any]:
-    """What a space is validated against: the registered objectives (with their tunables),
-    models, datasets (with their options) and samplers."""
+    """What a space is validated against: the registered objectives (with their tunables and
+    the weights of their terms), models, datasets (with their options) and samplers."""
     from .data import check_dataset_option, dataset_names, dataset_options
     from .models import model_names
     from .objectives import get_objective, objective_names
@@ -94,6 +92,7 @@ def lookups() -> dict[str, Any]:
 
     return {
         "objectives": {n: set(get_objective(n).tunables) for n in objective_names()},
+        "term_weights": {n: get_objective(n).term_weights() for n in objective_names()},
         "models": model_names(),
         "datasets": dataset_names(),
         "samplers": SAMPLERS.names(),
@@ -194,7 +193,7 @@ def search_dir_of(directory: str | Path) -> Path:
     return path
 
 
-def state_of(search_dir: Path, say: Say | None = None) -> dict[str, Any]:
+def state_of(search_dir: Path, say: Log | None = None) -> dict[str, Any]:
     """The search's state.json (its status, counts, whether MLflow still waits); {} before it
     or when it is damaged (`say` is told in one line)."""
     from .record import read_state
@@ -247,7 +246,7 @@ def teacher(
     space: str | Path | Mapping[str, Any] | Spec,
     trials_dir: str | Path | None = None,
     spec: Spec | None = None,
-    say: Say = print,
+    say: Log = print,
 ) -> TeacherInfo:
     """Train once and cache (or measure) the space's teacher under `<trials_dir>/teachers`."""
     from .data import DatasetNotFound
@@ -273,7 +272,7 @@ def tune(
     tracking_uri: str | None = None,
     storage: str | None = None,
     report: bool = True,
-    say: Say = print,
+    say: Log = print,
 ) -> SearchRun:
     """Run a search (or continue it with `resume=True`) and return how it ended."""
     spec = load_space(space, storage, check_files=False)
@@ -300,7 +299,7 @@ def resume(
     tracking_uri: str | None = None,
     storage: str | None = None,
     report: bool = True,
-    say: Say = print,
+    say: Log = print,
 ) -> SearchRun:
     """Continue the search in `directory` with the space it was started with."""
     search_dir = search_dir_of(directory)
@@ -331,7 +330,7 @@ def _run(
     tracking_uri: str | None,
     storage: str | None,
     report: bool,
-    say: Say,
+    say: Log,
 ) -> SearchRun:
     if address and num_cpus is not None:
         raise SearchkdError(
@@ -380,7 +379,7 @@ def _run(
                 f"searchkd: {shown} is already finished; nothing to resume. "
                 f"Compare its trials with: {ui_command(search_dir)}"
             )
-            from .report import read_final
+            from .record import read_final
 
             stage = read_final(search_dir)
             if spec.final is not None and (stage is None or not stage.get("complete")):
@@ -503,7 +502,8 @@ def shown(value: Any) -> str:
 
 def final_summary_lines(search_dir: Path) -> list[str]:
     """The final stage's summary, when the search has one (final.parquet)."""
-    from .report import FINAL_FILE, final_lines, read_final
+    from .record import FINAL_FILE, read_final
+    from .report import final_lines
 
     summary = read_final(search_dir)
     if summary is None:
@@ -524,7 +524,7 @@ def final(
     address: str | None = None,
     num_cpus: int | None = None,
     report: bool = True,
-    say: Say = print,
+    say: Log = print,
 ) -> FinalRun:
     """Retrain the search's top `top` configs and its objective's default on train + val with
     `seeds` seeds each, and say whether the winner really beats the default on test. Runs on
@@ -579,7 +579,7 @@ def write_report(
     out: str | Path | None = None,
     mlflow: bool = True,
     after_search: bool = False,
-    say: Say = print,
+    say: Log = print,
 ) -> bool:
     """Write the search's report and log it to its parent MLflow run. A report that cannot be
     written, or a tracking store that is away, is one warning line: the search stands. A search

@@ -235,11 +235,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"searched params"
     )
     for name in spec.objectives:
-        resolved = get_objective(name).resolve(
-            spec.loss
-            if len(spec.objectives) == 1
-            else {k: v for k, v in spec.loss.items() if k in get_objective(name).tunables}
-        )
+        objective = get_objective(name)
+        resolved = objective.resolve(objective.own_loss(spec.loss))
         print(f"  {name}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in resolved.items()))
     for key, p in spec.params.items():
         print(

@@ -38,13 +38,11 @@ from ray.tune import Callback
 
 from . import tracking
 from .engine import DataShape, trial_memory
-from .record import STATE_FILE, STORAGE_FILE, ResultsTable
+from .record import STATE_FILE, STORAGE_FILE, Log, ResultsTable
 from .spec import Spec, students_of
 from .storage import Storage, StorageError, disk_full, replace_atomically
 from .teacher import TeacherInfo
 from .trial import train_trial
-
-Log = Callable[[str], None]  # where progress lines go (print, or a notebook's own)
 
 
 def say(text: str) -> None:

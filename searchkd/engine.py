@@ -424,10 +424,6 @@ class Cohort:
             if m.rng_cuda is not None:
                 m.rng_cuda = torch.cuda.get_rng_state(self.device)
 
-    def train_epoch(self) -> dict[int, dict[str, float]]:
-        """One pass over the training split for the students at the cohort's epoch."""
-        return self.train_members()
-
     def train_members(self) -> dict[int, dict[str, float]]:
         """One pass over the training split for the students at the cohort's epoch; loss terms
         are averaged on the device and read once. Returns each trained student's row."""
@@ -827,21 +823,14 @@ def shared_settings(spec: Spec) -> tuple[Any, ...]:
     )
 
 
-def _member_attr(name: str) -> Any:
-    """An attribute of the engine's one student, read and written through the engine."""
-    return property(
-        lambda self: getattr(self.members[0], name),
-        lambda self, value: setattr(self.members[0], name, value),
-    )
-
-
-class Engine(Cohort):
+class Engine:
     """One student trained under one objective: a cohort of one.
 
     `Engine(spec, seed, teacher_checkpoint)` builds data, teacher, student, objective,
     optimizer and schedule; `run_epoch()` trains one epoch, evaluates, and returns the metrics
     row a trial reports. `state_dict()` / `load_state_dict()` carry everything needed to resume
-    bit-for-bit at an epoch boundary.
+    bit-for-bit at an epoch boundary. The work is the cohort's (`cohort`); the engine reads
+    what the cohort shares (data, teacher, device) and its one student (`member`).
     """
 
     def __init__(
@@ -852,54 +841,77 @@ class Engine(Cohort):
         device: str | torch.device | None = None,
         memory_fraction: float | None = None,
     ) -> None:
-        super().__init__([spec], [seed], teacher_checkpoint, device, memory_fraction)
         self.spec, self.seed = spec, seed
-        self.objective_cls: type[Objective] = get_objective(str(spec.objective))
-        self.train_student: TappedModel = self.members[0].train_student
+        self.cohort = Cohort([spec], [seed], teacher_checkpoint, device, memory_fraction)
+        self.member: Member = self.cohort.members[0]
 
-    student = _member_attr("student")
-    objective = _member_attr("objective")
-    optimizer = _member_attr("optimizer")
-    scheduler = _member_attr("scheduler")
-    student_params = _member_attr("student_params")
-    objective_params = _member_attr("objective_params")
-    student_macs = _member_attr("student_macs")
-    best_val_acc = _member_attr("best_val_acc")
-    test_acc = _member_attr("test_acc")
-    best_student = _member_attr("best_student")
-    last_row = _member_attr("last_row")
-    kept_row = _member_attr("kept_row")
-    history = _member_attr("history")
+    # -- what the cohort shares -------------------------------------------------------------
+    @property
+    def loaders(self) -> Any:
+        return self.cohort.loaders
+
+    @property
+    def teacher(self) -> TappedModel | None:
+        return self.cohort.teacher
+
+    @property
+    def device(self) -> torch.device:
+        return self.cohort.device
+
+    # -- its one student --------------------------------------------------------------------
+    @property
+    def student(self) -> TappedModel:
+        return self.member.student
+
+    @property
+    def objective(self) -> Objective:
+        return self.member.objective
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.member.optimizer
 
     @property
     def epoch(self) -> int:
-        return self.members[0].epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.members[0].epoch = value
+        return self.member.epoch
 
     @property
     def finished(self) -> bool:
-        return self.members[0].finished
+        return self.member.finished
 
-    def train_epoch(self) -> dict[str, float]:  # type: ignore[override]
+    @property
+    def best_student(self) -> dict[str, Tensor]:
+        return self.member.best_student
+
+    @property
+    def best_val_acc(self) -> float:
+        return self.member.best_val_acc
+
+    @property
+    def test_acc(self) -> float:
+        return self.member.test_acc
+
+    @property
+    def last_row(self) -> dict[str, float]:
+        return self.member.last_row
+
+    def train_epoch(self) -> dict[str, float]:
         """One pass over the training split; loss terms are averaged on the device and read once."""
-        return self.train_members()[0]
+        return self.cohort.train_members()[0]
 
     def evaluate(self, split: str = "val") -> EvalResult:
-        return self.evaluate_member(0, split)
+        return self.cohort.evaluate_member(0, split)
 
     def run_epoch(self) -> dict[str, float]:
         """Train one epoch and return the row a trial reports for it."""
-        return self.run_epochs()[0]
+        return self.cohort.run_epochs()[0]
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return self.member_state(0)
+        return self.cohort.member_state(0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_member_state(0, state)
+        self.cohort.load_member_state(0, state)
 
     def save(self, path: str | Path | IO[bytes]) -> None:
         torch.save(self.state_dict(), path)
@@ -908,10 +920,7 @@ class Engine(Cohort):
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
     def to_bytes(self) -> bytes:
-        return self.member_bytes(0)
-
-    def from_bytes(self, blob: bytes) -> None:
-        self.load_member_bytes(0, blob)
+        return self.cohort.member_bytes(0)
 
 
 __all__ = [

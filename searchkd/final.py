@@ -38,6 +38,7 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
+from .analysis import analyze, rank_trials, read_spec
 from .driver import (
     RAY_DIR,
     Log,
@@ -57,10 +58,7 @@ from .driver import (
     trial_storage,
 )
 from .metrics import json_safe
-from .record import ResultsTable
-
-# final.parquet (one row per finished (config, seed)) and the metadata key of its summary
-from .report import FINAL_FILE, FINAL_KEY, analyze, rank_trials, read_spec
+from .record import FINAL_FILE, FINAL_KEY, ResultsTable
 from .samplers import trial_seed
 from .spec import Spec
 from .storage import replace_atomically

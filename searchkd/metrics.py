@@ -95,6 +95,21 @@ def trial_score(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> fl
     return max(values) if mode == "max" else min(values)
 
 
+def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[float]:
+    """ASHA's milestones, ascending: grace · rf^k up to max_t (one bracket, as Ray's
+    `_Bracket`)."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [grace_period * reduction_factor**k for k in range(count)]
+
+
+def rung_epochs(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
+    """The epochs at which a trial of `max_t` epochs is judged: the first epoch that reaches
+    each of ASHA's milestones, below max_t (a trial at max_t has finished). The scheduler
+    decides there; the report draws them."""
+    milestones = rung_milestones(grace_period, max_t, reduction_factor)
+    return sorted({math.ceil(m - 1e-9) for m in milestones} - {max_t})
+
+
 def better(a: float, b: float, mode: str) -> bool:
     """Whether score `a` beats `b` in `mode` (NaN never beats anything)."""
     if not math.isfinite(a):

@@ -15,6 +15,15 @@ defaults to GenAI); the link below, with `workflowType` and the shared view, ope
 table of the trials, best first, with the metrics and the searched params as columns. What the
 UI cannot be told: which rows are expanded, and a browser's own saved column choice outlives
 the shared view only if the user presses "Override saved view".
+
+Read from 3.17.2's bundled UI (mlflow/server/js/build), not yet seen in a browser: a shared
+view may hold `selectedColumns`, `columnOrder`, `columnWidths`, `runsExpanded`, `runsPinned`,
+`runsHidden`, `runsHiddenMode`, `compareRunCharts`, `compareRunSections`, `groupBy`, ...; the
+runs table (AG Grid) applies `columnOrder`, a list of the same column ids as `selectedColumns`
+(`metrics.`val_acc``), listed columns first. The Compare page's parallel-coordinates plot
+(#/compare-runs) keeps its choice in the component, never in a view or a tag: it starts with
+the first three differing params, sorted, and the first metric key the runs share, in the
+order the store returns them, which is the order a run first logged them.
 """
 
 from __future__ import annotations

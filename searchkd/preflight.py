@@ -203,9 +203,8 @@ def pack_memory(spec: Spec, total_bytes: int) -> str | None:
     width = max([spec.student.width, *(widths.values_to_check() if widths else [])])
     worst = 0
     for objective in spec.objectives:
-        own = get_objective(objective).tunables
         raw = spec.model_dump(by_alias=True, exclude_none=True)
-        raw.update(objective=objective, loss={k: v for k, v in spec.loss.items() if k in own})
+        raw.update(objective=objective, loss=get_objective(objective).own_loss(spec.loss))
         raw["student"]["width"] = width
         one = Spec.model_validate(raw)
         weights = None

@@ -41,7 +41,7 @@ STORAGE_FILE = "storage.json"  # where the trials write their state and students
 RESULTS_FILE = "results.parquet"
 RESULTS_LOG = "results.jsonl"
 OPTIONS_FILE = "options.json"  # the command-line options the search was last run with
-Log = Callable[[str], None]
+Log = Callable[[str], None]  # where a run's lines go: print, or a notebook's own
 # The options of `tune`/`resume` that a command continuing the search must repeat, in order.
 RUN_OPTIONS = ("tracking_uri", "address", "num_cpus", "storage")
 
@@ -372,3 +372,20 @@ class ResultsTable:
         self.write_seconds = time.perf_counter() - start
         self.written_rows, self.written_at, self.dirty = len(rows), self.clock(), False
         self.writes += 1
+
+
+# -- the final stage (searchkd final): its summary, kept in final.parquet's metadata -------------
+FINAL_FILE = "final.parquet"
+FINAL_KEY = b"searchkd.final"
+
+
+def read_final(search_dir: str | Path) -> dict[str, Any] | None:
+    """The final stage's summary from `final.parquet`, or None when there is none (yet)."""
+    path = Path(search_dir) / FINAL_FILE
+    if not path.exists():
+        return None
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(FINAL_KEY)
+        return json.loads(raw) if raw else None
+    except (OSError, ValueError):
+        return None

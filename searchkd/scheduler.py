@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from .metrics import rung_epochs, rung_milestones
+
 
 class Rungs:
     """ASHA's bookkeeping for one bracket; values are signed so that larger is better."""
@@ -28,8 +30,7 @@ class Rungs:
         self.max_t = max_t
         self.rf = reduction_factor
         self.sign = 1.0 if mode == "max" else -1.0
-        count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
-        self.milestones = [grace_period * reduction_factor**k for k in reversed(range(count))]
+        self.milestones = rung_milestones(grace_period, max_t, reduction_factor)[::-1]
         self.recorded: dict[float, dict[int, float]] = {m: {} for m in self.milestones}
         # Trials stopped, and at which epoch: a trial stopped just before its driver died runs
         # again, re-reports that epoch, and is stopped there again.
@@ -95,7 +96,6 @@ class ResumableASHA(FIFOScheduler):
         self.set_search_properties(metric, mode)
         self.time_attr = time_attr
         self.rungs = Rungs(grace_period, max_t, reduction_factor, mode)
-        self.stopped_early = 0
         self.ordered: OrderedRungs | None = None
         self.deliver: Callable[[int, int, bool], None] | None = None
 
@@ -110,8 +110,6 @@ class ResumableASHA(FIFOScheduler):
         if self.ordered is not None:
             return self._ordered_result(number, int(result[self.time_attr]), result)
         stop = self.rungs.on_result(number, result[self.time_attr], self._value(result))
-        if stop and result[self.time_attr] < self.rungs.max_t:
-            self.stopped_early += 1
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
     def _send(self, number: int, epoch: int, stop: bool) -> None:
@@ -131,8 +129,6 @@ class ResumableASHA(FIFOScheduler):
         if stop is None:  # not a rung, or not decided yet (the trial waits at the rung)
             return TrialScheduler.CONTINUE
         self._send(number, epoch, stop)  # again after a resume: the file may predate it
-        if stop:
-            self.stopped_early += 1
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
     def _ordered_end(self, trial: Any) -> None:
@@ -157,15 +153,6 @@ class ResumableASHA(FIFOScheduler):
                 result[self.time_attr],
                 self._value(result),
             )
-
-
-def rung_epochs(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
-    """The epochs at which a trial of `max_t` epochs is judged: the first epoch that reaches
-    each of ASHA's milestones (grace · rf^k), below max_t (a trial at max_t has finished)."""
-    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
-    return sorted(
-        {int(np.ceil(grace_period * reduction_factor**k - 1e-9)) for k in range(count)} - {max_t}
-    )
 
 
 class OrderedRungs:

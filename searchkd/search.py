@@ -49,7 +49,7 @@ from .driver import (
     trial_storage,
     write_state,
 )
-from .metrics import is_number, kept_name, pick_best, stopped_early, trial_score
+from .metrics import better, is_number, kept_name, pick_best, stopped_early, trial_score
 from .record import JOURNAL_FILE, RESULTS_FILE, RESULTS_LOG, SPACE_FILE, ResultsTable, cut_tail
 from .samplers import make_sampler, propose, seen_by, trial_seed
 from .scheduler import OrderedRungs, ResumableASHA, Rungs, rung_epochs
@@ -383,14 +383,8 @@ class Progress:
         self.last_beat = time.time()
 
     def improve(self, number: int, value: Any) -> None:
-        if (
-            isinstance(value, int | float)
-            and math.isfinite(value)
-            and (
-                self.best is None
-                or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-            )
-        ):
+        best = self.best[0] if self.best else math.nan
+        if isinstance(value, int | float) and better(float(value), best, self.mode):
             self.best = (float(value), number)
 
     def on_trial_result(

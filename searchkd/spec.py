@@ -342,10 +342,11 @@ def validate(
     dataset_options: Mapping[str, set[str]] | None = None,
     check_tunable: TunableCheck | None = None,
     check_dataset_option: TunableCheck | None = None,
+    term_weights: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Spec:
-    """Validate a parsed space. The lookups (known objectives with their tunables, model,
-    dataset and sampler names, a tunable and a dataset-option checker) come from the layers
-    that own them."""
+    """Validate a parsed space. The lookups (known objectives with their tunables and the
+    weights of their loss terms with their defaults, model, dataset and sampler names, a
+    tunable and a dataset-option checker) come from the layers that own them."""
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -403,6 +404,16 @@ def validate(
                 for o in spec.objectives:
                     if key in objectives[o]:
                         _check(fail, check_tunable, o, f"loss.{key}", key, value)
+
+    for o in spec.objectives if term_weights is not None else []:
+        weights = term_weights.get(o, {})  # type: ignore[union-attr]
+        if weights and all(_can_be_zero(spec, k, d) for k, d in weights.items()):
+            fail(
+                "loss",
+                f"objective {o} can have every term weighted 0 "
+                f"({', '.join(f'{k}: 0' for k in weights)}): a trial would have no loss to train "
+                "on; give one of them a weight > 0",
+            )
 
     for key, param in spec.params.items():
         section, _, leaf = key.partition(".")
@@ -462,6 +473,22 @@ def validate(
 
 # Train keys every student of a cohort shares (with data.*): they train over the same batches.
 PACK_SHARED = ("train.batch_size", "train.epochs", "train.precision", "train.compile")
+
+
+def _can_be_zero(spec: Spec, key: str, default: float) -> bool:
+    """Whether a trial can get loss weight `key` at 0: fixed at 0 (or its default 0 unset),
+    or searched over values that hold 0 (a choice, an int range, a stepped or empty float one;
+    a continuous draw from [0, high] is never exactly 0)."""
+    p = spec.params.get(f"loss.{key}")
+    if p is None:
+        value = spec.loss.get(key, default)
+        return isinstance(value, int | float) and value == 0
+    if p.choice is not None:
+        return any(isinstance(v, int | float) and v == 0 for v in p.choice)
+    low, high = p.float_ if p.float_ is not None else p.int_  # type: ignore[misc]
+    if p.int_ is not None or p.step is not None:
+        return low <= 0
+    return high <= 0
 
 
 def _may_lack_val(spec: Spec) -> bool:

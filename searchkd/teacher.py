@@ -13,7 +13,6 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +20,9 @@ import torch
 from filelock import FileLock
 
 from .engine import Engine, load_weights
+from .record import Log
 from .spec import Spec, teacher_digest, teacher_key
 from .storage import replace_atomically
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

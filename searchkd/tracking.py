@@ -38,14 +38,14 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .metrics import logged, stopped_early
+from .metrics import better, logged, stopped_early
 from .mlflow_ui import lead_metrics, local_store, read_tracking, tracking_json, ui_tags
+from .record import Log
 from .spec import students_of
 from .storage import STUDENT_FILE, Storage, replace_atomically, trial_key
 
 RUNS_FILE = "mlflow_runs.json"
 TRACKING_FILE = "tracking.json"
-Log = Callable[[str], None]
 
 # Server answers that retrying cannot change; anything else (no connection, 5xx, a locked
 # sqlite file) is treated as the store being away for a while.
@@ -525,11 +525,8 @@ class MlflowWriter:
             )
         for row in rows:
             value = row.get("score", row.get(self.metric))
-            if value is None or not math.isfinite(value):
-                continue
-            if self._best is None or (
-                value > self._best if self.mode == "max" else value < self._best
-            ):
+            best = math.nan if self._best is None else self._best
+            if value is not None and better(value, best, self.mode):
                 self._best = value
                 step = int(row.get("epoch", 0))
                 self.client.log_batch(

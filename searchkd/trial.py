@@ -27,7 +27,7 @@ import torch
 from ray import tune
 
 from .data import DatasetNotFound
-from .engine import Cohort, Engine, estimate_pack_bytes, pack_memory_problem
+from .engine import Cohort, estimate_pack_bytes, pack_memory_problem
 from .metrics import scores
 from .objectives import get_objective
 from .spec import Spec, students_of
@@ -52,10 +52,10 @@ def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> Spec:
     """
     sampled = {k: v for k, v in config.items() if k not in META_KEYS}
     spec = Spec.model_validate(base).resolved(sampled)
-    own = get_objective(spec.objective).tunables
-    if any(k not in own for k in spec.loss):
+    own = get_objective(spec.objective).own_loss(spec.loss)
+    if own != spec.loss:
         raw = spec.model_dump(by_alias=True, exclude_none=True)
-        raw["loss"] = {k: v for k, v in spec.loss.items() if k in own}
+        raw["loss"] = own
         spec = Spec.model_validate(raw)
     return spec
 
@@ -218,11 +218,6 @@ def check_memory(cohort: Cohort, memory_fraction: float | None) -> None:
     )
     if problem:
         raise TrialSetupError(f"node {node_label()}: {problem}")
-
-
-def resume(engine: Engine, files: Storage) -> bool:
-    """Load the trial's saved state if there is a readable one; otherwise it starts at 0."""
-    return resume_member(engine, 0, files)
 
 
 def resume_member(cohort: Cohort, i: int, files: Storage) -> bool:

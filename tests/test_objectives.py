@@ -15,16 +15,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_space
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from searchkd.api import load_space
 from searchkd.models import Features, TappedModel, build_model
 from searchkd.objectives import Objective, ObjectiveContext, get_objective, objective_names
 from searchkd.objectives.cktf import layer_pairs, teacher_stage_for
 from searchkd.objectives.crd import ContrastMemory, LabelBook
 from searchkd.objectives.lfcc import dct_lowpass, dct_matrix
 from searchkd.objectives.stkd import mixup, similarity_transfer
+from searchkd.spec import SpecError
 
 NUM_CLASSES = 5
 NUM_TRAIN = 32
@@ -289,6 +292,19 @@ def test_each_weight_scales_its_own_term(name, pair, batch) -> None:
         )
         dropped = zero[term_of[key]].item() if term_of[key] in zero else 0.0
         assert dropped == 0.0  # a zero weight zeroes (or drops) the term
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_term_weight_at_zero_leaves_no_loss_and_is_refused_in_validation(
+    name, pair, batch
+) -> None:
+    teacher, student = pair
+    zeros = dict.fromkeys(get_objective(name).term_weights(), 0.0)
+    terms = run(build(name, teacher, student, batch[0], **zeros), student, teacher, batch)
+    assert all(v.item() == 0.0 for v in terms.values())  # the weights validation knows are all
+    space = {**tiny_space(), "objective": name, "loss": zeros, "params": {}}
+    with pytest.raises(SpecError, match=f"^<space>: loss: objective {name} can have every term"):
+        load_space(space)
 
 
 def random_features(like: Features, seed: int = 0) -> Features:

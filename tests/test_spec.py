@@ -121,6 +121,17 @@ BAD = [
         lambda s: s["train"].update(nesterov=True, optimizer="adamw"),
         "train: nesterov applies to optimizer sgd",
     ),
+    # Every term weighted 0: no loss to train on (it would fail in the first batch).
+    (
+        lambda s: s.update(objective="kd", loss={"ce_weight": 0, "kd_weight": 0}),
+        "loss: objective kd can have every term weighted 0 (ce_weight: 0, kd_weight: 0)",
+    ),
+    (
+        lambda s: s.update(
+            objective="ce", loss={}, params={"loss.ce_weight": {"choice": [0.0, 1.0]}}
+        ),
+        "loss: objective ce can have every term weighted 0",
+    ),
     # Non-finite values, steps that cannot step and seeds no generator takes (issue 21).
     (
         lambda s: s["params"].update({"loss.tau": {"float": [float("nan"), 0.5]}}),
