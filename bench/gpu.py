@@ -477,7 +477,7 @@ def step_fashion_mnist(opts: dict[str, Any], emit: Emit) -> None:
             run = {
                 "precision": precision,
                 "seed": seed,
-                "bf16_autocast": engine.bf16,
+                "bf16_autocast": engine.cohort.bf16,
                 "tf32": bool(device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32),
                 "channels_last": device.type == "cuda",
                 "student": settings["student"],
