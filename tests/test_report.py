@@ -738,7 +738,8 @@ def test_a_search_ends_with_its_report_and_its_best_student_reproduces(
     assert f"report: {os.path.relpath(search / 'report' / 'index.html')}" in out
     assert "logged to MLflow" in out and "viewStateShareKey=searchkd" in out
     # The history's last best is the summary's best value.
-    summary_best = float(re.search(r"best trial \d+: best_val_acc ([0-9.]+)", out)[1])
+    # (the summary's line, not a progress line's "| best trial N: ..." tail)
+    summary_best = float(re.search(r"^best trial \d+: best_val_acc ([0-9.]+),", out, re.M)[1])
     data = json.loads((search / "report" / "data.json").read_text())
     assert f"{data['history']['best'][-1]:.4f}" == f"{summary_best:.4f}"
 
