@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -418,10 +418,12 @@ def final(
     address: str | None = None,
     num_cpus: int | None = None,
     say: Say = print,
+    trials: Sequence[int] | None = None,
 ) -> FinalRun:
-    """Retrain the search's top `top` configs and its objective's default on train + val with
-    `seeds` seeds each, and say whether the winner really beats the default on test. Runs on
-    Ray Tune and resumes like a search: finished runs are never trained again."""
+    """Retrain the search's top `top` configs (or the configs of the trials numbered
+    `trials`) and its objective's default on train + val with `seeds` seeds each, and say
+    whether the winner really beats the default on test. Runs on Ray Tune and resumes like a
+    search: finished runs are never trained again."""
     search_dir = Path(search).expanduser()
     if (
         not (search_dir / SPACE_FILE).is_file()
@@ -442,7 +444,7 @@ def final(
     from .search import SearchError
 
     try:
-        stage = prepare(search_dir, top, seeds)
+        stage = prepare(search_dir, top, seeds, trials)
         # The teacher is read from its cache only when something is left to train.
         info = (
             teacher(stage.spec, search_dir.parent, spec=stage.spec, say=say) if stage.todo else None
