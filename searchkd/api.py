@@ -69,7 +69,7 @@ class FinalRun:
 def lookups() -> dict[str, Any]:
     """What a space is validated against: the registered objectives (with their tunables),
     models, datasets (with their options) and samplers."""
-    from .data import dataset_names, dataset_options
+    from .data import check_dataset_option, dataset_names, dataset_options
     from .models import model_names
     from .objectives import get_objective, objective_names
     from .samplers import SAMPLERS
@@ -84,6 +84,7 @@ def lookups() -> dict[str, Any]:
         "samplers": SAMPLERS.names(),
         "dataset_options": {n: dataset_options(n) for n in dataset_names()},
         "check_tunable": check,
+        "check_dataset_option": check_dataset_option,
     }
 
 

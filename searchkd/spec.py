@@ -319,9 +319,11 @@ def validate(
     samplers: list[str] | None = None,
     dataset_options: Mapping[str, set[str]] | None = None,
     check_tunable: TunableCheck | None = None,
+    check_dataset_option: TunableCheck | None = None,
 ) -> Spec:
     """Validate a parsed space. The lookups (known objectives with their tunables, model,
-    dataset and sampler names, a tunable checker) come from the layers that own them."""
+    dataset and sampler names, a tunable and a dataset-option checker) come from the layers
+    that own them."""
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -360,6 +362,11 @@ def validate(
                     f"not an option of dataset {spec.data.dataset}; valid: "
                     f"{', '.join(sorted(valid)) or 'none'}",
                 )
+            if check_dataset_option is not None:
+                try:
+                    check_dataset_option(spec.data.dataset, key, spec.data.options[key])
+                except ValueError as exc:
+                    fail(f"data.options.{key}", str(exc))
 
     if objectives is not None:
         own = set().union(*(objectives[o] for o in spec.objectives))

@@ -13,6 +13,7 @@ from .base import (
     Splits,
     StreamingDataset,
     build_loaders,
+    check_dataset_option,
     dataset_names,
     dataset_options,
     load_dataset,
@@ -22,6 +23,7 @@ from .base import (
     resolve_root,
     split,
     stratified_split,
+    stratified_subset,
 )
 from .errors import DatasetNotFound
 from .imagefolder import StreamingLoader
@@ -42,6 +44,7 @@ __all__ = [
     "StreamingDataset",
     "StreamingLoader",
     "build_loaders",
+    "check_dataset_option",
     "dataset_names",
     "dataset_options",
     "load_dataset",
@@ -51,4 +54,5 @@ __all__ = [
     "resolve_root",
     "split",
     "stratified_split",
+    "stratified_subset",
 ]

@@ -49,6 +49,10 @@ class ArrayDataset:
     std: tuple[float, ...]
     crop_padding: int
     flip: bool
+    # At most this many training images (None: all): a seeded, class-stratified subset of the
+    # training split taken *after* the validation split is carved, so capping what a CPU run
+    # trains on leaves the validation split (and the test split) as large as without it.
+    train_images: int | None = None
 
 
 @dataclass
@@ -103,8 +107,30 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
     return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
 
 
+def stratified_subset(y: Tensor, n: int, seed: int) -> Tensor:
+    """Sorted indices of `n` samples with each class in its share of `y` (largest remainders
+    get the rounding), deterministic in `seed`; all of them when `n >= len(y)`."""
+    if n >= len(y):
+        return torch.arange(len(y))
+    classes, counts = torch.unique(y, return_counts=True)
+    exact = counts.double() * n / len(y)
+    take = exact.floor().long()
+    short = n - int(take.sum())
+    take[torch.argsort(exact - take, descending=True, stable=True)[:short]] += 1
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist(), strict=True):
+        idx = torch.nonzero(y == c).flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.sort(torch.cat(picked)).values
+
+
 def split(ds: ArrayDataset, val_fraction: float, seed: int = SPLIT_SEED) -> Splits:
+    """train / val / test: val is a stratified `val_fraction` of the training images, then
+    the rest is capped at `ds.train_images` (stratified, the same seed); test is untouched."""
     keep, held = stratified_split(ds.train_y, val_fraction, seed)
+    if ds.train_images is not None:
+        keep = keep[stratified_subset(ds.train_y[keep], ds.train_images, seed)]
     return Splits(
         train=(ds.train_x[keep], ds.train_y[keep]),
         val=(ds.train_x[held], ds.train_y[held]),
@@ -302,6 +328,26 @@ def dataset_options(name: str) -> set[str]:
 
     params = inspect.signature(DATASETS.get(name)).parameters
     return {p for p in params if p not in ("root", "download")}
+
+
+def check_dataset_option(name: str, key: str, value: object) -> object:
+    """`value` as dataset `name`'s builder declares option `key` (its type hint, constraints
+    included, checked by pydantic); ValueError with one line when it does not fit, so a bad
+    value is refused when the space is validated, not when the first trial loads the data."""
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    hint = typing.get_type_hints(DATASETS.get(name), include_extras=True).get(key)
+    if hint is None:
+        return value
+    try:
+        return TypeAdapter(hint).validate_python(value, strict=True)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # A `T | None` hint reports once per member; the non-None member says what is wanted.
+        first = next((e for e in errors if e["type"] != "none_required"), errors[0])
+        raise ValueError(f"{first['msg']}, got {value!r}") from None
 
 
 def load_dataset(
