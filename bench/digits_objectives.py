@@ -94,13 +94,41 @@ class Row:
         return None if v is None else v.mean > EPS
 
 
+def load_base(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A base space file with `--override KEY=VALUE` items written into it: KEY a dotted path
+    (teacher.train.epochs), VALUE read as YAML (30, resnet20, {cpu: 4, gpu: 0.25}, null to
+    drop the key). One command then runs a benchmark at another size (bench/README.md's GPU
+    column) without a second copy of its space."""
+    raw = yaml.safe_load(path.read_text())
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--override {item!r}: give KEY=VALUE, e.g. train.epochs=30")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--override {item!r}: {part} is not a section")
+        value = yaml.safe_load(text)
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return raw
+
+
 def space_of(
-    objective: str, base: Path, seeds: int | None = None, pack: bool = False
+    objective: str,
+    base: Path,
+    seeds: int | None = None,
+    pack: bool = False,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The base space with only its objective and name replaced (and, if asked, its number of
-    trials, all packed into one). The name is the base's with its objective swapped
-    (digits-ce → digits-kd), else the base's with the objective appended."""
-    raw = yaml.safe_load(base.read_text())
+    """The base space (with `overrides`) with only its objective and name replaced (and, if
+    asked, its number of trials, all packed into one). The name is the base's with its
+    objective swapped (digits-ce → digits-kd), else the base's with the objective appended."""
+    raw = load_base(base, overrides)
     name, own = str(raw["name"]), f"-{raw['objective']}"
     stem = name[: -len(own)] if name.endswith(own) else name
     raw = {**raw, "name": f"{stem}-{objective}", "objective": objective}
@@ -256,6 +284,14 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
         default=min(2, os.cpu_count() or 1),
         help="CPUs of each search's Ray",
     )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the base space (repeatable): a dotted key and a YAML value, e.g. "
+        "train.epochs=30 or data.options=null",
+    )
 
 
 def parse_objectives(text: str) -> list[str]:
@@ -304,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     temporary = args.trials_dir is None
     trials = Path(tempfile.mkdtemp(prefix="searchkd-objectives-")) if temporary else args.trials_dir
     trials.mkdir(parents=True, exist_ok=True)
-    spaces = {o: space_of(o, args.base, args.seeds, args.pack) for o in objectives}
+    spaces = {o: space_of(o, args.base, args.seeds, args.pack, args.override) for o in objectives}
     rows: list[Row] = []
     start = time.perf_counter()
     try:
@@ -331,7 +367,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(trials, ignore_errors=True)
     compare(rows)
     env.update(load_average_1m_end=os.getloadavg()[0], wall_s=time.perf_counter() - start)
-    settings = {"base": str(args.base), "seeds": args.seeds, "pack": args.pack}
+    settings = {
+        "base": str(args.base),
+        "seeds": args.seeds,
+        "pack": args.pack,
+        "overrides": args.override,
+    }
     record = {"settings": settings, "rows": [asdict(r) for r in rows]}
     return finish(table(rows), env, args.json, record)
 

@@ -49,9 +49,11 @@ from searchkd.report import read_final, read_spec  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def searched_space(objective: str, base: Path, trials: int, seeds: int) -> dict[str, Any]:
-    """The base digits space with `objective`, its tunables searched, and a final stage."""
-    raw = space_of(objective, base)
+def searched_space(
+    objective: str, base: Path, trials: int, seeds: int, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """The base space with `objective`, its tunables searched, and a final stage."""
+    raw = space_of(objective, base, overrides=overrides or ())
     raw["name"] = f"final-{objective}"
     params = {
         f"loss.{k}": dict(t.search)
@@ -157,10 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         return finish(table(rows), env, args.json, {"settings": settings, "rows": rows})
     trials = args.trials_dir or Path(tempfile.mkdtemp(prefix="searchkd-final-"))
     trials.mkdir(parents=True, exist_ok=True)
-    share_teacher(space_of("ce", args.base), args.teacher_trials_dir.expanduser(), trials)
+    share_teacher(
+        space_of("ce", args.base, overrides=args.override),
+        args.teacher_trials_dir.expanduser(),
+        trials,
+    )
     rows = []
     for objective in names:
-        raw = searched_space(objective, args.base, args.trials, args.seeds)
+        raw = searched_space(objective, args.base, args.trials, args.seeds, args.override)
         if args.epochs:
             raw["train"] = {**raw["train"], "epochs": args.epochs}
         print(

@@ -27,11 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_objectives import add_search_options, environment, finish, share_teacher  # noqa: E402
+from digits_objectives import (  # noqa: E402
+    add_search_options,
+    environment,
+    finish,
+    load_base,
+    share_teacher,
+)
 
 import searchkd  # noqa: E402
 from searchkd.report import analyze, read_final  # noqa: E402
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the front, the final stage and more")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray, as in the tests
-    raw = yaml.safe_load(args.space.read_text())
+    raw = load_base(args.space, args.override)
     if args.trials:
         raw["search"] = {**raw.get("search", {}), "num_samples": args.trials}
     if args.epochs:
@@ -171,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": raw["train"].get("epochs"),
         "seeds": args.seeds,
         "points": picked,
+        "overrides": args.override,
     }
     record = {"settings": settings, "front": front, "final": summary}
     return finish(text, env, args.json, record)

@@ -56,7 +56,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_objectives import add_search_options, environment, share_teacher  # noqa: E402
+from digits_objectives import (  # noqa: E402
+    add_search_options,
+    environment,
+    load_base,
+    share_teacher,
+)
 
 import searchkd  # noqa: E402
 from searchkd.record import read_rows  # noqa: E402
@@ -413,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray, as in the tests
-    base = yaml.safe_load(args.space.read_text())
+    base = load_base(args.space, args.override)
     env = environment()
     budget = args.trials * args.epochs
     temporary = args.trials_dir is None
@@ -508,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 "small": args.small,
                 "grace_period": args.grace_period,
                 "tpe_settings": args.settings,
+                "overrides": args.override,
             },
             "searches": [asdict(s) for s in searches],
             **result,

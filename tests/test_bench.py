@@ -251,6 +251,21 @@ def test_objective_spaces_change_objective_and_name_and_pack_their_seeds(tmp_pat
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({**raw, "name": "mine"}))
     assert digits_objectives.space_of("kd", other)["name"] == "mine-kd"
+    # --override: one command at another size, e.g. the GPU column of bench/README.md
+    full = digits_objectives.space_of(
+        "kd",
+        base,
+        overrides=[
+            "data.options=null",
+            "teacher.arch=resnet20",
+            "search.resources={cpu: 4, gpu: 0.25}",
+        ],
+    )
+    assert "options" not in full["data"] and full["teacher"]["arch"] == "resnet20"
+    assert full["search"]["resources"] == {"cpu": 4, "gpu": 0.25}
+    assert full["teacher"]["train"] == raw["teacher"]["train"] and full["train"] == raw["train"]
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        digits_objectives.load_base(base, ["train.epochs"])
 
 
 def test_search_variants_change_only_the_searched_side(tmp_path: Path) -> None:
