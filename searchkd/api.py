@@ -329,8 +329,9 @@ def _run(
         local_ray_env()
     root.mkdir(parents=True, exist_ok=True)
     lock = take_lock(search_dir)
+    from .driver import SearchError, base_storage, connect
     from .record import ResultsError
-    from .search import SearchError, base_storage, connect, run_search
+    from .search import run_search
 
     try:
         try:
@@ -349,8 +350,6 @@ def _run(
             info,
             resume=resume,
             tracking_uri=tracking_uri,
-            address=address,
-            num_cpus=num_cpus,
             log=say,
         )
         final_status = None
@@ -440,9 +439,9 @@ def final(
     if address is None:
         local_ray_env()
     lock = take_lock(search_dir)
+    from .driver import SearchError
     from .final import prepare, run_final
     from .report import ReportError
-    from .search import SearchError
 
     try:
         stage = prepare(search_dir, top, seeds, trials)

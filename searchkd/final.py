@@ -38,31 +38,30 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
+from .driver import (
+    RAY_DIR,
+    Log,
+    Outcomes,
+    SearchError,
+    Session,
+    base_storage,
+    base_tags,
+    concurrency,
+    connect,
+    drive,
+    make_trainable,
+    open_tracking,
+    quiet,
+    run_config,
+    say,
+    trial_storage,
+)
 from .metrics import json_safe
 from .record import ResultsTable
 
 # final.parquet (one row per finished (config, seed)) and the metadata key of its summary
 from .report import FINAL_FILE, FINAL_KEY, analyze, rank_trials, read_spec
 from .samplers import trial_seed
-from .search import (
-    RAY_DIR,
-    TRACKING_WAIT_S,
-    Deadline,
-    Log,
-    Outcomes,
-    SearchCallback,
-    SearchError,
-    Session,
-    SessionStopper,
-    base_storage,
-    concurrency,
-    connect,
-    fit,
-    make_trainable,
-    quiet,
-    say,
-    trial_storage,
-)
 from .spec import Spec
 from .storage import replace_atomically
 from .teacher import TeacherInfo
@@ -487,7 +486,7 @@ class FinalProgress:
         shown = f"{acc:.4f}" if isinstance(acc, float) else str(acc)
         self._line(f"{self._name(trial)} finished: test_acc {shown}", trials)
 
-    def on_trial_error(self, trial: Any, trials: list) -> None:
+    def on_trial_error(self, trial: Any, trials: list, numbers: list[int] | None = None) -> None:
         self._line(f"{self._name(trial)} FAILED", trials)
         self.log(f"  {self._name(trial)}: {tracking.error_reason(trial)}")
 
@@ -503,6 +502,171 @@ def final_base(spec: Spec) -> Spec:
     return spec.resolved({"data.val_fraction": 0.0})
 
 
+class FinalRunner:
+    """The final stage as the driver runs it (`drive`): its plan's runs under ListSearcher,
+    its MLflow runs nested in the search's, final.parquet written when they end."""
+
+    def __init__(
+        self,
+        stage: FinalStage,
+        teacher: TeacherInfo | None,
+        address: str | None,
+        num_cpus: int | None,
+        log: Log,
+    ) -> None:
+        self.stage, self.teacher, self.address, self.num_cpus, self.log = (
+            stage,
+            teacher,
+            address,
+            num_cpus,
+            log,
+        )
+        self.by_number = {r.number: r for r in stage.runs}
+        self.summary: dict[str, Any] = {}
+
+    def open(self) -> tracking.MlflowWriter:
+        """A `final` run nested under the search's parent run; its (config, seed) runs are
+        named and tagged by the plan."""
+        stage, spec = self.stage, self.stage.spec
+        state = stage.search_dir / tracking.TRACKING_FILE
+        if not state.exists():
+            raise FinalError(
+                f"{os.path.relpath(stage.search_dir)}: the search has no MLflow run "
+                f"({tracking.TRACKING_FILE} is missing); resume the search first"
+            )
+        search_runs = tracking.SearchRuns(**json.loads(state.read_text()))
+        tags = base_tags(spec, stage="final")
+        try:
+            runs = open_tracking(
+                lambda: tracking.open_nested(
+                    search_runs,
+                    stage.final_dir / tracking.TRACKING_FILE,
+                    "final",
+                    tags,
+                    params={
+                        "top": stage.top,
+                        "seeds": len(stage.seeds),
+                        "val_fraction": 0.0,
+                        "epochs": spec.train.epochs,
+                        "metric": "test_acc",
+                    },
+                ),
+                search_runs.tracking_uri,
+            )
+        except SearchError as exc:
+            raise FinalError(str(exc)) from None
+        self.storage = trial_storage(stage.search_dir, spec).child(FINAL_DIR)
+        return tracking.MlflowWriter(
+            runs,
+            stage.final_dir,
+            self.storage,
+            "test_acc",
+            "max",
+            tags,
+            spec.train.epochs,
+            log=self.log,
+            key_tag="final_run",
+            run_tags=self.run_tags,
+            run_name=self.run_name,
+            track_best=False,
+        )
+
+    def run_tags(self, rec: tracking.TrialRecord) -> dict[str, str]:
+        run = self.by_number.get(rec.number)
+        if run is None:
+            return {}
+        source = run.config.trial_number
+        return {
+            "rank": run.config.tag,
+            "seed": str(run.seed),
+            "trial_number": "" if source is None else str(source),
+            "config": run.config.label,
+        }
+
+    def run_name(self, rec: tracking.TrialRecord) -> str:
+        run = self.by_number.get(rec.number)
+        return f"final-{run.name}" if run else f"final-{rec.number:03d}"
+
+    def results(self) -> ResultsTable:
+        return ResultsTable(self.stage.final_dir / "results.parquet", self.log)
+
+    def progress(self, results: ResultsTable) -> FinalProgress:
+        stage = self.stage
+        return FinalProgress(
+            self.by_number,
+            len(stage.runs),
+            len(stage.runs) - len(stage.todo),
+            stage.spec.train.epochs,
+            log=self.log,
+        )
+
+    def tuner(self, session: Session) -> tune.Tuner | None:
+        """Ray is started (or joined) only when a run is left to train."""
+        stage, spec, log = self.stage, self.stage.spec, self.log
+        todo = stage.todo
+        if not todo:
+            log(
+                f"final stage of {spec.name}: all {len(stage.runs)} runs are done; nothing left "
+                "to do"
+            )
+            return None
+        top = sum(c.rank is not None for c in stage.configs)
+        default = (
+            "and the default"
+            if any(c.rank is None for c in stage.configs)
+            else "(the default among them)"
+        )
+        log(
+            f"final stage of {spec.name}: {top} top config{'s' if top != 1 else ''} {default}, "
+            f"{len(stage.seeds)} seed{'s' if len(stage.seeds) != 1 else ''} each, "
+            f"{spec.train.epochs} epochs on train + val: {len(todo)} of {len(stage.runs)} runs to "
+            f"train, in {os.path.relpath(stage.search_dir)}/{FINAL_DIR}"
+        )
+        connect(
+            spec,
+            self.address,
+            self.num_cpus,
+            storage=base_storage(spec, stage.search_dir.parent),
+        )
+        return tune.Tuner(
+            make_trainable(final_base(spec), self.teacher, self.storage),
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(
+                    ListSearcher([r.tune_config() for r in todo]),
+                    max_concurrent=concurrency(spec, len(todo)),
+                ),
+                scheduler=FIFOScheduler(),
+                num_samples=len(todo),
+                reuse_actors=True,
+            ),
+            run_config=run_config(spec, stage.final_dir / RAY_DIR, session),
+        )
+
+    def outcomes(self, session: Session, results: ResultsTable) -> Outcomes:
+        self.done = finished_rows(results, self.stage.spec.train.epochs)
+        outcomes = Outcomes(trial_ids=dict(session.trial_ids))
+        for run in self.stage.runs:
+            outcomes.configs[run.number] = run.tune_config()
+            if run.number in self.done:
+                outcomes.status[run.number] = "finished"
+            elif run.number in session.failed:
+                outcomes.status[run.number], outcomes.errors[run.number] = (
+                    "failed",
+                    session.failed[run.number],
+                )
+            else:
+                outcomes.status[run.number] = "unfinished"
+        return outcomes
+
+    def settle(self, outcomes: Outcomes, session: Session) -> bool:
+        """final.parquet for what finished; complete when every planned run did."""
+        self.summary = write_final(self.stage, self.done)
+        return self.summary["complete"] and session.stop_reason is None
+
+    def rows(self, results: ResultsTable) -> dict[int, list[dict[str, Any]]]:
+        return {n: r for n, r in results.by_trial().items() if n in self.by_number}
+
+
 def run_final(
     stage: FinalStage,
     teacher: TeacherInfo | None,
@@ -514,159 +678,27 @@ def run_final(
     line, write final.parquet. Returns the summary and how it ended: finished, interrupted
     (Ctrl-C) or unfinished (a run failed, a tracking store that stayed away, a full disk)."""
     quiet()
-    spec, search_dir, final_dir = stage.spec, stage.search_dir, stage.final_dir
-    state = search_dir / tracking.TRACKING_FILE
-    if not state.exists():
-        raise FinalError(
-            f"{os.path.relpath(search_dir)}: the search has no MLflow run "
-            f"({tracking.TRACKING_FILE} is missing); resume the search first"
-        )
-    search_runs = tracking.SearchRuns(**json.loads(state.read_text()))
-    base_tags = {
-        "teacher": spec.teacher.arch,
-        "student": spec.student.arch,
-        "search": spec.name,
-        "dataset": spec.data.dataset,
-        "stage": "final",
-    }
-    if isinstance(spec.objective, str):
-        base_tags["objective"] = spec.objective
-    try:
-        runs = tracking.open_nested(
-            search_runs,
-            final_dir / tracking.TRACKING_FILE,
-            "final",
-            base_tags,
-            params={
-                "top": stage.top,
-                "seeds": len(stage.seeds),
-                "val_fraction": 0.0,
-                "epochs": spec.train.epochs,
-                "metric": "test_acc",
-            },
-        )
-    except Exception as exc:  # noqa: BLE001 - a store that does not answer is one line
-        if not tracking.is_transient(exc):
-            raise
-        raise FinalError(
-            f"tracking store {search_runs.tracking_uri} unreachable: {tracking.one_line(exc)}"
-        ) from None
-    storage = trial_storage(search_dir, spec).child(FINAL_DIR)
-    by_number = {r.number: r for r in stage.runs}
-
-    def tags(rec: tracking.TrialRecord) -> dict[str, str]:
-        run = by_number.get(rec.number)
-        if run is None:
-            return {}
-        source = run.config.trial_number
-        return {
-            "rank": run.config.tag,
-            "seed": str(run.seed),
-            "trial_number": "" if source is None else str(source),
-            "config": run.config.label,
-        }
-
-    def name(rec: tracking.TrialRecord) -> str:
-        run = by_number.get(rec.number)
-        return f"final-{run.name}" if run else f"final-{rec.number:03d}"
-
-    writer = tracking.MlflowWriter(
-        runs,
-        final_dir,
-        storage,
-        "test_acc",
-        "max",
-        base_tags,
-        spec.train.epochs,
-        log=log,
-        key_tag="final_run",
-        run_tags=tags,
-        run_name=name,
-        track_best=False,
-    )
-    results = ResultsTable(final_dir / "results.parquet", log)
-    results.flush()
-    progress = FinalProgress(
-        by_number, len(stage.runs), len(stage.runs) - len(stage.todo), spec.train.epochs, log=log
-    )
-    session = Session(results, tracking.MlflowRecorder(writer), progress)  # type: ignore[arg-type]
-    key = str(final_dir)
-    todo = stage.todo
-    interrupted = False
-    shown = os.path.relpath(search_dir)
-    if not todo:
-        log(f"final stage of {spec.name}: all {len(stage.runs)} runs are done; nothing left to do")
-    else:
-        top = sum(c.rank is not None for c in stage.configs)
-        default = (
-            "and the default"
-            if any(c.rank is None for c in stage.configs)
-            else "(the default among them)"
-        )
-        log(
-            f"final stage of {spec.name}: {top} top config{'s' if top != 1 else ''} {default}, "
-            f"{len(stage.seeds)} seed{'s' if len(stage.seeds) != 1 else ''} each, "
-            f"{spec.train.epochs} epochs on train + val: {len(todo)} of {len(stage.runs)} runs to "
-            f"train, in {shown}/{FINAL_DIR}"
-        )
-        connect(spec, address, num_cpus, storage=base_storage(spec, search_dir.parent))
-        ray_dir = final_dir / RAY_DIR
-        count = len(list(ray_dir.glob("run-*"))) if ray_dir.is_dir() else 0
-        tuner = tune.Tuner(
-            make_trainable(final_base(spec), teacher, storage),
-            tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(
-                    ListSearcher([r.tune_config() for r in todo]),
-                    max_concurrent=concurrency(spec, len(todo)),
-                ),
-                scheduler=FIFOScheduler(),
-                num_samples=len(todo),
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=f"run-{count + 1:03d}",
-                storage_path=str(ray_dir),
-                verbose=0,
-                callbacks=[SearchCallback(key)],
-                stop=SessionStopper(key),
-                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-            ),
-        )
-        interrupted = fit(tuner, key, session)
-    done = finished_rows(results, spec.train.epochs)
-    outcomes = Outcomes(trial_ids=dict(session.trial_ids))
-    for run in stage.runs:
-        outcomes.configs[run.number] = run.tune_config()
-        if run.number in done:
-            outcomes.status[run.number] = "finished"
-        elif run.number in session.failed:
-            outcomes.status[run.number], outcomes.errors[run.number] = (
-                "failed",
-                session.failed[run.number],
-            )
-        else:
-            outcomes.status[run.number] = "unfinished"
-    rows = {n: r for n, r in results.by_trial().items() if n in by_number}
-    session.mlflow.resync(rows, outcomes)
-    summary = write_final(stage, done)
-    synced = Deadline(
-        writer, runs.tracking_uri, log, 5.0 if session.stop_reason else TRACKING_WAIT_S
-    ).drain()
-    complete = summary["complete"] and session.stop_reason is None
-    if synced:
+    runner = FinalRunner(stage, teacher, address, num_cpus, log)
+    end = drive(runner, log)
+    if end.synced:
         try:
             log_summary(
-                runs, search_dir / FINAL_FILE, summary, "FINISHED" if complete else "KILLED"
+                end.writer.runs,
+                stage.search_dir / FINAL_FILE,
+                runner.summary,
+                "FINISHED" if end.complete else "KILLED",
             )
         except Exception as exc:  # noqa: BLE001 - the summary is in final.parquet too
             log(
                 f"searchkd: warning: the final stage's summary was not logged to MLflow: "
                 f"{tracking.one_line(exc)}"
             )
-    if session.stop_reason:
-        log(f"searchkd: error: {session.stop_reason}; free space, then run the final stage again")
-    status = "finished" if complete and synced else "interrupted" if interrupted else "unfinished"
-    return summary, status
+    if end.session.stop_reason:
+        log(
+            f"searchkd: error: {end.session.stop_reason}; free space, then run the final stage "
+            "again"
+        )
+    return runner.summary, end.status
 
 
 # final.parquet's columns before the config's own values (one column per dotted key).

@@ -14,65 +14,50 @@ the MLflow runs are the same ones.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import logging
 import math
-import os
-import signal
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-import ray
 from ray import tune
-from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
 from .compat import open_trial
-from .metrics import pick_best, stopped_early, trial_score
-from .record import (
-    JOURNAL_FILE,
-    RESULTS_FILE,
-    RESULTS_LOG,
-    SPACE_FILE,
-    STATE_FILE,
-    STORAGE_FILE,
-    ResultsTable,
-    cut_tail,
+from .driver import (
+    RAY_DIR,
+    TRACKING_WAIT_S,
+    Log,
+    Outcomes,
+    SearchError,
+    Session,
+    base_tags,
+    concurrency,
+    drive,
+    make_trainable,
+    open_tracking,
+    quiet,
+    result_number,
+    run_config,
+    say,
+    trial_storage,
+    write_state,
 )
+from .metrics import pick_best, stopped_early, trial_score
+from .record import JOURNAL_FILE, RESULTS_FILE, RESULTS_LOG, SPACE_FILE, ResultsTable, cut_tail
 from .samplers import make_sampler, trial_seed
 from .scheduler import ResumableASHA, Rungs
 from .spec import Spec, students_of
-from .storage import STOP_FILE, Storage, StorageError, disk_full, replace_atomically, trial_key
+from .storage import STOP_FILE, Storage, disk_full, trial_key
 from .teacher import TeacherInfo
-from .trial import STOPPED_KEY, train_trial
+from .trial import STOPPED_KEY
 
-Log = Callable[[str], None]
-
-
-def say(text: str) -> None:
-    """The default log: a line at a time, flushed (progress is read as it comes)."""
-    print(text, flush=True)
-
-
-RAY_DIR = "ray"
-CHECKPOINTS_DIR = "checkpoints"  # the trials' storage when the space names none
-# How long the end of a search waits for a tracking server that is away, before it stops
-# with the resume command (the resume sends what is missing).
-TRACKING_WAIT_S = float(os.environ.get("SEARCHKD_TRACKING_WAIT", "600"))
-
-
-class SearchError(RuntimeError):
-    """A search that cannot start or resume for a reason the user can fix: one line."""
+__all__ = ["SearchError"]  # raised by run_search; defined with the driver it comes from
 
 
 def _encode(choice: Any) -> Any:
@@ -186,9 +171,11 @@ class StudySearcher(Searcher):
         self.rerun = list(rerun)
         self._numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self._study: optuna.Study | None = None
+        # What stops the run when the study's disk is full (the driver's session sets it).
+        self.on_full_disk: Callable[[str], None] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_study": None}
+        return {**self.__dict__, "_study": None, "on_full_disk": None}
 
     @property
     def study(self) -> optuna.Study:
@@ -197,9 +184,8 @@ class StudySearcher(Searcher):
         return self._study
 
     def _stop(self, exc: OSError) -> None:
-        session = SESSIONS.get(str(self.search_dir))
-        if session is not None:
-            session.stop(f"no space left on device writing {self.search_dir / JOURNAL_FILE}")
+        if self.on_full_disk is not None:
+            self.on_full_disk(f"no space left on device writing {self.search_dir / JOURNAL_FILE}")
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         try:
@@ -382,7 +368,7 @@ class Progress:
 
     def on_trial_error(self, trial: Any, trials: list, numbers: list[int] | None = None) -> None:
         reason = tracking.error_reason(trial)
-        for number in numbers if numbers is not None else [_number(trial)]:
+        for number in numbers if numbers is not None else [result_number(trial, {})]:
             self.ended.add(number)
             self._line(f"trial {number} FAILED", trials)
             self.log(f"  trial {number}{_where(trial, reason)}: {reason}")
@@ -401,81 +387,6 @@ def _where(trial: Any, reason: str) -> str:
     """ " on <node ip>", unless the reason names its node already."""
     ip = (trial.last_result or {}).get("node_ip")
     return f" on {ip}" if ip and not reason.startswith("node ") else ""
-
-
-@dataclass
-class Outcomes:
-    """How each trial of the search stands, read from the study (the record of which trials
-    exist and how they ended) and from the trials this run saw fail."""
-
-    status: dict[int, str] = field(
-        default_factory=dict
-    )  # number -> finished|stopped|failed|unfinished
-    errors: dict[int, str] = field(default_factory=dict)
-    trial_ids: dict[int, str] = field(default_factory=dict)
-    configs: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def of(
-        cls,
-        study: optuna.Study,
-        space: SearchSpace,
-        failed_now: dict[int, str],
-        trial_ids: dict[int, str],
-    ) -> Outcomes:
-        out = cls(trial_ids=dict(trial_ids))
-        for t in study.trials:
-            out.configs[t.number] = space.config_of(t.params, t.number)
-            if t.state == optuna.trial.TrialState.COMPLETE:
-                out.status[t.number] = (
-                    "stopped" if t.user_attrs.get("stopped_early") else "finished"
-                )
-            elif t.state == optuna.trial.TrialState.FAIL:
-                out.status[t.number] = "failed"
-                out.errors[t.number] = str(t.user_attrs.get("searchkd", "failed")).removeprefix(
-                    "failed: "
-                )
-            elif t.number in failed_now:
-                out.status[t.number] = "failed"
-                out.errors[t.number] = failed_now[t.number]
-            else:
-                out.status[t.number] = "unfinished"
-        return out
-
-    def counts(self) -> dict[str, int]:
-        keys = ("finished", "stopped", "failed", "unfinished")
-        return {k: sum(v == k for v in self.status.values()) for k in keys}
-
-    def complete(self, num_samples: int) -> bool:
-        return len(self.status) >= num_samples and self.counts()["unfinished"] == 0
-
-
-class Session:
-    """The live parts of a running search that Tune's callback reaches."""
-
-    def __init__(
-        self, results: ResultsTable, mlflow: tracking.MlflowRecorder, progress: Progress
-    ) -> None:
-        self.results, self.mlflow, self.progress = results, mlflow, progress
-        self.failed: dict[
-            int, str
-        ] = {}  # trial number -> reason, for trials that errored in this run
-        self.trial_ids: dict[int, str] = {}
-        self.stop_reason: str | None = None  # set when the search must stop (a full disk)
-        # Packed trials: the driver decides each student's end (`PackedStops`) and tells the
-        # study (`teller`) as each one ends, while its cohort goes on.
-        self.pack: PackedStops | None = None
-        self.teller: StudySearcher | None = None
-
-    def stop(self, reason: str) -> None:
-        self.stop_reason = self.stop_reason or reason
-
-    def end_student(self, trial: Any, number: int, result: dict, how: str, trials: list) -> None:
-        """A packed student finished or was stopped: Optuna, MLflow and the progress say so."""
-        if self.teller is not None:
-            self.teller.tell(number, result)
-        self.mlflow.end(trial, number, how)
-        self.progress.on_student_end(number, how, result, trials)
 
 
 class PackedStops:
@@ -516,101 +427,6 @@ class PackedStops:
             STOP_FILE, json.dumps({"epoch": epoch, "by": "ASHA"}).encode()
         )
         return "stopped"
-
-
-class SessionStopper(tune.Stopper):
-    """Ends the whole run when the session says so (a full disk): the trials stay open in the
-    study, and a resume after freeing space runs them on. Pickles as the session's key."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return False
-
-    def stop_all(self) -> bool:
-        session = SESSIONS.get(self.key)
-        return bool(session and session.stop_reason)
-
-
-SESSIONS: dict[str, Session] = {}
-
-
-class SearchCallback(Callback):
-    """Tune's hook into the live search; it pickles as the search directory alone (Tune
-    pickles its callbacks) and reaches the session of the process that runs the search."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    @property
-    def session(self) -> Session:
-        return SESSIONS[self.key]
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        for number in students_of(trial.config):
-            self.session.failed.pop(number, None)
-            self.session.trial_ids[number] = trial.trial_id
-        self.session.mlflow.on_trial_start(trial)
-
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
-        s = self.session
-        number = result_number(trial, result)
-        if s.pack is not None and number in s.progress.ended:
-            return  # a retried cohort reports again what a student that ended had reported
-        try:
-            s.results.add(number, trial.trial_id, students_of(trial.config).get(number, {}), result)
-        except OSError as exc:
-            if not disk_full(exc):
-                raise
-            s.stop(f"no space left on device writing {s.results.log_path}")
-            return
-        s.mlflow.on_trial_result(trial, result)
-        s.progress.on_trial_result(trial, result, trials)
-        if s.pack is not None and "epoch" in result:
-            try:
-                how = s.pack.decide(number, result)
-            except OSError as exc:
-                if not disk_full(exc):
-                    raise
-                s.stop(f"no space left on device writing the stop file of trial {number}")
-                return
-            if how:
-                s.end_student(trial, number, result, how, trials)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if self.session.pack is not None:
-            return  # its students were told one by one as each ended
-        self.session.mlflow.on_trial_complete(trial)
-        self.session.progress.on_trial_complete(trial, trials)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        s = self.session
-        reason = tracking.error_reason(trial)
-        if disk_full(Exception(reason)):
-            s.stop(reason)
-        numbers = [
-            n for n in students_of(trial.config) if s.pack is None or n not in s.progress.ended
-        ]
-        for number in numbers:
-            s.failed[number] = reason
-        s.mlflow.on_trial_error(trial, numbers)
-        s.progress.on_trial_error(trial, trials, numbers)
-
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.session.progress.on_trial_recover(trial, trials)
-
-
-def _number(trial: Any) -> int:
-    return int(trial.config.get("trial_number", -1))
-
-
-def result_number(trial: Any, result: dict) -> int:
-    """The Optuna trial number a result belongs to: a packed trial's rows carry their
-    student's; an unpacked trial's is its config's."""
-    return int(result["trial_number"]) if "trial_number" in result else _number(trial)
 
 
 @dataclass
@@ -666,159 +482,6 @@ def tunable_owners(spec: Spec, tunables: dict[str, set[str]]) -> dict[str, list[
     }
 
 
-def quiet() -> None:
-    """searchkd prints its own progress: silence Tune's tables and the libraries' chatter.
-
-    A failed trial is one line from `Progress` (its traceback stays in the trial's
-    error.txt), so Tune's own error logs, which repeat the traceback, are muted too.
-    """
-    import warnings
-
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # legacy reporter: verbose=0 prints nothing
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault(
-        "RAY_IGNORE_UNHANDLED_ERRORS", "1"
-    )  # a failed trial is said once, by Progress
-    tracking.configure_client()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    # The store logs each failed write with its traceback; the writer says it in one line.
-    logging.getLogger("mlflow.store").setLevel(logging.CRITICAL)
-    for name in ("ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    if ray.is_initialized():
-        return
-    # "local" starts a private Ray even where another one runs (or RAY_ADDRESS is set); an
-    # address joins a cluster ("auto" = the one started on this machine with `ray start`).
-    ray.init(
-        address=address or "local",
-        num_cpus=None if address else num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-        configure_logging=True,
-    )
-
-
-def base_storage(spec: Spec, trials_dir: Path) -> Storage:
-    """Where this search's trials will write: `search.storage`, or the local trials directory."""
-    return Storage(spec.search.storage) if spec.search.storage else Storage(str(trials_dir))
-
-
-def connect(
-    spec: Spec,
-    address: str | None = None,
-    num_cpus: int | None = None,
-    storage: Storage | None = None,
-) -> None:
-    """Start (or join) Ray and check that one trial fits the cluster and that every node
-    reaches the trials' storage, before anything is written."""
-    quiet()
-    _ensure_ray(address, num_cpus)
-    res = ray.cluster_resources()
-    want = spec.search.resources
-    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-    if want.cpu > cpus + 1e-9:
-        raise SearchError(
-            f"search.resources.cpu: {want.cpu:g} per trial but the cluster has {cpus:g} CPUs"
-        )
-    if want.gpu > gpus + 1e-9:
-        raise SearchError(
-            f"search.resources.gpu: {want.gpu:g} per trial but the cluster has {gpus:g} GPUs"
-        )
-    if storage is not None:
-        check_storage(storage, spec.search.storage is None)
-
-
-@ray.remote(num_cpus=0)
-def _sees(storage: Storage, marker: str) -> str | None:
-    """On one node: None if it reads the driver's marker in the storage, else why not."""
-    try:
-        return (
-            None if storage.read_bytes(marker) == b"ok" else "the driver's test file is not there"
-        )
-    except Exception as exc:  # noqa: BLE001 - whatever stops this node is the answer
-        return tracking.one_line(exc)
-
-
-def check_storage(storage: Storage, default: bool) -> None:
-    """Write a marker into the storage and have every alive node read it back.
-
-    On one machine this only checks that the storage is writable; on a cluster it catches a
-    local path the other nodes cannot see, or credentials a node lacks, before any trial runs.
-    """
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    hint = (
-        "set search.storage (or --storage) to a path every node mounts or to an object store "
-        "(s3://bucket/prefix)"
-    )
-    try:
-        storage.check_writable()
-    except StorageError as exc:
-        raise SearchError(f"search.storage: {exc}") from None
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2:
-        return
-    marker = f".searchkd-probe-{uuid.uuid4().hex[:8]}"
-    storage.write_bytes(marker, b"ok")
-    try:
-        refs = {
-            n["NodeManagerAddress"] + f" (node {n['NodeID'][:8]})": _sees.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            ).remote(storage, marker)
-            for n in nodes
-        }
-        for where, ref in refs.items():
-            try:
-                problem = ray.get(ref, timeout=120)
-            except Exception as exc:  # noqa: BLE001 - a node that cannot even run the check
-                problem = tracking.one_line(exc)
-            if problem:
-                what = "the trials directory" if default else "search.storage"
-                raise SearchError(
-                    f"{what} {storage.display} is not reachable from {where}: {problem}; {hint}"
-                )
-    finally:
-        storage.delete(marker)
-
-
-def trial_storage(search_dir: Path, spec: Spec) -> Storage:
-    """This search's folder in the storage, fixed when the search starts (`storage.json`).
-
-    A search with `search.storage` gets a folder of its own there (name + a random suffix), so
-    a search started again under the same name never picks up an older one's checkpoints.
-    """
-    path = search_dir / STORAGE_FILE
-    if path.exists():
-        uri = json.loads(path.read_text()).get("uri")
-        return Storage(uri) if uri else Storage(str(search_dir / CHECKPOINTS_DIR))
-    if spec.search.storage is None:
-        uri = None
-        root = Storage(str(search_dir / CHECKPOINTS_DIR))
-    else:
-        root = Storage(spec.search.storage).child(f"{spec.name}-{uuid.uuid4().hex[:8]}")
-        uri = root.uri
-    replace_atomically(path, lambda p: p.write_text(json.dumps({"uri": uri})))
-    return root
-
-
-def concurrency(spec: Spec, count: int | None = None) -> int:
-    """How many of `count` trials (default: the search's num_samples) run at once."""
-    res = ray.cluster_resources()
-    want = spec.search.resources
-    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-    fit = math.floor(cpus / want.cpu + 1e-9)
-    if want.gpu > 0:
-        fit = min(fit, math.floor(gpus / want.gpu + 1e-9))
-    count = math.ceil(spec.search.num_samples / spec.search.pack) if count is None else count
-    return max(1, min(spec.search.max_concurrent or fit, fit, count))
-
-
 def pending(study: optuna.Study, spec: Spec) -> tuple[list[int], int]:
     """The study's open trials (run again first) and how many trials this run has to run."""
     rerun = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
@@ -848,26 +511,10 @@ def asha_rungs(spec: Spec, study: optuna.Study, results: ResultsTable) -> Rungs:
     return rungs
 
 
-def make_trainable(spec: Spec, teacher: TeacherInfo | None, storage: Storage) -> Any:
-    """`train_trial` with the spec as its base, the teacher's bytes and the trials' storage,
-    under the space's per-trial resources (the search and its final stage share it)."""
-    res = spec.search.resources
-    memory_fraction = res.gpu if 0 < res.gpu < 1 else None
-    blob = Path(teacher.path).read_bytes() if teacher else None
-    # The teacher travels as bytes through Ray's object store (tune.with_parameters puts it
-    # there once), checked against this digest on arrival: no node needs the driver's disk.
-    return tune.with_resources(
-        tune.with_parameters(
-            train_trial,
-            base=spec.model_dump(mode="json", by_alias=True),
-            teacher=blob,
-            storage=storage,
-            teacher_sha256=hashlib.sha256(blob).hexdigest() if blob else None,
-            cpus=res.cpu,
-            memory_fraction=memory_fraction,
-        ),
-        {"cpu": res.cpu, "gpu": res.gpu},
-    )
+def search_space(spec: Spec, tunables: dict[str, set[str]]) -> SearchSpace:
+    """The space of the spec's `params`, each objective sampling only its own loss keys."""
+    params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
+    return SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
 
 
 def build_tuner(
@@ -875,8 +522,8 @@ def build_tuner(
     search_dir: Path,
     teacher: TeacherInfo | None,
     storage: Storage,
-    callbacks: list[Callback],
-    tunables: dict[str, set[str]],
+    session: Session,
+    space: SearchSpace,
     study: optuna.Study,
     results: ResultsTable,
 ) -> tuple[tune.Tuner, int]:
@@ -884,9 +531,8 @@ def build_tuner(
     ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
     trainable = make_trainable(spec, teacher, storage)
     rerun, to_run = pending(study, spec)
-    params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
-    space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
     searcher = StudySearcher(search_dir, spec, space, rerun)
+    searcher.on_full_disk = session.stop
     scheduler: FIFOScheduler = FIFOScheduler()
     if spec.search.scheduler == "asha" and spec.search.pack == 1:
         # ASHA counts epochs, not reports: a trial that runs again re-reports its saved epoch.
@@ -901,8 +547,6 @@ def build_tuner(
         )
         asha.rungs = asha_rungs(spec, study, results)
         scheduler = asha
-    runs = search_dir / RAY_DIR
-    name = f"run-{len(list(runs.glob('run-*'))) + 1:03d}" if runs.is_dir() else "run-001"
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -911,19 +555,143 @@ def build_tuner(
             num_samples=math.ceil(to_run / spec.search.pack),
             reuse_actors=True,  # a trial's process outlives it: no re-import of torch per trial
         ),
-        run_config=tune.RunConfig(
-            # One Tune experiment per run of the search, never restored: which trials exist
-            # is the study's business. Trials report no Tune checkpoint (they keep their
-            # state in the search's storage), so no node ever needs this directory.
-            name=name,
-            storage_path=str(runs),
-            verbose=0,
-            callbacks=callbacks,
-            stop=SessionStopper(str(search_dir)),
-            failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-        ),
+        run_config=run_config(spec, search_dir / RAY_DIR, session),
     )
     return tuner, to_run
+
+
+class SearchRunner:
+    """The search as the driver runs it (`drive`): its study, its searcher, its MLflow runs."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        search_dir: Path,
+        trials_dir: Path,
+        tunables: dict[str, set[str]],
+        teacher: TeacherInfo,
+        resume: bool,
+        tracking_uri: str | None,
+        log: Log,
+    ) -> None:
+        self.spec, self.search_dir, self.trials_dir = spec, search_dir, trials_dir
+        self.teacher, self.resume, self.tracking_uri, self.log = teacher, resume, tracking_uri, log
+        self.space = search_space(spec, tunables)
+        self.uri = tracking_uri or tracking.default_store(trials_dir)
+        self.tags = base_tags(spec)
+
+    def open(self) -> tracking.MlflowWriter:
+        """The search's parent run (its teacher's numbers on it), then the trials' storage and
+        the study, the journal's torn tail cut first."""
+        spec, search_dir, teacher = self.spec, self.search_dir, self.teacher
+        artifacts = None if self.tracking_uri else tracking.artifact_root(self.trials_dir)
+
+        def open_runs() -> tracking.SearchRuns:
+            runs = tracking.open_search(
+                search_dir,
+                spec.name,
+                self.uri,
+                artifacts,
+                self.tags,
+                search_dir / SPACE_FILE,
+                params={
+                    "num_samples": spec.search.num_samples,
+                    "sampler": spec.search.sampler,
+                    "scheduler": spec.search.scheduler,
+                    "seed": spec.search.seed,
+                    "teacher_digest": teacher.digest,
+                },
+            )
+            tracking.log_parent_metrics(
+                runs, {"teacher_test_acc": teacher.test_acc, "teacher_val_acc": teacher.val_acc}
+            )
+            return runs
+
+        runs = open_tracking(open_runs, self.uri)
+        self.storage = trial_storage(search_dir, spec)
+        cut = repair_journal(search_dir)
+        if cut:
+            self.log(
+                f"searchkd: {JOURNAL_FILE} ended in a record cut short by a kill; dropped its "
+                f"{cut} bytes (the study's complete records are intact)"
+            )
+        self.study = create_study(search_dir, spec)
+        return tracking.MlflowWriter(
+            runs,
+            search_dir,
+            self.storage,
+            spec.metrics[0],
+            spec.modes[0],
+            self.tags,
+            spec.train.epochs,
+            log=self.log,
+        )
+
+    def results(self) -> ResultsTable:
+        return ResultsTable(self.search_dir / RESULTS_FILE, self.log)
+
+    def progress(self, results: ResultsTable) -> Progress:
+        spec = self.spec
+        done_before = sum(t.state.is_finished() for t in self.study.trials)
+        progress = Progress(
+            spec.metrics[0],
+            spec.modes[0],
+            spec.search.num_samples,
+            spec.train.epochs,
+            done_before,
+            log=self.log,
+        )
+        for number, score in trial_scores(results.by_trial(), spec).items():
+            progress.improve(number, score)
+        progress.packed = spec.search.pack > 1
+        return progress
+
+    def tuner(self, session: Session) -> tune.Tuner | None:
+        """Packed trials' students end on the driver (`PackedStops`, told to the study one by
+        one); state.json says running; None when the study holds nothing left to run."""
+        spec, study = self.spec, self.study
+        if spec.search.pack > 1:
+            asha = spec.search.scheduler == "asha"
+            rungs = asha_rungs(spec, study, session.results) if asha else None
+            session.pack = PackedStops(rungs, self.storage, spec.train.epochs, spec.metrics[0])
+            teller = StudySearcher(self.search_dir, spec, self.space, [])
+            teller.on_full_disk = session.stop
+            session.teller = teller
+        to_run = pending(study, spec)[1]
+        write_state(self.search_dir, "running")
+        self.log(
+            f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
+            f"epoch{'s' if spec.train.epochs > 1 else ''} "
+            f"({'resumed: ' + str(to_run) + ' to run' if self.resume else 'new'}), in "
+            f"{self.search_dir}"
+        )
+        if not to_run:
+            return None
+        return build_tuner(
+            spec,
+            self.search_dir,
+            self.teacher,
+            self.storage,
+            session,
+            self.space,
+            study,
+            session.results,
+        )[0]
+
+    def outcomes(self, session: Session, results: ResultsTable) -> Outcomes:
+        self.study = load_study(self.search_dir, self.spec.name)
+        return Outcomes.of(self.study, self.space, session.failed, session.trial_ids)
+
+    def settle(self, outcomes: Outcomes, session: Session) -> bool:
+        """Complete: every trial ended and nothing stopped the search; its failed trials are
+        then told FAIL (a resume would otherwise run them again)."""
+        complete = outcomes.complete(self.spec.search.num_samples) and session.stop_reason is None
+        if complete:
+            settle(self.study, outcomes.errors)
+        return complete
+
+    def rows(self, results: ResultsTable) -> dict[int, list[dict[str, Any]]]:
+        return results.by_trial()
 
 
 def run_search(
@@ -934,215 +702,43 @@ def run_search(
     teacher: TeacherInfo,
     resume: bool = False,
     tracking_uri: str | None = None,
-    address: str | None = None,
-    num_cpus: int | None = None,
     log: Log = say,
 ) -> tuple[Summary | None, str]:
-    """Run (or resume) a search whose directory and space.yaml already exist.
+    """Run (or resume) a search whose directory and space.yaml already exist, on the Ray the
+    caller connected to (`driver.connect`).
 
     Returns the summary (None before any trial has a score) and how the run ended: finished,
     interrupted (Ctrl-C) or unfinished (e.g. a tracking store that stayed away).
     """
     quiet()
-    uri = tracking_uri or tracking.default_store(trials_dir)
-    artifacts = None if tracking_uri else tracking.artifact_root(trials_dir)
-    base_tags = {
-        "teacher": spec.teacher.arch,
-        "student": spec.student.arch,
-        "search": spec.name,
-        "dataset": spec.data.dataset,
-    }
-    if isinstance(spec.objective, str):
-        base_tags["objective"] = spec.objective
-    try:
-        runs = tracking.open_search(
-            search_dir,
-            spec.name,
-            uri,
-            artifacts,
-            base_tags,
-            search_dir / SPACE_FILE,
-            params={
-                "num_samples": spec.search.num_samples,
-                "sampler": spec.search.sampler,
-                "scheduler": spec.search.scheduler,
-                "seed": spec.search.seed,
-                "teacher_digest": teacher.digest,
-            },
-        )
-        tracking.log_parent_metrics(
-            runs, {"teacher_test_acc": teacher.test_acc, "teacher_val_acc": teacher.val_acc}
-        )
-    except Exception as exc:  # noqa: BLE001 - a store that does not answer is one line
-        if not tracking.is_transient(exc):
-            raise
-        raise SearchError(f"tracking store {uri} unreachable: {tracking.one_line(exc)}") from None
-    storage = trial_storage(search_dir, spec)
-    connect(spec, address, num_cpus)
-    metric, mode = spec.metrics[0], spec.modes[0]
-    cut = repair_journal(search_dir)
-    if cut:
-        log(
-            f"searchkd: {JOURNAL_FILE} ended in a record cut short by a kill; dropped its {cut} "
-            "bytes "
-            f"(the study's complete records are intact)"
-        )
-    study = create_study(search_dir, spec)
-    results = ResultsTable(search_dir / RESULTS_FILE, log)
-    results.flush()  # a Parquet file cut short or deleted is rebuilt now
-    writer = tracking.MlflowWriter(
-        runs, search_dir, storage, metric, mode, base_tags, spec.train.epochs, log=log
+    runner = SearchRunner(
+        spec, search_dir, trials_dir, tunables, teacher, resume, tracking_uri, log
     )
-    done_before = sum(t.state.is_finished() for t in study.trials)
-    progress = Progress(
-        metric, mode, spec.search.num_samples, spec.train.epochs, done_before, log=log
-    )
-    for number, score in trial_scores(results.by_trial(), spec).items():
-        progress.improve(number, score)
-    session = Session(results, tracking.MlflowRecorder(writer), progress)
-    if spec.search.pack > 1:
-        progress.packed = True
-        rungs = asha_rungs(spec, study, results) if spec.search.scheduler == "asha" else None
-        session.pack = PackedStops(rungs, storage, spec.train.epochs, metric)
-        session.teller = StudySearcher(
-            search_dir, spec, SearchSpace({}, spec.objectives, {}, spec.search.seed), []
-        )
-    key = str(search_dir)
-    to_run = pending(study, spec)[1]
-    _write_state(search_dir, "running")
-    log(
-        f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
-        f"epoch{'s' if spec.train.epochs > 1 else ''} "
-        f"({'resumed: ' + str(to_run) + ' to run' if resume else 'new'}), in {search_dir}"
-    )
-    interrupted = False
-    if to_run:
-        tuner, _ = build_tuner(
-            spec, search_dir, teacher, storage, [SearchCallback(key)], tunables, study, results
-        )
-        interrupted = fit(tuner, key, session)
-    params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
-    space = SearchSpace(params, spec.objectives, tunable_owners(spec, tunables), spec.search.seed)
-    study = load_study(search_dir, spec.name)
-    outcomes = Outcomes.of(study, space, session.failed, session.trial_ids)
-    complete = outcomes.complete(spec.search.num_samples) and session.stop_reason is None
-    if complete:
-        settle(study, outcomes.errors)
-    # MLflow is brought in line with the durable record once more: what a killed driver or a
-    # long outage held back reaches it now.
-    session.mlflow.resync(results.by_trial(), outcomes)
-    # With a full disk the store may be on it too: the resume sends what it does not take now.
-    synced = Deadline(writer, uri, log, 5.0 if session.stop_reason else TRACKING_WAIT_S).drain()
-    counts = outcomes.counts()
-    status = "finished" if complete and synced else "interrupted" if interrupted else "unfinished"
-    _write_state(
+    end = drive(runner, log)
+    counts = end.outcomes.counts()
+    write_state(
         search_dir,
-        "finished" if status == "finished" else "interrupted",
+        "finished" if end.status == "finished" else "interrupted",
         counts,
-        tracking_pending=not synced,
+        tracking_pending=not end.synced,
     )
-    if synced:
+    if end.synced:
         try:
-            writer.close_search("FINISHED" if complete else "KILLED")
+            end.writer.close_search("FINISHED" if end.complete else "KILLED")
         except Exception as exc:  # noqa: BLE001 - the parent's status is cosmetic
             log(
                 "searchkd: warning: could not close the search's MLflow run: "
                 f"{tracking.one_line(exc)}"
             )
-    elif session.stop_reason is None:
+    elif end.session.stop_reason is None:
         log(
-            f"searchkd: the tracking store {uri} did not take {writer.pending()} trials' updates "
-            f"within {TRACKING_WAIT_S:.0f}s; they are kept in {RESULTS_LOG} and sent by --resume"
+            f"searchkd: the tracking store {runner.uri} did not take {end.writer.pending()} "
+            f"trials' updates within {TRACKING_WAIT_S:.0f}s; they are kept in {RESULTS_LOG} and "
+            "sent by --resume"
         )
-    if session.stop_reason:
+    if end.session.stop_reason:
         log(
-            f"searchkd: error: {session.stop_reason}; the search stopped with its trials open: "
-            "free "
-            f"space, then resume"
+            f"searchkd: error: {end.session.stop_reason}; the search stopped with its trials "
+            "open: free space, then resume"
         )
-    return summarize(search_dir, spec, teacher, counts), status
-
-
-def fit(tuner: tune.Tuner, key: str, session: Session) -> bool:
-    """Run the tuner with its session where the callbacks find it; whether Ctrl-C stopped it.
-    A full disk stops the session (Tune then fails reading its own files: that is expected);
-    the table is written when it ends, and results.jsonl holds the rows if it cannot be."""
-    SESSIONS[key] = session
-    try:
-        with ctrl_c() as seen:
-            try:
-                tuner.fit()
-            except Exception:  # noqa: BLE001 - Tune fails reading its own files on a full disk
-                if session.stop_reason is None:
-                    raise
-            return seen()
-    finally:
-        del SESSIONS[key]
-        try:
-            session.results.flush()
-        except OSError as exc:
-            if not disk_full(exc):
-                raise
-            session.stop(f"no space left on device writing {session.results.path}")
-
-
-@contextlib.contextmanager
-def ctrl_c() -> Iterator[Callable[[], bool]]:
-    """Whether Ctrl-C ended `fit()`: Tune catches the first SIGINT itself (it saves its state
-    and returns) and then puts back the handler it found, so finding ours back means it came."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-
-    def ours(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, ours)
-    try:
-        yield lambda: signal.getsignal(signal.SIGINT) is ours
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class Deadline:
-    """The end of a search waits for MLflow at most TRACKING_WAIT_S, saying so once."""
-
-    def __init__(
-        self, writer: tracking.MlflowWriter, uri: str, log: Log, wait_s: float = TRACKING_WAIT_S
-    ) -> None:
-        self.writer, self.uri, self.log = writer, uri, log
-        self.end = time.time() + wait_s
-
-    def drain(self) -> bool:
-        if self.writer.drain(timeout=min(2.0, max(0.0, self.end - time.time()))):
-            return True
-        self.log(
-            f"searchkd: waiting up to {max(0.0, self.end - time.time()):.0f}s for the tracking "
-            f"store {self.uri} to take {self.writer.pending()} trials' updates"
-        )
-        return self.writer.drain(timeout=max(0.0, self.end - time.time()))
-
-
-STATE_BYTES = 512  # state.json is padded to this size, so it can be rewritten in place
-
-
-def _write_state(
-    search_dir: Path, status: str, counts: dict[str, int] | None = None, **extra: Any
-) -> None:
-    """state.json, atomically; on a full disk, rewritten in place (it never grows, so that
-    needs no new space): a search stopped by a full disk still says it was interrupted."""
-    path = search_dir / STATE_FILE
-    text = json.dumps({"status": status, "trials": counts or {}, "time": time.time(), **extra})
-    text = text.ljust(STATE_BYTES) + "\n"
-    try:
-        replace_atomically(path, lambda p: p.write_text(text))
-    except OSError as exc:
-        if not disk_full(exc) or not path.exists():
-            raise
-        with path.open("r+") as f:
-            f.write(text)
-
-
-def search_status(search_dir: Path) -> str | None:
-    path = search_dir / STATE_FILE
-    return json.loads(path.read_text())["status"] if path.exists() else None
+    return summarize(search_dir, spec, teacher, counts), end.status
