@@ -41,6 +41,7 @@ def test_the_expected_spaces_are_shipped() -> None:
     assert {
         *CIFAR,
         "quickstart",
+        "fashion",
         *(f"digits-{o}" for o in SHIPPED),
         *(f"repro-{o}" for o in ("ce", "kd", "crd", "cktf")),
     } <= names
