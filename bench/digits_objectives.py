@@ -22,6 +22,9 @@ t-interval and the sample std over the seeds, and the paired mean difference to 
 baseline with its 95% t-interval (`searchkd.final`'s statistics, as the final stage states
 them) and the seeds won, tied and lost.
 
+A search that an earlier run finished in the same `--trials-dir` is read again, not rerun:
+a run cut short goes on with the objectives it had not done.
+
 The teacher is the base space's (for digits, the quickstart's). It is trained at most once,
 by `searchkd.api.teacher` into the cache of `--teacher-trials-dir` (default ./trials, the one
 `searchkd tune spaces/quickstart.yaml` fills), and the searches, which go to a temporary
@@ -53,6 +56,8 @@ import yaml
 import searchkd
 from searchkd.final import mean_interval, paired_difference
 from searchkd.objectives import OBJECTIVES
+from searchkd.report import read_spec
+from searchkd.spec import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "ce"  # the student alone: the yardstick of every row
@@ -152,6 +157,18 @@ def share_teacher(space: dict[str, Any], teacher_trials: Path, trials: Path) -> 
     link = trials / "teachers"
     if not link.exists():
         link.symlink_to((teacher_trials / "teachers").resolve(), target_is_directory=True)
+
+
+def finished_before(trials: Path, space: dict[str, Any]) -> float | None:
+    """The wall time of the same search finished by an earlier run in `trials` (its marker is
+    written once `searchkd.tune` has finished it), or None: a run cut short by a deadline is
+    taken up again by the next without retraining what it finished."""
+    marker = trials / f"{space['name']}.seconds"
+    if not marker.exists():
+        return None
+    if read_spec(trials / space["name"]) != Spec.model_validate(space):
+        raise SystemExit(f"{trials / space['name']} is another search: use another --trials-dir")
+    return float(marker.read_text())
 
 
 def read_test_acc(search_dir: Path) -> dict[int, float]:
@@ -344,21 +361,31 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     start = time.perf_counter()
     try:
-        for space in spaces.values():
-            if (trials / space["name"]).exists():
+        done = {o: finished_before(trials, space) for o, space in spaces.items()}
+        for o, space in spaces.items():
+            if done[o] is None and (trials / space["name"]).exists():
                 raise SystemExit(f"{trials / space['name']} exists: use another --trials-dir")
         print(f"teacher: searchkd teacher {args.base} (trained once, then cached) ...", flush=True)
         share_teacher(spaces[objectives[0]], args.teacher_trials_dir.expanduser(), trials)
         for objective, space in spaces.items():
             name = space["name"]
             print(f"searchkd.tune({name}) ...", end=" ", flush=True)
-            begin = time.perf_counter()
-            run = searchkd.tune(
-                space, trials_dir=trials, num_cpus=args.num_cpus, report=False, say=lambda _: None
-            )
-            seconds = time.perf_counter() - begin
-            if run.status != "finished":
-                raise SystemExit(f"{name}: the search ended {run.status}")
+            seconds = done[objective]
+            if seconds is None:
+                begin = time.perf_counter()
+                run = searchkd.tune(
+                    space,
+                    trials_dir=trials,
+                    num_cpus=args.num_cpus,
+                    report=False,
+                    say=lambda _: None,
+                )
+                seconds = time.perf_counter() - begin
+                if run.status != "finished":
+                    raise SystemExit(f"{name}: the search ended {run.status}")
+                (trials / f"{name}.seconds").write_text(f"{seconds}\n")
+            else:
+                print("(finished by an earlier run: read again)", end=" ")
             row = summarize(objective, read_test_acc(trials / name), seconds)
             print(f"{100 * row.mean:.2f} ± {100 * row.std:.2f} % ({seconds:.0f} s)", flush=True)
             rows.append(row)

@@ -342,6 +342,9 @@ def test_objectives_on_fashion_packed_against_ce_and_kd(ray_session, tmp_path: P
     assert set(stkd) == {"ce", "kd"}
     for v in stkd.values():
         assert sum(int(x) for x in v["record"].split("/")) == 2
+    # A second run in the same folder reads the finished searches again and trains nothing.
+    again = _run(digits_objectives, args, tmp_path)
+    assert [r["test_acc"] for r in again["rows"]] == [r["test_acc"] for r in data["rows"]]
 
 
 @pytest.mark.integration
