@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,11 @@ def measure(k: int, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, report: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Every count of `args.procs`; `report` is handed each count's row as soon as it is
+    measured (bench/gpu.py records it before the next count starts)."""
     device = pick_device(args.device)
     steps = args.steps or (SMALL_STEPS if args.small else STEPS[device.type])
     counts = [int(n) for n in (args.procs or PROCS[device.type]).split(",")]
@@ -149,6 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{k:>6} {row['aggregate_img_s']:>16.1f} {row['speedup_vs_1']:>9.2f}x {each:>16}",
                 flush=True,
             )
+            if report is not None:
+                report(row)
     env = environment(device)
     env["torch_threads"] = args.threads or [max(1, (os.cpu_count() or 1) // k) for k in counts]
     return {

@@ -54,9 +54,9 @@ from typing import Any
 import yaml
 
 import searchkd
+from searchkd.analysis import read_spec
 from searchkd.final import mean_interval, paired_difference
 from searchkd.objectives import OBJECTIVES
-from searchkd.report import read_spec
 from searchkd.spec import Spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -43,8 +43,9 @@ from digits_objectives import (  # noqa: E402
 )
 
 import searchkd  # noqa: E402
+from searchkd.analysis import read_spec  # noqa: E402
 from searchkd.objectives import OBJECTIVES  # noqa: E402
-from searchkd.report import read_final, read_spec  # noqa: E402
+from searchkd.record import read_final  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -35,6 +35,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,11 +151,26 @@ def worker(args: dict[str, Any], results: Any) -> None:
     results.put(out)
 
 
-def run_config(name: str, packs: list[int], base: dict[str, Any], folder: Path) -> dict[str, Any]:
+def run_config(
+    name: str,
+    packs: list[int],
+    base: dict[str, Any],
+    folder: Path,
+    report: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Each K of `packs` (sorted, 1 first) for one configuration; `report` is handed the
+    configuration's figures so far after each K (bench/gpu.py records them as they come)."""
     pair = CONFIGS[name]
     teacher = random_teacher(pair.teacher, base["num_classes"], folder)
     ctx = mp.get_context("spawn")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    config: dict[str, Any] = {
+        "config": name,
+        "objective": pair.objective,
+        "teacher": pair.teacher,
+        "student": pair.student,
+        "results": rows,
+    }
     for k in packs:
         queue = ctx.Queue()
         job = {**base, "config": name, "k": k, "teacher": str(teacher)}
@@ -172,21 +188,16 @@ def run_config(name: str, packs: list[int], base: dict[str, Any], folder: Path) 
             f"teacher {out['teacher_s']:.3f}s, peak {out['peak_memory_mib']:.0f} MiB",
             flush=True,
         )
-    one = next(r for r in rows if r["k"] == 1)
-    share = min(1.0, one["teacher_s"] / one["step_s"])
-    for r in rows:
-        r["separate_img_s"] = one["student_img_s"]
-        r["speedup"] = r["student_img_s"] / one["student_img_s"]
-        r["ideal_speedup"] = 1.0 / (share / r["k"] + (1.0 - share))
-        r["efficiency"] = r["speedup"] / r["ideal_speedup"]
-    return {
-        "config": name,
-        "objective": pair.objective,
-        "teacher": pair.teacher,
-        "student": pair.student,
-        "teacher_share": share,
-        "results": rows,
-    }
+        one = rows[0]  # K = 1: packs start with it
+        share = min(1.0, one["teacher_s"] / one["step_s"])
+        config["teacher_share"] = share
+        out["separate_img_s"] = one["student_img_s"]
+        out["speedup"] = out["student_img_s"] / one["student_img_s"]
+        out["ideal_speedup"] = 1.0 / (share / k + (1.0 - share))
+        out["efficiency"] = out["speedup"] / out["ideal_speedup"]
+        if report is not None:
+            report(config)
+    return config
 
 
 def table(payload: dict[str, Any]) -> str:
@@ -208,7 +219,7 @@ def table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None)
     ap.add_argument("--configs", default="msd,crd,wrn", help=f"of {', '.join(CONFIGS)}")
@@ -227,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         help="smoke test: batch 4, 10 classes, 40 images, K 1,2, in this process",
     )
     ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def run(
+    args: argparse.Namespace, report: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Every configuration of `args.configs` at every K; `report` is handed a configuration's
+    figures so far after each K."""
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
@@ -239,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         args.batch_size, args.num_classes, args.train_size, args.packs = 4, 10, 40, "1,2"
         args.steps = args.steps or SMALL_STEPS
-    packs = sorted({int(k) for k in args.packs.split(",")} | {1})
+    packs = sorted({int(k) for k in str(args.packs).split(",")} | {1})
     base = {
         "device": str(device),
         "threads": args.threads,
@@ -262,9 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="searchkd-pack-") as tmp:
         for name in names:
-            payload["configs"].append(run_config(name, packs, base, Path(tmp)))
+            payload["configs"].append(run_config(name, packs, base, Path(tmp), report))
     print(table(payload))
-    return finish(payload, args.json)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return finish(run(args), args.json)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ from digits_objectives import (  # noqa: E402
 )
 
 import searchkd  # noqa: E402
-from searchkd.report import analyze, read_final  # noqa: E402
+from searchkd.analysis import analyze  # noqa: E402
+from searchkd.record import read_final  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = ROOT / "spaces" / "digits-pareto.yaml"

@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -261,33 +262,42 @@ def measure_pair(
     engine = EngineLoop(
         pair, teacher, device, args.batch_size, args.num_classes, args.train_size, args.compile
     )
-    reference = ReferenceLoop(
-        pair,
-        teacher,
-        device,
-        args.batch_size,
-        args.num_classes,
-        args.train_size,
-        args.workers,
-        root,
-    )
-    runs: dict[str, list[dict[str, Any]]] = {"engine": [], "reference": []}
-    for r in range(args.repeats):
-        runs["engine"].append(engine.measure(warmup if r == 0 else 0, steps))
-        runs["reference"].append(reference.measure(warmup, steps))
+    runs: dict[str, list[dict[str, Any]]] = {"engine": [engine.measure(warmup, steps)]}
+    # The engine's first measurement ran alone on the device: its peak is one trial's memory.
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    reference = None
+    if args.reference:
+        reference = ReferenceLoop(
+            pair,
+            teacher,
+            device,
+            args.batch_size,
+            args.num_classes,
+            args.train_size,
+            args.workers,
+            root,
+        )
+        runs["reference"] = [reference.measure(warmup, steps)]
+    for _ in range(1, args.repeats):
+        runs["engine"].append(engine.measure(0, steps))
+        if reference is not None:
+            runs["reference"].append(reference.measure(warmup, steps))
     out: dict[str, Any] = {
         "pair": pair.label,
         "objective": pair.objective,
         "batch_size": args.batch_size,
+        "compile": args.compile,
         "repeats": args.repeats,
     }
     for name, rows in runs.items():
         ordered = sorted(rows, key=lambda row: row["img_s"])
         out[name] = {**ordered[len(ordered) // 2], "all_img_s": [row["img_s"] for row in rows]}
-    out["ratio"] = out["engine"]["img_s"] / out["reference"]["img_s"]
     out["engine"]["ops_per_step"] = engine.ops_per_step()
-    out["reference"]["ops_per_step"] = reference.ops_per_step()
+    if reference is not None:
+        out["ratio"] = out["engine"]["img_s"] / out["reference"]["img_s"]
+        out["reference"]["ops_per_step"] = reference.ops_per_step()
     if device.type == "cuda":
+        out["engine"]["peak_memory_gib"] = peak
         out["peak_memory_gib_both"] = torch.cuda.max_memory_allocated(device) / 2**30
     del engine, reference
     _release(device)
@@ -307,7 +317,11 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, report: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Every pair of `args.pairs`; `report` is handed each pair's figures as soon as they are
+    measured (bench/gpu.py records them before the next pair starts)."""
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -330,6 +344,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             _print_row(results[-1], first=len(results) == 1)
+            if report is not None:
+                report(results[-1])
     return {**environment(device), "compile": args.compile, "results": results}
 
 
@@ -339,11 +355,13 @@ def _print_row(r: dict[str, Any], first: bool) -> None:
             f"{'pair':<26} {'objective':<9} {'batch':>5} {'engine img/s':>13} "
             f"{'reference img/s':>16} {'ratio':>7} {'aten ops/step (engine, ref)':>28}"
         )
-    e, ref = r["engine"], r["reference"]
+    e, ref = r["engine"], r.get("reference")
+    ref_img_s = f"{ref['img_s']:>16.1f}" if ref else f"{'-':>16}"
+    ratio = f"{r['ratio']:>6.2f}x" if ref else f"{'-':>7}"
+    ops = f"{e['ops_per_step']}, {ref['ops_per_step'] if ref else '-'}"
     print(
         f"{r['pair']:<26} {r['objective']:<9} {r['batch_size']:>5} {e['img_s']:>13.1f} "
-        f"{ref['img_s']:>16.1f} {r['ratio']:>6.2f}x "
-        f"{str(e['ops_per_step']) + ', ' + str(ref['ops_per_step']):>28}",
+        f"{ref_img_s} {ratio} {ops:>28}",
         flush=True,
     )
 
@@ -390,6 +408,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=WORKERS, help="reference DataLoader workers")
     p.add_argument("--compile", action="store_true", help="engine with train.compile: true")
+    p.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="the engine alone (a --compile run against the eager run's reference)",
+    )
     p.add_argument("--json", help="write the figures (and device, versions, command, date) here")
     return p.parse_args(argv)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from typing import Any, NoReturn
@@ -22,6 +24,11 @@ from .spec import SpecError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a program ended by Ctrl-C
+EXIT_TERMINATED = 143  # ... and by SIGTERM (128 + 15), handled as Ctrl-C
+
+
+def interrupted_code() -> int:
+    return EXIT_TERMINATED if api.terminated() else EXIT_INTERRUPTED
 
 
 def fail(message: str) -> NoReturn:
@@ -38,21 +45,36 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """The command that continues what Ctrl-C stopped before a search summed up (its teacher
+    training, say): the same command with its options, `--resume` added to a tune."""
+    if args.command == "tune":
+        options = {**run_options(args), "space": args.space, "trials_dir": args.trials_dir}
+        return api.continue_commands(None, options)[0]
+    if args.command == "resume":
+        return f"searchkd resume {shlex.quote(args.directory)}" + "".join(
+            f" --{k.replace('_', '-')} {shlex.quote(str(v))}"
+            for k, v in run_options(args).items()
+            if v is not None
+        )
+    return "the same command"
+
+
 def exit_code(run: api.SearchRun) -> int:
     """0 when the search (and its final stage) finished; else the command that continues it,
     and 130 after Ctrl-C."""
     if run.status != "finished":
         print(
             f"searchkd: search {run.spec.name} is not finished; continue with: "
-            f"searchkd tune {run.source} --resume"
+            f"{api.continue_command(run)}"
         )
-        return EXIT_INTERRUPTED if run.status == "interrupted" else 1
+        return interrupted_code() if run.status == "interrupted" else 1
     if run.final_status not in (None, "finished"):
         print(
             f"searchkd: the final stage of {run.spec.name} is not finished; continue with: "
-            f"searchkd final {os.path.relpath(run.search_dir)}"
+            f"searchkd final {api.shown_path(run.search_dir)}"
         )
-        return EXIT_INTERRUPTED if run.final_status == "interrupted" else 1
+        return interrupted_code() if run.final_status == "interrupted" else 1
     return 0
 
 
@@ -146,15 +168,12 @@ def cmd_final(args: argparse.Namespace) -> int:
             address=args.address,
             trials=args.trial,
         )
-    print()
-    for line in api.final_summary_lines(run.search_dir):
-        print(line)
     if run.status != "finished":
         print(
             f"searchkd: the final stage of {run.search_dir.name} is not finished; continue with: "
-            f"searchkd final {os.path.relpath(run.search_dir)}"
+            f"searchkd final {api.shown_path(run.search_dir)}"
         )
-        return EXIT_INTERRUPTED if run.status == "interrupted" else 1
+        return interrupted_code() if run.status == "interrupted" else 1
     return 0
 
 
@@ -176,6 +195,14 @@ def _number(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return value
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     return 0 if api.write_report(args.directory, args.out, mlflow=not args.no_mlflow) else 1
 
@@ -183,6 +210,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from .data import DatasetNotFound
     from .export import ExportError, export_best
+    from .metrics import kept_name
     from .report import ReportError, fmt
     from .storage import StorageError
 
@@ -199,7 +227,7 @@ def cmd_best(args: argparse.Namespace) -> int:
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         )
     t = done.trial
-    scores = ", ".join(f"{m} {fmt(v, m)}" for m, v in t.scores.items())
+    scores = ", ".join(f"{kept_name(m)} {fmt(v, m)}" for m, v in t.scores.items())
     print(f"trial {t.number} ({t.status}, {t.epochs} epochs): {scores}, test_acc {fmt(t.test_acc)}")
     print(f"written to {os.path.relpath(done.directory)}: " + ", ".join(p.name for p in done.files))
     print(
@@ -212,18 +240,15 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .objectives import get_objective
 
-    spec = api.load_space(args.space)
+    spec = api.validate_space(args.space)
     print(
         f"{args.space}: ok — search {spec.name!r}, objective {'/'.join(spec.objectives)}, "
         f"{spec.search.num_samples} trials × {spec.train.epochs} epochs, {len(spec.params)} "
         f"searched params"
     )
     for name in spec.objectives:
-        resolved = get_objective(name).resolve(
-            spec.loss
-            if len(spec.objectives) == 1
-            else {k: v for k, v in spec.loss.items() if k in get_objective(name).tunables}
-        )
+        objective = get_objective(name)
+        resolved = objective.resolve(objective.own_loss(spec.loss))
         print(f"  {name}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in resolved.items()))
     for key, p in spec.params.items():
         print(
@@ -298,10 +323,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     try:
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
             probe.bind((args.host, args.port))
+            port = probe.getsockname()[1]  # --port 0: the free port the system chose
     except OSError as exc:
         fail(
             f"cannot serve on {args.host}:{args.port} ({exc.strerror}); choose another with --port"
         )
+    args.port = port
     cmd, names = ui_command(uri, args.host, args.port, args.allowed_hosts)
     if names:
         print(
@@ -439,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
     )
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--port", type=_port, default=5000, help="default 5000; 0: any free port")
     u.add_argument(
         "--allowed-hosts",
         nargs="*",
@@ -463,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         from .storage import disk_full
 
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a file the user may not write
+            fail(f"{exc.filename or 'a file'}: {exc.strerror}; searchkd needs to write there")
         if not disk_full(exc):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
@@ -471,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             f"if the search had started)"
         )
     except KeyboardInterrupt:
-        print("\nsearchkd: interrupted; continue with --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"\nsearchkd: interrupted; continue with: {interrupted_hint(args)}", file=sys.stderr)
+        return interrupted_code()
 
 
 if __name__ == "__main__":

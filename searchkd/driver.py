@@ -37,13 +37,12 @@ from ray import tune
 from ray.tune import Callback
 
 from . import tracking
-from .record import STATE_FILE, STORAGE_FILE, ResultsTable
+from .engine import DataShape, trial_memory
+from .record import STATE_FILE, STORAGE_FILE, Log, ResultsTable
 from .spec import Spec, students_of
 from .storage import Storage, StorageError, disk_full, replace_atomically
 from .teacher import TeacherInfo
 from .trial import train_trial
-
-Log = Callable[[str], None]  # where progress lines go (print, or a notebook's own)
 
 
 def say(text: str) -> None:
@@ -65,7 +64,9 @@ class SearchError(RuntimeError):
 class RunProgress(Protocol):
     """The progress lines of a run: told by the callback as its trials report and end."""
 
-    def on_trial_result(self, trial: Any, result: dict, trials: list) -> None: ...
+    def on_trial_result(
+        self, trial: Any, result: dict, trials: list, replayed: bool = False
+    ) -> None: ...
 
     def on_trial_complete(self, trial: Any, trials: list) -> None: ...
 
@@ -85,9 +86,12 @@ class StudentProgress(RunProgress, Protocol):
 
 
 class Stops(Protocol):
-    """How the students of packed trials end: decided on the driver per reported epoch."""
+    """How the students of packed trials end: decided on the driver per reported epoch. Each
+    returns the students that end now: (Tune trial, number, last row, "finished"|"stopped")."""
 
-    def decide(self, number: int, result: dict) -> str | None: ...
+    def decide(self, trial: Any, number: int, result: dict) -> list[tuple[Any, int, dict, str]]: ...
+
+    def failed(self, numbers: list[int]) -> list[tuple[Any, int, dict, str]]: ...
 
 
 class Teller(Protocol):
@@ -228,24 +232,27 @@ class SearchCallback(Callback):
         if s.pack is not None and number in s.packed_progress.ended:
             return  # a retried cohort reports again what a student that ended had reported
         try:
-            s.results.add(number, trial.trial_id, students_of(trial.config).get(number, {}), result)
+            new = s.results.add(
+                number, trial.trial_id, students_of(trial.config).get(number, {}), result
+            )
         except OSError as exc:
             if not disk_full(exc):
                 raise
             s.stop(f"no space left on device writing {s.results.log_path}")
             return
         s.mlflow.on_trial_result(trial, result)
-        s.progress.on_trial_result(trial, result, trials)
+        # A resumed trial first replays its saved epochs: recorded already, not progress.
+        s.progress.on_trial_result(trial, result, trials, replayed=not new)
         if s.pack is not None and "epoch" in result:
             try:
-                how = s.pack.decide(number, result)
+                ends = s.pack.decide(trial, number, result)
             except OSError as exc:
                 if not disk_full(exc):
                     raise
                 s.stop(f"no space left on device writing the stop file of trial {number}")
                 return
-            if how:
-                s.end_student(trial, number, result, how, trials)
+            for ended_trial, ended, row, how in ends:
+                s.end_student(ended_trial, ended, row, how, trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.session.pack is not None:
@@ -267,6 +274,16 @@ class SearchCallback(Callback):
             s.failed[number] = reason
         s.mlflow.on_trial_error(trial, numbers)
         s.progress.on_trial_error(trial, trials, numbers)
+        if s.pack is not None:  # decisions that waited on these students are taken now
+            try:
+                ends = s.pack.failed(numbers)
+            except OSError as exc:
+                if not disk_full(exc):
+                    raise
+                s.stop("no space left on device writing a decision file")
+                return
+            for ended_trial, ended, row, how in ends:
+                s.end_student(ended_trial, ended, row, how, trials)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.session.progress.on_trial_recover(trial, trials)
@@ -305,6 +322,30 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+# Set when SIGTERM ended the run (the exit code says 143 instead of Ctrl-C's 130).
+TERMINATED = threading.Event()
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM does what Ctrl-C does: whatever handles SIGINT now (Tune's, inside `fit`: it
+    ends the run and returns; `ctrl_c`'s or Python's otherwise: KeyboardInterrupt) handles it."""
+    TERMINATED.set()
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def sigterm_as_ctrl_c() -> None:
+    """Ray's driver (its C++ core worker, started by `ray.init`) replaces the SIGTERM handler
+    with one that dumps a stack trace and aborts (exit -6): what Slurm or Kubernetes send
+    before they kill a job would leave state.json `running` and no resume hint. Installed
+    after Ray, this one hands SIGTERM to Ctrl-C's path instead."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
 def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
@@ -335,6 +376,7 @@ def connect(
     reaches the trials' storage, before anything is written."""
     quiet()
     _ensure_ray(address, num_cpus)
+    sigterm_as_ctrl_c()
     res = ray.cluster_resources()
     want = spec.search.resources
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
@@ -423,8 +465,11 @@ def trial_storage(search_dir: Path, spec: Spec) -> Storage:
     return root
 
 
-def concurrency(spec: Spec, count: int | None = None) -> int:
-    """How many of `count` trials (default: the search's num_samples) run at once."""
+def concurrency(spec: Spec, count: int | None = None, log: Log = say) -> int:
+    """How many of `count` trials (default: the search's num_samples) run at once: what the
+    cluster's CPUs and GPUs fit per `search.resources`, up to `max_concurrent`, and no more
+    than its memory holds at each trial's estimated size (said in one line when that caps it:
+    `cpu: 0.02` on 2 cores would otherwise start 50 processes of half a GiB each)."""
     res = ray.cluster_resources()
     want = spec.search.resources
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
@@ -432,12 +477,30 @@ def concurrency(spec: Spec, count: int | None = None) -> int:
     if want.gpu > 0:
         fit = min(fit, math.floor(gpus / want.gpu + 1e-9))
     count = math.ceil(spec.search.num_samples / spec.search.pack) if count is None else count
-    return max(1, min(spec.search.max_concurrent or fit, fit, count))
+    wanted = max(1, min(spec.search.max_concurrent or fit, fit, count))
+    memory = res.get("memory", 0.0)
+    try:
+        per_trial = trial_memory(spec, DataShape.of(spec))
+    except Exception:  # noqa: BLE001 - no estimate (data away from the driver): no memory cap
+        return wanted
+    held = max(1, math.floor(memory / per_trial)) if memory > 0 else wanted
+    if held >= wanted:
+        return wanted
+    log(
+        f"searchkd: running {held} trials at once, not {wanted}: each needs about "
+        f"{per_trial / 2**30:.1f} GiB of memory (estimated) and Ray has {memory / 2**30:.1f} GiB "
+        "for them"
+    )
+    return held
 
 
-def make_trainable(spec: Spec, teacher: TeacherInfo | None, storage: Storage) -> Any:
+def make_trainable(
+    spec: Spec, teacher: TeacherInfo | None, storage: Storage, rungs: list[int] | None = None
+) -> Any:
     """`train_trial` with the spec as its base, the teacher's bytes and the trials' storage,
-    under the space's per-trial resources (the search and its final stage share it)."""
+    under the space's per-trial resources (the search and its final stage share it); with
+    `rungs`, each trial waits at those epochs for the driver's decision (a reproducible
+    search's ASHA)."""
     res = spec.search.resources
     memory_fraction = res.gpu if 0 < res.gpu < 1 else None
     blob = Path(teacher.path).read_bytes() if teacher else None
@@ -452,6 +515,7 @@ def make_trainable(spec: Spec, teacher: TeacherInfo | None, storage: Storage) ->
             teacher_sha256=hashlib.sha256(blob).hexdigest() if blob else None,
             cpus=res.cpu,
             memory_fraction=memory_fraction,
+            rungs=rungs,
         ),
         {"cpu": res.cpu, "gpu": res.gpu},
     )
@@ -533,11 +597,6 @@ def write_state(
             raise
         with path.open("r+") as f:
             f.write(text)
-
-
-def search_status(search_dir: Path) -> str | None:
-    path = search_dir / STATE_FILE
-    return json.loads(path.read_text())["status"] if path.exists() else None
 
 
 def next_run(ray_dir: Path) -> str:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
+import json
 import math
 import pickle
 import time
@@ -422,10 +424,6 @@ class Cohort:
             if m.rng_cuda is not None:
                 m.rng_cuda = torch.cuda.get_rng_state(self.device)
 
-    def train_epoch(self) -> dict[int, dict[str, float]]:
-        """One pass over the training split for the students at the cohort's epoch."""
-        return self.train_members()
-
     def train_members(self) -> dict[int, dict[str, float]]:
         """One pass over the training split for the students at the cohort's epoch; loss terms
         are averaged on the device and read once. Returns each trained student's row."""
@@ -655,6 +653,146 @@ def estimate_pack_bytes(cohort: Cohort, k: int | None = None) -> int:
     return int(total * 1.25)
 
 
+# Private memory of one trial's process before its models: torch, Ray's worker and searchkd's
+# code imported, and a digits epoch of a resnet8 x0.25 trained (514 MiB measured on a 2-core
+# CPU machine, /proc/self/smaps_rollup Private_*). Trials on one machine share nothing else.
+TRIAL_PROCESS_BYTES = 512 << 20
+
+
+class TooLarge(ValueError):
+    """A model whose sizes cannot even be represented (a width like 1e9): one line."""
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What sizes a trial's models and memory: the dataset's classes, channels, image size,
+    and the bytes of it each trial holds (device-resident splits; 0 when streamed)."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    resident_bytes: int
+    num_train: int = 0
+
+    @classmethod
+    def of(cls, spec: Spec, download: bool | None = None) -> DataShape:
+        """The shape of the space's dataset, read once per process (raises DatasetNotFound);
+        `download=False` never fetches it, whatever the space says."""
+        d = spec.data
+        options = json.dumps(d.options, sort_keys=True, default=str)
+        fetch = d.download if download is None else download
+        return _data_shape(d.dataset, d.root, fetch, d.val_fraction, options)
+
+    @property
+    def model_kwargs(self) -> dict[str, int]:
+        return dict(
+            num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _data_shape(
+    dataset: str, root: str | None, download: bool, val_fraction: float, options: str
+) -> DataShape:
+    L = data_lib.build_loaders(
+        dataset,
+        root=root,
+        download=download,
+        val_fraction=val_fraction,
+        device="cpu",
+        **json.loads(options),
+    )
+    held = [getattr(x, "x", None) for x in (L.train, L.val, L.test)]
+    return DataShape(
+        L.num_classes,
+        L.channels,
+        L.image_size,
+        sum(_bytes([t]) for t in held if isinstance(t, Tensor)),
+        L.num_train,
+    )
+
+
+def largest_students(spec: Spec) -> list[tuple[str, Spec]]:
+    """The largest students the space can sample (each arch it may pick, at its widest and
+    deepest), each with the key its size comes from: what must fit a trial's memory."""
+    values = {
+        k: spec.params[f"student.{k}"].values_to_check()
+        for k in ("arch", "width", "depth")
+        if f"student.{k}" in spec.params
+    }
+    width = max([spec.student.width, *values.get("width", [])])
+    depths = [d for d in [spec.student.depth, *values.get("depth", [])] if d]
+    key = "params.student.width" if "width" in values else "student.width"
+    out = []
+    for arch in values.get("arch", [spec.student.arch]):
+        picked = {"student.arch": arch, "student.width": width}
+        if depths:
+            picked["student.depth"] = max(depths)
+        out.append((key, spec.resolved(picked)))
+    return out
+
+
+def model_train_bytes(
+    arch: str,
+    width: float,
+    shape: DataShape,
+    batch_size: int,
+    cfg: TrainSpec | None = None,
+    depth: int | None = None,
+) -> int:
+    """Memory a model needs to train on a batch, estimated without allocating anything: built
+    and run forward on the meta device, its weights, gradients and optimizer state and the
+    activations autograd keeps for the backward pass (cfg None: a model that is only run, as a
+    teacher beside its students: weights and the activations of a batch). Raises TooLarge for
+    sizes past what a tensor can describe."""
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    extra = {"depth": depth} if depth else {}
+    try:
+        with torch.device("meta"):
+            model = build_model(arch, width=width, **extra, **shape.model_kwargs)
+            x = torch.empty(batch_size, shape.in_channels, shape.image_size, shape.image_size)
+            if cfg is None:
+                with torch.no_grad():
+                    out = model.forward_features(x)
+                saved = _bytes([out.stem, *out.stages, out.pool, out.logits])
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    model(x)
+    except (RuntimeError, OverflowError, ValueError) as exc:
+        text = str(exc).strip().splitlines()
+        detail = text[0] if text else type(exc).__name__
+        raise TooLarge(f"{arch} at width {width:g} cannot be built ({detail})") from None
+    weights = _bytes(model.parameters())
+    if cfg is None:
+        return weights + saved
+    states = 3 if cfg.optimizer == "adamw" else 2 if cfg.momentum > 0 else 1
+    return (1 + states) * weights + saved + _bytes(model.buffers())
+
+
+def trial_memory(spec: Spec, shape: DataShape) -> int:
+    """Host memory one Tune trial of `spec` holds, estimated: its process, its dataset, and
+    (trained on the CPU) its `search.pack` students at the largest the space samples and its
+    teacher. Objectives' heads and buffers are left out: a lower bound, for capping how many
+    trials run at once."""
+    total = TRIAL_PROCESS_BYTES + shape.resident_bytes
+    if spec.search.resources.gpu == 0:
+        batch = spec.train.batch_size
+        total += spec.search.pack * max(
+            model_train_bytes(s.arch, s.width, shape, batch, one.train, s.depth)
+            for _, one in largest_students(spec)
+            for s in [one.student]
+        )
+        if any(get_objective(o).needs_teacher for o in spec.objectives):
+            total += model_train_bytes(spec.teacher.arch, spec.teacher.width, shape, batch)
+    return total
+
+
 def pack_memory_problem(
     estimate: int, k: int, total_bytes: int, fraction: float | None
 ) -> str | None:
@@ -685,21 +823,14 @@ def shared_settings(spec: Spec) -> tuple[Any, ...]:
     )
 
 
-def _member_attr(name: str) -> Any:
-    """An attribute of the engine's one student, read and written through the engine."""
-    return property(
-        lambda self: getattr(self.members[0], name),
-        lambda self, value: setattr(self.members[0], name, value),
-    )
-
-
-class Engine(Cohort):
+class Engine:
     """One student trained under one objective: a cohort of one.
 
     `Engine(spec, seed, teacher_checkpoint)` builds data, teacher, student, objective,
     optimizer and schedule; `run_epoch()` trains one epoch, evaluates, and returns the metrics
     row a trial reports. `state_dict()` / `load_state_dict()` carry everything needed to resume
-    bit-for-bit at an epoch boundary.
+    bit-for-bit at an epoch boundary. The work is the cohort's (`cohort`); the engine reads
+    what the cohort shares (data, teacher, device) and its one student (`member`).
     """
 
     def __init__(
@@ -710,54 +841,77 @@ class Engine(Cohort):
         device: str | torch.device | None = None,
         memory_fraction: float | None = None,
     ) -> None:
-        super().__init__([spec], [seed], teacher_checkpoint, device, memory_fraction)
         self.spec, self.seed = spec, seed
-        self.objective_cls: type[Objective] = get_objective(str(spec.objective))
-        self.train_student: TappedModel = self.members[0].train_student
+        self.cohort = Cohort([spec], [seed], teacher_checkpoint, device, memory_fraction)
+        self.member: Member = self.cohort.members[0]
 
-    student = _member_attr("student")
-    objective = _member_attr("objective")
-    optimizer = _member_attr("optimizer")
-    scheduler = _member_attr("scheduler")
-    student_params = _member_attr("student_params")
-    objective_params = _member_attr("objective_params")
-    student_macs = _member_attr("student_macs")
-    best_val_acc = _member_attr("best_val_acc")
-    test_acc = _member_attr("test_acc")
-    best_student = _member_attr("best_student")
-    last_row = _member_attr("last_row")
-    kept_row = _member_attr("kept_row")
-    history = _member_attr("history")
+    # -- what the cohort shares -------------------------------------------------------------
+    @property
+    def loaders(self) -> Any:
+        return self.cohort.loaders
+
+    @property
+    def teacher(self) -> TappedModel | None:
+        return self.cohort.teacher
+
+    @property
+    def device(self) -> torch.device:
+        return self.cohort.device
+
+    # -- its one student --------------------------------------------------------------------
+    @property
+    def student(self) -> TappedModel:
+        return self.member.student
+
+    @property
+    def objective(self) -> Objective:
+        return self.member.objective
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.member.optimizer
 
     @property
     def epoch(self) -> int:
-        return self.members[0].epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.members[0].epoch = value
+        return self.member.epoch
 
     @property
     def finished(self) -> bool:
-        return self.members[0].finished
+        return self.member.finished
 
-    def train_epoch(self) -> dict[str, float]:  # type: ignore[override]
+    @property
+    def best_student(self) -> dict[str, Tensor]:
+        return self.member.best_student
+
+    @property
+    def best_val_acc(self) -> float:
+        return self.member.best_val_acc
+
+    @property
+    def test_acc(self) -> float:
+        return self.member.test_acc
+
+    @property
+    def last_row(self) -> dict[str, float]:
+        return self.member.last_row
+
+    def train_epoch(self) -> dict[str, float]:
         """One pass over the training split; loss terms are averaged on the device and read once."""
-        return self.train_members()[0]
+        return self.cohort.train_members()[0]
 
     def evaluate(self, split: str = "val") -> EvalResult:
-        return self.evaluate_member(0, split)
+        return self.cohort.evaluate_member(0, split)
 
     def run_epoch(self) -> dict[str, float]:
         """Train one epoch and return the row a trial reports for it."""
-        return self.run_epochs()[0]
+        return self.cohort.run_epochs()[0]
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return self.member_state(0)
+        return self.cohort.member_state(0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_member_state(0, state)
+        self.cohort.load_member_state(0, state)
 
     def save(self, path: str | Path | IO[bytes]) -> None:
         torch.save(self.state_dict(), path)
@@ -766,10 +920,7 @@ class Engine(Cohort):
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
     def to_bytes(self) -> bytes:
-        return self.member_bytes(0)
-
-    def from_bytes(self, blob: bytes) -> None:
-        self.load_member_bytes(0, blob)
+        return self.cohort.member_bytes(0)
 
 
 __all__ = [

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import Analysis, TrialView, analyze, fmt, short
+from .analysis import Analysis, TrialView, analyze, fmt, short
 from .storage import replace_atomically
 
 STUDENT_OUT = "student.pt"
@@ -207,7 +207,7 @@ def model_card(a: Analysis, t: TrialView, spec: Any, model_args: dict[str, Any])
 
 
 def _row(a: Analysis, t: TrialView, key: str) -> Any:
-    from .report import read_rows
+    from .analysis import read_rows
 
     mine = [r for r in read_rows(a.search_dir) if r["trial_number"] == t.number]
     return max(mine, key=lambda r: r["epoch"]).get(key) if mine else None

@@ -38,6 +38,7 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from . import tracking
+from .analysis import analyze, rank_trials, read_spec
 from .driver import (
     RAY_DIR,
     Log,
@@ -57,10 +58,7 @@ from .driver import (
     trial_storage,
 )
 from .metrics import json_safe
-from .record import ResultsTable
-
-# final.parquet (one row per finished (config, seed)) and the metadata key of its summary
-from .report import FINAL_FILE, FINAL_KEY, analyze, rank_trials, read_spec
+from .record import FINAL_FILE, FINAL_KEY, ResultsTable
 from .samplers import trial_seed
 from .spec import Spec
 from .storage import replace_atomically
@@ -477,8 +475,10 @@ class FinalProgress:
         )
         self.last_beat = time.time()
 
-    def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
-        if time.time() - self.last_beat > self.heartbeat_s:
+    def on_trial_result(
+        self, trial: Any, result: dict, trials: list, replayed: bool = False
+    ) -> None:
+        if not replayed and time.time() - self.last_beat > self.heartbeat_s:
             self._line(f"{self._name(trial)} epoch {result.get('epoch')}/{self.epochs}", trials)
 
     def on_trial_complete(self, trial: Any, trials: list) -> None:
@@ -534,7 +534,7 @@ class FinalRunner:
                 f"{os.path.relpath(stage.search_dir)}: the search has no MLflow run "
                 f"({tracking.TRACKING_FILE} is missing); resume the search first"
             )
-        search_runs = tracking.SearchRuns(**json.loads(state.read_text()))
+        search_runs = tracking.read_runs(state, stage.search_dir.parent)
         tags = base_tags(spec, stage="final")
         try:
             runs = open_tracking(
@@ -550,6 +550,7 @@ class FinalRunner:
                         "epochs": spec.train.epochs,
                         "metric": "test_acc",
                     },
+                    trials_dir=stage.search_dir.parent,
                 ),
                 search_runs.tracking_uri,
             )
@@ -633,7 +634,7 @@ class FinalRunner:
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(
                     ListSearcher([r.tune_config() for r in todo]),
-                    max_concurrent=concurrency(spec, len(todo)),
+                    max_concurrent=concurrency(spec, len(todo), log=self.log),
                 ),
                 scheduler=FIFOScheduler(),
                 num_samples=len(todo),

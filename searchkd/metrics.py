@@ -26,8 +26,10 @@ REPORTED_METRICS = (
 )
 # Bookkeeping beside them: `start_epoch` > 0 proves a resumed trial did not restart at 0; a
 # packed trial's students add `data_seed` (the seed of the data order and augmentation their
-# cohort shared) and `pack` (how many students that cohort had).
-BOOKKEEPING = ("epoch", "lr", "start_epoch", "data_seed", "pack")
+# cohort shared) and `pack` (how many students that cohort had); in a reproducible search,
+# `rung_wait_s` is how long the trial waited at its last rung for ASHA's decision before it
+# trained this epoch (the cost of reproducibility, bench/RESULTS.md).
+BOOKKEEPING = ("epoch", "lr", "start_epoch", "data_seed", "pack", "rung_wait_s")
 # Prefixes of the other numbers kept: each loss term (`loss_kd`, ...) and the scores.
 PREFIXES = ("loss_", "score")
 # Text a row carries: where it ran.
@@ -52,6 +54,13 @@ def scores(kept_row: Mapping[str, float], metrics: Sequence[str]) -> dict[str, f
     """The trial's score: the search metric of the student it keeps (best on val, or the last
     without a val split), as of this epoch; `score_<metric>` for each metric of the search."""
     return {"score": kept_row[metrics[0]], **{f"score_{m}": kept_row[m] for m in metrics}}
+
+
+def kept_name(metric: str) -> str:
+    """What a trial's score on `metric` is called wherever it is shown (progress, summaries,
+    MLflow): `best_val_acc` for `val_acc` (the kept student's, not an epoch's val_acc),
+    `score_<metric>` (its row's column) for any other metric."""
+    return "best_val_acc" if metric == "val_acc" else f"score_{metric}"
 
 
 def stopped_early(epochs_run: int, epochs: int) -> bool:
@@ -84,6 +93,21 @@ def trial_score(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> fl
     if not values:
         return math.nan
     return max(values) if mode == "max" else min(values)
+
+
+def rung_milestones(grace_period: int, max_t: int, reduction_factor: float) -> list[float]:
+    """ASHA's milestones, ascending: grace · rf^k up to max_t (one bracket, as Ray's
+    `_Bracket`)."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [grace_period * reduction_factor**k for k in range(count)]
+
+
+def rung_epochs(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
+    """The epochs at which a trial of `max_t` epochs is judged: the first epoch that reaches
+    each of ASHA's milestones, below max_t (a trial at max_t has finished). The scheduler
+    decides there; the report draws them."""
+    milestones = rung_milestones(grace_period, max_t, reduction_factor)
+    return sorted({math.ceil(m - 1e-9) for m in milestones} - {max_t})
 
 
 def better(a: float, b: float, mode: str) -> bool:

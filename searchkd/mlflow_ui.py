@@ -15,15 +15,63 @@ defaults to GenAI); the link below, with `workflowType` and the shared view, ope
 table of the trials, best first, with the metrics and the searched params as columns. What the
 UI cannot be told: which rows are expanded, and a browser's own saved column choice outlives
 the shared view only if the user presses "Override saved view".
+
+Read from 3.17.2's bundled UI (mlflow/server/js/build), not yet seen in a browser: a shared
+view may hold `selectedColumns`, `columnOrder`, `columnWidths`, `runsExpanded`, `runsPinned`,
+`runsHidden`, `runsHiddenMode`, `compareRunCharts`, `compareRunSections`, `groupBy`, ...; the
+runs table (AG Grid) applies `columnOrder`, a list of the same column ids as `selectedColumns`
+(`metrics.`val_acc``), listed columns first. The Compare page's parallel-coordinates plot
+(#/compare-runs) keeps its choice in the component, never in a view or a tag: it starts with
+the first three differing params, sorted, and the first metric key the runs share, in the
+order the store returns them, which is the order a run first logged them.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 UI_VIEW = "searchkd"
 UI_KIND = "custom_model_development"
+LOCAL_STORE = "mlflow.db"  # the default store: this file in the trials directory
+
+
+def local_store(trials_dir: Path) -> str:
+    """The trials directory's own store (`trials/mlflow.db`), as an absolute sqlite URI."""
+    return f"sqlite:///{(Path(trials_dir) / LOCAL_STORE).resolve()}"
+
+
+def tracking_json(state: dict[str, Any], trials_dir: Path) -> str:
+    """A tracking.json's text: the run ids, and the store as `store: mlflow.db` (relative to the
+    trials directory) when it is the local one, so a search directory copied or moved with its
+    trials directory logs into the store beside it, never the original's."""
+    out = dict(state)
+    if out.get("tracking_uri") == local_store(trials_dir):
+        out["store"] = LOCAL_STORE
+    return json.dumps(out, indent=1)
+
+
+def read_tracking(path: Path, trials_dir: Path) -> dict[str, str]:
+    """A tracking.json's `tracking_uri`, `experiment_id` and `parent_run_id`, the local store
+    resolved against the trials directory it is in now (a file written before `store` existed
+    keeps its recorded URI)."""
+    state = json.loads(Path(path).read_text())
+    uri = local_store(trials_dir) if state.get("store") == LOCAL_STORE else state["tracking_uri"]
+    return {
+        "tracking_uri": str(uri),
+        "experiment_id": str(state["experiment_id"]),
+        "parent_run_id": str(state["parent_run_id"]),
+    }
+
+
+def lead_metrics(metrics: list[str]) -> list[str]:
+    """The metrics a trial's run shows first: its `score` (the kept student's value on the first
+    metric, what ranks), each search metric as of the epoch, and `test_acc`. The runs table takes
+    them as its first columns; each run logs them first, because MLflow's compare view plots the
+    first metric key a run was logged with (its parallel coordinates default, train_loss
+    otherwise)."""
+    return list(dict.fromkeys(["score", *metrics, "test_acc"]))
 
 
 def ui_tags(space: dict[str, Any]) -> dict[str, str]:
@@ -33,16 +81,14 @@ def ui_tags(space: dict[str, Any]) -> dict[str, str]:
     modes = search.get("mode", "max")
     metrics = metrics if isinstance(metrics, list) else [metrics]
     modes = modes if isinstance(modes, list) else [modes]
-    sort = "best_val_acc" if metrics[0] == "val_acc" else metrics[0]  # the kept student's value
-    shown = dict.fromkeys(
-        [*metrics, "best_val_acc", "test_acc", "student_params", "student_macs", "epoch"]
-    )
+    lead = lead_metrics(metrics)
+    shown = dict.fromkeys([*lead, "student_params", "student_macs", "epoch"])
     searched = (["objective"] if isinstance(space.get("objective"), dict) else []) + list(
         space.get("params") or {}
     )
     state = {
         "searchFilter": "tags.trial_number LIKE '%'",  # the trials' runs, not the search's own
-        "orderByKey": f"metrics.`{sort}`",
+        "orderByKey": "metrics.`score`",  # what ranks: the kept student's value
         "orderByAsc": modes[0] == "min",
         "startTime": "ALL",
         "lifecycleFilter": "Active",
@@ -52,7 +98,9 @@ def ui_tags(space: dict[str, Any]) -> dict[str, str]:
         + [f"params.`{p}`" for p in searched]
         + ["tags.`stopped_early`"],
         "runsHiddenMode": "SHOW_ALL",
-        "columnOrder": [],
+        # The runs table lists metric columns in the order it first saw the keys, after the
+        # run's attributes; these come first (after the pinned run name) at any width.
+        "columnOrder": [f"metrics.`{m}`" for m in lead],
         "columnWidths": {},
     }
     return {

@@ -14,371 +14,97 @@ never the best. The Pareto front of a
 multi-objective search is computed on the same scores.
 
 Everything a plot draws is computed first (`analyze`, an `Analysis`) and written beside the
-plots as `data.json`, so what a plot shows can be checked against the Parquet rows.
+plots as `data.json`, so what a plot shows can be checked against the Parquet rows. The parts
+change apart: `analysis.py` computes, `plots.py` draws, this module writes the page (and
+re-exports what it is made of).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
-import math
 import os
-import sys
 import time
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .analysis import (
+    STATUS_TEXT,
+    TOP_N,
+    Analysis,
+    ReportError,
+    TrialView,
+    analyze,
+    duration,
+    fmt,
+    importances,
+    pareto_set,
+    pick_best,
+    rank_trials,
+    read_rows,
+    read_spec,
+    score_study,
+    short,
+    teacher_meta,
+    trial_score,
+)
+from .metrics import (
+    finite,
+    json_safe,
+    kept_name,
+)
+from .plots import (
+    plot_curves,
+    plot_history,
+    plot_importances,
+    plot_objectives,
+    plot_pareto,
+    plot_slices,
+    plotting,
+)
+from .record import (
+    read_final,
+    ui_command,
+)
+from .record import shown as shown_path
 
-from .metrics import better, finite, json_safe, pick_best, stopped_early, trial_score
-from .record import JOURNAL_FILE, SPACE_FILE, STATE_FILE
-from .spec import Spec, teacher_digest
+# What this module's callers (the CLI, the API, tests) reach through it: the page, and the
+# analysis and plots it is made of.
+__all__ = [
+    "Analysis",
+    "Report",
+    "ReportError",
+    "TrialView",
+    "analyze",
+    "final_lines",
+    "fmt",
+    "pareto_set",
+    "pick_best",
+    "plot_curves",
+    "plot_history",
+    "plot_objectives",
+    "plot_pareto",
+    "plotting",
+    "rank_trials",
+    "read_final",
+    "read_rows",
+    "read_spec",
+    "short",
+    "summary_lines",
+    "teacher_meta",
+    "trial_score",
+    "write_report",
+]
 
 REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 DATA_FILE = "data.json"
-TOP_N = 10
-UI_URL = "http://127.0.0.1:5000"  # where `searchkd ui` serves the local store
-
-# Trials are drawn by how they ended.
-STATUSES = ("finished", "stopped", "failed", "running", "unfinished")
-STATUS_TEXT = {
-    "finished": "finished",
-    "stopped": "stopped by ASHA",
-    "failed": "failed",
-    "running": "running",
-    "unfinished": "unfinished (interrupted)",
-}
-
-
-# -- the one definition of a trial's score and of the best trial ------------------------------
-def rank_trials(trials: Sequence[TrialView], metric: str, mode: str) -> list[TrialView]:
-    """Trials with a score that did not fail, best first (ties: the lower trial number): the
-    report's top table and the final stage's top K."""
-    return sorted(
-        (t for t in trials if t.status != "failed" and math.isfinite(t.scores[metric])),
-        key=lambda t: (-t.scores[metric] if mode == "max" else t.scores[metric], t.number),
-    )
-
-
-def dominates(a: Sequence[float], b: Sequence[float], modes: Sequence[str]) -> bool:
-    """`a` is no worse than `b` on every objective and better on one."""
-    no_worse = all(
-        (x >= y) if m == "max" else (x <= y) for x, y, m in zip(a, b, modes, strict=True)
-    )
-    strictly = any((x > y) if m == "max" else (x < y) for x, y, m in zip(a, b, modes, strict=True))
-    return no_worse and strictly
-
-
-def pareto_set(points: Mapping[int, Sequence[float]], modes: Sequence[str]) -> list[int]:
-    """Trial numbers whose score vector no other trial dominates (finite vectors only)."""
-    ok = {n: p for n, p in points.items() if all(math.isfinite(v) for v in p)}
-    return sorted(
-        n for n, p in ok.items() if not any(dominates(q, p, modes) for m, q in ok.items() if m != n)
-    )
-
-
-# -- what a search directory holds -------------------------------------------------------------
-@dataclass
-class TrialView:
-    number: int
-    trial_id: str
-    status: str
-    epochs: int  # the last epoch it reported
-    scores: dict[str, float]  # search metric -> score
-    test_acc: float  # the kept student's test accuracy (last row)
-    student_params: float
-    student_macs: float
-    objective: str
-    config: dict[str, Any]  # sampled values and seed, as the trial ran
-    run_id: str | None
-    end_x: int  # trial-epochs the search had consumed when this trial's last row came
-    curve: list[tuple[int, float]]  # (epoch, metric value) per row
-    error: str | None = None
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.config.items() if k not in ("seed", "objective")}
-
-
-@dataclass
-class Analysis:
-    search_dir: Path
-    spec: Spec
-    state: str  # running | finished | interrupted | unknown
-    metric: str
-    mode: str
-    trials: list[TrialView]
-    best: TrialView | None
-    history_x: list[int]  # trial-epochs consumed, one per row in time order
-    history_best: list[float]  # best score so far at each x (NaN until a trial counts)
-    rungs: list[int]  # ASHA rung epochs (empty without ASHA)
-    trial_epochs: int
-    budget_epochs: int  # num_samples × epochs: what a search without early stopping costs
-    wall_seconds: float | None
-    compute_seconds: float
-    teacher: dict[str, Any] | None
-    pareto: list[int]
-    top: list[TrialView]
-    mlflow: dict[str, str] | None  # tracking_uri, experiment_id, parent_run_id, link
-    journal: Path | None
-    notes: list[str] = field(default_factory=list)
-    study: Any = None  # the Optuna study as the journal holds it (None without one)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return {s: sum(t.status == s for t in self.trials) for s in STATUSES}
-
-    @property
-    def by_number(self) -> dict[int, TrialView]:
-        return {t.number: t for t in self.trials}
-
-
-def read_rows(search_dir: str | Path) -> list[dict[str, Any]]:
-    """Every row the search's trials reported, read from its record without writing anything
-    (results.parquet may lag behind a running search)."""
-    from .record import read_rows as read
-
-    return read(Path(search_dir))
-
-
-def read_spec(search_dir: str | Path) -> Spec:
-    path = Path(search_dir) / SPACE_FILE
-    if not path.is_file():
-        raise ReportError(f"{search_dir}: not a search directory (no space.yaml)")
-    return Spec.model_validate(yaml.safe_load(path.read_text()))
-
-
-class ReportError(RuntimeError):
-    """A directory the report cannot read: one line."""
-
-
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text()) if path.exists() else None
-    except (OSError, ValueError):
-        return None
-
-
-def load_journal(search_dir: Path, name: str) -> Any:
-    """The Optuna study, opened read-only as optuna-dashboard opens it (None if absent)."""
-    path = search_dir / JOURNAL_FILE
-    if not path.exists():  # opening a journal backend creates the file: never do that here
-        return None
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:  # the study is not in it yet
-        return None
-
-
-def teacher_meta(spec: Spec, trials_dir: Path) -> dict[str, Any] | None:
-    """The cached teacher's meta.json (its test and val accuracy), if the cache holds it."""
-    try:
-        meta = _json(trials_dir / "teachers" / teacher_digest(spec) / "meta.json")
-    except OSError:
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def asha_rungs(spec: Spec) -> list[int]:
-    """The epochs where ASHA compares trials (Ray's `_Bracket` rungs, one bracket)."""
-    if spec.search.scheduler != "asha":
-        return []
-    max_t = spec.train.epochs
-    min_t = min(spec.search.grace_period, max_t)
-    rf = spec.search.reduction_factor
-    count = int(math.log(max_t / min_t) / math.log(rf) + 1)
-    return sorted({int(round(min_t * rf**k)) for k in range(count) if min_t * rf**k < max_t})
-
-
-def mlflow_link(tracking: Mapping[str, str]) -> str:
-    """The experiment's trials table in the MLflow UI: the server itself, or `searchkd ui`'s."""
-    from .mlflow_ui import ui_link
-
-    return ui_link(str(tracking.get("tracking_uri", "")), str(tracking["experiment_id"]), UI_URL)
-
-
-def _status(last_epoch: int, epochs: int, optuna_state: str | None, search_state: str) -> str:
-    """How a trial stands; the study is the record of how trials ended."""
-    if optuna_state == "FAIL":
-        return "failed"
-    if not stopped_early(last_epoch, epochs):
-        return "finished"
-    if optuna_state == "COMPLETE":
-        return "stopped"
-    return "running" if search_state == "running" else "unfinished"
-
-
-def analyze(search_dir: str | Path) -> Analysis:
-    """Read the search directory and compute everything the report shows."""
-    search_dir = Path(search_dir).resolve()
-    spec = read_spec(search_dir)
-    metric, mode = spec.metrics[0], spec.modes[0]
-    rows = read_rows(search_dir)
-    state_file = _json(search_dir / STATE_FILE) or {}
-    state = str(state_file.get("status", "unknown"))
-    study = load_journal(search_dir, spec.name)
-    optuna_states: dict[int, str] = {}
-    errors: dict[int, str] = {}
-    starts: list[float] = []
-    if study is not None:
-        for t in study.get_trials(deepcopy=False):
-            optuna_states[t.number] = t.state.name
-            if t.state.name == "FAIL":
-                errors[t.number] = str(t.user_attrs.get("searchkd", "failed"))
-            if t.datetime_start is not None:
-                starts.append(t.datetime_start.timestamp())
-    runs_map = {
-        int(k): v
-        for k, v in (_json(search_dir / "mlflow_runs.json") or {}).items()
-        if str(k).lstrip("-").isdigit()
-    }
-
-    # Rows in the order they came: each is one trial-epoch consumed.
-    ordered = sorted(
-        rows, key=lambda r: (float(r.get("timestamp") or 0.0), r["trial_number"], r["epoch"])
-    )
-    per_trial: dict[int, list[dict[str, Any]]] = {}
-    end_x: dict[int, int] = {}
-    for x, r in enumerate(ordered, start=1):
-        n = int(r["trial_number"])
-        per_trial.setdefault(n, []).append(r)
-        end_x[n] = x
-
-    trials: list[TrialView] = []
-    for n, mine in sorted(per_trial.items()):
-        mine.sort(key=lambda r: r["epoch"])
-        last = mine[-1]
-        status = _status(int(last["epoch"]), spec.train.epochs, optuna_states.get(n), state)
-        config = json.loads(last.get("config") or "{}")
-        trials.append(
-            TrialView(
-                number=n,
-                trial_id=str(last.get("trial_id", "")),
-                status=status,
-                epochs=int(last["epoch"]),
-                scores={
-                    m: trial_score(mine, m, md)
-                    for m, md in zip(spec.metrics, spec.modes, strict=True)
-                },
-                test_acc=float(last["test_acc"]) if finite(last.get("test_acc")) else math.nan,
-                student_params=float(last.get("student_params") or math.nan),
-                student_macs=float(last.get("student_macs") or math.nan),
-                objective=str(
-                    last.get("objective") or config.get("objective") or spec.objectives[0]
-                ),
-                config=config,
-                run_id=runs_map.get(n),
-                end_x=end_x[n],
-                curve=[
-                    (int(r["epoch"]), float(r[metric]) if finite(r.get(metric)) else math.nan)
-                    for r in mine
-                ],
-                error=errors.get(n),
-            )
-        )
-    by_number = {t.number: t for t in trials}
-    failed = {t.number for t in trials if t.status == "failed"}
-    best_number = pick_best({t.number: t.scores[metric] for t in trials}, mode, failed)
-
-    # Best so far against trial-epochs consumed: each row counts with the score its trial has
-    # reached by then (for val_acc its best_val_acc), failed trials excepted.
-    history_x, history_best = [], []
-    best_so_far = math.nan
-    for x, r in enumerate(ordered, start=1):
-        n = int(r["trial_number"])
-        if n not in failed:
-            value = trial_score([r], metric, mode)
-            if better(value, best_so_far, mode):
-                best_so_far = value
-        history_x.append(x)
-        history_best.append(best_so_far)
-
-    pareto: list[int] = []
-    if len(spec.metrics) > 1:
-        pareto = pareto_set(
-            {
-                t.number: [t.scores[m] for m in spec.metrics]
-                for t in trials
-                if t.number not in failed
-            },
-            spec.modes,
-        )
-    ranked = rank_trials(trials, metric, mode)
-    tracking = _json(search_dir / "tracking.json")
-    mlflow = None
-    if isinstance(tracking, dict) and {"tracking_uri", "experiment_id", "parent_run_id"} <= set(
-        tracking
-    ):
-        mlflow = {
-            **{k: str(tracking[k]) for k in ("tracking_uri", "experiment_id", "parent_run_id")},
-            "link": mlflow_link(tracking),
-        }
-    timestamps = [float(r["timestamp"]) for r in rows if finite(r.get("timestamp"))]
-    wall = None
-    if timestamps:
-        first = min(starts) if starts else min(timestamps)
-        wall = max(timestamps) - first
-    notes = []
-    if study is None:
-        notes.append("no Optuna study in optuna.journal yet: parameter plots are left out")
-    journal = search_dir / JOURNAL_FILE
-    return Analysis(
-        search_dir=search_dir,
-        spec=spec,
-        state=state,
-        metric=metric,
-        mode=mode,
-        trials=trials,
-        best=by_number.get(best_number) if best_number is not None else None,
-        history_x=history_x,
-        history_best=history_best,
-        rungs=asha_rungs(spec),
-        trial_epochs=len(rows),
-        budget_epochs=spec.search.num_samples * spec.train.epochs,
-        wall_seconds=wall,
-        compute_seconds=sum(
-            float(r["epoch_seconds"]) for r in rows if finite(r.get("epoch_seconds"))
-        ),
-        teacher=teacher_meta(spec, search_dir.parent),
-        pareto=pareto,
-        top=ranked[:TOP_N],
-        mlflow=mlflow,
-        journal=journal if journal.exists() else None,
-        notes=notes,
-        study=study,
-    )
 
 
 # -- the final stage (searchkd final): its summary, kept in final.parquet's metadata -------------
-FINAL_FILE = "final.parquet"
-FINAL_KEY = b"searchkd.final"
-
-
-def read_final(search_dir: str | Path) -> dict[str, Any] | None:
-    """The final stage's summary from `final.parquet`, or None when there is none (yet)."""
-    import pyarrow.parquet as pq
-
-    path = Path(search_dir) / FINAL_FILE
-    if not path.exists():
-        return None
-    try:
-        raw = (pq.read_schema(path).metadata or {}).get(FINAL_KEY)
-        return json.loads(raw) if raw else None
-    except (OSError, ValueError):
-        return None
-
-
 def _signed(value: Any) -> str:
     return f"{value:+.4f}" if finite(value) else "–"
 
@@ -476,468 +202,6 @@ def final_html(summary: Mapping[str, Any]) -> str:
         f"config beats the default when the "
         f"whole interval is above 0.{done}</p>" + notes + _table(headers, rows, "final")
     )
-
-
-# -- units and labels --------------------------------------------------------------------------
-_LABELS = {
-    "val_acc": "validation top-1 accuracy (fraction)",
-    "best_val_acc": "best validation top-1 accuracy (fraction)",
-    "val_top5": "validation top-5 accuracy (fraction)",
-    "test_acc": "test top-1 accuracy (fraction)",
-    "test_acc_last": "last epoch's test top-1 accuracy (fraction)",
-    "train_loss": "training loss (nats per image)",
-    "epoch_seconds": "seconds per epoch",
-    "images_per_second": "training images per second",
-}
-
-
-def scale_of(metric: str, values: Sequence[float]) -> tuple[float, str]:
-    """A divisor and its label for counts (MACs, parameters) so axes read in K or M."""
-    if metric not in ("student_macs", "student_params", "objective_params"):
-        return 1.0, _LABELS.get(metric, metric)
-    what = {
-        "student_macs": "student MACs per image",
-        "student_params": "student parameters",
-        "objective_params": "objective head parameters",
-    }[metric]
-    top = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
-    if top >= 1e6:
-        return 1e6, f"{what} (millions)"
-    if top >= 1e3:
-        return 1e3, f"{what} (thousands)"
-    return 1.0, what
-
-
-def axis_label(metric: str, values: Sequence[float] = ()) -> str:
-    return scale_of(metric, values)[1]
-
-
-def fmt(value: Any, metric: str = "") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if metric in ("student_macs", "student_params", "objective_params"):
-        v = float(value)
-        return f"{v / 1e6:.2f} M" if v >= 1e6 else f"{v / 1e3:.1f} K" if v >= 1e3 else f"{v:.0f}"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.4g}"
-    if isinstance(value, list | dict):
-        return json.dumps(value)
-    return str(value)
-
-
-def short(value: Any) -> str:
-    """A sampled value as a table shows it."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "–"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
-
-
-# -- plots -------------------------------------------------------------------------------------
-COLORS = {
-    "finished": "#1f5fa8",
-    "stopped": "#e08a1e",
-    "failed": "#c0392b",
-    "running": "#7f7f7f",
-    "unfinished": "#7f7f7f",
-}
-MARKERS = {"finished": "o", "stopped": "X", "failed": "v", "running": "o", "unfinished": "s"}
-RC = {
-    "figure.dpi": 100,
-    "savefig.dpi": 110,
-    "font.size": 12,
-    "axes.titlesize": 14,
-    "axes.labelsize": 12,
-    "xtick.labelsize": 11,
-    "ytick.labelsize": 11,
-    "legend.fontsize": 11,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "figure.figsize": (10.0, 5.6),
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-}
-
-
-@contextlib.contextmanager
-def plotting() -> Any:
-    """Matplotlib's default style with the report's sizes, restored afterwards (Optuna's plots
-    switch to ggplot globally, so each plot is drawn in one of these)."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")  # headless: nothing is shown, files are written
-    import matplotlib.pyplot as plt
-
-    with warnings.catch_warnings(), plt.style.context("default"), matplotlib.rc_context(RC):
-        warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for its matplotlib plots
-        yield plt
-
-
-def _legend_status(ax: Any, statuses: Sequence[str], line: bool = False) -> list[Any]:
-    from matplotlib.lines import Line2D
-
-    handles = []
-    for s in STATUSES:
-        if s in statuses:
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    color=COLORS[s],
-                    marker=MARKERS[s],
-                    linestyle="-" if line else "",
-                    markerfacecolor="none" if s == "running" else COLORS[s],
-                    label=f"{STATUS_TEXT[s]} ({statuses.count(s)})",
-                )
-            )
-    return handles
-
-
-def plot_history(a: Analysis) -> Any:
-    """Best score so far against trial-epochs consumed; each trial a point where it ended."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 5.6))
-    ys = [t.scores[a.metric] for t in a.trials]
-    div, label = scale_of(a.metric, ys)
-    (line,) = ax.step(
-        a.history_x,
-        [v / div for v in a.history_best],
-        where="post",
-        color="#222222",
-        lw=2,
-        label=f"best so far ({a.mode})",
-    )
-    line.set_gid("best-so-far")
-    for s in STATUSES:
-        mine = [t for t in a.trials if t.status == s]
-        if not mine:
-            continue
-        pts = ax.scatter(
-            [t.end_x for t in mine],
-            [t.scores[a.metric] / div for t in mine],
-            s=60,
-            zorder=3,
-            marker=MARKERS[s],
-            color=COLORS[s],
-            edgecolors=COLORS[s] if s != "running" else COLORS[s],
-            facecolors="none" if s == "running" else COLORS[s],
-        )
-        pts.set_gid(f"trials-{s}")
-    if a.best is not None:
-        xy = (a.best.end_x, a.best.scores[a.metric] / div)
-        ring = ax.scatter(
-            [xy[0]], [xy[1]], s=260, facecolors="none", edgecolors="#222222", linewidths=2, zorder=4
-        )
-        ring.set_gid("best-trial")
-        left = xy[0] < 0.5 * max(a.history_x[-1], 1)  # the label goes where the steps are not
-        ax.annotate(
-            f"best: trial {a.best.number}",
-            xy,
-            xytext=(30 if left else -30, -42 if a.mode == "max" else 30),
-            textcoords="offset points",
-            fontsize=11,
-            ha="left" if left else "right",
-            zorder=5,
-            bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "#888888", "alpha": 0.95},
-            arrowprops={"arrowstyle": "-", "color": "#222222", "lw": 1},
-        )
-    ax.set_xlabel("trial-epochs consumed (cumulative, in the order results came)")
-    ax.set_ylabel(label)
-    ax.set_xlim(0, max(a.history_x[-1] if a.history_x else 1, 1) * 1.02)
-    saved = a.budget_epochs - a.trial_epochs
-    title = f"Optimisation history: best {a.metric} so far against cost"
-    if a.spec.search.scheduler == "asha" and a.state == "finished" and saved > 0:
-        title += (
-            f"\n{a.trial_epochs} of {a.budget_epochs} trial-epochs run: ASHA saved {saved} "
-            f"({saved / a.budget_epochs:.0%})"
-        )
-    ax.set_title(title)
-    handles = [line, *_legend_status(ax, [t.status for t in a.trials])]
-    ax.legend(handles=handles, loc="lower right" if a.mode == "max" else "upper right")
-    fig.tight_layout()
-    return fig
-
-
-def plot_curves(a: Analysis) -> Any:
-    """The metric per epoch for every trial, by how it ended, with ASHA's rungs."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 5.6))
-    values = [v for t in a.trials for _, v in t.curve]
-    div, label = scale_of(a.metric, values)
-    many = len(a.trials) > 40
-    for t in sorted(a.trials, key=lambda t: STATUSES.index(t.status), reverse=True):
-        xs = [e for e, _ in t.curve]
-        ys = [v / div for _, v in t.curve]
-        style = {
-            "finished": "-",
-            "stopped": "--",
-            "failed": ":",
-            "running": "-",
-            "unfinished": "-.",
-        }[t.status]
-        (ln,) = ax.plot(
-            xs,
-            ys,
-            style,
-            color=COLORS[t.status],
-            lw=1.0 if many else 1.6,
-            alpha=0.45 if many else 0.85,
-        )
-        ln.set_gid(f"trial-{t.number}")
-        if t.status != "finished" and xs:
-            ax.plot(
-                xs[-1],
-                ys[-1],
-                MARKERS[t.status],
-                color=COLORS[t.status],
-                ms=7,
-                markerfacecolor="none" if t.status == "running" else COLORS[t.status],
-            )
-    for r in a.rungs:
-        ax.axvline(r, color="#555555", ls=(0, (2, 3)), lw=1.2, gid=f"rung-{r}")
-        ax.text(
-            r,
-            1.0,
-            f" ASHA rung {r}",
-            transform=ax.get_xaxis_transform(),
-            va="bottom",
-            ha="center",
-            fontsize=10,
-            color="#333333",
-        )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(label)
-    ax.set_xlim(0.5, a.spec.train.epochs + 0.5)
-    ax.set_title(f"Learning curves: {a.metric} per epoch of every trial", pad=22 if a.rungs else 6)
-    handles = _legend_status(ax, [t.status for t in a.trials], line=True)
-    if a.rungs:
-        from matplotlib.lines import Line2D
-
-        handles.append(
-            Line2D(
-                [], [], color="#555555", ls=(0, (2, 3)), label="ASHA rung (epoch it may stop at)"
-            )
-        )
-    ax.legend(handles=handles, loc="lower right" if a.mode == "max" else "upper right")
-    fig.tight_layout()
-    return fig
-
-
-def score_study(a: Analysis, metric: str | None = None) -> Any:
-    """An in-memory single-objective copy of the study whose values are the trials' scores
-    (ended trials only), for Optuna's importance and slice plots."""
-    import optuna
-
-    metric = metric or a.metric
-    mode = a.spec.modes[a.spec.metrics.index(metric)]
-    study = a.study
-    if study is None:
-        return None
-    ended = {
-        t.number: t.scores[metric]
-        for t in a.trials
-        if t.status in ("finished", "stopped") and math.isfinite(t.scores[metric])
-    }
-    copy = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-    for t in study.get_trials(deepcopy=False):
-        if t.number in ended and t.params:
-            copy.add_trial(
-                optuna.trial.create_trial(
-                    params=t.params,
-                    distributions=t.distributions,
-                    value=ended[t.number],
-                    user_attrs={"number": t.number},
-                )
-            )
-    return copy
-
-
-def importances(study: Any) -> dict[str, float]:
-    """Optuna's own evaluator (its default, PED-ANOVA) on the scores; {} when it cannot tell."""
-    import optuna
-
-    if study is None or len(study.trials) < 2 or not study.trials[0].params:
-        return {}
-    try:
-        return dict(optuna.importance.get_param_importances(study))
-    except Exception:  # noqa: BLE001 - too few or too alike trials: the report goes without
-        return {}
-
-
-def plot_importances(a: Analysis, study: Any) -> Any:
-    from optuna.visualization.matplotlib import plot_param_importances
-
-    ax = plot_param_importances(study, target_name=f"score ({a.metric})")
-    fig = ax.figure
-    fig.set_size_inches(10, max(3.2, 1.0 + 0.55 * len(ax.get_yticks())))
-    ax.set_title(
-        f"Parameter importance for {a.metric} (Optuna PED-ANOVA, {len(study.trials)} ended trials)",
-        loc="left",
-    )
-    ax.set_xlabel(f"importance (share of the variation of {a.metric} explained; the bars sum to 1)")
-    ax.set_ylabel("searched parameter")
-    legend = ax.get_legend()
-    if legend is not None:
-        legend.remove()
-    fig.tight_layout()
-    return fig
-
-
-def plot_slices(a: Analysis, study: Any, params: list[str]) -> Any:
-    from optuna.visualization.matplotlib import plot_slice
-
-    axs = plot_slice(study, params=params, target_name=a.metric)
-    axes = list(axs.flat) if hasattr(axs, "flat") else [axs]
-    fig = axes[0].figure
-    fig.set_size_inches(max(6.0, 4.2 * len(axes)) + 1.5, 5.0)
-    if fig.get_suptitle():
-        fig.suptitle("")
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    for ax in axes:
-        ax.set_title("")
-        ax.set_ylabel("")
-        ax.tick_params(axis="x", labelrotation=20)
-        if ax.get_xscale() == "log":  # plain numbers at 1, 2, 5 × 10^k: no crowded minor labels
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-    axes[0].set_ylabel(f"trial's {axis_label(a.metric)}")
-    for ax in fig.axes:
-        if ax not in axes:  # Optuna's colour bar: its trial order, which skips unended trials
-            ax.set_ylabel("trial (order sampled)")
-    fig.suptitle(
-        f"{a.metric} against the {len(params)} most important parameters "
-        f"(each dot a trial, colour = trial number)",
-        fontsize=14,
-    )
-    return fig
-
-
-def plot_objectives(a: Analysis) -> Any:
-    """The metric per objective side by side (a choice of objectives): a box over the trials that
-    trained all epochs (comparable), every ended trial a marker."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(a.spec.objectives)
-    ended = [
-        t
-        for t in a.trials
-        if t.status in ("finished", "stopped") and math.isfinite(t.scores[a.metric])
-    ]
-    div, label = scale_of(a.metric, [t.scores[a.metric] for t in ended])
-    fig, ax = plt.subplots(figsize=(10, 5.0))
-    full = [
-        [t.scores[a.metric] / div for t in ended if t.objective == n and t.status == "finished"]
-        for n in names
-    ]
-    ax.boxplot(
-        [g if g else [math.nan] for g in full],
-        positions=range(len(names)),
-        widths=0.5,
-        showfliers=False,
-        medianprops={"color": "#222222", "lw": 2},
-    )
-    rng = np.random.default_rng(0)
-    for i, n in enumerate(names):
-        for s in ("finished", "stopped"):
-            ys = [t.scores[a.metric] / div for t in ended if t.objective == n and t.status == s]
-            if ys:
-                pts = ax.scatter(
-                    i + rng.uniform(-0.15, 0.15, len(ys)),
-                    ys,
-                    s=45,
-                    marker=MARKERS[s],
-                    color=COLORS[s],
-                    zorder=3,
-                    alpha=0.9,
-                )
-                pts.set_gid(f"objective-{n}-{s}")
-    counts = [
-        (
-            sum(t.objective == n and t.status == "finished" for t in ended),
-            sum(t.objective == n and t.status == "stopped" for t in ended),
-        )
-        for n in names
-    ]
-    ax.set_xticks(
-        range(len(names)),
-        [f"{n}\n({f} finished, {s} stopped)" for n, (f, s) in zip(names, counts, strict=True)],
-    )
-    ax.set_xlabel("objective")
-    ax.set_ylabel(label)
-    ax.set_title(f"{a.metric} per objective (box: trials that trained all epochs)")
-    ax.legend(handles=_legend_status(ax, [t.status for t in ended]), loc="best")
-    fig.tight_layout()
-    return fig
-
-
-def plot_pareto(a: Analysis) -> Any:
-    """The first two objectives of a multi-objective search, the non-dominated trials marked."""
-    import matplotlib.pyplot as plt
-
-    m0, m1 = a.spec.metrics[0], a.spec.metrics[1]
-    eligible = [
-        t
-        for t in a.trials
-        if t.status != "failed" and math.isfinite(t.scores[m0]) and math.isfinite(t.scores[m1])
-    ]
-    div0, label0 = scale_of(m0, [t.scores[m0] for t in eligible])
-    div1, label1 = scale_of(m1, [t.scores[m1] for t in eligible])
-    fig, ax = plt.subplots(figsize=(10, 5.6))
-    front = [t for t in eligible if t.number in a.pareto]
-    rest = [t for t in eligible if t.number not in a.pareto]
-    others = ax.scatter(
-        [t.scores[m1] / div1 for t in rest],
-        [t.scores[m0] / div0 for t in rest],
-        s=45,
-        color="#9aa5b1",
-        label=f"dominated trials ({len(rest)})",
-    )
-    others.set_gid("dominated")
-    front.sort(key=lambda t: t.scores[m1])
-    pts = ax.scatter(
-        [t.scores[m1] / div1 for t in front],
-        [t.scores[m0] / div0 for t in front],
-        s=80,
-        color="#c0392b",
-        zorder=3,
-        label=f"Pareto front: non-dominated ({len(front)})",
-    )
-    pts.set_gid("pareto")
-    ax.step(
-        [t.scores[m1] / div1 for t in front],
-        [t.scores[m0] / div0 for t in front],
-        where="post" if a.spec.modes[1] == "min" else "pre",
-        color="#c0392b",
-        lw=1.2,
-        alpha=0.7,
-    )
-    at: dict[tuple[float, float], list[int]] = {}  # trials at the same point share one label
-    for t in front:
-        at.setdefault((t.scores[m1] / div1, t.scores[m0] / div0), []).append(t.number)
-    for xy, numbers in at.items():
-        ax.annotate(
-            ", ".join(map(str, numbers)), xy, xytext=(7, 5), textcoords="offset points", fontsize=11
-        )
-    ax.set_xlabel(f"{label1}  ({'lower' if a.spec.modes[1] == 'min' else 'higher'} is better)")
-    ax.set_ylabel(f"{label0}  ({'higher' if a.spec.modes[0] == 'max' else 'lower'} is better)")
-    ax.set_title(f"Trade-off: {m0} against {m1} (labels: trial numbers on the front)")
-    ax.legend(loc="lower right" if a.spec.modes[0] == "max" else "upper right")
-    fig.tight_layout()
-    return fig
 
 
 # -- the page ----------------------------------------------------------------------------------
@@ -1311,7 +575,7 @@ def render_html(a: Analysis, figures: list[Figure], out: Path, imp: dict[str, fl
             + (
                 ""
                 if a.mlflow["tracking_uri"].startswith("http")
-                else " (start it with <code>searchkd ui</code>)"
+                else f" (start it with <code>{html.escape(ui_command(a.search_dir))}</code>)"
             )
             + f"; the search's parent run is "
             f"<code>{html.escape(a.mlflow['parent_run_id'])}</code>.</li>"
@@ -1404,9 +668,9 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
     lines = [f"report: {where}  ({len(report.figures)} plots, {report.seconds:.1f}s)"]
     if a.best is not None:
         lines.append(
-            f"  best trial {a.best.number} by {a.metric}: "
+            f"  best trial {a.best.number} by {kept_name(a.metric)}: "
             f"{fmt(a.best.scores[a.metric], a.metric)}, test_acc {fmt(a.best.test_acc)}  (export: "
-            f"searchkd best {os.path.relpath(a.search_dir)})"
+            f"searchkd best {shown_path(a.search_dir)})"
         )
     if a.pareto:
         lines.append(
@@ -1416,7 +680,11 @@ def summary_lines(report: Report, shown_dir: str | None = None, final: bool = Tr
     if a.mlflow:
         lines.append(
             f"  MLflow: {a.mlflow['link']}"
-            + ("" if a.mlflow["tracking_uri"].startswith("http") else "  (after: searchkd ui)")
+            + (
+                ""
+                if a.mlflow["tracking_uri"].startswith("http")
+                else f"  (after: {ui_command(a.search_dir)})"
+            )
         )
     summary = read_final(a.search_dir) if final else None
     if summary is not None:

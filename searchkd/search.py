@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,12 +49,12 @@ from .driver import (
     trial_storage,
     write_state,
 )
-from .metrics import pick_best, stopped_early, trial_score
+from .metrics import better, is_number, kept_name, pick_best, stopped_early, trial_score
 from .record import JOURNAL_FILE, RESULTS_FILE, RESULTS_LOG, SPACE_FILE, ResultsTable, cut_tail
-from .samplers import make_sampler, trial_seed
-from .scheduler import ResumableASHA, Rungs
+from .samplers import make_sampler, propose, seen_by, trial_seed
+from .scheduler import OrderedRungs, ResumableASHA, Rungs, rung_epochs
 from .spec import Spec, students_of
-from .storage import STOP_FILE, Storage, disk_full, trial_key
+from .storage import Storage, disk_full, write_decision
 from .teacher import TeacherInfo
 from .trial import STOPPED_KEY
 
@@ -140,13 +141,22 @@ def load_study(search_dir: Path, name: str) -> optuna.Study:
 
 
 def create_study(search_dir: Path, spec: Spec) -> optuna.Study:
+    """The search's study, named after its metrics (optuna-dashboard and `trials_dataframe`
+    show `val_acc`, not "Objective 0"); a study started before that gets its names now."""
     directions = ["maximize" if m == "max" else "minimize" for m in spec.modes]
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.name,
         storage=journal_storage(search_dir),
         directions=directions,
         load_if_exists=True,
     )
+    if study.metric_names != list(spec.metrics):
+        import warnings
+
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.1
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.metrics))
+    return study
 
 
 class StudySearcher(Searcher):
@@ -165,11 +175,17 @@ class StudySearcher(Searcher):
     FAIL into COMPLETE).
     """
 
-    def __init__(self, search_dir: Path, spec: Spec, space: SearchSpace, rerun: list[int]) -> None:
+    def __init__(
+        self, search_dir: Path, spec: Spec, space: SearchSpace, rerun: list[int], lag: int = 1
+    ) -> None:
         super().__init__(metric=spec.metrics[0], mode=spec.modes[0])
         self.search_dir, self.spec, self.space = Path(search_dir), spec, space
         self.rerun = list(rerun)
+        self.lag = lag  # cohorts at once, as the space fixes it (`search_lag`)
         self._numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self._cohorts: dict[str, list[int]] = {}  # Ray trial id -> its students' numbers
+        self._failed: set[int] = set()  # trials that failed for good in this run (still open)
+        self._block: tuple[int, list[dict[str, Any]]] | None = None  # a cohort half asked
         self._study: optuna.Study | None = None
         # What stops the run when the study's disk is full (the driver's session sets it).
         self.on_full_disk: Callable[[str], None] | None = None
@@ -198,29 +214,56 @@ class StudySearcher(Searcher):
 
     def _suggest(self, trial_id: str) -> dict[str, Any] | None:
         study = self.study
-        pack = self.spec.search.pack
-        configs: list[dict[str, Any]] = []
-        while len(configs) < pack:  # a packed trial: K students, the open ones first
-            if self.rerun:
-                number = self.rerun.pop(0)
-                configs.append(self.space.config_of(study.trials[number].params, number))
-            elif len(study.trials) >= self.spec.search.num_samples:
+        pack, total = self.spec.search.pack, self.spec.search.num_samples
+        # Trials run in cohorts of `pack` consecutive numbers (a block: 0..K-1, K..2K-1, ...),
+        # and a resumed cohort is the same block again, its open students only: its data order
+        # comes from its first number, so a student trains on what it did before the kill.
+        while True:
+            if self._block is None:
+                if self.rerun:
+                    start = self.rerun[0] - self.rerun[0] % pack
+                elif len(study.trials) < total:
+                    start = len(study.trials) - len(study.trials) % pack
+                else:
+                    return Searcher.FINISHED
+                self._block = (start, [])
+            start, configs = self._block
+            for number in range(start, min(start + pack, total)):  # again: it skips the done
+                if number in self.rerun:
+                    self.rerun.remove(number)
+                    configs.append(self.space.config_of(study.trials[number].params, number))
+                elif number >= len(study.trials):
+                    config = self._ask(study, start)
+                    if config is None:
+                        return None  # the results it must see are not all in: Tune asks again
+                    configs.append(config)
+                # else: a student that ended before the kill: its cohort goes on without it
+            self._block = None
+            if configs:
                 break
-            else:
-                study.sampler = make_sampler(self.spec, len(study.trials))
-                trial = study.ask()
-                configs.append(self.space(trial))
-        if not configs:
-            return Searcher.FINISHED
         if pack == 1:
             self._numbers[trial_id] = configs[0]["trial_number"]
             return configs[0]
-        # The cohort's data order and augmentation come from its first student's seed.
+        self._cohorts[trial_id] = [c["trial_number"] for c in configs]
         return {
             "students": configs,
             "cohort": [c["trial_number"] for c in configs],
-            "data_seed": configs[0]["seed"],
+            "data_seed": trial_seed(self.spec.search.seed, start),
         }
+
+    def _ask(self, study: optuna.Study, start: int) -> dict[str, Any] | None:
+        """A new trial (number: the study's next), recorded in the study before it runs; None
+        when a reproducible search must wait for the results its proposal depends on."""
+        number = len(study.trials)
+        if not self.spec.search.reproducible:  # Ray Tune's way: whatever has ended so far
+            study.sampler = make_sampler(self.spec, number)
+            return self.space(study.ask())
+        seen = seen_by(start, self.lag, self.spec.search.pack)
+        trials = study.trials
+        if any(not trials[m].state.is_finished() and m not in self._failed for m in range(seen)):
+            return None
+        study.add_trial(propose(self.spec, trials, number, seen, self.space, self._failed))
+        return self.space.config_of(study.trials[number].params, number)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """The metric per epoch as Optuna's intermediate values, once each (a trial that runs
@@ -243,6 +286,14 @@ class StudySearcher(Searcher):
         """An unpacked trial's end (a packed trial's students are told one by one as each
         ends, by the driver: `Session.end_student`)."""
         number = self._numbers.pop(trial_id, None)
+        cohort = self._cohorts.pop(trial_id, [])
+        if error:  # it ends this run open (a resume runs it again): proposals stop waiting on it
+            study = self.study
+            self._failed |= {
+                n
+                for n in [*cohort, *([] if number is None else [number])]
+                if not study.trials[n].state.is_finished()
+            }
         if number is None or error or not result:
             return
         self.tell(number, result)
@@ -261,7 +312,10 @@ class StudySearcher(Searcher):
         try:
             trial = open_trial(self.study, number)
             trial.set_user_attr("epochs", epochs)
-            trial.set_user_attr("stopped_early", stopped_early(epochs, self.spec.train.epochs))
+            early = stopped_early(epochs, self.spec.train.epochs)
+            trial.set_user_attr("stopped_early", early)
+            if early:  # COMPLETE for TPE (see README), but the dashboard shows why it is short
+                trial.set_user_attr("searchkd", f"stopped by ASHA at epoch {epochs}")
             self.study.tell(number, values if len(values) > 1 else values[0], skip_if_finished=True)
         except OSError as exc:  # the trial stays open: a resume runs it to its end again
             if not disk_full(exc):
@@ -318,53 +372,54 @@ class Progress:
             done = self.done_before + sum(t.status in ("TERMINATED", "ERROR") for t in trials)
             running = sum(t.status == "RUNNING" for t in trials)
         best = (
-            f"best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})"
+            f"best trial {self.best[1]}: {kept_name(self.metric)} {self.best[0]:.4f}"
             if self.best
             else "best -"
         )
         self.log(
-            f"[{time.time() - self.start:6.0f}s] {text:<48} | {done}/{self.num_samples} done, "
+            f"[{time.time() - self.start:6.0f}s] {text:<64} | {done}/{self.num_samples} done, "
             f"{running} running | {best}"
         )
         self.last_beat = time.time()
 
     def improve(self, number: int, value: Any) -> None:
-        if (
-            isinstance(value, int | float)
-            and math.isfinite(value)
-            and (
-                self.best is None
-                or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-            )
-        ):
+        best = self.best[0] if self.best else math.nan
+        if isinstance(value, int | float) and better(float(value), best, self.mode):
             self.best = (float(value), number)
 
-    def on_trial_result(self, trial: Any, result: dict, trials: list) -> None:
+    def on_trial_result(
+        self, trial: Any, result: dict, trials: list, replayed: bool = False
+    ) -> None:
+        """A heartbeat names the latest new epoch: a resumed trial first replays its saved
+        epochs (recorded already), which are not progress."""
         number = result_number(trial, result)
         self.improve(number, result.get("score"))
-        if time.time() - self.last_beat > self.heartbeat_s:
+        if not replayed and time.time() - self.last_beat > self.heartbeat_s:
             self._line(f"trial {number} epoch {result.get('epoch')}/{self.epochs}", trials)
+
+    def ended_text(self, number: Any, how: str, result: dict) -> str:
+        """`trial 3 finished at epoch 12: val_acc 0.9815 (that epoch), best_val_acc 0.9954`: the
+        epoch's value and the trial's score (its kept student's), each by its own name."""
+
+        def shown(value: Any) -> str:
+            return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+        return (
+            f"trial {number} {how} at epoch {result.get('epoch')}: {self.metric} "
+            f"{shown(result.get(self.metric))}, {kept_name(self.metric)} "
+            f"{shown(result.get('score'))}"
+        )
 
     def on_student_end(self, number: int, how: str, result: dict, trials: list) -> None:
         """A student of a packed trial finished or was stopped (its cohort goes on)."""
         self.ended.add(number)
-        value = result.get(self.metric)
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         text = "finished" if how == "finished" else "stopped by ASHA"
-        self._line(
-            f"trial {number} {text} at epoch {result.get('epoch')} {self.metric} {shown}", trials
-        )
+        self._line(self.ended_text(number, text, result), trials)
 
     def on_trial_complete(self, trial: Any, trials: list) -> None:
         r = trial.last_result or {}
         how = "finished" if int(r.get("epoch", 0)) >= self.epochs else "stopped by ASHA"
-        value = r.get(self.metric)
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        self._line(
-            f"trial {trial.config.get('trial_number')} {how} at epoch {r.get('epoch')} "
-            f"{self.metric} {shown}",
-            trials,
-        )
+        self._line(self.ended_text(trial.config.get("trial_number"), how, r), trials)
 
     def on_trial_error(self, trial: Any, trials: list, numbers: list[int] | None = None) -> None:
         reason = tracking.error_reason(trial)
@@ -393,28 +448,85 @@ class PackedStops:
     """ASHA for the students of packed trials, decided on the driver.
 
     Tune's scheduler stops whole Tune trials, and a packed trial is a cohort, so the same
-    rule runs here per student: the same rungs (`Rungs`, keyed by trial number, rebuilt from
-    the recorded rows on resume) and reduction factor as an unpacked search. A stopped
-    student's STOP_FILE ({"epoch": e}) is written to its folder in the search's storage while
-    Tune handles its report; Tune's reports are synchronous, so the trial reads it before it
-    trains another epoch, on whichever node it runs (the storage is what every node reaches),
-    and again if it runs again after a resume.
+    rule runs here per student: the same rungs (`Rungs`, or in a reproducible search
+    `OrderedRungs`, keyed by trial number, rebuilt from the recorded rows on resume) and
+    reduction factor as an unpacked search. A student's decision ({"epoch": e} to stop; in a
+    reproducible search {"passed": e} too, which the cohort waits for at each rung) is written
+    to its folder in the search's storage (`write_decision`) while Tune handles its report, or
+    later, when the report or end of another trial lets it be taken; Tune's reports are
+    synchronous, so the trial reads it before it trains another epoch, on whichever node it
+    runs (the storage is what every node reaches), and again if it runs again after a resume.
     """
 
-    def __init__(self, rungs: Rungs | None, storage: Storage, epochs: int, metric: str) -> None:
+    def __init__(
+        self,
+        rungs: Rungs | None,
+        storage: Storage,
+        epochs: int,
+        metric: str,
+        ordered: OrderedRungs | None = None,
+    ) -> None:
         self.rungs, self.storage, self.epochs, self.metric = rungs, storage, epochs, metric
+        self.ordered = ordered
+        self.last: dict[int, int] = {}  # student -> the last epoch it reported
+        self.at_rung: dict[tuple[int, int], tuple[Any, dict]] = {}  # waiting: its trial, row
 
-    def decide(self, number: int, result: dict) -> str | None:
-        """ "finished", "stopped" or None (it goes on), for a student's reported epoch."""
+    def decide(self, trial: Any, number: int, result: dict) -> list[tuple[Any, int, dict, str]]:
+        """The students that end with this report: (Tune trial, number, its last row,
+        "finished" or "stopped"); in a reproducible search a report may end other students,
+        whose decisions waited on it."""
         epoch = int(result["epoch"])
+        self.last[number] = max(epoch, self.last.get(number, 0))
+        value = result.get(self.metric)
+        value = float(value) if isinstance(value, int | float) else None
+        if self.ordered is None:
+            how = self._decide_now(number, epoch, value, result)
+            return [(trial, number, result, how)] if how else []
+        ordered = self.ordered
+        ordered.report(number, epoch, value)
+        if epoch in ordered.rungs and ordered.decision(number, epoch) is None:
+            self.at_rung[(number, epoch)] = (trial, result)
+        ends = self._send(ordered.resolve())
+        if result.get(STOPPED_KEY) and epoch < self.epochs:  # stopped before the driver died
+            ordered.stopped_at.setdefault(number, epoch)
+            return [*ends, (trial, number, result, "stopped")]
+        if epoch >= self.epochs:
+            ordered.end(number, epoch)
+            return [*self._send(ordered.resolve()), *ends, (trial, number, result, "finished")]
+        stop = ordered.decision(number, epoch)
+        if stop is not None and not any(n == number for _, n, _, _ in ends):
+            write_decision(self.storage, number, epoch, stop)  # again: a resume may need it
+            if stop:
+                ends.append((trial, number, result, "stopped"))
+        return ends
+
+    def failed(self, numbers: list[int]) -> list[tuple[Any, int, dict, str]]:
+        """Students whose cohort failed for good: ended where they were; the students whose
+        decisions waited on them end now if they are stopped."""
+        if self.ordered is None:
+            return []
+        for number in numbers:
+            self.ordered.end(number, self.last.get(number, 0))
+        return self._send(self.ordered.resolve())
+
+    def _send(self, decisions: list[tuple[int, int, bool]]) -> list[tuple[Any, int, dict, str]]:
+        """Write decisions taken now; those that stop a waiting student end it."""
+        ends = []
+        for number, epoch, stop in decisions:
+            write_decision(self.storage, number, epoch, stop)
+            waiting = self.at_rung.pop((number, epoch), None)
+            if stop and waiting is not None:
+                ends.append((waiting[0], number, waiting[1], "stopped"))
+        return ends
+
+    def _decide_now(self, number: int, epoch: int, value: float | None, result: dict) -> str | None:
+        """Ray Tune's asynchronous ASHA: decided on the report, against what is recorded."""
         if result.get(STOPPED_KEY) and epoch < self.epochs:  # stopped before the driver died
             if self.rungs is not None:
                 self.rungs.stopped_at.setdefault(number, epoch)
             return "stopped"
         if self.rungs is None:
             return "finished" if epoch >= self.epochs else None
-        value = result.get(self.metric)
-        value = float(value) if isinstance(value, int | float) else None
         stop = self.rungs.on_result(number, epoch, value)
         if epoch >= self.epochs:
             self.rungs.record(
@@ -423,9 +535,7 @@ class PackedStops:
             return "finished"
         if not stop:
             return None
-        self.storage.child(trial_key(number)).write_bytes(
-            STOP_FILE, json.dumps({"epoch": epoch, "by": "ASHA"}).encode()
-        )
+        write_decision(self.storage, number, epoch, True)
         return "stopped"
 
 
@@ -511,6 +621,83 @@ def asha_rungs(spec: Spec, study: optuna.Study, results: ResultsTable) -> Rungs:
     return rungs
 
 
+def search_lag(spec: Spec, study: optuna.Study) -> int:
+    """How many trials (cohorts, when packed) a reproducible search's decisions assume run at
+    once: `search.max_concurrent`, or with 0 the concurrency of the search's first run,
+    recorded in the study so that a resume (on any cluster) decides the same."""
+    if spec.search.max_concurrent:
+        return spec.search.max_concurrent
+    if LAG_ATTR not in study.user_attrs:
+        # (a memory cap is said once, by the Tuner's own call)
+        study.set_user_attr(LAG_ATTR, concurrency(spec, log=lambda line: None))
+    return int(study.user_attrs[LAG_ATTR])
+
+
+LAG_ATTR = "searchkd_lag"
+
+
+def ordered_rungs(spec: Spec, study: optuna.Study, results: ResultsTable) -> OrderedRungs:
+    """A reproducible search's ASHA decisions, rebuilt from the rows recorded so far and the
+    trials the study holds as ended (the decisions are a function of those alone)."""
+    by_trial = results.by_trial()
+    last = {n: max(int(r["epoch"]) for r in rows) for n, rows in by_trial.items() if rows}
+    ended = {
+        t.number: last.get(t.number, int(t.user_attrs.get("epochs", 0)))
+        for t in study.trials
+        if t.state.is_finished()
+    }
+    metric = spec.metrics[0]
+    return OrderedRungs.rebuilt(
+        min(spec.search.grace_period, spec.train.epochs),
+        spec.train.epochs,
+        spec.search.reduction_factor,
+        spec.modes[0],
+        (
+            (n, int(r["epoch"]), r.get(metric) if is_number(r.get(metric)) else None)
+            for n, rows in by_trial.items()
+            for r in rows
+        ),
+        ended,
+    )
+
+
+class DecisionMail:
+    """Sends ASHA's decisions to the trials, through each one's decision file in the storage
+    (`write_decision`); a full disk stops the search (`on_full_disk`, the session's stop)."""
+
+    def __init__(self, storage: Storage, on_full_disk: Callable[[str], None] | None) -> None:
+        self.storage, self.on_full_disk = storage, on_full_disk
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "on_full_disk": None}
+
+    def __call__(self, number: int, epoch: int, stop: bool) -> None:
+        try:
+            write_decision(self.storage, number, epoch, stop)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            if self.on_full_disk is not None:
+                self.on_full_disk(f"no space left on device writing the decision of trial {number}")
+
+
+def decision_epochs(spec: Spec) -> list[int]:
+    """The epochs at which a reproducible search's trials wait for ASHA's decision ([] when
+    nothing waits: no ASHA, or Ray Tune's asynchronous search)."""
+    if spec.search.scheduler != "asha" or not spec.search.reproducible:
+        return []
+    grace = min(spec.search.grace_period, spec.train.epochs)
+    return rung_epochs(grace, spec.train.epochs, spec.search.reduction_factor)
+
+
+def cohorts_to_run(study: optuna.Study, spec: Spec) -> int:
+    """How many Ray Tune trials this run starts: one per block of `pack` trial numbers that
+    holds an open trial or one not yet asked (`StudySearcher._suggest`)."""
+    rerun, _ = pending(study, spec)
+    numbers = [*rerun, *range(len(study.trials), spec.search.num_samples)]
+    return len({n // spec.search.pack for n in numbers})
+
+
 def search_space(spec: Spec, tunables: dict[str, set[str]]) -> SearchSpace:
     """The space of the spec's `params`, each objective sampling only its own loss keys."""
     params = {k: p.model_dump(by_alias=True, exclude_none=True) for k, p in spec.params.items()}
@@ -526,12 +713,13 @@ def build_tuner(
     space: SearchSpace,
     study: optuna.Study,
     results: ResultsTable,
+    log: Log = say,
 ) -> tuple[tune.Tuner, int]:
     """A Tuner for the trials this run must still run (the study's open trials first, then new
     ones up to `num_samples`), with ASHA rebuilt from the rows recorded so far; and how many."""
-    trainable = make_trainable(spec, teacher, storage)
+    trainable = make_trainable(spec, teacher, storage, rungs=decision_epochs(spec))
     rerun, to_run = pending(study, spec)
-    searcher = StudySearcher(search_dir, spec, space, rerun)
+    searcher = StudySearcher(search_dir, spec, space, rerun, search_lag(spec, study))
     searcher.on_full_disk = session.stop
     scheduler: FIFOScheduler = FIFOScheduler()
     if spec.search.scheduler == "asha" and spec.search.pack == 1:
@@ -545,14 +733,18 @@ def build_tuner(
             spec.train.epochs,
             spec.search.reduction_factor,
         )
-        asha.rungs = asha_rungs(spec, study, results)
+        if spec.search.reproducible:
+            asha.ordered = ordered_rungs(spec, study, results)
+            asha.deliver = DecisionMail(storage, session.stop)
+        else:
+            asha.rungs = asha_rungs(spec, study, results)
         scheduler = asha
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(spec)),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(spec, log=log)),
             scheduler=scheduler,
-            num_samples=math.ceil(to_run / spec.search.pack),
+            num_samples=cohorts_to_run(study, spec),
             reuse_actors=True,  # a trial's process outlives it: no re-import of torch per trial
         ),
         run_config=run_config(spec, search_dir / RAY_DIR, session),
@@ -652,8 +844,12 @@ class SearchRunner:
         spec, study = self.spec, self.study
         if spec.search.pack > 1:
             asha = spec.search.scheduler == "asha"
-            rungs = asha_rungs(spec, study, session.results) if asha else None
-            session.pack = PackedStops(rungs, self.storage, spec.train.epochs, spec.metrics[0])
+            reproducible = asha and spec.search.reproducible
+            rungs = asha_rungs(spec, study, session.results) if asha and not reproducible else None
+            ordered = ordered_rungs(spec, study, session.results) if reproducible else None
+            session.pack = PackedStops(
+                rungs, self.storage, spec.train.epochs, spec.metrics[0], ordered
+            )
             teller = StudySearcher(self.search_dir, spec, self.space, [])
             teller.on_full_disk = session.stop
             session.teller = teller
@@ -663,7 +859,7 @@ class SearchRunner:
             f"search {spec.name}: {spec.search.num_samples} trials of {spec.train.epochs} "
             f"epoch{'s' if spec.train.epochs > 1 else ''} "
             f"({'resumed: ' + str(to_run) + ' to run' if self.resume else 'new'}), in "
-            f"{self.search_dir}"
+            f"{os.path.relpath(self.search_dir)}"
         )
         if not to_run:
             return None
@@ -676,6 +872,7 @@ class SearchRunner:
             self.space,
             study,
             session.results,
+            log=self.log,
         )[0]
 
     def outcomes(self, session: Session, results: ResultsTable) -> Outcomes:

@@ -9,9 +9,13 @@ of the rest of searchkd.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
+import math
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -21,13 +25,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .metrics import REPORTED_METRICS, TEST_METRICS, VAL_METRICS
 
+SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below this
+
 
 class SpecError(ValueError):
     """A user mistake in a space file: `str(err)` is the one line to show."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are never a setting: they would only surface as a failed trial.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataSpec(_Strict):
@@ -103,13 +110,24 @@ class SearchSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent: int = Field(0, ge=0)  # 0: as many as the resources allow
     max_failures: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = 0  # [0, 2**64): what torch's generators take
     # Where trials write their state and best students: a path every node sees (default: the
     # local trials directory) or a pyarrow filesystem URI (s3://bucket/prefix?endpoint_override=...).
     storage: str | None = None
     # Students per Ray Tune trial (a cohort): they train over the same batches with one
     # teacher forward per batch; each is still its own Optuna trial, MLflow run and rows.
     pack: int = Field(1, ge=1, le=64)
+    # Decisions by trial number, not timing (samplers.seen_by, scheduler.OrderedRungs): the same
+    # trials, stops and winner however many run at once, however loaded, however interrupted.
+    # false: Ray Tune's asynchronous search (no waiting; decisions depend on timing).
+    reproducible: bool = True
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < SEED_LIMIT:
+            raise ValueError(f"must be in [0, 2**64), got {cut(str(v))}")
+        return v
 
     @model_validator(mode="after")
     def _metrics(self) -> SearchSpec:
@@ -131,9 +149,9 @@ class ParamSpec(_Strict):
     float_: list[float] | None = Field(None, alias="float")
     int_: list[int] | None = Field(None, alias="int")
     log: bool = False
-    step: float | None = None
+    step: float | None = Field(None, gt=0)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=True)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ParamSpec:
@@ -149,6 +167,10 @@ class ParamSpec(_Strict):
                 raise ValueError("log and step apply to float/int ranges, not choice")
             return self
         low, high = self.float_ if self.float_ is not None else self.int_  # type: ignore[misc]
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"range bounds must be finite numbers, got [{low}, {high}]")
+        if self.int_ is not None and self.step is not None and self.step != int(self.step):
+            raise ValueError(f"the step of an int range is a whole number, got {self.step:g}")
         if low > high:
             raise ValueError(f"range low {low} > high {high}")
         if self.log and low <= 0:
@@ -320,10 +342,11 @@ def validate(
     dataset_options: Mapping[str, set[str]] | None = None,
     check_tunable: TunableCheck | None = None,
     check_dataset_option: TunableCheck | None = None,
+    term_weights: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Spec:
-    """Validate a parsed space. The lookups (known objectives with their tunables, model,
-    dataset and sampler names, a tunable and a dataset-option checker) come from the layers
-    that own them."""
+    """Validate a parsed space. The lookups (known objectives with their tunables and the
+    weights of their loss terms with their defaults, model, dataset and sampler names, a
+    tunable and a dataset-option checker) come from the layers that own them."""
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -381,6 +404,16 @@ def validate(
                 for o in spec.objectives:
                     if key in objectives[o]:
                         _check(fail, check_tunable, o, f"loss.{key}", key, value)
+
+    for o in spec.objectives if term_weights is not None else []:
+        weights = term_weights.get(o, {})  # type: ignore[union-attr]
+        if weights and all(_can_be_zero(spec, k, d) for k, d in weights.items()):
+            fail(
+                "loss",
+                f"objective {o} can have every term weighted 0 "
+                f"({', '.join(f'{k}: 0' for k in weights)}): a trial would have no loss to train "
+                "on; give one of them a weight > 0",
+            )
 
     for key, param in spec.params.items():
         section, _, leaf = key.partition(".")
@@ -442,6 +475,22 @@ def validate(
 PACK_SHARED = ("train.batch_size", "train.epochs", "train.precision", "train.compile")
 
 
+def _can_be_zero(spec: Spec, key: str, default: float) -> bool:
+    """Whether a trial can get loss weight `key` at 0: fixed at 0 (or its default 0 unset),
+    or searched over values that hold 0 (a choice, an int range, a stepped or empty float one;
+    a continuous draw from [0, high] is never exactly 0)."""
+    p = spec.params.get(f"loss.{key}")
+    if p is None:
+        value = spec.loss.get(key, default)
+        return isinstance(value, int | float) and value == 0
+    if p.choice is not None:
+        return any(isinstance(v, int | float) and v == 0 for v in p.choice)
+    low, high = p.float_ if p.float_ is not None else p.int_  # type: ignore[misc]
+    if p.int_ is not None or p.step is not None:
+        return low <= 0
+    return high <= 0
+
+
 def _may_lack_val(spec: Spec) -> bool:
     """val_fraction is 0, or a searched val_fraction can be."""
     searched = spec.params.get("data.val_fraction")
@@ -470,12 +519,56 @@ def students_of(config: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
     return {int(config.get("trial_number", -1)): dict(config)}
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why `path` is not a regular file to read (None when it is), said as what it is: a
+    directory, a FIFO or a device is named so, never "no such file", and nothing is opened
+    (reading a FIFO or /dev/zero would hang)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        return exc.strerror or type(exc).__name__
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO), not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    return "is not a regular file"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a teacher checkpoint cannot be read, naming it (None when it is a file)."""
+    problem = file_problem(path)
+    if problem is None:
+        return None
+    return f"no such file {path}" if problem == "no such file" else f"{path} {problem}"
+
+
+def resolve_path(path: str | Path, what: str) -> Path:
+    """`path` with `~` expanded, made absolute and its links followed; a symlink loop is one
+    SpecError line naming `what` (a space key or an option) instead of a RuntimeError."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:
+        detail = "a symlink loop" if "loop" in str(exc).lower() else str(exc)
+        raise SpecError(f"{what} {path}: {detail}") from None
+
+
 def load(path: str | Path, **lookups: Any) -> Spec:
     """Read, parse and validate a space file; every failure is one SpecError line."""
     p = Path(path)
     source = str(path)
-    if not p.is_file():
+    problem = file_problem(p)
+    if problem == "no such file":
         raise SpecError(f"{source}: no such space file")
+    if problem:
+        raise SpecError(f"{source}: {problem}; a space file is a YAML file")
     try:
         text = p.read_text()
     except OSError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -28,13 +29,34 @@ import pyarrow.fs as pafs
 # across resumes and retries): its engine state for resuming and its best student so far.
 STATE_FILE = "state.pt"
 STUDENT_FILE = "student_best.pt"
-# Written by the driver when it stops a student of a packed trial early ({"epoch": e}): the
-# trial reads it after its reports of an epoch, and again when it runs again after a resume.
+# The driver's ASHA decisions for a trial: {"epoch": e} when it stopped the trial at epoch e,
+# {"passed": e} when the trial may train on past rung epoch e (a reproducible search's trials
+# wait at each rung for it). The trial reads it after its reports of an epoch, and again when
+# it runs again after a resume.
 STOP_FILE = "stopped.json"
 
 
 def trial_key(number: int) -> str:
     return f"trial-{number:04d}"
+
+
+def write_decision(storage: Storage, number: int, epoch: int, stop: bool) -> None:
+    """Tell trial `number` (through its folder in the storage) that it stops at, or passes,
+    rung epoch `epoch`."""
+    decision = {"epoch": int(epoch), "by": "ASHA"} if stop else {"passed": int(epoch)}
+    storage.child(trial_key(number)).write_bytes(STOP_FILE, json.dumps(decision).encode())
+
+
+def read_decision(files: Storage) -> tuple[int | None, int]:
+    """A trial's last decision from its folder: (the epoch it was stopped at or None, the
+    highest rung epoch it passed, 0 if none)."""
+    blob = files.read_bytes(STOP_FILE)
+    try:
+        decision = json.loads(blob) if blob else {}
+        stop = decision.get("epoch")
+        return (None if stop is None else int(stop)), int(decision.get("passed", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None, 0
 
 
 # Query options that carry secrets: never shown in messages.

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +20,9 @@ import torch
 from filelock import FileLock
 
 from .engine import Engine, load_weights
+from .record import Log
 from .spec import Spec, teacher_digest, teacher_key
 from .storage import replace_atomically
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def ensure_teacher(
             else:
                 log(
                     f"training teacher {spec.teacher.arch} ({tspec.train.epochs} epochs, once; "
-                    f"cached in {home})"
+                    f"cached in {os.path.relpath(home)})"
                 )
             while not engine.finished:
                 row = engine.run_epoch()

@@ -38,14 +38,14 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .metrics import logged, stopped_early
-from .mlflow_ui import ui_tags
+from .metrics import better, logged, stopped_early
+from .mlflow_ui import lead_metrics, local_store, read_tracking, tracking_json, ui_tags
+from .record import Log
 from .spec import students_of
 from .storage import STUDENT_FILE, Storage, replace_atomically, trial_key
 
 RUNS_FILE = "mlflow_runs.json"
 TRACKING_FILE = "tracking.json"
-Log = Callable[[str], None]
 
 # Server answers that retrying cannot change; anything else (no connection, 5xx, a locked
 # sqlite file) is treated as the store being away for a while.
@@ -70,8 +70,18 @@ def configure_client() -> None:
 
 
 def default_store(trials_dir: Path) -> str:
-    """trials/mlflow.db as an absolute sqlite URI, shared by all searches under trials/."""
-    return f"sqlite:///{(trials_dir / 'mlflow.db').resolve()}"
+    """trials/mlflow.db as an absolute sqlite URI, shared by all searches under trials/
+    (recorded relative to the trials directory in tracking.json: `mlflow_ui.tracking_json`)."""
+    return local_store(trials_dir)
+
+
+def read_runs(path: Path, trials_dir: Path) -> SearchRuns:
+    """The runs a tracking.json names, in the store it names as of where it is now."""
+    return SearchRuns(**read_tracking(path, trials_dir))
+
+
+def write_runs(path: Path, runs: SearchRuns, trials_dir: Path) -> None:
+    replace_atomically(path, lambda p: p.write_text(tracking_json(runs.__dict__, trials_dir)))
 
 
 def artifact_root(trials_dir: Path) -> str:
@@ -121,10 +131,10 @@ def open_search(
     client = MlflowClient(tracking_uri)
     state_path = search_dir / TRACKING_FILE
     if state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state["tracking_uri"] == tracking_uri:
-            client.update_run(state["parent_run_id"], status="RUNNING")
-            return SearchRuns(**state)
+        known = read_runs(state_path, search_dir.parent)
+        if known.tracking_uri == tracking_uri:
+            client.update_run(known.parent_run_id, status="RUNNING")
+            return known
     exp = client.get_experiment_by_name(name)
     if exp is None:
         location = f"{artifacts}/{name}" if artifacts else None
@@ -136,12 +146,17 @@ def open_search(
     client.log_batch(run.info.run_id, params=[Param(k, _param_str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(space_file))
     runs = SearchRuns(tracking_uri, experiment_id, run.info.run_id)
-    replace_atomically(state_path, lambda p: p.write_text(json.dumps(runs.__dict__, indent=1)))
+    write_runs(state_path, runs, search_dir.parent)
     return runs
 
 
 def open_nested(
-    runs: SearchRuns, state_path: Path, name: str, tags: dict[str, str], params: dict[str, Any]
+    runs: SearchRuns,
+    state_path: Path,
+    name: str,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    trials_dir: Path,
 ) -> SearchRuns:
     """A run nested under the search's parent run (the final stage's), created once (with
     `params`) and reopened by its `state_path` (or found again by its tags if that file was never
@@ -149,10 +164,10 @@ def open_nested(
     configure_client()
     client = MlflowClient(runs.tracking_uri)
     tags = {**tags, "mlflow.parentRunId": runs.parent_run_id, "searchkd.role": name}
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
-    if state and state.get("tracking_uri") == runs.tracking_uri:
-        client.update_run(state["parent_run_id"], status="RUNNING")
-        return SearchRuns(**state)
+    known = read_runs(state_path, trials_dir) if state_path.exists() else None
+    if known and known.tracking_uri == runs.tracking_uri:
+        client.update_run(known.parent_run_id, status="RUNNING")
+        return known
     found = client.search_runs(
         [runs.experiment_id],
         filter_string=(
@@ -167,7 +182,7 @@ def open_nested(
         client.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in params.items()])
     nested = SearchRuns(runs.tracking_uri, runs.experiment_id, run_id)
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(state_path, lambda p: p.write_text(json.dumps(nested.__dict__, indent=1)))
+    write_runs(state_path, nested, trials_dir)
     return nested
 
 
@@ -182,12 +197,12 @@ def log_report(search_dir: Path, report_dir: Path) -> str:
     """Log a report's files as artifacts `report/` of the search's parent run; returns the
     run id. Experiments made before searchkd set its UI tags get them here."""
     configure_client()
-    state = json.loads((Path(search_dir) / TRACKING_FILE).read_text())
-    client = MlflowClient(state["tracking_uri"])
-    if "mlflow.experimentKind" not in client.get_experiment(state["experiment_id"]).tags:
-        set_ui_tags(client, state["experiment_id"], Path(search_dir) / "space.yaml")
-    client.log_artifacts(state["parent_run_id"], str(report_dir), artifact_path="report")
-    return str(state["parent_run_id"])
+    runs = read_runs(Path(search_dir) / TRACKING_FILE, Path(search_dir).parent)
+    client = MlflowClient(runs.tracking_uri)
+    if "mlflow.experimentKind" not in client.get_experiment(runs.experiment_id).tags:
+        set_ui_tags(client, runs.experiment_id, Path(search_dir) / "space.yaml")
+    client.log_artifacts(runs.parent_run_id, str(report_dir), artifact_path="report")
+    return runs.parent_run_id
 
 
 def _param_str(value: Any) -> str:
@@ -458,10 +473,11 @@ class MlflowWriter:
         if rec.node_id and tags.get("ray_node") != rec.node_id:
             client.set_tag(rid, "ray_node", rec.node_id)
         new = sorted(e for e in rec.rows if e not in self._logged(rid))
+        lead = {k: i for i, k in enumerate(lead_metrics([self.metric]))}
         metrics = [
             Metric(k, v, int(rec.rows[e].get("timestamp", 0) * 1000), e)
             for e in new
-            for k, v in rec.rows[e].items()
+            for k, v in sorted(rec.rows[e].items(), key=lambda kv: lead.get(kv[0], len(lead)))
             if k != "timestamp" and math.isfinite(v)
         ]
         for i in range(0, len(metrics), METRICS_PER_BATCH):
@@ -509,11 +525,8 @@ class MlflowWriter:
             )
         for row in rows:
             value = row.get("score", row.get(self.metric))
-            if value is None or not math.isfinite(value):
-                continue
-            if self._best is None or (
-                value > self._best if self.mode == "max" else value < self._best
-            ):
+            best = math.nan if self._best is None else self._best
+            if value is not None and better(value, best, self.mode):
                 self._best = value
                 step = int(row.get("epoch", 0))
                 self.client.log_batch(

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import pickle
+import time
 from typing import Any
 
 import ray
@@ -27,11 +27,11 @@ import torch
 from ray import tune
 
 from .data import DatasetNotFound
-from .engine import Cohort, Engine, estimate_pack_bytes, pack_memory_problem
+from .engine import Cohort, estimate_pack_bytes, pack_memory_problem
 from .metrics import scores
 from .objectives import get_objective
 from .spec import Spec, students_of
-from .storage import STATE_FILE, STOP_FILE, STUDENT_FILE, Storage, disk_full, trial_key
+from .storage import STATE_FILE, STUDENT_FILE, Storage, disk_full, read_decision, trial_key
 
 # Keys the search adds to a trial's config beside the sampled dotted parameters.
 META_KEYS = ("trial_number", "seed")
@@ -52,10 +52,10 @@ def trial_spec(base: dict[str, Any], config: dict[str, Any]) -> Spec:
     """
     sampled = {k: v for k, v in config.items() if k not in META_KEYS}
     spec = Spec.model_validate(base).resolved(sampled)
-    own = get_objective(spec.objective).tunables
-    if any(k not in own for k in spec.loss):
+    own = get_objective(spec.objective).own_loss(spec.loss)
+    if own != spec.loss:
         raw = spec.model_dump(by_alias=True, exclude_none=True)
-        raw["loss"] = {k: v for k, v in spec.loss.items() if k in own}
+        raw["loss"] = own
         spec = Spec.model_validate(raw)
     return spec
 
@@ -80,11 +80,29 @@ def checked_teacher(blob: bytes | None, sha256: str | None) -> bytes | None:
 
 def stop_epoch(files: Storage) -> int | None:
     """The epoch at which the driver stopped this student (its STOP_FILE), or None."""
-    blob = files.read_bytes(STOP_FILE)
-    try:
-        return int(json.loads(blob)["epoch"]) if blob else None
-    except (ValueError, KeyError, TypeError):
-        return None
+    return read_decision(files)[0]
+
+
+# How often a trial waiting at a rung reads its decision file (seconds, growing to the last).
+DECISION_POLL_S = (0.05, 0.1, 0.2, 0.5)
+
+
+def wait_at_rungs(cohort: Cohort, files: list[Storage], rungs: list[int]) -> float:
+    """In a reproducible search, each student at a rung epoch waits for the driver's decision
+    there before it trains on (its rows and kept student must be those of a trial stopped
+    there, should it be). The driver decides once the lower-numbered trials have reached the
+    rung or ended; the lowest-numbered one never waits on a running trial. Returns the
+    seconds it waited."""
+    start = time.monotonic()
+    for i, m in enumerate(cohort.members):
+        polls = 0
+        while m.active and m.epoch in rungs:
+            stop, passed = read_decision(files[i])
+            if (stop is not None and stop <= m.epoch) or passed >= m.epoch:
+                break
+            time.sleep(DECISION_POLL_S[min(polls, len(DECISION_POLL_S) - 1)])
+            polls += 1
+    return time.monotonic() - start
 
 
 def train_trial(
@@ -95,13 +113,16 @@ def train_trial(
     teacher_sha256: str | None = None,
     cpus: float = 1.0,
     memory_fraction: float | None = None,
+    rungs: list[int] | None = None,
 ) -> None:
     """One Tune trial: one student, or (`students` in the config) a packed cohort of several.
 
     Each student reports its own rows (with its `trial_number`) and keeps its own files under
     its own trial number. A packed student the driver stops early (it writes the student's
     STOP_FILE while it handles the report: Tune's reports are synchronous) leaves the cohort;
-    the trial ends when every student has finished or stopped.
+    the trial ends when every student has finished or stopped. With `rungs` (a reproducible
+    search with ASHA) each student waits at those epochs for the driver's decision, packed or
+    not, and leaves when it says stop.
     """
     torch.set_num_threads(max(1, int(cpus)))
     packed = "students" in config
@@ -132,7 +153,8 @@ def train_trial(
     ]
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     metrics = specs[0].metrics
-    if packed:
+    decided = packed or bool(rungs)  # the driver's decisions come through the storage
+    if decided:
         _leave_if_stopped(cohort, files)
     for i, m in enumerate(cohort.members):
         for j, past in enumerate(m.history):
@@ -142,6 +164,10 @@ def train_trial(
             # if it died between writing the stop file and telling the study.
             said = {STOPPED_KEY: 1} if m.stopped and j == len(m.history) - 1 else {}
             tune.report({**past, "start_epoch": start_epoch[i], **node, **said})
+    waited = 0.0  # at the last rung, before the epoch that follows (reported with it)
+    if rungs:
+        waited = wait_at_rungs(cohort, files, rungs)
+        _leave_if_stopped(cohort, files)
     while not cohort.finished:
         kept = [m.kept_row for m in cohort.members]
         rows = cohort.run_epochs()
@@ -149,6 +175,8 @@ def train_trial(
         for i, row in rows.items():
             m = cohort.members[i]
             row["start_epoch"] = start_epoch[i]  # >0 proves a resumed trial did not restart at 0
+            if rungs:
+                row["rung_wait_s"] = waited
             report = {**row, **scores(m.kept_row, metrics), **extra[i]}
             m.history.append(report)
             try:
@@ -164,7 +192,9 @@ def train_trial(
             reports[i] = report
         for report in reports.values():
             tune.report({**report, **node})
-        if packed:
+        if rungs:
+            waited = wait_at_rungs(cohort, files, rungs)
+        if decided:
             _leave_if_stopped(cohort, files)
 
 
@@ -188,11 +218,6 @@ def check_memory(cohort: Cohort, memory_fraction: float | None) -> None:
     )
     if problem:
         raise TrialSetupError(f"node {node_label()}: {problem}")
-
-
-def resume(engine: Engine, files: Storage) -> bool:
-    """Load the trial's saved state if there is a readable one; otherwise it starts at 0."""
-    return resume_member(engine, 0, files)
 
 
 def resume_member(cohort: Cohort, i: int, files: Storage) -> bool:

@@ -66,7 +66,14 @@ def test_results_are_the_records_rows_ordered_by_trial_and_epoch(tmp_path: Path)
     (search / "space.yaml").write_text("name: s\n")
     assert api.results(search).empty
     rows = [
-        {"trial_number": n, "epoch": e, "val_acc": n + e / 10, "timestamp": 10.0 * e + n}
+        {
+            "trial_number": n,
+            "epoch": e,
+            "val_acc": n + e / 10,
+            "timestamp": 10.0 * e + n,
+            "objective": "msd",
+            "config": json.dumps({"loss.tau": 0.1 * (n + 1), "loss.scales": [1, 2], "seed": n}),
+        }
         for e in (1, 2)
         for n in (1, 0)
     ]
@@ -79,3 +86,16 @@ def test_results_are_the_records_rows_ordered_by_trial_and_epoch(tmp_path: Path)
         (1, 2),
     ]
     assert frame.val_acc.tolist() == [0.1, 0.2, 1.1, 1.2]
+    # The config is one column per searched key, named as Ray Tune names them.
+    assert "config" not in frame.columns and frame.objective.tolist() == ["msd"] * 4
+    assert frame["config/loss.tau"].tolist() == [0.1, 0.1, 0.2, 0.2]
+    assert frame["config/seed"].tolist() == [0, 0, 1, 1]
+    assert frame["config/loss.scales"].tolist() == [[1, 2]] * 4
+
+
+def test_a_summary_shows_config_floats_rounded() -> None:
+    """The summary's config line: 3 significant digits (the exact values are in the table and
+    `searchkd best`'s config.yaml), lists and the rest as they are."""
+    assert api.shown(7.676576229980498) == "7.68" and api.shown(0.08231) == "0.0823"
+    assert api.shown([1, 2]) == "[1, 2]" and api.shown(4005745526) == "4005745526"
+    assert api.shown("msd") == '"msd"'

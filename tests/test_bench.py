@@ -9,6 +9,8 @@ several OpenMP threads per process can be ten times slower than one.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,16 +23,19 @@ sys.path.insert(0, str(BENCH))
 import concurrency  # noqa: E402
 import digits_objectives  # noqa: E402
 import final_objectives  # noqa: E402
+import gpu  # noqa: E402
+import gpu_rows  # noqa: E402
 import overhead  # noqa: E402
 import packing  # noqa: E402
 import pareto  # noqa: E402
+import reproducibility  # noqa: E402
 import search_efficiency  # noqa: E402
 import throughput  # noqa: E402
 import yaml  # noqa: E402
 from test_fashion import write_idx  # noqa: E402  (the real IDX layout, small)
 
+from searchkd.analysis import analyze, dominates, read_spec  # noqa: E402
 from searchkd.final import mean_interval, paired_difference  # noqa: E402
-from searchkd.report import analyze, dominates, read_spec  # noqa: E402
 from searchkd.spec import Spec  # noqa: E402
 
 SPACES = BENCH.parent / "spaces"
@@ -386,3 +391,404 @@ def test_pareto_front_and_the_final_stage_on_two_points(ray_session, tmp_path: P
     )
     [row] = out["rows"]
     assert row["search"] == "fashion-pareto" and row["winner"]["trial"] == points[0]
+
+
+def test_reproducibility_counts_idle_slot_time_per_tune_run(tmp_path: Path) -> None:
+    """Two slots over a 10 s window: one trial lived 10 s and waited 2 s at a rung, the other
+    lived 6 s: 14 s of training in 20 slot-seconds, 30 % idle, 10 % of it waiting at rungs."""
+    run = tmp_path / "ray" / "run-001"
+    lines = {
+        "a": [
+            {"timestamp": 103, "time_total_s": 3, "epoch": 1},
+            {"timestamp": 110, "time_total_s": 10, "epoch": 2, "rung_wait_s": 2.0},
+        ],
+        "b": [
+            {"timestamp": 104, "time_total_s": 2, "epoch": 1},
+            {"timestamp": 108, "time_total_s": 6, "epoch": 2},
+        ],
+    }
+    for name, rows in lines.items():
+        (run / name).mkdir(parents=True)
+        (run / name / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    use = reproducibility.slot_use(tmp_path, 2)
+    assert use["slot_seconds"] == 20 and use["training_seconds"] == 14
+    assert use["idle_share"] == pytest.approx(0.3)
+    assert use["rung_wait_share"] == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------ bench/gpu.py
+
+# Put first on a process's path, it makes every module of a distribution the device image
+# lacks unimportable in that process and in every process it starts (the variable is
+# inherited): what runs under it runs with the image's packages and the carried wheels alone.
+BLOCKER = """
+import os, sys
+
+BLOCKED = frozenset(os.environ["SEARCHKD_TEST_BLOCKED"].split(","))
+
+
+class Hide:
+    # Every finder, wrapped: a blocked module is not found (find_spec None, import
+    # ModuleNotFoundError), as on a machine without it; torch probes with find_spec.
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
+"""
+
+
+def _normal(dist: str) -> str:
+    return dist.lower().replace("_", "-").replace(".", "-")
+
+
+def not_on_image() -> set[str]:
+    """Top-level modules installed here whose distribution is neither on the device image (nor
+    a dependency of one of its packages) nor carried as a wheel."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, requires
+
+    from packaging.requirements import Requirement
+
+    allowed: set[str] = set()
+    todo = [*gpu.IMAGE, *gpu.CARRIED.values()]
+    while todo:
+        dist = _normal(todo.pop())
+        if dist in allowed:
+            continue
+        allowed.add(dist)
+        try:
+            reqs = requires(dist) or []
+        except PackageNotFoundError:
+            continue
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return {
+        module
+        for module, dists in packages_distributions().items()
+        if module != "searchkd" and not any(_normal(d) in allowed for d in dists)
+    }
+
+
+def test_the_engine_path_needs_nothing_the_image_lacks_but_the_carried_wheels() -> None:
+    blocked = not_on_image()
+    assert set(gpu.FRAMEWORKS) | {"pydantic_settings"} <= blocked
+    assert not set(gpu.CARRIED) & blocked and not set(gpu.ON_IMAGE) & blocked
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """`python bench/gpu.py --device cpu --small --json OUT`, with every module the device image
+    lacks (Ray, Optuna, MLflow, ...) hidden in all its processes; its JSON and its output."""
+    tmp = tmp_path_factory.mktemp("gpu")
+    (tmp / "site").mkdir()
+    (tmp / "site" / "sitecustomize.py").write_text(BLOCKER)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp / "site"), str(BENCH.parent)]),
+        "SEARCHKD_TEST_BLOCKED": ",".join(sorted(not_on_image())),
+    }
+    out = tmp / "gpu.json"
+    cmd = [sys.executable, str(BENCH / "gpu.py"), "--device", "cpu", "--small", "--json", str(out)]
+    done = subprocess.run(
+        [*cmd, "--data-root", str(tmp / "data")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_gpu_dry_run_measures_every_step_with_the_image_packages_alone(
+    dry_run: tuple[dict[str, Any], str],
+) -> None:
+    """Each step ran in its own process, within its time box, and recorded its figures."""
+    data, stdout = dry_run
+    first = stdout.splitlines()[0]
+    assert first.startswith("preflight: ") and "missing" not in first and "cannot" not in first
+    assert data["device"].startswith("CPU") and data["small"] is True
+    assert {"torch", "python", "command", "date"} <= set(data["environment"])
+    steps = data["steps"]
+    assert list(steps) == [s.name for s in gpu.STEPS]
+    measured = [n for n in steps if n != "fashion_mnist"]
+    for name in measured:
+        assert steps[name]["status"] == "done", (name, steps[name])
+        assert steps[name]["seconds"] <= steps[name]["limit_s"]
+    eager, compiled, b256 = (steps[n]["figures"]["crd"] for n in measured[:3])
+    for r in (eager, b256):
+        assert r["engine"]["img_s"] > 0 and r["reference"]["img_s"] > 0
+        assert r["ratio"] == pytest.approx(r["engine"]["img_s"] / r["reference"]["img_s"])
+    assert (eager["batch_size"], b256["batch_size"]) == (4, 8)
+    assert compiled["engine"]["img_s"] > 0 and "reference" not in compiled
+    row = steps["concurrency"]["figures"]["trials=1"]
+    assert row["procs"] == 1 and row["aggregate_img_s"] > 0
+    packed = steps["packing"]["figures"]["wrn"]
+    assert [r["k"] for r in packed["results"]] == [1, 2]
+    assert all(r["teacher_calls_per_step"] == 1.0 for r in packed["results"])
+    fashion = steps["fashion_mnist"]
+    if not data["preflight"]["fashion_mnist"]:
+        assert fashion["status"] == "skipped" and data["preflight"]["problems"]
+        pytest.skip("no Fashion-MNIST on this machine: " + "; ".join(data["preflight"]["problems"]))
+    assert fashion["status"] == "done", fashion
+    runs = [v for k, v in fashion["figures"].items() if k != "verdict"]
+    assert sorted(r["precision"] for r in runs) == ["bf16", "fp32"]
+    assert all(0.0 <= r["test_acc_last"] <= 1.0 and r["test_images"] == 10_000 for r in runs)
+    verdict = fashion["figures"]["verdict"]
+    diff = verdict["bf16"]["mean"] - verdict["fp32"]["mean"]
+    assert verdict["difference"] == pytest.approx(diff)
+    assert verdict["within_noise"] == (abs(diff) <= 2 * verdict["se_difference"])
+
+
+def test_a_step_past_its_time_box_is_killed_with_what_it_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The box kills the step's whole process group; the figures it sent first are kept.
+    The clock jumps past the box once the first figure is recorded, so the test waits on that
+    event, not on how fast a loaded machine gets there."""
+    import multiprocessing
+    import time
+
+    gpu.STEP_FUNCTIONS["_hang"] = _hang_after_one_figure
+    record: dict[str, Any] = {}
+    saved: list[dict[str, Any]] = []
+    jump = [0.0]
+    real = time.monotonic
+    monkeypatch.setattr(gpu.time, "monotonic", lambda: real() + jump[0])
+
+    def save() -> None:
+        saved.append(json.loads(json.dumps(record)))
+        if record.get("figures"):
+            jump[0] = 3600.0
+
+    ctx = multiprocessing.get_context("fork")  # the step function exists in this process only
+    opts = {"start_method": "fork", "pid_file": str(tmp_path / "pids")}
+    try:
+        gpu.run_step(ctx, "_hang", opts, 60.0, record, save)
+    finally:
+        del gpu.STEP_FUNCTIONS["_hang"]
+    assert record["status"] == "timed out" and record["figures"] == {"first": {"n": 1}}
+    assert saved[-1]["status"] == "timed out"
+    for pid in map(int, (tmp_path / "pids").read_text().split()):
+        assert not _alive(pid)  # the step and the child it started: both killed
+
+
+def _hang_after_one_figure(opts: dict[str, Any], emit: Any) -> None:
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(opts["pid_file"]).write_text(f"{os.getpid()} {child.pid}")
+    emit("first", {"n": 1})
+    time.sleep(600)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a killed process may linger as a zombie until its new parent reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_gpu_rows_render_the_dry_runs_figures_as_measured(
+    dry_run: tuple[dict[str, Any], str], tmp_path: Path
+) -> None:
+    data, _ = dry_run
+    table = gpu_rows.render(data, "dry.json")
+    eager = data["steps"]["throughput"]["figures"]["crd"]
+    [row] = [line for line in table.splitlines() if "crd (wrn_40_2 → wrn_16_2) engine vs" in line]
+    assert f"| {eager['ratio']:.2f}× ({eager['engine']['img_s']:,.0f} img/s vs" in row
+    assert f"| {data['device']} | {data['environment']['torch']} |" in row
+    target = [line for line in table.splitlines() if line.startswith("| msd engine, batch 64")]
+    assert target and "| not in this run | — |" in target[0]  # --small measures no msd
+    assert table.startswith("<!-- gpu-rows:begin source=dry.json -->")
+    copy = tmp_path / "RESULTS.md"
+    copy.write_text((BENCH / "RESULTS.md").read_text())
+    (tmp_path / "dry.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="is not a GPU run .*only a GPU run's figures"):
+        gpu_rows.main([str(tmp_path / "dry.json"), "--write", str(copy)])
+    gpu_like = {**data, "small": False, "environment": {**data["environment"], "gpu": "GPU X"}}
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu_like))
+    assert gpu_rows.main([str(tmp_path / "gpu.json"), "--write", str(copy)]) == 0
+    written = copy.read_text()
+    assert gpu_rows.render(gpu_like, str(tmp_path / "gpu.json")) in written
+    before, after = (BENCH / "RESULTS.md").read_text().split(gpu_rows.END)
+    assert written.startswith(before.split("<!-- gpu-rows:begin")[0]) and written.endswith(after)
+
+
+def test_gpu_rows_judge_each_target_on_its_figure(dry_run: tuple[dict[str, Any], str]) -> None:
+    """The dry run's figures, relabelled as the msd rows a GPU run has and given made-up
+    values on both sides of each target: each row says met or not met by its own figure."""
+    import copy
+
+    data = copy.deepcopy(dry_run[0])
+    steps = data["steps"]
+    msd = copy.deepcopy(steps["throughput"]["figures"]["crd"])
+    msd["ratio"], msd["engine"]["img_s"] = 9.0, 29_000.0  # ratio met, speed not met
+    steps["throughput"]["figures"]["msd"] = msd
+    four = {**steps["concurrency"]["figures"]["trials=1"], "procs": 4, "speedup_vs_1": 2.5}
+    steps["concurrency"]["figures"]["trials=4"] = four
+    packed = copy.deepcopy(steps["packing"]["figures"]["wrn"])
+    packed["results"].append({**packed["results"][-1], "k": 4, "efficiency": 0.95})
+    steps["packing"]["figures"]["msd"] = packed
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line for line in gpu_rows.render(data, "x").splitlines()
+    }
+    assert "| 9.00× (" in rows["msd (wrn_40_2 → wrn_16_2) engine vs classic loop, batch 64"]
+    assert rows["msd (wrn_40_2 → wrn_16_2) engine vs classic loop, batch 64"].count("**met**") == 1
+    assert "| 29,000 img/s | **not met** |" in rows["msd (wrn_40_2 → wrn_16_2) engine, batch 64"]
+    assert "| 2.50× (" in rows["4 trials sharing the device vs 1, aggregate"]
+    assert "**not met**" in rows["4 trials sharing the device vs 1, aggregate"]
+    k4 = rows["packed trials, wrn_40_2 → wrn_16_2 (crd), K = 4 vs 4 separate"]
+    assert "| ≥ 90 % of ideal | 95 % of ideal" in k4 and "**met**" in k4
+    fashion = rows[next(k for k in rows if k.startswith("Fashion-MNIST"))]
+    verdict = steps["fashion_mnist"]["figures"].get("verdict")
+    if verdict is not None:
+        assert ("**met**" if verdict["within_noise"] else "**not met**") in fashion
+
+
+def test_results_md_gpu_tables_are_those_rendered_from_their_source() -> None:
+    """The GPU tables of RESULTS.md are gpu_rows.py's rendering of the JSON they name (or of
+    no run at all): no figure in them was typed by hand."""
+    text = (BENCH / "RESULTS.md").read_text()
+    match = gpu_rows.BLOCK.search(text)
+    assert match, "bench/RESULTS.md has no gpu-rows markers"
+    source = match["source"]
+    paths = [BENCH.parent / path for path in source.split(",")]
+    payload = None if source == gpu_rows.NONE else gpu_rows.load(paths)
+    assert match[0] == gpu_rows.render(payload, source)
+
+
+def test_a_rerun_replaces_the_steps_it_measured_with_its_own_date(
+    dry_run: tuple[dict[str, Any], str], tmp_path: Path
+) -> None:
+    import copy
+
+    first = copy.deepcopy(dry_run[0])
+    first["steps"]["throughput_compile"] = {"status": "timed out", "error": "killed", "figures": {}}
+    rerun = copy.deepcopy(dry_run[0])
+    rerun["environment"]["date"] = "2099-01-01 00:00 UTC"
+    rerun["steps"] = {
+        "throughput_compile": dry_run[0]["steps"]["throughput_compile"],
+        "packing": {"status": "failed", "error": "boom", "figures": {}},  # worse: not taken
+    }
+    paths = [tmp_path / "run.json", tmp_path / "rerun.json"]
+    for path, run in zip(paths, (first, rerun), strict=True):
+        path.write_text(json.dumps(run))
+    merged = gpu_rows.load(paths)
+    assert merged["steps"]["throughput_compile"]["status"] == "done"
+    assert merged["steps"]["packing"]["status"] == "done"
+    lines = gpu_rows.render(merged, "run.json,rerun.json").splitlines()
+    [compiled] = [line for line in lines if line.startswith("| crd engine with train.compile")]
+    [eager] = [line for line in lines if line.startswith("| crd (wrn_40_2 → wrn_16_2) engine vs")]
+    assert compiled.endswith("| 2099-01-01 00:00 UTC |")
+    assert eager.endswith(f"| {first['environment']['date']} |")
+    other = {**rerun, "device": "another device"}
+    paths[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="one table is one device"):
+        gpu_rows.load(paths)
+
+
+def _wheel(folder: Path, module: str) -> Path:
+    """A minimal valid wheel holding one module that defines VALUE = 42."""
+    import zipfile
+
+    dist = f"{module}-0.1.dist-info"
+    path = folder / f"{module}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{module}.py", "VALUE = 42\n")
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+        z.writestr(
+            f"{dist}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        z.writestr(
+            f"{dist}/RECORD", f"{module}.py,,\n{dist}/METADATA,,\n{dist}/WHEEL,,\n{dist}/RECORD,,\n"
+        )
+    return path
+
+
+@pytest.mark.parametrize("pip", [True, False], ids=["pip", "no-pip"])
+def test_carried_wheels_install_offline_first_on_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pip: bool
+) -> None:
+    import importlib
+
+    module = f"searchkd_test_wheel_{'pip' if pip else 'zip'}"
+    (tmp_path / "whl").mkdir()
+    _wheel(tmp_path / "whl", module)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    monkeypatch.setattr(gpu, "_has_pip", lambda: pip)
+    line = gpu.install_wheels(tmp_path / "whl", tmp_path / "site")
+    assert line.endswith("(pip)" if pip else "(unpacked: this Python has no pip)")
+    assert importlib.import_module(module).VALUE == 42
+    assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "site")
+    monkeypatch.delitem(sys.modules, module)
+
+
+def test_a_wheel_for_another_python_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "whl").mkdir()
+    wheel = _wheel(tmp_path / "whl", "searchkd_test_wheel_old")
+    wheel.rename(wheel.with_name("searchkd_test_wheel_old-0.1-cp27-cp27mu-manylinux1_x86_64.whl"))
+    with pytest.raises(SystemExit, match=r"^gpu.py: pip could not install the wheels of .*: \S"):
+        gpu.install_wheels(tmp_path / "whl", tmp_path / "site")
+
+
+def test_the_preflight_names_what_is_missing_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu, "CARRIED", {**gpu.CARRIED, "searchkd_no_such_module": "no-such-dist"})
+    pre = gpu.preflight("cpu", Path("/nonexistent"), fashion=False)
+    line = gpu.preflight_line(pre)
+    assert pre["fatal"] and "\n" not in line
+    assert line.startswith(
+        "preflight: cannot run: missing searchkd_no_such_module (pip: no-such-dist)"
+    )
+
+
+def _exit_after_one_figure(opts: dict[str, Any], emit: Any) -> None:
+    emit("first", {"n": 1})
+    os._exit(3)  # a segfault or an OOM kill: the process ends without a word
+
+
+def _raise_after_one_figure(opts: dict[str, Any], emit: Any) -> None:
+    emit("first", {"n": 1})
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize(
+    ("step", "error"),
+    [
+        (_exit_after_one_figure, "its process ended with 3"),
+        (_raise_after_one_figure, "ValueError: boom"),
+    ],
+    ids=["dies", "raises"],
+)
+def test_a_failing_step_is_recorded_with_what_it_measured(step: Any, error: str) -> None:
+    import multiprocessing
+
+    gpu.STEP_FUNCTIONS["_fail"] = step
+    record: dict[str, Any] = {}
+    try:
+        gpu.run_step(
+            multiprocessing.get_context("fork"),
+            "_fail",
+            {"start_method": "fork"},
+            60.0,
+            record,
+            lambda: None,
+        )
+    finally:
+        del gpu.STEP_FUNCTIONS["_fail"]
+    assert record["status"] == "failed" and record["error"] == error
+    assert record["figures"] == {"first": {"n": 1}}

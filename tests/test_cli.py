@@ -128,6 +128,26 @@ def test_mismatched_teacher_checkpoint_is_one_line(
     assert not (tmp_path / "trials" / "tiny").exists()
 
 
+def test_validate_refuses_a_teacher_checkpoint_that_does_not_fit_as_tune_does(
+    capsys, tmp_path: Path, space_file
+) -> None:
+    """`validate` says ok only for what `tune` accepts: the same one line as row 23."""
+    import torch
+
+    from searchkd.models import build_model
+
+    ckpt = tmp_path / "teacher.pth"
+    torch.save({"model": build_model("resnet8", 10, width=1.0, in_channels=1).state_dict()}, ckpt)
+    path = space_file(teacher={"arch": "resnet8", "width": 0.5, "checkpoint": str(ckpt)})
+    code, out, err = run(capsys, "validate", str(path))
+    assert code == 2 and err.count("\n") == 1 and "ok" not in out
+    assert err.startswith(f"searchkd: error: {path}: teacher.checkpoint: ")
+    assert "does not fit the declared arch" in err and "wrong shape keys" in err
+    torch.save(build_model("resnet8", 10, width=0.5, in_channels=1).state_dict(), ckpt)
+    code, out, _ = run(capsys, "validate", str(path))
+    assert code == 0 and ": ok" in out
+
+
 def test_teacher_command_trains_once_then_reads_the_cache(
     capsys, tmp_path: Path, space_file
 ) -> None:
@@ -395,7 +415,7 @@ def test_ui_stops_with_its_server_and_refuses_a_busy_port(capsys, tmp_path: Path
     import subprocess
     import sys
 
-    from conftest import descendants, free_port, port_answers, wait_until
+    from conftest import descendants, port_answers, wait_until
     from mlflow.tracking import MlflowClient
 
     trials = tmp_path / "trials"
@@ -410,22 +430,18 @@ def test_ui_stops_with_its_server_and_refuses_a_busy_port(capsys, tmp_path: Path
         )
     assert code == 2 and err.count("\n") == 1 and "choose another with --port" in err
 
-    port = free_port()
+    # --port 0: a free port, and the line names the one it serves on.
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "searchkd.cli",
-            "ui",
-            "--trials-dir",
-            str(trials),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
+        [sys.executable, "-m", "searchkd.cli", "ui", "--trials-dir", str(trials), "--port", "0"],
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
+        line = proc.stdout.readline()
+        assert line.startswith("MLflow UI on http://127.0.0.1:"), line
+        port = int(line.split("http://127.0.0.1:", 1)[1].split()[0])
+        assert port > 0
         wait_until(lambda: port_answers(port), "the MLflow UI answering", proc)
         below = descendants(proc.pid)
         assert below, "the MLflow server runs below searchkd"
@@ -443,6 +459,13 @@ def test_ui_stops_with_its_server_and_refuses_a_busy_port(capsys, tmp_path: Path
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_ui_port_out_of_range_is_one_line(capsys, tmp_path: Path, port: str) -> None:
+    code, out, err = run(capsys, "ui", "--trials-dir", str(tmp_path), "--port", port)
+    assert code == 2 and err.count("\n") == 1 and not out
+    assert err.startswith("searchkd: error: ui: argument --port: ") and "0 to 65535" in err
 
 
 def test_ui_beyond_loopback_answers_for_this_machines_names() -> None:
@@ -473,3 +496,85 @@ def test_a_wrong_argument_is_one_line_exit_2(capsys) -> None:
     )
     code, _, err = run(capsys, "nosuch")
     assert code == 2 and err.count("\n") == 1 and "invalid choice: 'nosuch'" in err
+
+
+@pytest.mark.parametrize(
+    ("student", "params", "fragment"),
+    [
+        (
+            {"arch": "resnet8", "width": 1e9},
+            {},
+            "student.width: resnet8 at width 1e+09 cannot be built",
+        ),
+        (
+            {"arch": "resnet8", "width": 0.25},
+            {"student.width": {"float": [0.25, 300.0]}},
+            "params.student.width: 300 makes resnet8 need about",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "tune"])
+def test_a_student_too_large_for_the_machine_is_one_line(
+    capsys, tmp_path: Path, space_file, student, params, fragment, command
+) -> None:
+    """Sized on the meta device (nothing allocated) against this machine's memory, before
+    anything is written: not 50 trials failing on a 576 GB allocation."""
+    path = space_file(student=student, params=params)
+    trials = tmp_path / "trials"
+    argv = [command, str(path)] + (["--trials-dir", str(trials)] if command == "tune" else [])
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and fragment in err, err
+    assert err.startswith(f"searchkd: error: {path}: ")
+    assert not trials.exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "fragment"),
+    [
+        ("loop", "a symlink loop"),
+        ("directory", "is a directory, not a file"),
+        ("fifo", "is a named pipe (FIFO), not a file"),
+        ("device", "/dev/zero is a device, not a file"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "tune"])
+def test_a_checkpoint_that_is_not_a_file_says_what_it_is(
+    capsys, tmp_path: Path, space_file, kind: str, fragment: str, command: str
+) -> None:
+    """Said as what it is, not "no such file", and never opened (a FIFO or /dev/zero would
+    block or never end)."""
+    import os
+
+    ckpt = tmp_path / "t.pth"
+    if kind == "loop":
+        (tmp_path / "other").symlink_to(ckpt)
+        ckpt.symlink_to(tmp_path / "other")
+    elif kind == "directory":
+        ckpt.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(ckpt)
+    else:
+        ckpt = Path("/dev/zero")
+    path = space_file(teacher={"arch": "resnet8", "checkpoint": str(ckpt)})
+    trials = tmp_path / "trials"
+    argv = [command, str(path)] + (["--trials-dir", str(trials)] if command == "tune" else [])
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{path}: teacher.checkpoint: " in err and fragment in err, err
+    assert not trials.exists()
+
+
+def test_a_trials_directory_that_is_a_symlink_loop_is_one_line(
+    capsys, tmp_path: Path, space_file
+) -> None:
+    loop = tmp_path / "loop"
+    (tmp_path / "back").symlink_to(loop)
+    loop.symlink_to(tmp_path / "back")
+    for argv in (
+        ["tune", str(space_file()), "--trials-dir", str(loop)],
+        ["resume", str(loop)],
+        ["report", str(loop)],
+    ):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1, (argv, err)
+        assert f"{loop}: a symlink loop" in err, (argv, err)

@@ -518,3 +518,14 @@ def test_normalize_and_loader_edges():
         build_loaders("digits", val_fraction=1.0)
     with pytest.raises(KeyError, match="unknown dataset"):
         build_loaders("mnist")
+
+
+def test_any_seed_a_space_may_hold_orders_batches() -> None:
+    """search.seed may be anything below 2**64 (the spec refuses the rest): the epoch's order
+    is drawn from (seed, epoch) wrapped to 64 bits, and small seeds keep their order."""
+    L = build_loaders("digits", val_fraction=0.1, batch_size=64, seed=2**64 - 1)
+    L.train.set_epoch(3)
+    assert len(list(L.train)) == len(L.train) > 0
+    from searchkd.data.base import mix_seed
+
+    assert mix_seed(7, 3) == 7 * 1_000_003 + 3

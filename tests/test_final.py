@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -235,6 +236,10 @@ def test_final_stage_after_a_tiny_search(ray_session, tmp_path: Path, capsys) ->
     assert main(["final", str(search), "--seeds", "2"]) == 0  # --top from the space's final:
     out = capsys.readouterr().out
     assert "2 of 4 runs to train" in out and "verdict: the search's best config" in out
+    # ... and refreshes the report, saying so: it shows the 2 seeds now.
+    assert f"report: {os.path.relpath(search / 'report' / 'index.html')}" in out
+    data = json.loads((search / "report" / "data.json").read_text())
+    assert [c["n"] for c in data["final"]["configs"]] == [2, 2]
     assert any(v in out.split("verdict:")[-1] for v in fs.VERDICTS)
 
     table = pq.read_table(search / "final.parquet")

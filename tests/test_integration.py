@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,38 @@ def test_tiny_search_end_to_end(ray_session, tmp_path: Path, capsys) -> None:
     assert main(["tune", str(space), "--resume", "--trials-dir", str(trials)]) == 0
     assert "already finished" in capsys.readouterr().out
     assert len(mlflow_runs(trials, "tiny")[1]) == 2
+
+    # results.jsonl cut in the middle (as if restored from an older copy) by a driver killed
+    # after: the record is rebuilt from results.parquet, which holds more, in one warning line,
+    # and after the resume the record, the table, MLflow's steps and Optuna agree.
+    from searchkd.record import RESULTS_LOG
+    from searchkd.search import trial_scores
+    from searchkd.spec import Spec
+
+    log = search / RESULTS_LOG
+    log.write_text(log.read_text().splitlines(keepends=True)[0])
+    state = json.loads((search / "state.json").read_text())
+    (search / "state.json").write_text(json.dumps({**state, "status": "interrupted"}))
+    assert main(["tune", str(space), "--resume", "--trials-dir", str(trials)]) == 0
+    out, err = capsys.readouterr()
+    said = [line for line in out.splitlines() + err.splitlines() if "was cut short" in line]
+    assert len(said) == 1 and "results.jsonl holds 1 rows and results.parquet 4" in said[0]
+    record = [json.loads(line) for line in log.read_text().splitlines()]
+    keys = sorted((r["trial_number"], r["epoch"]) for r in record)
+    assert keys == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert len(pq.read_table(search / RESULTS_FILE)) == 4
+    spec = Spec.model_validate(tiny_space())
+    by_trial: dict[int, list] = {}
+    for r in record:
+        by_trial.setdefault(r["trial_number"], []).append(r)
+    scores = trial_scores(by_trial, spec)
+    study = load_study(search, "tiny")
+    assert {t.number: t.value for t in study.trials} == pytest.approx(scores)
+    for child in mlflow_runs(trials, "tiny")[1]:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert sorted(steps) == [1, 2]
+    assert main(["report", str(search), "--no-mlflow"]) == 0
+    assert "was cut short" not in "".join(capsys.readouterr())  # the record is whole again
 
 
 def test_interrupted_search_resumes_without_duplicates(tmp_path: Path) -> None:

@@ -36,12 +36,14 @@ LAYERS = {
     "preflight": 5,
     "driver": 5,
     "search": 6,
-    "report": 5,
+    "analysis": 5,
+    "plots": 6,
+    "report": 7,
     "export": 6,
     "final": 6,
-    "api": 7,
-    "cli": 8,
-    "__init__": 9,  # the package's facade: `searchkd.tune` etc., imported from api on first use
+    "api": 8,
+    "cli": 9,
+    "__init__": 10,  # the package's facade: `searchkd.tune` etc., imported from api on first use
 }
 # Up to the engine, plain PyTorch: benchmarks and GPU profiling drive it without Ray.
 PLAIN = {

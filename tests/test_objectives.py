@@ -15,16 +15,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_space
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from searchkd.api import load_space
 from searchkd.models import Features, TappedModel, build_model
 from searchkd.objectives import Objective, ObjectiveContext, get_objective, objective_names
 from searchkd.objectives.cktf import layer_pairs, teacher_stage_for
 from searchkd.objectives.crd import ContrastMemory, LabelBook
 from searchkd.objectives.lfcc import dct_lowpass, dct_matrix
 from searchkd.objectives.stkd import mixup, similarity_transfer
+from searchkd.spec import SpecError
 
 NUM_CLASSES = 5
 NUM_TRAIN = 32
@@ -289,6 +292,19 @@ def test_each_weight_scales_its_own_term(name, pair, batch) -> None:
         )
         dropped = zero[term_of[key]].item() if term_of[key] in zero else 0.0
         assert dropped == 0.0  # a zero weight zeroes (or drops) the term
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_term_weight_at_zero_leaves_no_loss_and_is_refused_in_validation(
+    name, pair, batch
+) -> None:
+    teacher, student = pair
+    zeros = dict.fromkeys(get_objective(name).term_weights(), 0.0)
+    terms = run(build(name, teacher, student, batch[0], **zeros), student, teacher, batch)
+    assert all(v.item() == 0.0 for v in terms.values())  # the weights validation knows are all
+    space = {**tiny_space(), "objective": name, "loss": zeros, "params": {}}
+    with pytest.raises(SpecError, match=f"^<space>: loss: objective {name} can have every term"):
+        load_space(space)
 
 
 def random_features(like: Features, seed: int = 0) -> Features:
@@ -977,6 +993,31 @@ def test_lfcc_default_scales_never_keep_a_whole_map(student_arch: str, filter_: 
         CTX,
     )
     assert tiny.scales[-1] == [1]
+
+
+def test_lfcc_uses_the_listed_grid_sizes_below_each_taps_side_and_adds_none() -> None:
+    """`scales: [2, 4]` on 16×16 and 8×8 taps uses 2 and 4 (1 is not added: [2, 4] and
+    [1, 2, 4] are different filter banks); on a 4×4 tap 4 would keep the whole map and is
+    dropped; on a 2×2 tap none is below the side and the global mean stands in alone."""
+    from searchkd.objectives.lfcc import tap_scales
+
+    def maps(side: int) -> Tensor:
+        return torch.rand(4, 3, side, side)
+
+    assert tap_scales([2, 4], maps(16), maps(8)) == [2, 4]
+    assert tap_scales([4, 2], maps(4), maps(16)) == [2]
+    assert tap_scales([2, 4], maps(2), maps(8)) == [1]
+    assert tap_scales([1, 2, 4], maps(16), maps(16)) == [1, 2, 4]
+    big, mid = maps(16), maps(8)
+    v = torch.zeros(4, 3)
+    obj = get_objective("lfcc")(
+        {"layers": 2, "dim": 8, "scales": [2, 4]},
+        fake(big, [big, mid], v, v),
+        fake(big, [big, mid], v, v),
+        CTX,
+    )
+    assert obj.scales == {-2: [2, 4], -1: [2, 4]}
+    assert sorted(obj.student_heads) == ["tap-1_c2", "tap-1_c4", "tap-2_c2", "tap-2_c4"]
 
 
 @pytest.mark.parametrize("student_arch", ["vit_tiny", "resnet8x4"])

@@ -156,24 +156,56 @@ def test_a_pack_refuses_searching_what_its_students_share() -> None:
     assert validate(raw, "x.yaml").search.pack == 2
 
 
-def test_the_driver_stops_a_student_with_a_file_the_trial_reads(tmp_path: Path) -> None:
-    from searchkd.scheduler import Rungs
+@pytest.mark.parametrize("reproducible", [True, False])
+def test_the_driver_stops_a_student_with_a_file_the_trial_reads(
+    tmp_path: Path, reproducible: bool
+) -> None:
+    from searchkd.scheduler import OrderedRungs, Rungs
     from searchkd.search import PackedStops
     from searchkd.storage import Storage, trial_key
     from searchkd.trial import stop_epoch
 
     storage = Storage(str(tmp_path))
-    stops = PackedStops(Rungs(1, 4, 2, "max"), storage, 4, "val_acc")
-    assert stops.decide(0, {"epoch": 1, "val_acc": 0.9}) is None
-    assert stops.decide(1, {"epoch": 1, "val_acc": 0.1}) == "stopped"
+    if reproducible:
+        stops = PackedStops(None, storage, 4, "val_acc", OrderedRungs(1, 4, 2, "max"))
+    else:
+        stops = PackedStops(Rungs(1, 4, 2, "max"), storage, 4, "val_acc")
+
+    def how(number: int, row: dict) -> list[tuple[int, str]]:
+        return [(n, h) for _, n, _, h in stops.decide("cohort", number, row)]
+
+    assert how(0, {"epoch": 1, "val_acc": 0.9}) == []
+    assert how(1, {"epoch": 1, "val_acc": 0.1}) == [(1, "stopped")]
     assert stop_epoch(storage.child(trial_key(1))) == 1
     assert json.loads((tmp_path / "trial-0001" / "stopped.json").read_text())["by"] == "ASHA"
     assert stop_epoch(storage.child(trial_key(0))) is None
-    assert stops.decide(1, {"epoch": 1, "val_acc": 0.1}) == "stopped"  # reported again: the same
-    assert stops.decide(0, {"epoch": 4, "val_acc": 0.95}) == "finished"
+    assert how(1, {"epoch": 1, "val_acc": 0.1}) == [(1, "stopped")]  # reported again: the same
+    assert how(0, {"epoch": 4, "val_acc": 0.95}) == [(0, "finished")]
     # A student whose trial found its stop file (the driver died before telling the study)
     # says so when it reports its last row again: the driver ends it as stopped.
-    assert stops.decide(2, {"epoch": 2, "val_acc": 0.99, "stopped_by_driver": 1}) == "stopped"
+    assert how(2, {"epoch": 2, "val_acc": 0.99, "stopped_by_driver": 1}) == [(2, "stopped")]
+
+
+def test_a_reproducible_search_stops_a_student_once_the_lower_ones_reached_its_rung(
+    tmp_path: Path,
+) -> None:
+    """Student 5 reaches rung 1 first: it waits (its cohort with it) until students 0-4 have;
+    then it is stopped, and it is the report of student 4 that ends it."""
+    from searchkd.scheduler import OrderedRungs
+    from searchkd.search import PackedStops
+    from searchkd.storage import Storage, read_decision, trial_key
+
+    storage = Storage(str(tmp_path))
+    stops = PackedStops(None, storage, 4, "val_acc", OrderedRungs(1, 4, 2, "max"))
+    assert stops.decide("B", 5, {"epoch": 1, "val_acc": 0.1}) == []
+    assert read_decision(storage.child(trial_key(5))) == (None, 0)  # it waits
+    for n in range(4):
+        assert stops.decide("A", n, {"epoch": 1, "val_acc": 0.9}) == []
+    assert read_decision(storage.child(trial_key(3))) == (None, 1)  # passed rung 1
+    ends = stops.decide("B", 4, {"epoch": 1, "val_acc": 0.95})
+    assert [(t, n, r["epoch"], h) for t, n, r, h in ends] == [("B", 5, 1, "stopped")]
+    assert read_decision(storage.child(trial_key(5))) == (1, 0)
+    assert read_decision(storage.child(trial_key(4))) == (None, 1)
 
 
 def test_students_of_reads_packed_and_unpacked_configs() -> None:
@@ -284,12 +316,13 @@ def test_sigkill_of_a_packed_search_then_resume_keeps_every_invariant(tmp_path: 
     assert done.returncode == 0, done.stderr[-3000:]
     table = assert_consistent(trials, name, num_samples, epochs)
     assert max(r["start_epoch"] for r in table) >= 1, "no student resumed from its saved state"
+    from searchkd.storage import Storage, trial_key
+    from searchkd.trial import stop_epoch
+
     for n in {r["trial_number"] for r in table}:
         last = max(r["epoch"] for r in table if r["trial_number"] == n)
-        stop = trials / name / "checkpoints" / f"trial-{n:04d}" / "stopped.json"
-        assert (last < epochs) == stop.exists(), (
-            f"trial {n}: ended at {last}, stop file {stop.exists()}"
-        )
+        stop = stop_epoch(Storage(str(trials / name / "checkpoints")).child(trial_key(n)))
+        assert stop == (last if last < epochs else None), f"trial {n}: ended at {last}, {stop=}"
 
 
 def test_preflight_refuses_a_pack_that_cannot_fit_its_gpu_share(tmp_path: Path) -> None:

@@ -476,7 +476,16 @@ def test_the_experiment_opens_on_a_table_of_the_trials() -> None:
     tags = ui_tags(raw)
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags["mlflow.sharedViewState.searchkd"])
-    assert view["orderByKey"] == "metrics.`best_val_acc`" and view["orderByAsc"] is False
+    assert view["orderByKey"] == "metrics.`score`" and view["orderByAsc"] is False
+    # The runs table's first columns, whatever the window's width: the score, the search's
+    # metrics as of the epoch, test_acc (MLflow puts its own columns first without an order).
+    assert view["columnOrder"] == [
+        "metrics.`score`",
+        "metrics.`val_acc`",
+        "metrics.`student_macs`",
+        "metrics.`test_acc`",
+    ]
+    assert view["selectedColumns"][:4] == view["columnOrder"]
     for column in (
         "metrics.`val_acc`",
         "metrics.`student_macs`",
@@ -729,7 +738,7 @@ def test_a_search_ends_with_its_report_and_its_best_student_reproduces(
     assert f"report: {os.path.relpath(search / 'report' / 'index.html')}" in out
     assert "logged to MLflow" in out and "viewStateShareKey=searchkd" in out
     # The history's last best is the summary's best value.
-    summary_best = float(re.search(r"best trial \d+: val_acc ([0-9.]+)", out)[1])
+    summary_best = float(re.search(r"best trial \d+: best_val_acc ([0-9.]+)", out)[1])
     data = json.loads((search / "report" / "data.json").read_text())
     assert f"{data['history']['best'][-1]:.4f}" == f"{summary_best:.4f}"
 
@@ -811,3 +820,76 @@ def test_a_multi_objective_digits_search_has_its_pareto_front(
     page = Tables((search / "report" / "index.html").read_text())
     assert {int(r["trial"]) for r in body(page.tables["pareto"])} == expected
     assert (search / "report" / "pareto.png").exists()
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_damaged_state_json_is_said_and_ignored(tmp_path: Path, capsys) -> None:
+    """state.json only says how the search last stood: report and resume go on without it,
+    saying so in one line that names it (resume then stops at the space's real problem)."""
+    import yaml
+
+    search = make_search(tmp_path, "st", trials=4, epochs=3, seed=1)
+    state = search / "state.json"
+    state.write_text("[1, 2]")
+    code, out, err = _cli(capsys, "report", str(search), "--no-mlflow")
+    assert code == 0 and not err
+    said = [line for line in out.splitlines() if "state.json" in line]
+    assert said == [
+        f"searchkd: warning: {state} is damaged (not a mapping: [1, 2]); ignored (the next run "
+        "rewrites it)"
+    ]
+    raw = yaml.safe_load((search / "space.yaml").read_text())
+    raw["data"] = {"dataset": "cifar10", "root": str(tmp_path / "none"), "val_fraction": 0.1}
+    (search / "space.yaml").write_text(yaml.safe_dump(raw))  # stop resume before Ray starts
+    for damage in ("garbage {", "", "[1, 2]"):
+        state.write_text(damage)
+        code, out, err = _cli(capsys, "resume", str(search))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 2, err
+        assert lines[0].startswith(f"searchkd: warning: {state} is damaged")
+        assert lines[1].startswith("searchkd: error: ") and "data.dataset: " in lines[1]
+
+
+def test_a_damaged_journal_or_space_is_one_line_naming_the_file(tmp_path: Path, capsys) -> None:
+    search = make_search(tmp_path, "dj", trials=4, epochs=3, seed=1)
+    journal = search / "optuna.journal"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join([*lines[:5], "not a record\n", *lines[5:]]))
+    for command in ("best", "resume"):
+        code, _, err = _cli(capsys, command, str(search))
+        assert code == 2 and err.count("\n") == 1, (command, err)
+        assert f"{journal}: line 6 is not a journal record" in err, (command, err)
+    code, out, _ = _cli(capsys, "report", str(search), "--no-mlflow")
+    assert code == 1 and f"was not written: {journal}: line 6" in out
+
+    search = make_search(tmp_path, "ds", trials=4, epochs=3, seed=1)
+    (search / "space.yaml").write_text("name: [unclosed\n")
+    for command in ("best", "resume", "final"):
+        code, _, err = _cli(capsys, command, str(search))
+        assert code == 2 and err.count("\n") == 1, (command, err)
+        assert f"{search / 'space.yaml'}: YAML syntax error" in err, (command, err)
+
+
+def test_final_of_a_read_only_search_directory_is_one_line(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    search = make_search(tmp_path, "ro", trials=4, epochs=3, seed=1)
+    search.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: the check is asked as a user would be answered
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: real(p, m) and Path(p) != search)
+    try:
+        code, _, err = _cli(capsys, "final", str(search))
+    finally:
+        search.chmod(0o755)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"the search directory {search} is not writable: no write permission" in err
+    assert not (search / "final").exists()

@@ -59,6 +59,40 @@ def test_a_parquet_cut_short_is_rebuilt_from_the_record(tmp_path: Path) -> None:
     ]
 
 
+def test_a_record_cut_short_is_rebuilt_from_the_table_that_holds_more(tmp_path: Path) -> None:
+    """results.jsonl cut in the middle (whole lines lost) while results.parquet holds every
+    row: readers see every row, saying so in one line; the driver's table (a resume) writes the
+    missing rows back into the record, after which both agree and nothing more is said."""
+    table = ResultsTable(tmp_path / RESULTS_FILE)
+    for n in (0, 1, 2):
+        for e in (1, 2, 3, 4):
+            _report(table, n, e, **({"test_acc": 0.9} if n == 0 else {}))
+    table.flush()
+    every = [(n, e) for n in (0, 1, 2) for e in (1, 2, 3, 4)]
+    lines = (tmp_path / RESULTS_LOG).read_text().splitlines(keepends=True)
+    (tmp_path / RESULTS_LOG).write_text("".join(lines[:5]))  # trial 0 whole, trial 1 epoch 1
+
+    said: list[str] = []
+    rows = read_rows(tmp_path, said.append)
+    assert sorted((r["trial_number"], r["epoch"]) for r in rows) == every
+    assert said == [
+        f"searchkd: warning: {RESULTS_LOG} holds 5 rows and {RESULTS_FILE} 12: {RESULTS_LOG} was "
+        f"cut short; the 7 rows it lacks are read from {RESULTS_FILE}"
+    ]
+    assert len((tmp_path / RESULTS_LOG).read_text().splitlines()) == 5  # a reader writes nothing
+    assert all(None not in r.values() for r in rows)  # the table's padding is not a value
+    assert {r["epoch"] for r in rows if r["trial_number"] == 2} == {1, 2, 3, 4}
+
+    said.clear()
+    resumed = ResultsTable(tmp_path / RESULTS_FILE, said.append)
+    assert sorted(resumed.rows) == every and len(said) == 1
+    assert [r["epoch"] for r in resumed.by_trial()[1]] == [1, 2, 3, 4]
+    assert (
+        len(read_rows(tmp_path, said.append)) == 12 and len(said) == 1
+    )  # the record holds every row again: nothing more to say
+    assert len((tmp_path / RESULTS_LOG).read_text().splitlines()) == 12
+
+
 def test_a_damaged_parquet_without_its_record_is_one_line(tmp_path: Path) -> None:
     (tmp_path / RESULTS_FILE).write_bytes(b"PAR1 not really")
     with pytest.raises(ResultsError) as err:

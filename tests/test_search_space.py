@@ -155,3 +155,72 @@ def test_a_journal_torn_mid_record_is_cut_back_to_its_last_whole_record(tmp_path
     assert [t.value for t in again.trials] == [0.0, 1.0, 2.0]
     again.tell(again.ask(), 3.0)
     assert len(load_study(tmp_path, "s").trials) == 4
+
+
+def test_memory_caps_how_many_trials_run_at_once(monkeypatch) -> None:
+    """`resources: {cpu: 0.02}` on 2 cores fits 100 trials by CPU; each trial's process holds
+    about half a GiB, so Ray's memory caps them, with one line saying so."""
+    from searchkd import driver
+    from searchkd.api import load_space
+    from searchkd.engine import TRIAL_PROCESS_BYTES, DataShape, trial_memory
+
+    raw = tiny_space("many")
+    raw["search"].update(num_samples=50, max_concurrent=0, resources={"cpu": 0.02, "gpu": 0})
+    spec = load_space(raw)
+    per_trial = trial_memory(spec, DataShape.of(spec))
+    assert per_trial > TRIAL_PROCESS_BYTES
+    lines: list[str] = []
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 4 * 2**30})
+    held = driver.concurrency(spec, log=lines.append)
+    assert held == (4 * 2**30) // per_trial < 50
+    assert len(lines) == 1 and lines[0].startswith(
+        f"searchkd: running {held} trials at once, not 50"
+    )
+    lines.clear()  # plenty of memory: the resources decide, nothing said
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 2**40})
+    assert driver.concurrency(spec, log=lines.append) == 50 and not lines
+
+
+def test_the_study_names_its_metrics_and_says_which_trials_asha_stopped(tmp_path) -> None:
+    """optuna-dashboard shows the study's metric names (not "Objective 0"); a trial ASHA
+    stopped stays COMPLETE (what TPE sees) but carries why it is short as a user attr."""
+    from searchkd.search import SearchSpace, StudySearcher, create_study, load_study
+
+    spec = Spec.model_validate(tiny_space(train={"epochs": 4}))
+    study = create_study(tmp_path, spec)
+    assert study.metric_names == ["val_acc"]
+    for _ in range(2):
+        study.ask()
+    teller = StudySearcher(tmp_path, spec, SearchSpace({}, spec.objectives, {}, 0), [])
+    teller.tell(0, {"score": 0.9, "epoch": 4})
+    teller.tell(1, {"score": 0.5, "epoch": 2})
+    done, stopped = load_study(tmp_path, spec.name).trials
+    assert stopped.state == done.state == optuna.trial.TrialState.COMPLETE
+    assert stopped.user_attrs["searchkd"] == "stopped by ASHA at epoch 2"
+    assert stopped.user_attrs["stopped_early"] and not done.user_attrs["stopped_early"]
+    assert "searchkd" not in done.user_attrs
+    assert load_study(tmp_path, spec.name).metric_names == ["val_acc"]
+
+
+def test_progress_names_the_epochs_val_acc_and_the_kept_students_apart() -> None:
+    """One name per meaning (`metrics.kept_name`): `val_acc` is the epoch's, `best_val_acc` the
+    kept student's (the score, what the summary, the report and MLflow rank by)."""
+    from types import SimpleNamespace
+
+    from searchkd.search import Progress
+
+    lines: list[str] = []
+    progress = Progress("val_acc", "max", 8, 12, log=lines.append)
+    trial = SimpleNamespace(config={"trial_number": 7}, status="TERMINATED")
+    last = {"epoch": 12, "val_acc": 0.9815, "best_val_acc": 0.9954, "score": 0.9954}
+    progress.on_trial_result(trial, last, [trial])
+    progress.on_trial_complete(SimpleNamespace(**vars(trial), last_result=last), [trial])
+    text, right = lines[-1].split("] ", 1)[1].split(" | ")[0], lines[-1].split(" | ")[-1]
+    assert text.rstrip() == "trial 7 finished at epoch 12: val_acc 0.9815, best_val_acc 0.9954"
+    assert right == "best trial 7: best_val_acc 0.9954"
+    stopped = {"epoch": 3, "val_acc": 0.8241, "score": 0.8300}
+    progress.on_student_end(2, "stopped", stopped, [trial])
+    assert "trial 2 stopped by ASHA at epoch 3: val_acc 0.8241, best_val_acc 0.8300" in lines[-1]
+    other = Progress("val_top5", "max", 8, 12, log=lines.append)
+    other.on_student_end(1, "finished", {"epoch": 12, "val_top5": 0.9, "score": 0.95}, [])
+    assert "val_top5 0.9000, score_val_top5 0.9500" in lines[-1]

@@ -121,6 +121,42 @@ BAD = [
         lambda s: s["train"].update(nesterov=True, optimizer="adamw"),
         "train: nesterov applies to optimizer sgd",
     ),
+    # Every term weighted 0: no loss to train on (it would fail in the first batch).
+    (
+        lambda s: s.update(objective="kd", loss={"ce_weight": 0, "kd_weight": 0}),
+        "loss: objective kd can have every term weighted 0 (ce_weight: 0, kd_weight: 0)",
+    ),
+    (
+        lambda s: s.update(
+            objective="ce", loss={}, params={"loss.ce_weight": {"choice": [0.0, 1.0]}}
+        ),
+        "loss: objective ce can have every term weighted 0",
+    ),
+    # Non-finite values, steps that cannot step and seeds no generator takes (issue 21).
+    (
+        lambda s: s["params"].update({"loss.tau": {"float": [float("nan"), 0.5]}}),
+        "params.loss.tau: range bounds must be finite numbers, got [nan, 0.5]",
+    ),
+    (
+        lambda s: s["params"].update({"loss.tau": {"float": [0.1, float("inf")]}}),
+        "params.loss.tau: range bounds must be finite numbers, got [0.1, inf]",
+    ),
+    (
+        lambda s: s["params"].update({"loss.tau": {"float": [0.1, 0.5], "step": 0}}),
+        "params.loss.tau.step: Input should be greater than 0",
+    ),
+    (
+        lambda s: s["params"].update({"train.epochs": {"int": [1, 4], "step": -1}}),
+        "params.train.epochs.step: Input should be greater than 0",
+    ),
+    (
+        lambda s: s["params"].update({"train.epochs": {"int": [1, 4], "step": 0.5}}),
+        "params.train.epochs: the step of an int range is a whole number, got 0.5",
+    ),
+    (lambda s: s["student"].update(width=float("inf")), "student.width: Input should be a finite"),
+    (lambda s: s["train"].update(lr=float("nan")), "train.lr: Input should be a finite number"),
+    (lambda s: s["search"].update(seed=2**80), "search.seed: must be in [0, 2**64), got 1208925"),
+    (lambda s: s["search"].update(seed=-1), "search.seed: must be in [0, 2**64), got -1"),
 ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import free_port, start_mlflow, stop_group
+from conftest import free_port, start_mlflow, stop_group, tiny_space
 from mlflow.tracking import MlflowClient
 
 from searchkd.storage import STUDENT_FILE, Storage, trial_key
@@ -53,10 +53,12 @@ def _trial(number: int, trial_id: str = "abc", epoch: int = 0) -> SimpleNamespac
 
 def _row(epoch: int) -> dict:
     return {
+        "train_loss": 1.0 / epoch,
         "epoch": epoch,
         "val_acc": 0.5 + epoch / 10,
-        "train_loss": 1.0 / epoch,
         "loss_msd": 0.3,
+        "test_acc": 0.4 + epoch / 10,
+        "score": 0.5 + epoch / 10,
         "node_id": "n1",
         "timestamp": time.time(),
     }
@@ -80,6 +82,9 @@ def test_writer_keeps_one_run_per_trial_and_each_step_once(tmp_path: Path) -> No
     assert run.data.params == {"loss.tau": "0.1", "seed": "7"}
     assert run.data.tags["trial_number"] == "4" and run.data.tags["ray_node"] == "n1"
     assert _history(client, rid) == [1, 2]
+    # Logged first, so that MLflow's compare view (which plots a run's first metric key by
+    # default) shows the score, not train_loss.
+    assert list(run.data.metrics)[:3] == ["score", "val_acc", "test_acc"]
 
     # The trial fails; then (a resumed search) runs again from its epoch 2, re-reporting it.
     rec.on_trial_error(
@@ -162,3 +167,46 @@ def test_tracking_server_outage_loses_nothing(tmp_path: Path) -> None:
         assert client.get_run(rid).info.status == "FINISHED"
     finally:
         stop_group(server)
+
+
+def test_a_copied_search_directory_logs_into_its_own_store(tmp_path: Path) -> None:
+    """tracking.json names the local store relative to the trials directory: a search copied
+    elsewhere (with its trials directory) reopens its runs in the copy's mlflow.db, and what it
+    logs then (a resume, the final stage, the report) never reaches the original's."""
+    import shutil
+
+    import yaml
+
+    from searchkd.mlflow_ui import read_tracking
+    from searchkd.report import analyze
+    from searchkd.tracking import TRACKING_FILE, default_store, open_nested, open_search
+
+    def search_of(trials: Path) -> Path:
+        return trials / "s"
+
+    first = tmp_path / "a" / "trials"
+    search = search_of(first)
+    search.mkdir(parents=True)
+    (search / "space.yaml").write_text(yaml.safe_dump(tiny_space("s")))
+    runs = open_search(
+        search, "s", default_store(first), None, {}, search / "space.yaml", {"seed": 0}
+    )
+    assert json.loads((search / TRACKING_FILE).read_text())["store"] == "mlflow.db"
+    copy = tmp_path / "b" / "trials"
+    shutil.copytree(first, copy)
+    original = MlflowClient(default_store(first))
+    before = len(original.search_runs([runs.experiment_id]))
+
+    again = open_search(
+        search_of(copy), "s", default_store(copy), None, {}, search / "space.yaml", {"seed": 0}
+    )
+    assert again.tracking_uri == default_store(copy) != runs.tracking_uri
+    assert again.parent_run_id == runs.parent_run_id  # the same run, in the copy's store
+    nested = open_nested(again, search_of(copy) / "final" / TRACKING_FILE, "final", {}, {}, copy)
+    MlflowClient(nested.tracking_uri).log_metric(nested.parent_run_id, "test_acc", 0.5)
+    assert len(MlflowClient(default_store(copy)).search_runs([runs.experiment_id])) == before + 1
+    assert len(original.search_runs([runs.experiment_id])) == before
+    assert read_tracking(search_of(copy) / "final" / TRACKING_FILE, copy)["tracking_uri"] == (
+        default_store(copy)
+    )
+    assert analyze(search_of(copy)).mlflow["tracking_uri"] == default_store(copy)

@@ -29,6 +29,14 @@ DEFAULT_ROOT = "~/.cache/searchkd/data"
 # The train / val split depends on the data only, never on the trial's seed, so every trial
 # of a search (and every search) is compared on the same validation images.
 SPLIT_SEED = 0
+EPOCH_STRIDE = 1_000_003  # (seed, epoch) -> one generator seed
+
+
+def mix_seed(seed: int, k: int, stride: int = EPOCH_STRIDE) -> int:
+    """One generator seed from (seed, k), e.g. (a search seed, an epoch): wrapped to 64 bits,
+    the most torch's generators take, so any seed a space may hold (below 2**64) works; for
+    seeds below 2**64 / stride it is seed * stride + k, unchanged."""
+    return (seed * stride + k) % 2**64
 
 
 def resolve_root(root: str | Path | None) -> Path:
@@ -228,7 +236,7 @@ class DeviceLoader:
         n = self.num_samples
         dev = self.x.device
         if self.train:
-            g = torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=g, device=dev)
         else:
             g = None

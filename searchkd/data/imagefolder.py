@@ -29,6 +29,7 @@ from .base import (
     Batch,
     Loaders,
     Normalize,
+    mix_seed,
     register_dataset,
     resolve_root,
     stratified_split,
@@ -42,7 +43,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SIZE = 224  # the standard ImageNet training / evaluation resolution
 RESIZE_RATIO = 256 / 224  # evaluation: short side to 256, then the central 224 (ratio 0.875)
 MAX_DEFAULT_WORKERS = 8  # beyond ~8 decoders per GPU, JPEG decoding stops being the bottleneck
-EPOCH_STRIDE = 1_000_003  # (seed, epoch) → one key, the same mixing as DeviceLoader's
 # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so (key, index) is
 # hashed to 4 bytes rather than packed into one large integer (which would lose the key).
 SAMPLE_SEED_BYTES = 4
@@ -105,7 +105,7 @@ class _EpochSampler(Sampler[Item]):
     def __iter__(self) -> Iterator[Item]:
         if not self.shuffle:
             return ((i, None) for i in range(self.n))
-        key = self.seed * EPOCH_STRIDE + self.epoch
+        key = mix_seed(self.seed, self.epoch)
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(key)).tolist()
         return ((i, key) for i in order)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .base import ArrayDataset, register_dataset
+from .base import ArrayDataset, mix_seed, register_dataset
 
 # Class colours are drawn in the middle of the 0..255 range so that colour plus noise is
 # rarely clipped; noise of std 64 hides the colour in any one pixel, not in the image mean.
@@ -57,7 +57,9 @@ def synthetic(
             "channels must all be positive"
         )
     # Three independent streams, so changing train_size leaves the colours and test set alone.
-    g_colours, g_train, g_test = (torch.Generator().manual_seed(seed * 3 + k) for k in range(3))
+    g_colours, g_train, g_test = (
+        torch.Generator().manual_seed(mix_seed(seed, k, 3)) for k in range(3)
+    )
     colours = COLOUR_LOW + (COLOUR_HIGH - COLOUR_LOW) * torch.rand(
         num_classes, channels, generator=g_colours
     )

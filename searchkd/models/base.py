@@ -27,7 +27,15 @@ class Features:
 
 
 class TappedModel(nn.Module):
-    """Base class: subclasses implement `forward_features`; `forward` returns logits."""
+    """Base class: subclasses implement `forward_features`; `forward` returns logits.
+
+    Every model of the zoo also declares the shapes objectives build their heads from:
+    `stage_channels` (the channels of each tapped stage, in `Features.stages` order) and
+    `feature_dim` (the width of the pooled feature `Features.pool`).
+    """
+
+    stage_channels: list[int]
+    feature_dim: int
 
     def forward_features(self, x: Tensor) -> Features:  # pragma: no cover - abstract
         raise NotImplementedError

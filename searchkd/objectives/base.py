@@ -179,6 +179,12 @@ class Objective(nn.Module):
             out[k] = cls.tunables[k].check(f"loss.{k}", v)
         return out
 
+    @classmethod
+    def own_loss(cls, loss: Mapping[str, Any]) -> dict[str, Any]:
+        """The keys of a space's `loss:` this objective declares (with a choice of objectives,
+        a fixed key may belong to only some of them)."""
+        return {k: v for k, v in loss.items() if k in cls.tunables}
+
     def teacher_features(self, teacher: TappedModel, x: Tensor) -> Features:
         # The teacher is frozen: no graph, eval mode (the engine keeps it there).
         with torch.no_grad():
@@ -197,6 +203,14 @@ class Objective(nn.Module):
         """Each term of the objective's own (its key in the terms dict) → the tunable that
         weighs it. By default one term, named after the objective, weighed by `weight`."""
         return {cls.name: "weight"} if "weight" in cls.tunables else {}
+
+    @classmethod
+    def term_weights(cls) -> dict[str, float]:
+        """Each tunable that weighs a term of the loss (the label terms and its own) → its
+        default: with every one of them 0 there is no loss to train on."""
+        keys = [k for k in ("ce_weight", "kd_weight") if k in cls.tunables]
+        keys += [k for k in cls.own_term_weights().values() if k not in keys]
+        return {k: cls.tunables[k].default for k in keys}
 
     def own_terms(
         self, s: Features, t: Features, y: Tensor, index: Tensor | None

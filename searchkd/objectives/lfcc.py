@@ -10,7 +10,8 @@ must be closer to its own sample's teacher vector than to any other's.
 adaptive average pool (`avgpool`) or the lowest c×c 2-D DCT coefficients (`dct`). Both
 networks' maps come out c×c, which is the compact space they are aligned in, whatever their
 own sizes. A c at or above a tap's smaller map side would keep the whole map (an all-pass
-filter, no low-pass at all) and is dropped; 1 (the global mean) always remains.
+filter, no low-pass at all) and is dropped: a tap uses the listed sizes below its side and
+only those (1 is not added), or the global mean (c = 1) alone when none is below it.
 
 Head size: a head's linear layer sees about `dim` numbers whatever c is (its 1×1 conv gives
 each of the c×c cells ⌈dim/c²⌉ channels), so the heads cost O(C·dim + dim²) per tap and
