@@ -3,6 +3,7 @@ objective.
 
     python bench/final_objectives.py                        # every registered objective
     python bench/final_objectives.py --objectives msd,kd --trials 6 --json final.json
+    python bench/final_objectives.py --search trials/NAME --seeds 3   # a finished search's
 
 For each objective (from the registry: a new one is benchmarked without an edit here), the
 space is spaces/digits-ce.yaml with that objective, its own tunables searched over their
@@ -15,6 +16,10 @@ the final stage's test accuracy of the winner and of the default (mean ± std ov
 the paired difference with its 95% interval, and the verdict.
 
 The teacher is the quickstart's, trained at most once into `--teacher-trials-dir`'s cache.
+
+`--search DIR` (repeatable) runs no search: it runs the final stage of a search another run
+finished (`searchkd final DIR --top 1 --seeds S`), e.g. one of bench/search_efficiency.py's
+TPE + ASHA searches on Fashion-MNIST, and gives the same row for it.
 """
 
 from __future__ import annotations
@@ -38,15 +43,18 @@ from digits_objectives import (  # noqa: E402
 )
 
 import searchkd  # noqa: E402
+from searchkd.analysis import read_spec  # noqa: E402
 from searchkd.objectives import OBJECTIVES  # noqa: E402
-from searchkd.report import read_final  # noqa: E402
+from searchkd.record import read_final  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def searched_space(objective: str, base: Path, trials: int, seeds: int) -> dict[str, Any]:
-    """The base digits space with `objective`, its tunables searched, and a final stage."""
-    raw = space_of(objective, base)
+def searched_space(
+    objective: str, base: Path, trials: int, seeds: int, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """The base space with `objective`, its tunables searched, and a final stage."""
+    raw = space_of(objective, base, overrides=overrides or ())
     raw["name"] = f"final-{objective}"
     params = {
         f"loss.{k}": dict(t.search)
@@ -103,9 +111,33 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def final_of(search: Path, seeds: int, num_cpus: int) -> dict[str, Any]:
+    """The final stage (`searchkd final SEARCH --top 1 --seeds S`) of a search another run
+    finished (a search benchmark's TPE search): its row, the search's best val_acc being its
+    winner's recorded score."""
+    search = search.expanduser().resolve()
+    objective = read_spec(search).objectives[0]
+    print(f"searchkd final {search.name} --top 1 --seeds {seeds} ...", flush=True)
+    start = time.perf_counter()
+    run = searchkd.api.final(search, top=1, seeds=seeds, num_cpus=num_cpus, say=lambda _: None)
+    seconds = time.perf_counter() - start
+    summary = read_final(search)
+    if run.status != "finished" or summary is None:
+        raise SystemExit(f"{search.name}: its final stage ended {run.status}")
+    winner = next((c for c in summary["configs"] if c["rank"] == 1), {})
+    row = row_of(objective, summary, winner.get("score", float("nan")), seconds)
+    return {"search": search.name, **row}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--objectives", default=",".join(OBJECTIVES.names()))
+    p.add_argument(
+        "--search",
+        type=Path,
+        action="append",
+        help="instead of new searches: the final stage of this finished search (repeatable)",
+    )
     p.add_argument("--trials", type=int, default=8, help="trials per search")
     p.add_argument("--seeds", type=int, default=3, help="seeds per config in the final stage")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the base space's)")
@@ -121,12 +153,21 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES.names())}"
         )
     env = environment()
+    if args.search:
+        rows = [final_of(search, args.seeds, args.num_cpus) for search in args.search]
+        settings = {"searches": [str(s) for s in args.search], "seeds": args.seeds}
+        env.update(load_average_1m_end=os.getloadavg()[0])
+        return finish(table(rows), env, args.json, {"settings": settings, "rows": rows})
     trials = args.trials_dir or Path(tempfile.mkdtemp(prefix="searchkd-final-"))
     trials.mkdir(parents=True, exist_ok=True)
-    share_teacher(space_of("ce", args.base), args.teacher_trials_dir.expanduser(), trials)
+    share_teacher(
+        space_of("ce", args.base, overrides=args.override),
+        args.teacher_trials_dir.expanduser(),
+        trials,
+    )
     rows = []
     for objective in names:
-        raw = searched_space(objective, args.base, args.trials, args.seeds)
+        raw = searched_space(objective, args.base, args.trials, args.seeds, args.override)
         if args.epochs:
             raw["train"] = {**raw["train"], "epochs": args.epochs}
         print(

@@ -41,11 +41,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -59,7 +56,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_objectives import add_search_options, cpu_name, share_teacher  # noqa: E402
+from digits_objectives import (  # noqa: E402
+    add_search_options,
+    environment,
+    load_base,
+    share_teacher,
+)
 
 import searchkd  # noqa: E402
 from searchkd.record import read_rows  # noqa: E402
@@ -171,6 +173,28 @@ def summarize(
     )
 
 
+# How a changed search setting is written in a search's name (names are at most 64 characters).
+SHORT = {"grace_period": "g", "reduction_factor": "rf", "sampler": "", "scheduler": ""}
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`--set search.KEY=VALUE` items → {KEY: VALUE} (VALUE read as YAML: 3, 2.0, gp)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, _, leaf = key.partition(".")
+        if not sep or section != "search" or not leaf:
+            raise SystemExit(f"--set {item!r}: give search.KEY=VALUE, e.g. search.grace_period=3")
+        out[leaf] = yaml.safe_load(value)
+    return out
+
+
+def tag_of(method: str, settings: dict[str, Any]) -> str:
+    """The search's name part for its method and changed settings: tpe-asha-g3-gp."""
+    parts = [method] + [f"{SHORT.get(k, k)}{v}" for k, v in settings.items()]
+    return "-".join(str(p).replace("_", "").replace(".", "p") for p in parts)
+
+
 def variant(
     base: dict[str, Any],
     method: str,
@@ -178,20 +202,20 @@ def variant(
     trials: int,
     epochs: int,
     small: bool,
-    grace_period: int | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The base space for one search: TPE + ASHA as written (or with another ASHA grace
-    period, named in the search's name), or random search without a scheduler; only the
-    name, seed and budget change besides."""
+    """The base space for one search: TPE + ASHA as written (or with other `search` settings,
+    named in the search's name: another grace period, reduction factor, sampler), or random
+    search without a scheduler; only the name, seed and budget change besides."""
     space = copy.deepcopy(base)
     space.setdefault("search", {}).update(seed=seed, num_samples=trials)
     space.setdefault("train", {})["epochs"] = epochs
     tag = method
     if method == "random":
         space["search"].update(sampler="random", scheduler="none")
-    elif grace_period is not None:
-        space["search"]["grace_period"] = grace_period
-        tag = f"{method}-g{grace_period}"
+    elif settings:
+        space["search"].update(settings)
+        tag = tag_of(method, settings)
     space["name"] = f"{base['name']}-{tag}-s{seed}"
     if small:
         space["teacher"] = copy.deepcopy(SMALL_TEACHER)
@@ -340,27 +364,6 @@ def reach_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict[str, Any]:
-    """Date, machine, versions of everything on the search path, command, and the load: on a
-    shared machine the wall times depend on it, the accuracies do not."""
-    import mlflow
-    import optuna
-    import ray
-    import torch
-
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": cpu_name(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "optuna": optuna.__version__,
-        "mlflow": mlflow.__version__,
-        "python": platform.python_version(),
-        "command": shlex.join(["python", *sys.argv]),
-        "load_average_1m_start": os.getloadavg()[0],
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -386,6 +389,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="ASHA's grace period for the TPE + ASHA searches (default: the space's)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="search.KEY=VALUE",
+        help="another search setting for the TPE + ASHA searches (repeatable), e.g. "
+        "search.reduction_factor=2 or search.sampler=gp; random search keeps the space's",
+    )
     p.add_argument("--json", type=Path, help="also write the curves, figures and environment here")
     args = p.parse_args(argv)
     defaults = SMALL if args.small else FULL
@@ -398,13 +409,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
     if not args.seed_list or args.trials < 1 or args.epochs < 1:
         p.error("--seeds, --trials and --epochs must name at least one seed, trial and epoch")
+    args.settings = parse_settings(args.set)
+    if args.grace_period is not None:
+        args.settings = {"grace_period": args.grace_period, **args.settings}
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray, as in the tests
-    base = yaml.safe_load(args.space.read_text())
+    base = load_base(args.space, args.override)
     env = environment()
     budget = args.trials * args.epochs
     temporary = args.trials_dir is None
@@ -418,9 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(seed, method) for seed in args.seed_list for method in METHODS]
         files = {}
         for seed, method in plan:
-            space = variant(
-                base, method, seed, args.trials, args.epochs, args.small, args.grace_period
-            )
+            space = variant(base, method, seed, args.trials, args.epochs, args.small, args.settings)
             path = spaces / f"{space['name']}.yaml"
             files[(seed, method)] = path
             if finished(path) is not None:
@@ -500,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                 "budget_trial_epochs": budget,
                 "small": args.small,
                 "grace_period": args.grace_period,
+                "tpe_settings": args.settings,
+                "overrides": args.override,
             },
             "searches": [asdict(s) for s in searches],
             **result,

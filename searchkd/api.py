@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -525,11 +525,13 @@ def final(
     num_cpus: int | None = None,
     report: bool = True,
     say: Log = print,
+    trials: Sequence[int] | None = None,
 ) -> FinalRun:
-    """Retrain the search's top `top` configs and its objective's default on train + val with
-    `seeds` seeds each, and say whether the winner really beats the default on test. Runs on
-    Ray Tune and resumes like a search: finished runs are never trained again. Then it prints
-    the stage's summary and (with `report`) refreshes the search's report, which shows it."""
+    """Retrain the search's top `top` configs (or the configs of the trials numbered
+    `trials`) and its objective's default on train + val with `seeds` seeds each, and say
+    whether the winner really beats the default on test. Runs on Ray Tune and resumes like a
+    search: finished runs are never trained again. Then it prints the stage's summary and
+    (with `report`) refreshes the search's report, which shows it."""
     search_dir = Path(search).expanduser()
     if (
         not (search_dir / SPACE_FILE).is_file()
@@ -556,7 +558,7 @@ def final(
     from .report import ReportError
 
     try:
-        stage = prepare(search_dir, top, seeds)
+        stage = prepare(search_dir, top, seeds, trials)
         # The teacher is read from its cache only when something is left to train.
         info = (
             teacher(stage.spec, search_dir.parent, spec=stage.spec, say=say) if stage.todo else None

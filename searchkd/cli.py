@@ -166,6 +166,7 @@ def cmd_final(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             trials_dir=args.trials_dir,
             address=args.address,
+            trials=args.trial,
         )
     if run.status != "finished":
         print(
@@ -180,6 +181,17 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _number(text: str) -> int:
+    """A trial number: 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a trial number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a trial number is 0 or more, got {value}")
     return value
 
 
@@ -413,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=_positive,
         help="seeds per config (default: the space's final.seeds, else 3)",
+    )
+    f.add_argument(
+        "--trial",
+        type=_number,
+        action="append",
+        metavar="N",
+        help="retrain trial N's config instead of the top ones (repeat it: points of a "
+        "Pareto front, which no single score ranks)",
     )
     f.add_argument(
         "--trials-dir", help="where searches live, for a search given by name (default: ./trials)"

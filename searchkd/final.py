@@ -175,7 +175,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Difference:
-    """A config's test accuracy minus the default's, paired by seed, with its t-interval."""
+    """A mean with its t-interval: a config's test accuracy minus the default's, paired by
+    seed (`paired_difference`), or any mean (`mean_interval`)."""
 
     mean: float
     low: float
@@ -197,18 +198,23 @@ def t_quantile(p: float, dof: int) -> float:
     return float(t.ppf(p, dof))
 
 
+def mean_interval(values: Sequence[float], level: float = LEVEL) -> Difference:
+    """The mean of `values` and its two-sided t-interval at `level` (n - 1 degrees of
+    freedom); no interval (NaN) below two values. Benchmarks state a mean ± interval with it."""
+    mean, sd = mean_std(values)
+    n = len(values)
+    if n < 2:
+        return Difference(mean, math.nan, math.nan, n)
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return Difference(mean, mean - half, mean + half, n)
+
+
 def paired_difference(
     a: Mapping[int, float], b: Mapping[int, float], level: float = LEVEL
 ) -> Difference:
     """The mean of a[s] - b[s] over the seeds both hold, and its two-sided t-interval at
     `level` (n - 1 degrees of freedom); no interval (NaN) below two pairs."""
-    diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
-    mean, sd = mean_std(diffs)
-    n = len(diffs)
-    if n < 2:
-        return Difference(mean, math.nan, math.nan, n)
-    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return Difference(mean, mean - half, mean + half, n)
+    return mean_interval([a[s] - b[s] for s in sorted(set(a) & set(b))], level)
 
 
 def summarize(
@@ -347,9 +353,16 @@ def finished_rows(results: ResultsTable, epochs: int) -> dict[int, dict[str, Any
     }
 
 
-def prepare(search_dir: Path, top: int | None = None, seeds: int | None = None) -> FinalStage:
+def prepare(
+    search_dir: Path,
+    top: int | None = None,
+    seeds: int | None = None,
+    trials: Sequence[int] | None = None,
+) -> FinalStage:
     """Read the search, pick its configs and plan the runs; nothing is trained. `top` and
-    `seeds` default to the space's `final:` section, else to 3 and 3."""
+    `seeds` default to the space's `final:` section, else to 3 and 3. `trials` picks the
+    configs by trial number instead of rank (points of a Pareto front, which no single score
+    ranks): they are ranked 1, 2, ... in the order given."""
     from .objectives import get_objective
 
     search_dir = Path(search_dir)
@@ -368,6 +381,16 @@ def prepare(search_dir: Path, top: int | None = None, seeds: int | None = None) 
             f"{os.path.relpath(search_dir)}: the search has no completed trial yet; run or "
             f"resume it first"
         )
+    if trials:
+        by_number = {t.number: t for t in ranked}
+        missing = [n for n in trials if n not in by_number]
+        if missing:
+            raise FinalError(
+                f"{os.path.relpath(search_dir)}: trial {missing[0]} has not completed; "
+                f"completed trials: {', '.join(str(n) for n in sorted(by_number))}"
+            )
+        ranked = [by_number[n] for n in dict.fromkeys(trials)]
+        top = len(ranked)
     objective = str(ranked[0].config.get("objective") or spec.objectives[0])
     defaults = {
         o: {k: t.default for k, t in get_objective(o).tunables.items()} for o in spec.objectives

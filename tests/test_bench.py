@@ -21,13 +21,24 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import concurrency  # noqa: E402
+import digits_objectives  # noqa: E402
+import final_objectives  # noqa: E402
 import gpu  # noqa: E402
 import gpu_rows  # noqa: E402
 import overhead  # noqa: E402
 import packing  # noqa: E402
+import pareto  # noqa: E402
 import reproducibility  # noqa: E402
 import search_efficiency  # noqa: E402
 import throughput  # noqa: E402
+import yaml  # noqa: E402
+from test_fashion import write_idx  # noqa: E402  (the real IDX layout, small)
+
+from searchkd.analysis import analyze, dominates, read_spec  # noqa: E402
+from searchkd.final import mean_interval, paired_difference  # noqa: E402
+from searchkd.spec import Spec  # noqa: E402
+
+SPACES = BENCH.parent / "spaces"
 
 # CIFAR-10-format files, 10 classes and batch 4: the smallest form of each benchmark.
 SMALL = ["--device", "cpu", "--num-classes", "10", "--batch-size", "4"]
@@ -207,6 +218,179 @@ def test_search_efficiency_counts_trial_epochs_of_both_searches(
     assert k is None or tpe["curve"][k - 1]["val_acc"] >= seed["random_final_val"]
     assert seed["within_goal"] == (k is not None and k <= 4 / 3)
     assert len(data["mean_curves"]["random"]) == len(data["mean_curves"]["tpe-asha"]) == 4
+
+
+# ----------------------------------------------------------- the accuracy benchmarks (issue 18)
+
+
+def test_objectives_are_paired_with_ce_and_kd_by_seed() -> None:
+    rows = [
+        digits_objectives.summarize("ce", {0: 0.80, 1: 0.82, 2: 0.81}, 1.0),
+        digits_objectives.summarize("kd", {0: 0.82, 1: 0.83, 2: 0.84}, 1.0),
+        digits_objectives.summarize("msd", {0: 0.80, 1: 0.83, 2: 0.81}, 1.0),
+    ]
+    digits_objectives.compare(rows)
+    ce, kd, msd = rows
+    assert set(ce.versus) == {"kd"} and set(kd.versus) == {"ce"} and set(msd.versus) == {"ce", "kd"}
+    ci = mean_interval([0.80, 0.82, 0.81])
+    assert (ce.mean, ce.low, ce.high) == pytest.approx((0.81, ci.low, ci.high))
+    d = paired_difference(msd.test_acc, ce.test_acc)
+    assert (msd.versus["ce"].mean, msd.versus["ce"].low) == pytest.approx((d.mean, d.low))
+    assert msd.versus["ce"].record == "1/2/0" and msd.versus["kd"].record == "0/1/2"
+    assert msd.beats_ce and kd.beats_ce and ce.beats_ce is None
+    text = digits_objectives.table(rows)
+    assert "Δ vs ce" in text and "Δ vs kd" in text and text.count("(baseline)") == 2
+
+
+def test_objective_spaces_change_objective_and_name_and_pack_their_seeds(tmp_path: Path) -> None:
+    base = SPACES / "fashion-ce.yaml"
+    raw = yaml.safe_load(base.read_text())
+    assert digits_objectives.space_of("kd", base) == {
+        **raw,
+        "name": "fashion-kd",
+        "objective": "kd",
+    }
+    packed = digits_objectives.space_of("crd", base, seeds=4, pack=True)
+    assert packed["name"] == "fashion-crd" and packed["search"]["num_samples"] == 4
+    assert packed["search"]["pack"] == 4 and Spec.model_validate(packed).search.pack == 4
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**raw, "name": "mine"}))
+    assert digits_objectives.space_of("kd", other)["name"] == "mine-kd"
+    # --override: one command at another size, e.g. the GPU column of bench/README.md
+    full = digits_objectives.space_of(
+        "kd",
+        base,
+        overrides=[
+            "data.options=null",
+            "teacher.arch=resnet20",
+            "search.resources={cpu: 4, gpu: 0.25}",
+        ],
+    )
+    assert "options" not in full["data"] and full["teacher"]["arch"] == "resnet20"
+    assert full["search"]["resources"] == {"cpu": 4, "gpu": 0.25}
+    assert full["teacher"]["train"] == raw["teacher"]["train"] and full["train"] == raw["train"]
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        digits_objectives.load_base(base, ["train.epochs"])
+
+
+def test_search_variants_change_only_the_searched_side(tmp_path: Path) -> None:
+    base = yaml.safe_load((SPACES / "fashion-efficiency.yaml").read_text())
+    settings = search_efficiency.parse_settings(
+        ["search.grace_period=2", "search.reduction_factor=2.5", "search.sampler=gp"]
+    )
+    assert settings == {"grace_period": 2, "reduction_factor": 2.5, "sampler": "gp"}
+    tpe = search_efficiency.variant(base, "tpe-asha", 1, 12, 6, False, settings)
+    rnd = search_efficiency.variant(base, "random", 1, 12, 6, False, settings)
+    assert tpe["name"] == "fashion-efficiency-tpe-asha-g2-rf2p5-gp-s1"
+    assert Spec.model_validate(tpe).search.sampler == "gp"
+    assert {k: tpe["search"][k] for k in settings} == settings
+    assert rnd["name"] == "fashion-efficiency-random-s1"
+    assert (rnd["search"]["sampler"], rnd["search"]["scheduler"]) == ("random", "none")
+    assert rnd["search"]["grace_period"] == base["search"]["grace_period"]
+    for s in (tpe, rnd):
+        assert (s["search"]["seed"], s["search"]["num_samples"], s["train"]["epochs"]) == (1, 12, 6)
+    with pytest.raises(SystemExit, match="search.KEY=VALUE"):
+        search_efficiency.parse_settings(["train.lr=0.1"])
+
+
+def test_pareto_points_are_the_ends_of_the_front_first() -> None:
+    front = [
+        {"trial": 3, "val_acc": 0.7, "student_macs": 10.0},
+        {"trial": 5, "val_acc": 0.8, "student_macs": 20.0},
+        {"trial": 1, "val_acc": 0.9, "student_macs": 40.0},
+    ]
+    assert pareto.chosen(front, "val_acc", 2) == [1, 3]  # most accurate, then smallest
+    assert pareto.chosen(front, "val_acc", 3) == [1, 3, 5]
+    assert pareto.chosen(front[:1], "val_acc", 2) == [3]
+
+
+def _fashion_space(tmp_path: Path, name: str, **changes: Any) -> Path:
+    """A bench space on small Fashion-MNIST IDX files in torchvision's layout: 300 training and
+    100 test images, a 1-epoch teacher, 1-epoch trials."""
+    write_idx(tmp_path / "data" / "FashionMNIST" / "raw", 300, 100, seed=0, gz=False)
+    raw = yaml.safe_load((SPACES / f"{name}.yaml").read_text())
+    raw["data"] = {
+        "dataset": "fashion_mnist",
+        "root": str(tmp_path / "data"),
+        "val_fraction": 0.2,
+        "options": {"train_images": 120},
+    }
+    raw["teacher"] = {
+        **search_efficiency.SMALL_TEACHER,
+        "train": {**search_efficiency.SMALL_TEACHER["train"], "epochs": 1},
+    }
+    raw["train"] = {**raw["train"], "epochs": 1}
+    for key, value in changes.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.integration
+def test_objectives_on_fashion_packed_against_ce_and_kd(ray_session, tmp_path: Path) -> None:
+    """ce, kd and stkd on small Fashion-MNIST files, 2 seeds packed into one trial each."""
+    base = _fashion_space(tmp_path, "fashion-ce")
+    trials = tmp_path / "trials"
+    args = ["--base", str(base), "--objectives", "stkd", "--seeds", "2", "--pack"]
+    args += ["--trials-dir", str(trials), "--teacher-trials-dir", str(tmp_path / "teacher")]
+    data = _run(digits_objectives, args, tmp_path)
+    assert {"torch", "ray", "optuna", "mlflow", "python", "command", "date"} <= set(
+        data["environment"]
+    )
+    rows = {r["objective"]: r for r in data["rows"]}
+    assert list(rows) == ["ce", "kd", "stkd"]
+    for name, r in rows.items():
+        assert set(r["test_acc"]) == {"0", "1"} and all(0 <= v <= 1 for v in r["test_acc"].values())
+        assert read_spec(trials / f"fashion-{name}").search.pack == 2  # one packed trial
+    stkd = rows["stkd"]["versus"]
+    assert set(stkd) == {"ce", "kd"}
+    for v in stkd.values():
+        assert sum(int(x) for x in v["record"].split("/")) == 2
+    # A second run in the same folder reads the finished searches again and trains nothing.
+    again = _run(digits_objectives, args, tmp_path)
+    assert [r["test_acc"] for r in again["rows"]] == [r["test_acc"] for r in data["rows"]]
+
+
+@pytest.mark.integration
+def test_pareto_front_and_the_final_stage_on_two_points(ray_session, tmp_path: Path) -> None:
+    """A 4-trial two-metric search on small Fashion-MNIST files; the final stage retrains two
+    points of its front (`searchkd final --trial`), then final_objectives --search ranks it."""
+    space = _fashion_space(
+        tmp_path,
+        "fashion-pareto",
+        search={"num_samples": 4},
+        params={
+            "student.width": {"choice": [0.25, 0.5, 1.0]},
+            "loss.kd_weight": {"float": [0.0, 2.0]},
+        },
+    )
+    trials = tmp_path / "trials"
+    common = ["--trials-dir", str(trials), "--teacher-trials-dir", str(tmp_path / "teacher")]
+    data = _run(pareto, ["--space", str(space), "--seeds", "2", *common], tmp_path)
+    front, summary = data["front"], data["final"]
+    scores = {
+        t.number: (t.scores["val_acc"], t.scores["student_macs"])
+        for t in analyze(trials / "fashion-pareto").trials
+    }
+    on = {p["trial"] for p in front}
+    assert on and [p["student_macs"] for p in front] == sorted(p["student_macs"] for p in front)
+    for n, point in scores.items():  # the front is exactly the non-dominated trials
+        beaten = any(dominates(q, point, ["max", "min"]) for m, q in scores.items() if m != n)
+        assert (n in on) == (not beaten)
+    points = data["settings"]["points"]
+    assert points == pareto.chosen(front, "val_acc", 2)
+    picked = [c for c in summary["configs"] if c["rank"] is not None]
+    assert [c["trial_number"] for c in picked] == points
+    assert any(c["is_default"] for c in summary["configs"]) and summary["complete"]
+    assert all(c["n"] == 2 for c in summary["configs"])
+    # The final stage of the same search by its best val_acc: the most accurate point, whose
+    # runs are already done.
+    out = _run(
+        final_objectives, ["--search", str(trials / "fashion-pareto"), "--seeds", "2"], tmp_path
+    )
+    [row] = out["rows"]
+    assert row["search"] == "fashion-pareto" and row["winner"]["trial"] == points[0]
 
 
 def test_reproducibility_counts_idle_slot_time_per_tune_run(tmp_path: Path) -> None:

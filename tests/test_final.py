@@ -36,6 +36,14 @@ def test_t_quantiles_match_the_tables() -> None:
     assert fs.t_quantile(0.975, 1) == pytest.approx(12.706204736)
 
 
+def test_mean_interval_is_the_t_interval_of_the_values() -> None:
+    d = fs.mean_interval([0.90, 0.92, 0.94])  # mean 0.92, sd 0.02
+    half = T_975_2 * 0.02 / math.sqrt(3)
+    assert (d.mean, d.low, d.high, d.n) == pytest.approx((0.92, 0.92 - half, 0.92 + half, 3))
+    one = fs.mean_interval([0.5])
+    assert one.mean == 0.5 and math.isnan(one.low) and math.isnan(one.high) and one.n == 1
+
+
 def test_paired_interval_and_verdicts() -> None:
     base = {1: 0.93, 2: 0.95, 3: 0.94}
     # differences 0.02, 0.01, 0.03: mean 0.02, sd 0.01, half-width t * 0.01 / sqrt(3)
@@ -158,6 +166,28 @@ def test_prepare_ranks_as_the_report_does_and_plans_stable_runs(tmp_path: Path) 
         old[(r.config.key, r.seed)] == r.number for r in more.runs if (r.config.key, r.seed) in old
     )
     assert sorted(r.number for r in more.runs) == list(range(12))
+
+
+def test_prepare_retrains_the_trials_asked_for_in_their_order(tmp_path: Path, capsys) -> None:
+    search = make_search(tmp_path, "gen", trials=8, epochs=6, failed=(1,), running=(2,))
+    done = [t.number for t in rp.analyze(search).top if t.status in ("finished", "stopped")]
+    chosen = [done[-1], done[0]]  # the worst completed trial first, then the best
+    stage = fs.prepare(search, seeds=2, trials=chosen)
+    picked = [c for c in stage.configs if c.rank is not None]
+    assert [(c.rank, c.trial_number) for c in picked] == [(1, chosen[0]), (2, chosen[1])]
+    assert stage.top == 2 and stage.configs[-1].is_default and len(stage.runs) == 6
+    # A trial that did not complete (failed, running or absent) is one line, nothing planned.
+    for n in (1, 2, 99):
+        with pytest.raises(SystemExit) as exc:
+            main(["final", str(search), "--trial", str(n)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("searchkd: error: ") and "\n" not in err
+        assert f"trial {n} has not completed" in err and str(chosen[0]) in err
+    with pytest.raises(SystemExit) as exc:
+        main(["final", str(search), "--trial", "-1"])
+    assert exc.value.code == 2 and "trial number is 0 or more" in capsys.readouterr().err
+    assert not (search / "final.parquet").exists()
 
 
 def test_final_of_a_search_without_completed_trials_is_one_line(tmp_path: Path, capsys) -> None:
