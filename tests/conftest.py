@@ -75,6 +75,18 @@ def tune_command(space: Path, trials: Path, *extra: str, num_cpus: int | None = 
     ]
 
 
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`searchkd ARGV` in this process: its exit code (argparse's too), stdout and stderr."""
+    from searchkd.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def write_space(path: Path, space: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path

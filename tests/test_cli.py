@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli as run
 
 from searchkd.cli import main
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_validate_shows_resolved_tunables(capsys, space_file) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import free_port, tiny_space, write_space
+from conftest import free_port, run_cli, tiny_space, write_space
 from searchgen import load_rows, make_search
 
 from searchkd import report as rp
@@ -823,15 +823,6 @@ def test_a_multi_objective_digits_search_has_its_pareto_front(
     assert (search / "report" / "pareto.png").exists()
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_a_damaged_state_json_is_said_and_ignored(tmp_path: Path, capsys) -> None:
     """state.json only says how the search last stood: report and resume go on without it,
     saying so in one line that names it (resume then stops at the space's real problem)."""
@@ -840,7 +831,7 @@ def test_a_damaged_state_json_is_said_and_ignored(tmp_path: Path, capsys) -> Non
     search = make_search(tmp_path, "st", trials=4, epochs=3, seed=1)
     state = search / "state.json"
     state.write_text("[1, 2]")
-    code, out, err = _cli(capsys, "report", str(search), "--no-mlflow")
+    code, out, err = run_cli(capsys, "report", str(search), "--no-mlflow")
     assert code == 0 and not err
     said = [line for line in out.splitlines() if "state.json" in line]
     assert said == [
@@ -852,7 +843,7 @@ def test_a_damaged_state_json_is_said_and_ignored(tmp_path: Path, capsys) -> Non
     (search / "space.yaml").write_text(yaml.safe_dump(raw))  # stop resume before Ray starts
     for damage in ("garbage {", "", "[1, 2]"):
         state.write_text(damage)
-        code, out, err = _cli(capsys, "resume", str(search))
+        code, out, err = run_cli(capsys, "resume", str(search))
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 2, err
         assert lines[0].startswith(f"searchkd: warning: {state} is damaged")
@@ -865,16 +856,16 @@ def test_a_damaged_journal_or_space_is_one_line_naming_the_file(tmp_path: Path, 
     lines = journal.read_text().splitlines(keepends=True)
     journal.write_text("".join([*lines[:5], "not a record\n", *lines[5:]]))
     for command in ("best", "resume"):
-        code, _, err = _cli(capsys, command, str(search))
+        code, _, err = run_cli(capsys, command, str(search))
         assert code == 2 and err.count("\n") == 1, (command, err)
         assert f"{journal}: line 6 is not a journal record" in err, (command, err)
-    code, out, _ = _cli(capsys, "report", str(search), "--no-mlflow")
+    code, out, _ = run_cli(capsys, "report", str(search), "--no-mlflow")
     assert code == 1 and f"was not written: {journal}: line 6" in out
 
     search = make_search(tmp_path, "ds", trials=4, epochs=3, seed=1)
     (search / "space.yaml").write_text("name: [unclosed\n")
     for command in ("best", "resume", "final"):
-        code, _, err = _cli(capsys, command, str(search))
+        code, _, err = run_cli(capsys, command, str(search))
         assert code == 2 and err.count("\n") == 1, (command, err)
         assert f"{search / 'space.yaml'}: YAML syntax error" in err, (command, err)
 
@@ -888,7 +879,7 @@ def test_final_of_a_read_only_search_directory_is_one_line(
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, m: real(p, m) and Path(p) != search)
     try:
-        code, _, err = _cli(capsys, "final", str(search))
+        code, _, err = run_cli(capsys, "final", str(search))
     finally:
         search.chmod(0o755)
     assert code == 2 and err.count("\n") == 1, err
